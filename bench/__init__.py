@@ -1,0 +1,1 @@
+"""Benchmarks: `make bench` (python -m bench). Each prints ratios measured in the same run."""

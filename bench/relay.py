@@ -1,0 +1,374 @@
+"""Relay benchmarks, each a ratio against a raw client measured in the same run.
+
+* relay -> RabbitMQ rows/s over raw pika publishing the same messages without confirms
+  (target >= 0.8x);
+* relay -> SQS (moto) rows/s over raw ``send_message_batch`` at equal concurrency
+  (target >= 0.9x);
+* commit -> broker latency p50/p99 at low load, through a running ``outboxer relay``
+  process woken by NOTIFY (target p50 <= 5 ms, p99 <= 30 ms).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pika
+from sqlalchemy.orm import sessionmaker
+
+import outboxer
+from outboxer import wire
+from outboxer.ids import uuid7
+from outboxer.message import Envelope
+from outboxer.relay import relay_engine
+
+from .common import RABBITMQ_URL, Figure, engine_for, fresh_postgres, median
+
+OUTBOXER = str(Path(sys.executable).parent / "outboxer")
+PAYLOAD = '{{"order_id": {n}, "customer": "ada", "amount": "12.50", "lines": ["a", "b"]}}'
+
+
+def publish_rows(Session: sessionmaker[outboxer.OutboxSession], destination: str, n: int) -> None:
+    for start in range(0, n, 500):
+        with Session.begin() as session:
+            for i in range(start, min(start + 500, n)):
+                session.publish(
+                    json.loads(PAYLOAD.format(n=i)),
+                    type="bench.order_placed",
+                    destination=destination,
+                    key=f"k{i % 100}",
+                    headers={"tenant": "acme"},
+                )
+
+
+def envelopes(destination: str, n: int) -> list[Envelope]:
+    now = datetime.now(timezone.utc)
+    return [
+        Envelope(
+            message_id=uuid7(),
+            type="bench.order_placed",
+            destination=destination,
+            payload=PAYLOAD.format(n=i).encode(),
+            occurred_at=now,
+            key=f"k{i % 100}",
+            headers={"tenant": "acme"},
+        )
+        for i in range(n)
+    ]
+
+
+# RabbitMQ -----------------------------------------------------------------------------------
+
+
+class _Rabbit:
+    def __init__(self) -> None:
+        self.exchange = f"bench-{uuid.uuid4().hex[:8]}"
+        self.queue = f"{self.exchange}-sink"
+        self.connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
+        self.channel = self.connection.channel()
+        self.channel.exchange_declare(self.exchange, "topic", durable=True)
+        self.channel.queue_declare(self.queue, durable=True)
+        self.channel.queue_bind(self.queue, self.exchange, "#")
+
+    def purge(self) -> None:
+        self.channel.queue_purge(self.queue)
+
+    def raw_publish(self, batch: list[Envelope]) -> float:
+        """Plain pika, no confirms, the same properties outboxer sends; returns seconds."""
+        started = time.perf_counter()
+        for envelope in batch:
+            headers = wire.encode_headers(envelope)
+            properties = pika.BasicProperties(
+                message_id=headers.pop(wire.MESSAGE_ID),
+                type=headers.pop(wire.TYPE),
+                correlation_id=headers.pop(wire.CORRELATION_ID),
+                content_type=headers.pop(wire.CONTENT_TYPE),
+                timestamp=int(envelope.occurred_at.timestamp()),
+                delivery_mode=2,
+                app_id="outboxer",
+                headers=headers,
+            )
+            self.channel.basic_publish(self.exchange, envelope.type, envelope.payload, properties)
+        self.connection.process_data_events(0)  # flush what pika buffered
+        return time.perf_counter() - started
+
+    def close(self) -> None:
+        self.channel.queue_delete(self.queue)
+        self.channel.exchange_delete(self.exchange)
+        self.connection.close()
+
+
+def run_rabbitmq(rounds: int = 5, messages: int = 10_000) -> list[Figure]:
+    with fresh_postgres() as url:
+        engine = engine_for(url)
+        outboxer.create_all(engine)
+        Session = sessionmaker(engine, class_=outboxer.OutboxSession)
+        rabbit = _Rabbit()
+        transport = outboxer.transport_from_url(RABBITMQ_URL)
+        relay_db = relay_engine(url)  # as `outboxer relay` connects
+        relay = outboxer.Relay(relay_db, transport)
+        ratios, relay_rates, raw_rates = [], [], []
+        try:
+            publish_rows(Session, rabbit.exchange, 500)
+            relay.run(once=True)  # warm-up: connections, declarations, statement caches
+            for i in range(rounds):
+                publish_rows(Session, rabbit.exchange, messages)
+                batch = envelopes(rabbit.exchange, messages)
+                rabbit.purge()
+
+                def relay_round() -> float:
+                    started = time.perf_counter()
+                    stats = relay.run(once=True)
+                    assert stats.sent == messages, stats
+                    return time.perf_counter() - started
+
+                if i % 2:
+                    raw_seconds = rabbit.raw_publish(batch)
+                    rabbit.purge()
+                    relay_seconds = relay_round()
+                else:
+                    relay_seconds = relay_round()
+                    rabbit.purge()
+                    raw_seconds = rabbit.raw_publish(batch)
+                rabbit.purge()
+                relay_rates.append(messages / relay_seconds)
+                raw_rates.append(messages / raw_seconds)
+                ratios.append(raw_seconds / relay_seconds)
+        finally:
+            transport.close()
+            rabbit.close()
+            relay_db.dispose()
+            engine.dispose()
+    ratio = median(ratios)
+    return [
+        Figure(
+            "relay -> RabbitMQ / raw pika without confirms",
+            ratio,
+            "x",
+            ">= 0.8x",
+            ratio >= 0.8,
+            f"{median(relay_rates):,.0f} vs {median(raw_rates):,.0f} msg/s (PostgreSQL, "
+            f"confirms, batch {relay.batch_size}), {rounds} rounds x {messages:,}",
+            ratios,
+        )
+    ]
+
+
+# SQS ------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def moto_server() -> Iterator[str]:
+    """moto's SQS server on a free port, with dummy credentials in the environment."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for name, value in (
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+    ):
+        os.environ.setdefault(name, value)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        import urllib.error
+        import urllib.request
+
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=1).close()
+                break
+            except urllib.error.HTTPError:
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("moto server did not start") from None
+                time.sleep(0.1)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def _raw_sqs(client: Any, queue_url: str, batch: list[Envelope], concurrency: int) -> float:
+    """Raw boto3 ``send_message_batch``, 10 per call, ``concurrency`` calls in flight."""
+
+    def attributes(envelope: Envelope) -> dict[str, Any]:
+        headers = wire.encode_headers(envelope)
+        user = wire.user_headers(headers)
+        chosen = {k: v for k, v in headers.items() if k not in user}
+        chosen["outboxer-headers"] = json.dumps(user)
+        return {k: {"DataType": "String", "StringValue": v} for k, v in chosen.items()}
+
+    chunks = [batch[i : i + 10] for i in range(0, len(batch), 10)]
+
+    def send(chunk: list[Envelope]) -> None:
+        response = client.send_message_batch(
+            QueueUrl=queue_url,
+            Entries=[
+                {
+                    "Id": str(i),
+                    "MessageBody": e.payload.decode(),
+                    "MessageAttributes": attributes(e),
+                }
+                for i, e in enumerate(chunk)
+            ],
+        )
+        assert not response.get("Failed"), response["Failed"]
+
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(send, chunks))
+    return time.perf_counter() - started
+
+
+def run_sqs(rounds: int = 5, messages: int = 400, concurrency: int = 8) -> list[Figure]:
+    import boto3
+    from botocore.config import Config
+
+    with moto_server() as endpoint, fresh_postgres() as url:
+        engine = engine_for(url)
+        outboxer.create_all(engine)
+        Session = sessionmaker(engine, class_=outboxer.OutboxSession)
+        client = boto3.client(
+            "sqs",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            config=Config(max_pool_connections=concurrency * 2),
+        )
+        transport = outboxer.transport_from_url(
+            f"sqs://?region=us-east-1&endpoint_url={endpoint}&concurrency={concurrency}"
+        )
+        relay = outboxer.Relay(engine, transport)
+        ratios, relay_rates, raw_rates = [], [], []
+        try:
+            warm = f"bench-{uuid.uuid4().hex[:8]}"
+            client.create_queue(QueueName=warm)
+            publish_rows(Session, warm, 50)
+            relay.run(once=True)
+            for i in range(rounds):
+                # moto slows as a queue fills: a fresh, small queue for every measurement.
+                relay_queue = f"bench-relay-{uuid.uuid4().hex[:8]}"
+                raw_queue = f"bench-raw-{uuid.uuid4().hex[:8]}"
+                client.create_queue(QueueName=relay_queue)
+                raw_url = client.create_queue(QueueName=raw_queue)["QueueUrl"]
+                publish_rows(Session, relay_queue, messages)
+                batch = envelopes(raw_queue, messages)
+
+                def relay_round() -> float:
+                    started = time.perf_counter()
+                    stats = relay.run(once=True)
+                    assert stats.sent == messages, stats
+                    return time.perf_counter() - started
+
+                if i % 2:
+                    raw_seconds = _raw_sqs(client, raw_url, batch, concurrency)
+                    relay_seconds = relay_round()
+                else:
+                    relay_seconds = relay_round()
+                    raw_seconds = _raw_sqs(client, raw_url, batch, concurrency)
+                relay_rates.append(messages / relay_seconds)
+                raw_rates.append(messages / raw_seconds)
+                ratios.append(raw_seconds / relay_seconds)
+        finally:
+            transport.close()
+            engine.dispose()
+    ratio = median(ratios)
+    return [
+        Figure(
+            "relay -> SQS / raw send_message_batch",
+            ratio,
+            "x",
+            ">= 0.9x",
+            ratio >= 0.9,
+            f"{median(relay_rates):,.0f} vs {median(raw_rates):,.0f} msg/s (moto server, "
+            f"{concurrency} calls in flight), {rounds} rounds x {messages}",
+            ratios,
+        )
+    ]
+
+
+# Latency --------------------------------------------------------------------------------------
+
+
+def run_latency(messages: int = 300, interval: float = 0.02) -> list[Figure]:
+    """Commit returns -> the message arrives at a consumer of the broker (an upper bound of
+    commit -> broker-confirmed), with an ``outboxer relay`` process woken by NOTIFY."""
+    with fresh_postgres() as url:
+        engine = engine_for(url)
+        outboxer.create_all(engine)
+        Session = sessionmaker(engine, class_=outboxer.OutboxSession)
+        rabbit = _Rabbit()
+        committed: dict[str, float] = {}
+        arrived: dict[str, float] = {}
+        done = threading.Event()
+
+        def consume() -> None:
+            connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
+            channel = connection.channel()
+            for _method, properties, _body in channel.consume(
+                rabbit.queue, auto_ack=True, inactivity_timeout=0.2
+            ):
+                if properties is not None:
+                    arrived[properties.message_id] = time.perf_counter()
+                if done.is_set() and len(arrived) >= len(committed):
+                    break
+            connection.close()
+
+        relay = subprocess.Popen(
+            [OUTBOXER, "relay", "--db", url, "--broker", RABBITMQ_URL, "--poll-interval", "5"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        consumer = threading.Thread(target=consume, daemon=True)
+        consumer.start()
+        try:
+            time.sleep(2.0)  # the relay connects and goes idle on LISTEN
+            for i in range(messages + 20):
+                with Session.begin() as session:
+                    message_id = session.publish(
+                        {"n": i}, type="bench.latency", destination=rabbit.exchange
+                    )
+                if i >= 20:  # the first few warm up connections and caches
+                    committed[str(message_id)] = time.perf_counter()
+                time.sleep(interval)
+            done.set()
+            consumer.join(timeout=30)
+        finally:
+            relay.send_signal(signal.SIGTERM)
+            relay.wait(timeout=30)
+            rabbit.close()
+            engine.dispose()
+    latencies = sorted((arrived[m] - t) * 1000 for m, t in committed.items() if m in arrived)
+    lost = len(committed) - len(latencies)
+    p50 = latencies[len(latencies) // 2]
+    p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+    detail = f"{len(latencies)} messages, one every {interval * 1000:.0f} ms, PostgreSQL NOTIFY"
+    if lost:
+        detail += f", {lost} NOT RECEIVED"
+    return [
+        Figure("commit -> broker latency p50", p50, "ms", "<= 5 ms", p50 <= 5 and not lost, detail),
+        Figure(
+            "commit -> broker latency p99", p99, "ms", "<= 30 ms", p99 <= 30 and not lost, detail
+        ),
+    ]

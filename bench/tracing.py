@@ -1,0 +1,95 @@
+"""Relay throughput with tracing on over tracing off, same run (target >= 0.9x).
+
+Tracing on: the OpenTelemetry SDK with a batch span processor (spans are built, linked
+and exported to an exporter that drops them, so the network is not measured) and an SDK
+meter provider. Tracing off: outboxer's no-op hooks. Both relay the same rows, which
+carry trace context from the publishing side, to RabbitMQ.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy.orm import sessionmaker
+
+import outboxer
+from outboxer import instrumentation
+from outboxer.relay import relay_engine
+from outboxer.tracing import OpenTelemetryInstrumentation
+
+from .common import RABBITMQ_URL, Figure, engine_for, fresh_postgres, median
+from .relay import _Rabbit, publish_rows
+
+
+def _instrumentations() -> tuple[instrumentation.Instrumentation, instrumentation.Instrumentation]:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import SpanLimits, TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+    class Dropping(SpanExporter):
+        def export(self, spans: Sequence[Any]) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    tracer_provider = TracerProvider(span_limits=SpanLimits(max_links=1024))
+    tracer_provider.add_span_processor(BatchSpanProcessor(Dropping()))
+    meter_provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+    on = OpenTelemetryInstrumentation(
+        tracer_provider=tracer_provider, meter_provider=meter_provider
+    )
+    return on, instrumentation.Instrumentation()
+
+
+def run(rounds: int = 5, messages: int = 10_000) -> list[Figure]:
+    on, off = _instrumentations()
+    previous = instrumentation.get()
+    with fresh_postgres() as url:
+        engine = engine_for(url)
+        outboxer.create_all(engine)
+        Session = sessionmaker(engine, class_=outboxer.OutboxSession)
+        rabbit = _Rabbit()
+        transport = outboxer.transport_from_url(RABBITMQ_URL)
+        relay_db = relay_engine(url)
+        relay = outboxer.Relay(relay_db, transport)
+        ratios, on_rates, off_rates = [], [], []
+        try:
+            instrumentation.install(on)  # rows carry a creation context, as in service
+            publish_rows(Session, rabbit.exchange, 1000)
+            relay.run(once=True)
+            for i in range(rounds):
+                rates = {}
+                for label, hooks in (
+                    (("on", on), ("off", off)) if i % 2 else (("off", off), ("on", on))
+                ):
+                    instrumentation.install(on)
+                    publish_rows(Session, rabbit.exchange, messages)
+                    instrumentation.install(hooks)
+                    rabbit.purge()
+                    started = time.perf_counter()
+                    stats = relay.run(once=True)
+                    assert stats.sent == messages, stats
+                    rates[label] = messages / (time.perf_counter() - started)
+                on_rates.append(rates["on"])
+                off_rates.append(rates["off"])
+                ratios.append(rates["on"] / rates["off"])
+        finally:
+            instrumentation.install(previous)
+            transport.close()
+            rabbit.close()
+            relay_db.dispose()
+            engine.dispose()
+    ratio = median(ratios)
+    return [
+        Figure(
+            "relay with tracing on / off",
+            ratio,
+            "x",
+            ">= 0.9x",
+            ratio >= 0.9,
+            f"{median(on_rates):,.0f} vs {median(off_rates):,.0f} msg/s (RabbitMQ, SDK with "
+            f"batch processor), {rounds} rounds x {messages:,}",
+            ratios,
+        )
+    ]

@@ -1,0 +1,81 @@
+"""outboxer: reliable asynchronous messaging for SQLAlchemy applications.
+
+Publish inside your transaction, relay to RabbitMQ or SQS, consume through an
+idempotent inbox. See ``docs/`` for the guides and ``docs/guarantees.md`` for what is
+promised and what happens on failure.
+"""
+
+from __future__ import annotations
+
+from .consumer import Consumer, ConsumerStats, MessageReport
+from .dead_letters import DeadLetter, DeadLetters
+from .errors import (
+    ConfigurationError,
+    DeadLetterNotFound,
+    DecodeError,
+    InvalidHeaders,
+    MessageError,
+    MissingDestination,
+    NotAnOutboxSession,
+    OutboxerError,
+    RetryConfigError,
+    SerializationError,
+    TransportError,
+    UnknownMessageType,
+)
+from .ids import uuid7
+from .inbox import Context
+from .message import Envelope, MessageType, message
+from .relay import Relay, RelayStats
+from .retry import Backoff, Retry
+from .session import AsyncOutboxSession, OutboxMixin, OutboxSession, publish
+from .tables import create_all, dead_letter, drop_all, inbox, metadata, outbox, sent
+from .transports import transport_from_url
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncOutboxSession",
+    "Backoff",
+    "ConfigurationError",
+    "Consumer",
+    "ConsumerStats",
+    "Context",
+    "DeadLetter",
+    "DeadLetters",
+    "DeadLetterNotFound",
+    "DecodeError",
+    "Envelope",
+    "InvalidHeaders",
+    "MessageError",
+    "MessageReport",
+    "MessageType",
+    "MissingDestination",
+    "NotAnOutboxSession",
+    "OutboxMixin",
+    "OutboxSession",
+    "OutboxerError",
+    "Relay",
+    "RelayStats",
+    "Retry",
+    "RetryConfigError",
+    "SerializationError",
+    "TransportError",
+    "UnknownMessageType",
+    "create_all",
+    "dead_letter",
+    "drop_all",
+    "inbox",
+    "message",
+    "metadata",
+    "outbox",
+    "publish",
+    "sent",
+    "transport_from_url",
+    "uuid7",
+]
+
+# OpenTelemetry hooks, when the API is installed (no-op otherwise; OUTBOXER_TRACING=off opts out).
+from . import tracing as _tracing
+
+_tracing.install_if_available()

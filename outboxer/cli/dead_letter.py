@@ -1,0 +1,282 @@
+"""``outboxer dead-letter list|show|replay|replay-all|delete|purge``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, TypeVar
+
+import click
+from rich.panel import Panel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.syntax import Syntax
+from rich.table import Table
+from sqlalchemy.orm import sessionmaker
+
+from ..dead_letters import DeadLetter, DeadLetters
+from ..errors import DeadLetterNotFound, OutboxerError
+from .common import When, console, db_option, err_console, make_engine, option
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def filters(fn: F) -> F:
+    """The filter options shared by list, replay-all and purge."""
+    options = [
+        option(
+            "--origin", type=click.Choice(["relay", "handler", "consumer"]), help="Where it failed."
+        ),
+        option("--consumer", help="Consumer name."),
+        option("--handler", help="Handler name."),
+        option("--type", "message_type", help="Message type."),
+        option("--error-type", help="Error type (exception class, unroutable...)."),
+        option("--since", type=When(), help="Failed at or after: ISO time or a duration ago (2h)."),
+        option("--until", type=When(), help="Failed before: ISO time or a duration ago."),
+    ]
+    for add in reversed(options):
+        fn = add(fn)
+    return fn
+
+
+def _dead_letters(db_url: str) -> DeadLetters:
+    engine = make_engine(db_url)
+    return DeadLetters(sessionmaker(engine))
+
+
+def _filters(**values: Any) -> dict[str, Any]:
+    keys = ("origin", "consumer", "handler", "message_type", "error_type", "since", "until")
+    return {k: values[k] for k in keys}
+
+
+@click.group("dead-letter")
+def dead_letter() -> None:
+    """Inspect, replay and delete dead letters."""
+
+
+@dead_letter.command("list")
+@db_option()
+@filters
+@option("--all", "include_replayed", is_flag=True, help="Include replayed ones kept as history.")
+@option("--limit", default=50, type=click.IntRange(1, 10_000), help="Rows per page.")
+@option("--before", "before_id", type=int, help="Show ids below this one (next page).")
+@option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def list_(
+    db_url: str,
+    include_replayed: bool,
+    limit: int,
+    before_id: int | None,
+    as_json: bool,
+    **values: Any,
+) -> None:
+    """List dead letters, newest first."""
+    letters = _dead_letters(db_url).list(
+        **_filters(**values), include_replayed=include_replayed, limit=limit, before_id=before_id
+    )
+    if as_json:
+        for letter in letters:
+            click.echo(json.dumps(_summary(letter)))
+        return
+    if not letters:
+        console.print("no dead letters match")
+        return
+    table = Table(title=f"dead letters ({len(letters)} shown, newest first)")
+    for column in (
+        "id",
+        "origin",
+        "consumer:handler / destination",
+        "type",
+        "error",
+        "attempts",
+        "last failed",
+    ):
+        table.add_column(column, overflow="fold")
+    for letter in letters:
+        where = (
+            f"{letter.consumer}:{letter.handler}" if letter.handler else (letter.destination or "")
+        )
+        error = f"[bold]{letter.error_type}[/]: {_shorten(letter.error_message, 80)}"
+        if letter.replayed_at:
+            error += " [dim](replayed)[/]"
+        table.add_row(
+            str(letter.id),
+            letter.origin,
+            where,
+            letter.message_type or "?",
+            error,
+            str(letter.attempts),
+            _time(letter.last_failed_at),
+        )
+    console.print(table)
+    if len(letters) == limit:
+        console.print(f"more: --before {letters[-1].id}")
+
+
+@dead_letter.command()
+@db_option()
+@click.argument("dead_letter_id", type=int)
+def show(db_url: str, dead_letter_id: int) -> None:
+    """Show one dead letter in full: envelope, payload, error and traceback."""
+    letter = _get(_dead_letters(db_url), dead_letter_id)
+    fields = Table.grid(padding=(0, 2))
+    fields.add_column(style="bold")
+    fields.add_column(overflow="fold")
+    for name, value in (
+        ("origin", letter.origin),
+        ("message id", letter.message_id),
+        ("type", letter.message_type),
+        ("destination", letter.destination),
+        ("key", letter.message_key),
+        ("consumer", letter.consumer),
+        ("handler", letter.handler),
+        ("correlation id", letter.correlation_id),
+        ("causation id", letter.causation_id),
+        ("traceparent", letter.traceparent),
+        ("occurred at", letter.occurred_at and _time(letter.occurred_at)),
+        ("attempts", letter.attempts),
+        ("first failed", _time(letter.first_failed_at)),
+        ("last failed", _time(letter.last_failed_at)),
+        ("replayed", letter.replayed_at and _time(letter.replayed_at)),
+        ("headers", json.dumps(letter.headers) if letter.headers else None),
+        ("error", f"{letter.error_type}: {letter.error_message}"),
+    ):
+        if value not in (None, ""):
+            fields.add_row(name, str(value))
+    console.print(Panel(fields, title=f"dead letter {letter.id}"))
+    console.print(Panel(_payload(letter.payload), title="payload"))
+    if letter.traceback:
+        console.print(Panel(letter.traceback.rstrip(), title="traceback"))
+
+
+@dead_letter.command()
+@db_option()
+@click.argument("dead_letter_id", type=int)
+@option(
+    "--keep", is_flag=True, help="Keep it as history (hidden from list) instead of deleting it."
+)
+def replay(db_url: str, dead_letter_id: int, keep: bool) -> None:
+    """Send one dead letter again: to its handler alone, or to its destination."""
+    dead = _dead_letters(db_url)
+    letter = _get(dead, dead_letter_id)
+    try:
+        message_id = dead.replay(dead_letter_id, keep=keep)
+    except OutboxerError as exc:
+        raise click.ClickException(str(exc)) from exc
+    target = (
+        f"handler {letter.consumer}:{letter.handler}"
+        if letter.origin == "handler"
+        else (f"{letter.consumer or letter.destination}")
+    )
+    console.print(f"replayed dead letter {dead_letter_id} (message {message_id}) to {target}")
+
+
+@dead_letter.command("replay-all")
+@db_option()
+@filters
+@option("--keep", is_flag=True, help="Keep them as history instead of deleting them.")
+@option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+def replay_all(db_url: str, keep: bool, yes: bool, **values: Any) -> None:
+    """Replay every dead letter matching the filters."""
+    dead = _dead_letters(db_url)
+    chosen = _filters(**values)
+    total = dead.matching(**chosen)
+    if not total:
+        console.print("no dead letters match")
+        return
+    if not yes:
+        click.confirm(f"replay {total} dead letter{'s' * (total != 1)}?", abort=True, err=True)
+    with _progress() as progress:
+        task = progress.add_task("replaying", total=total)
+        replayed = dead.replay_all(
+            **chosen, keep=keep, progress=lambda n: progress.advance(task, n)
+        )
+    console.print(f"replayed {replayed} of {total} dead letters")
+    if replayed < total:
+        err_console.print(
+            f"{total - replayed} could not be replayed (no readable envelope); see 'show'"
+        )
+
+
+@dead_letter.command()
+@db_option()
+@click.argument("dead_letter_id", type=int)
+def delete(db_url: str, dead_letter_id: int) -> None:
+    """Delete one dead letter."""
+    try:
+        _dead_letters(db_url).delete(dead_letter_id)
+    except DeadLetterNotFound as exc:
+        raise click.ClickException(str(exc)) from exc
+    console.print(f"deleted dead letter {dead_letter_id}")
+
+
+@dead_letter.command()
+@db_option()
+@filters
+@option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+def purge(db_url: str, yes: bool, **values: Any) -> None:
+    """Delete every dead letter matching the filters (replayed history included)."""
+    dead = _dead_letters(db_url)
+    chosen = _filters(**values)
+    total = dead.matching(**chosen, include_replayed=True)
+    if not total:
+        console.print("no dead letters match")
+        return
+    if not yes:
+        click.confirm(
+            f"delete {total} dead letter{'s' * (total != 1)} for good?", abort=True, err=True
+        )
+    with _progress() as progress:
+        task = progress.add_task("deleting", total=total)
+        deleted = dead.purge(**chosen, progress=lambda n: progress.advance(task, n))
+    console.print(f"deleted {deleted} dead letters")
+
+
+def _get(dead: DeadLetters, dead_letter_id: int) -> DeadLetter:
+    try:
+        return dead.get(dead_letter_id)
+    except DeadLetterNotFound as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+    )
+
+
+def _payload(payload: bytes) -> Any:
+    try:
+        return Syntax(json.dumps(json.loads(payload), indent=2), "json", word_wrap=True)
+    except ValueError:
+        return repr(payload[:2000])
+
+
+def _summary(letter: DeadLetter) -> dict[str, Any]:
+    return {
+        "id": letter.id,
+        "origin": letter.origin,
+        "message_id": str(letter.message_id) if letter.message_id else None,
+        "type": letter.message_type,
+        "destination": letter.destination,
+        "consumer": letter.consumer,
+        "handler": letter.handler,
+        "error_type": letter.error_type,
+        "error": letter.error_message,
+        "attempts": letter.attempts,
+        "first_failed_at": letter.first_failed_at.isoformat(),
+        "last_failed_at": letter.last_failed_at.isoformat(),
+        "replayed_at": letter.replayed_at.isoformat() if letter.replayed_at else None,
+    }
+
+
+def _shorten(text: str, width: int) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def _time(moment: datetime) -> str:
+    return moment.isoformat(sep=" ", timespec="seconds")

@@ -1,0 +1,19 @@
+"""``outboxer demo``."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from .. import demo as demo_module
+from .common import console
+
+
+@click.command()
+@click.option("--verbose", is_flag=True, help="Also show the relay's and consumer's logs.")
+def demo(verbose: bool) -> None:
+    """Run the whole journey on an embedded SQLite database and the in-process broker."""
+    if not verbose:
+        logging.getLogger("outboxer").setLevel(logging.WARNING + 5)  # the demo narrates itself
+    demo_module.run(console)

@@ -1,0 +1,273 @@
+"""Inspect, replay and delete dead letters.
+
+    dead = outboxer.DeadLetters(Session)
+    for letter in dead.list(handler="charge"):
+        print(letter.id, letter.error_type, letter.error_message)
+    dead.replay(letter.id)          # back through the outbox, to that one handler
+
+A replay writes a new outbox row in the same transaction that removes the dead letter
+(or, with ``keep=True``, marks it replayed: it then leaves :meth:`DeadLetters.list`
+unless ``include_replayed=True``). Where it goes depends on where it failed:
+
+* ``handler``: to the consumer's own destination, addressed to that handler alone, with
+  a fresh attempt count; the other handlers of the message do not run again;
+* ``relay``: to its original destination;
+* ``consumer`` (it could not be used): back to the consumer, for all its handlers, once
+  the code can handle it; a message with no readable envelope cannot be replayed.
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session
+
+from . import instrumentation, store, wire
+from .errors import ConfigurationError, DeadLetterNotFound, OutboxerError
+from .inbox import FIRST_FAILED_AT
+from .message import Envelope
+from .store import dead_letters as dead_letter_store
+from .store.dead_letters import DeadLetter, DeadLetterFilter
+
+__all__ = ["DeadLetter", "DeadLetterFilter", "DeadLetters"]
+
+Progress = Callable[[int], None]
+
+
+class DeadLetters:
+    """The dead-letter table, through ``session_factory`` (a sync ``sessionmaker``)."""
+
+    def __init__(self, session_factory: Callable[[], Session]) -> None:
+        self.session_factory = session_factory
+
+    def list(
+        self,
+        *,
+        origin: str | None = None,
+        consumer: str | None = None,
+        handler: str | None = None,
+        message_type: str | None = None,
+        error_type: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        include_replayed: bool = False,
+        limit: int = 50,
+        before_id: int | None = None,
+    ) -> list[DeadLetter]:
+        """Newest first, ``limit`` at a time; pass the last id as ``before_id`` for more."""
+        where = DeadLetterFilter(
+            origin, consumer, handler, message_type, error_type, since, until, include_replayed
+        )
+        with self._transaction() as connection:
+            return dead_letter_store.list_dead_letters(
+                connection, where, limit=limit, before_id=before_id
+            )
+
+    def get(self, dead_letter_id: int) -> DeadLetter:
+        """One dead letter; :class:`DeadLetterNotFound` if there is none with that id."""
+        with self._transaction() as connection:
+            found = dead_letter_store.get_dead_letter(connection, dead_letter_id)
+        if found is None:
+            raise DeadLetterNotFound(f"no dead letter has id {dead_letter_id}")
+        return found
+
+    def count(self) -> dict[str, int]:
+        """Dead letters waiting, by origin."""
+        with self._transaction() as connection:
+            return dead_letter_store.count_dead_letters(connection)
+
+    def replay(self, dead_letter_id: int, *, keep: bool = False) -> UUID:
+        """Send a dead letter again (see the module docs for where); returns its message id."""
+        with self._transaction() as connection:
+            letter = dead_letter_store.get_dead_letter(connection, dead_letter_id, for_update=True)
+            if letter is None or (letter.replayed_at is not None and not keep):
+                raise DeadLetterNotFound(f"no dead letter has id {dead_letter_id}")
+            self._replay_one(connection, letter, keep)
+            assert letter.message_id is not None
+            return letter.message_id
+
+    def replay_all(
+        self,
+        *,
+        origin: str | None = None,
+        consumer: str | None = None,
+        handler: str | None = None,
+        message_type: str | None = None,
+        error_type: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        keep: bool = False,
+        batch_size: int = 100,
+        progress: Progress | None = None,
+    ) -> int:
+        """Replay every dead letter matching the filters, ``batch_size`` per transaction.
+
+        Letters that cannot be replayed (no readable envelope) are skipped and stay.
+        Returns how many were replayed; ``progress`` is called with each batch's count.
+        """
+        where = DeadLetterFilter(origin, consumer, handler, message_type, error_type, since, until)
+        replayed = 0
+        for ids in self._batches(where, batch_size):
+            done = 0
+            with self._transaction() as connection:
+                for dead_letter_id in ids:
+                    letter = dead_letter_store.get_dead_letter(
+                        connection, dead_letter_id, for_update=True
+                    )
+                    if letter is None or letter.replayed_at is not None or not replayable(letter):
+                        continue
+                    self._replay_one(connection, letter, keep)
+                    done += 1
+            replayed += done
+            if progress is not None:
+                progress(len(ids))
+        return replayed
+
+    def delete(self, dead_letter_id: int) -> None:
+        """Delete one dead letter; :class:`DeadLetterNotFound` if there is none."""
+        with self._transaction() as connection:
+            if not dead_letter_store.delete_dead_letters(connection, [dead_letter_id]):
+                raise DeadLetterNotFound(f"no dead letter has id {dead_letter_id}")
+
+    def purge(
+        self,
+        *,
+        origin: str | None = None,
+        consumer: str | None = None,
+        handler: str | None = None,
+        message_type: str | None = None,
+        error_type: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        include_replayed: bool = True,
+        batch_size: int = 500,
+        progress: Progress | None = None,
+    ) -> int:
+        """Delete every dead letter matching the filters, ``batch_size`` per transaction."""
+        where = DeadLetterFilter(
+            origin, consumer, handler, message_type, error_type, since, until, include_replayed
+        )
+        deleted = 0
+        for ids in self._batches(where, batch_size):
+            with self._transaction() as connection:
+                deleted += dead_letter_store.delete_dead_letters(connection, ids)
+            if progress is not None:
+                progress(len(ids))
+        return deleted
+
+    def matching(
+        self,
+        *,
+        origin: str | None = None,
+        consumer: str | None = None,
+        handler: str | None = None,
+        message_type: str | None = None,
+        error_type: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        include_replayed: bool = False,
+    ) -> int:
+        """How many dead letters match the filters (for progress bars and confirmations)."""
+        where = DeadLetterFilter(
+            origin, consumer, handler, message_type, error_type, since, until, include_replayed
+        )
+        with self._transaction() as connection:
+            return dead_letter_store.count_matching(connection, where)
+
+    # -----------------------------------------------------------------------------------
+
+    def _replay_one(self, connection: Connection, letter: DeadLetter, keep: bool) -> None:
+        tracer = instrumentation.get()
+        attributes: dict[str, Any] = {
+            "outboxer.dead_letter.id": letter.id,
+            "outboxer.dead_letter.origin": letter.origin,
+        }
+        if letter.handler:
+            attributes["outboxer.handler"] = (
+                f"{letter.consumer}:{letter.handler}" if letter.consumer else letter.handler
+            )
+        with tracer.replay(letter.trace_headers, attributes) as span:
+            envelope = replay_envelope(letter)
+            trace = span.trace_headers()
+            if trace:
+                envelope = replace(
+                    envelope,
+                    traceparent=trace.get("traceparent"),
+                    tracestate=trace.get("tracestate"),
+                )
+            store.insert_messages(connection, [store.NewMessage(envelope)])
+            if keep:
+                dead_letter_store.mark_replayed(connection, [letter.id])
+            else:
+                dead_letter_store.delete_dead_letters(connection, [letter.id])
+
+    def _batches(self, where: DeadLetterFilter, size: int) -> Iterator[builtins.list[int]]:
+        after = 0
+        while True:
+            with self._transaction() as connection:
+                ids = dead_letter_store.ids_matching(connection, where, after_id=after, limit=size)
+            if not ids:
+                return
+            yield ids
+            after = ids[-1]
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Connection]:
+        with self.session_factory() as session, session.begin():
+            yield session.connection()
+
+
+def replayable(letter: DeadLetter) -> bool:
+    return letter.message_id is not None and letter.message_type is not None
+
+
+def replay_envelope(letter: DeadLetter) -> Envelope:
+    """The message a replay sends, per the rules in the module docs."""
+    if not replayable(letter):
+        raise OutboxerError(
+            f"dead letter {letter.id} cannot be replayed: it has no readable envelope "
+            f"({letter.error_type}: {letter.error_message}); inspect it with "
+            f"'outboxer dead-letter show {letter.id}', then delete it"
+        )
+    assert letter.message_id is not None and letter.message_type is not None
+    if letter.origin == "handler":
+        if not letter.consumer or not letter.handler:
+            raise ConfigurationError(f"dead letter {letter.id} names no consumer and handler")
+        destination, handler = letter.consumer, f"{letter.consumer}:{letter.handler}"
+    elif letter.origin == "consumer":
+        destination, handler = letter.consumer or letter.destination or "", None
+    else:
+        destination, handler = letter.destination or "", letter.handler
+    if not destination:
+        raise OutboxerError(f"dead letter {letter.id} has no destination to replay to")
+    headers = {k: v for k, v in letter.headers.items() if k != FIRST_FAILED_AT}
+    if letter.origin == "consumer":
+        # The raw header map as delivered: keep only the application's headers.
+        headers = {k: v for k, v in headers.items() if not _is_envelope_header(k)}
+    return Envelope(
+        message_id=letter.message_id,
+        type=letter.message_type,
+        destination=destination,
+        payload=letter.payload,
+        occurred_at=letter.occurred_at or letter.first_failed_at,
+        key=letter.message_key,
+        correlation_id=letter.correlation_id,
+        causation_id=letter.causation_id,
+        headers=headers,
+        traceparent=letter.traceparent,
+        tracestate=letter.tracestate,
+        content_type=letter.content_type or "application/json",
+        handler=handler,
+        attempt=1,
+    )
+
+
+def _is_envelope_header(name: str) -> bool:
+    return name in wire.RESERVED or name.startswith("outboxer-")

@@ -1,0 +1,120 @@
+"""Schema migrations for the outboxer tables (Alembic).
+
+The migration scripts live in the repository's top-level ``migrations/`` directory and
+ship inside the wheel as ``outboxer/_migrations``. They keep their own version table,
+``outboxer_alembic_version``, so they never clash with an application's own Alembic
+history. Two ways to run them:
+
+* ``outboxer db upgrade --db URL`` (or :func:`upgrade` with an engine);
+* from the application's Alembic ``env.py``: ``outboxer.schema.upgrade(connection)``
+  after the application's own ``context.run_migrations()`` (see docs/migrations.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from alembic.operations import Operations
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import Connection, Engine
+
+from .errors import ConfigurationError
+from .tables import metadata
+
+__all__ = [
+    "VERSION_TABLE",
+    "current",
+    "head",
+    "include_object",
+    "migrations_dir",
+    "upgrade",
+]
+
+VERSION_TABLE = "outboxer_alembic_version"
+"""Where outboxer records its migration revision (never the application's table)."""
+
+
+def migrations_dir() -> Path:
+    """The directory holding outboxer's Alembic scripts (installed or from a checkout)."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "_migrations", package.parent / "migrations"):
+        if (candidate / "versions").is_dir():
+            return candidate
+    raise ConfigurationError(
+        f"outboxer's migration scripts are missing (looked in {package / '_migrations'} and "
+        f"{package.parent / 'migrations'}); reinstall the outboxer package"
+    )
+
+
+def script_directory() -> ScriptDirectory:
+    return ScriptDirectory(str(migrations_dir()))
+
+
+def head() -> str:
+    """The newest revision shipped with this version of outboxer."""
+    revision = script_directory().get_current_head()
+    assert revision is not None
+    return revision
+
+
+def current(bind: Engine | Connection) -> str | None:
+    """The revision the database is at (None: outboxer's migrations never ran)."""
+    with _connection(bind) as connection:
+        context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
+        return context.get_current_revision()
+
+
+def upgrade(bind: Engine | Connection, revision: str = "head") -> str | None:
+    """Upgrade the outboxer tables to ``revision``; returns the revision reached.
+
+    With an Engine, or a Connection with no transaction in progress, outboxer commits.
+    With a Connection inside a transaction, it runs in that transaction and the caller
+    commits. From an application's Alembic ``env.py``, call it after the
+    ``with context.begin_transaction(): context.run_migrations()`` block.
+    """
+    script = script_directory()
+
+    def steps(rev: Any, context: MigrationContext) -> Any:
+        return script._upgrade_revs(revision, rev)
+
+    with _connection(bind) as connection:
+        context = MigrationContext.configure(
+            connection,
+            opts={"version_table": VERSION_TABLE, "target_metadata": metadata, "fn": steps},
+        )
+        # Alembic's own transaction rules: one transaction where DDL is transactional
+        # (PostgreSQL, SQLite under Alembic's control), a commit per migration where it is
+        # not (MariaDB), and nothing of its own inside a transaction the caller began.
+        with Operations.context(context), context.begin_transaction():
+            context.run_migrations()
+        return context.get_current_revision()
+
+
+def include_object(
+    obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any
+) -> bool:
+    """For the application's Alembic ``include_object``: leave outboxer's tables alone.
+
+    ``context.configure(..., include_object=outboxer.schema.include_object)`` stops the
+    application's autogenerate from proposing to drop or alter outboxer's tables.
+    """
+    table = obj if type_ == "table" else getattr(obj, "table", None)
+    table_name = getattr(table, "name", name) or ""
+    return not (table_name.startswith("outboxer_") or table_name == VERSION_TABLE)
+
+
+def outboxer_table_names() -> Iterable[str]:
+    return list(metadata.tables)
+
+
+@contextmanager
+def _connection(bind: Engine | Connection) -> Iterator[Connection]:
+    if isinstance(bind, Connection):
+        yield bind
+        return
+    with bind.connect() as connection:
+        yield connection

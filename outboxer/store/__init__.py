@@ -1,0 +1,20 @@
+"""All of outboxer's SQL lives in this package.
+
+The producer hooks, the relay, the consumer and the dead-letter API call the named
+operations here (``insert_messages``, ``claim_batch``, ``settle``, ``record_inbox``...);
+none of them builds SQL of its own.
+"""
+
+from __future__ import annotations
+
+from .clock import db_now, db_now_plus, read_db_now
+from .outbox import NOTIFY_CHANNEL, NewMessage, insert_messages
+
+__all__ = [
+    "NOTIFY_CHANNEL",
+    "NewMessage",
+    "db_now",
+    "db_now_plus",
+    "insert_messages",
+    "read_db_now",
+]

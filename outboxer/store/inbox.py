@@ -1,0 +1,88 @@
+"""SQL on ``outboxer_inbox``: the record that a handler processed a message.
+
+Every function runs in the caller's transaction.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+from uuid import UUID
+
+from sqlalchemy import bindparam, delete, func, select, tuple_
+from sqlalchemy.dialects import mysql, postgresql, sqlite
+from sqlalchemy.engine import Connection, Dialect
+
+from ..tables import inbox
+from .clock import clock_params, db_now_plus, now
+from .compiled import Compiled
+
+__all__ = ["count_inbox", "prune_inbox", "record_inbox"]
+
+
+def record_inbox(
+    connection: Connection, *, handler: str, dedup_key: str, message_id: UUID, message_type: str
+) -> bool:
+    """Insert the inbox row in the caller's transaction; False if it was already there.
+
+    A concurrent transaction inserting the same row makes this wait until that one
+    commits (then False) or rolls back (then True): a message is handled at most once per
+    handler even when two consumers get it at the same time.
+    """
+    dialect = connection.dialect
+    plan = _insert_if_absent(dialect)
+    values = {
+        "handler": handler,
+        "dedup_key": dedup_key,
+        "message_id": message_id,
+        "message_type": message_type,
+        **clock_params(dialect.name),
+    }
+    result = connection.exec_driver_sql(
+        plan.sql,
+        plan.parameters(values),
+        # SQLAlchemy keeps an INSERT's rowcount only when asked (otherwise -1: truthy).
+        execution_options={"preserve_rowcount": True},
+    )
+    return result.rowcount == 1
+
+
+@cache
+def _insert_if_absent(dialect: Dialect) -> Compiled:
+    """Compiled once per dialect: this runs once per handler per message."""
+    name = dialect.name
+    values = {
+        "handler": bindparam("handler"),
+        "dedup_key": bindparam("dedup_key"),
+        "message_id": bindparam("message_id"),
+        "message_type": bindparam("message_type"),
+        "processed_at": now(name),
+    }
+    stmt: Any
+    if name == "postgresql":
+        stmt = postgresql.insert(inbox).values(**values).on_conflict_do_nothing()
+    elif name in ("mysql", "mariadb"):
+        stmt = mysql.insert(inbox).values(**values).prefix_with("IGNORE")
+    else:
+        stmt = sqlite.insert(inbox).values(**values).on_conflict_do_nothing()
+    return Compiled.of(stmt, dialect)
+
+
+def prune_inbox(connection: Connection, *, older_than: float, limit: int = 1000) -> int:
+    """Delete up to ``limit`` inbox rows older than ``older_than`` seconds.
+
+    Runs in the caller's transaction: call it in a loop, one short transaction per batch,
+    so pruning never holds long locks.
+    """
+    cutoff = db_now_plus(connection.dialect, -older_than)
+    old = inbox.c.processed_at < cutoff
+    if connection.dialect.name in ("mysql", "mariadb"):
+        stmt = delete(inbox).where(old).with_dialect_options(mysql_limit=limit)
+    else:
+        keys = select(inbox.c.handler, inbox.c.dedup_key).where(old).limit(limit)
+        stmt = delete(inbox).where(tuple_(inbox.c.handler, inbox.c.dedup_key).in_(keys))
+    return connection.execute(stmt).rowcount or 0
+
+
+def count_inbox(connection: Connection) -> int:
+    return int(connection.execute(select(func.count()).select_from(inbox)).scalar_one())

@@ -1,0 +1,245 @@
+"""The outboxer tables: ``outboxer_outbox``, ``outboxer_inbox``, ``outboxer_dead_letter``.
+
+``outboxer.metadata`` holds them; ``outboxer.create_all(engine)`` creates them for a quick
+start, and the Alembic migrations in ``migrations/`` (``outboxer db upgrade``) are the
+production path. A test checks that both give the same schema on every database.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    DDL,
+    BigInteger,
+    Column,
+    Dialect,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    Uuid,
+    event,
+)
+from sqlalchemy.dialects import mysql
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.types import DateTime, TypeDecorator
+
+from .message import CONTENT_TYPE_JSON
+
+__all__ = [
+    "UTCDateTime",
+    "create_all",
+    "dead_letter",
+    "drop_all",
+    "inbox",
+    "metadata",
+    "outbox",
+    "sent",
+]
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every database.
+
+    PostgreSQL stores ``timestamptz``; MariaDB/MySQL store ``DATETIME(6)`` in UTC and
+    SQLite an ISO string in UTC. Values read back are always aware UTC datetimes.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> Any:
+        if dialect.name in ("mysql", "mariadb"):
+            return dialect.type_descriptor(mysql.DATETIME(fsp=6))
+        return dialect.type_descriptor(DateTime(timezone=True))
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"outboxer stores aware datetimes only, got naive {value!r}")
+        if dialect.name == "postgresql":
+            return value
+        return value.astimezone(timezone.utc).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+def _big_id() -> Any:
+    # SQLite only auto-increments an INTEGER PRIMARY KEY.
+    return BigInteger().with_variant(Integer, "sqlite")
+
+
+def _long_bytes() -> Any:
+    # MariaDB's BLOB stops at 64 KiB; payloads may be larger.
+    return LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
+
+
+def _long_text() -> Any:
+    return Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
+
+
+metadata = MetaData()
+
+# MariaDB/MySQL: binary collation, so keys compare exactly as on PostgreSQL and SQLite
+# (a case-insensitive collation would make inbox keys "ABC" and "abc" collide).
+MYSQL_TABLE_OPTIONS: dict[str, Any] = {
+    "mysql_engine": "InnoDB",
+    "mysql_charset": "utf8mb4",
+    "mysql_collate": "utf8mb4_bin",
+}
+
+outbox = Table(
+    "outboxer_outbox",
+    metadata,
+    Column("id", _big_id(), primary_key=True, autoincrement=True),
+    Column("message_id", Uuid(), nullable=False),
+    Column("message_type", String(255), nullable=False),
+    Column("destination", String(255), nullable=False),
+    Column("message_key", String(255), nullable=True),
+    Column("payload", _long_bytes(), nullable=False),
+    Column("headers", _long_text(), nullable=True),
+    Column("content_type", String(100), nullable=False, server_default=CONTENT_TYPE_JSON),
+    # NULL: the message is the root of its conversation (correlation id = its own id).
+    Column("correlation_id", String(255), nullable=True),
+    Column("causation_id", String(255), nullable=True),
+    Column("traceparent", String(64), nullable=True),
+    Column("tracestate", String(512), nullable=True),
+    Column("target_handler", String(255), nullable=True),
+    Column("handler_attempt", Integer, nullable=False, server_default="1"),
+    Column("occurred_at", UTCDateTime(), nullable=False),
+    # Earliest send time: now for ordinary messages, later for delay= and for backoff.
+    Column("available_at", UTCDateTime(), nullable=False),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("last_error", _long_text(), nullable=True),
+    Column("first_failed_at", UTCDateTime(), nullable=True),
+    # The lease: which relay claimed the row, and until when.
+    Column("locked_by", String(64), nullable=True),
+    Column("locked_until", UTCDateTime(), nullable=True),
+    # Every row here is pending: sent rows are deleted, or moved to outboxer_sent under
+    # relay retention. So the indexes hold pending rows only, and their order serves the
+    # claims directly.
+    # Claims: pending rows by due time.
+    Index("ix_outboxer_outbox_pending", "available_at", "id"),
+    # Per-key order: the earliest pending row of a key, and its followers.
+    Index("ix_outboxer_outbox_key", "message_key", "id"),
+    **MYSQL_TABLE_OPTIONS,
+)
+
+sent = Table(
+    "outboxer_sent",
+    metadata,
+    # The outbox row's id: the order in which the messages were committed.
+    Column(
+        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=False
+    ),
+    Column("message_id", Uuid(), nullable=False),
+    Column("message_type", String(255), nullable=False),
+    Column("destination", String(255), nullable=False),
+    Column("message_key", String(255), nullable=True),
+    Column("payload", _long_bytes(), nullable=False),
+    Column("headers", _long_text(), nullable=True),
+    Column("content_type", String(100), nullable=False),
+    Column("correlation_id", String(255), nullable=True),
+    Column("causation_id", String(255), nullable=True),
+    Column("traceparent", String(64), nullable=True),
+    Column("tracestate", String(512), nullable=True),
+    Column("target_handler", String(255), nullable=True),
+    Column("occurred_at", UTCDateTime(), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("sent_at", UTCDateTime(), nullable=False),
+    Index("ix_outboxer_sent_sent_at", "sent_at"),
+    Index("ix_outboxer_sent_message_id", "message_id"),
+    **MYSQL_TABLE_OPTIONS,
+)
+"""Sent messages kept for ``retention`` seconds (relay option), then pruned."""
+
+inbox = Table(
+    "outboxer_inbox",
+    metadata,
+    Column("handler", String(255), nullable=False),
+    # The message id, or the business key a handler deduplicates on.
+    Column("dedup_key", String(255), nullable=False),
+    Column("message_id", Uuid(), nullable=False),
+    Column("message_type", String(255), nullable=False),
+    Column("processed_at", UTCDateTime(), nullable=False),
+    PrimaryKeyConstraint("handler", "dedup_key", name="pk_outboxer_inbox"),
+    Index("ix_outboxer_inbox_processed_at", "processed_at"),
+    **MYSQL_TABLE_OPTIONS,
+)
+
+dead_letter = Table(
+    "outboxer_dead_letter",
+    metadata,
+    Column("id", _big_id(), primary_key=True, autoincrement=True),
+    # relay: could not be sent; handler: a handler gave up; consumer: could not be decoded.
+    Column("origin", String(16), nullable=False),
+    Column("message_id", Uuid(), nullable=True),
+    Column("message_type", String(255), nullable=True),
+    Column("destination", String(255), nullable=True),
+    Column("message_key", String(255), nullable=True),
+    Column("consumer", String(255), nullable=True),
+    Column("handler", String(255), nullable=True),
+    Column("payload", _long_bytes(), nullable=False),
+    Column("headers", _long_text(), nullable=True),
+    Column("content_type", String(100), nullable=True),
+    Column("correlation_id", String(255), nullable=True),
+    Column("causation_id", String(255), nullable=True),
+    Column("traceparent", String(64), nullable=True),
+    Column("tracestate", String(512), nullable=True),
+    Column("occurred_at", UTCDateTime(), nullable=True),
+    Column("error_type", String(255), nullable=False),
+    Column("error_message", _long_text(), nullable=False),
+    Column("traceback", _long_text(), nullable=True),
+    Column("attempts", Integer, nullable=False),
+    Column("first_failed_at", UTCDateTime(), nullable=False),
+    Column("last_failed_at", UTCDateTime(), nullable=False),
+    # Kept after a replay only when asked (history); list() hides replayed rows.
+    Column("replayed_at", UTCDateTime(), nullable=True),
+    Index("ix_outboxer_dead_letter_failed", "last_failed_at"),
+    Index("ix_outboxer_dead_letter_handler", "handler", "last_failed_at"),
+    **MYSQL_TABLE_OPTIONS,
+)
+
+
+OUTBOX_AUTOVACUUM = (
+    "ALTER TABLE outboxer_outbox SET (autovacuum_vacuum_scale_factor = 0, "
+    "autovacuum_vacuum_threshold = 10000, autovacuum_analyze_scale_factor = 0, "
+    "autovacuum_analyze_threshold = 10000)"
+)
+"""PostgreSQL: vacuum the outbox after every 10,000 dead rows, not a fraction of the table.
+
+Every sent message leaves a dead row (deleted, or updated under retention) whose index
+entries stay until VACUUM removes them; with the default scale factor a busy outbox
+would carry hundreds of thousands of them and every claim would step over them.
+"""
+
+event.listen(
+    outbox,
+    "after_create",
+    DDL(OUTBOX_AUTOVACUUM).execute_if(dialect="postgresql"),  # type: ignore[no-untyped-call]
+)
+
+
+def create_all(bind: Engine | Connection) -> None:
+    """Create the outboxer tables if they do not exist (for quick starts and tests).
+
+    Production deployments use the migrations: ``outboxer db upgrade --db URL``.
+    """
+    metadata.create_all(bind)
+
+
+def drop_all(bind: Engine | Connection) -> None:
+    """Drop the outboxer tables."""
+    metadata.drop_all(bind)

@@ -1,0 +1,467 @@
+"""OpenTelemetry tracing and metrics for outboxer: one trace per message journey.
+
+Installed automatically when ``opentelemetry-api`` is importable (the ``otel`` extra);
+without it every hook is a no-op. Spans follow the messaging semantic conventions:
+
+* ``create {destination}`` (PRODUCER) at ``publish()``, a child of the caller's span;
+  its context is stored with the message (``traceparent``/``tracestate``);
+* ``send {destination}`` (CLIENT) per relay batch and destination, linking to every
+  message's creation context (the relay has no parent of its own);
+* ``process {destination}`` (CONSUMER) per delivered message, **parented to the
+  creation context** so the journey is one trace in Jaeger, with a link to whatever span
+  was current in the consumer;
+* ``handle {consumer:handler}`` (INTERNAL) per handler run, with
+  ``outboxer.handler.outcome`` = processed, duplicate, failed...;
+* ``retry ...``, ``dead_letter ...`` and ``replay ...`` (INTERNAL): a retry message
+  carries the retry span's context, so the next delivery continues the trace; a dead
+  letter stores its span's context, and a replay continues from it (linking the
+  operator's span, if any).
+
+No header or payload value becomes a span attribute unless ``attribute_headers`` names it.
+The ``outboxer relay`` and ``outboxer-inbox`` commands configure the SDK from the
+standard ``OTEL_*`` variables (:func:`configure_from_env`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from . import instrumentation
+from .instrumentation import Instrumentation, SpanHandle, TransportDescription
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Link, Span, SpanContext, Tracer
+
+    from .message import Envelope
+
+__all__ = ["OpenTelemetryInstrumentation", "configure_from_env", "install", "uninstall"]
+
+log = logging.getLogger("outboxer.tracing")
+
+SCOPE = "outboxer"
+DEFAULT_LINK_LIMIT = 1024
+"""Relay send spans link every message of a batch; the SDK's default keeps only 128."""
+
+
+class _Span(SpanHandle):
+    __slots__ = ("_span",)
+
+    def __init__(self, span: Span) -> None:
+        self._span = span
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        self._span.set_attribute(key, value)
+
+    def record_error(self, exc: BaseException) -> None:
+        from opentelemetry.trace import Status, StatusCode
+
+        self._span.record_exception(exc)
+        self._span.set_attribute("error.type", _error_type(exc))
+        self._span.set_status(Status(StatusCode.ERROR, str(exc)))
+
+    def trace_headers(self) -> dict[str, str]:
+        return _headers_of(self._span.get_span_context())
+
+
+class OpenTelemetryInstrumentation(Instrumentation):
+    """outboxer's hooks implemented with the OpenTelemetry API."""
+
+    enabled = True
+
+    def __init__(
+        self,
+        *,
+        producer_system: str | None = None,
+        attribute_headers: Iterable[str] = (),
+        tracer_provider: Any = None,
+        meter_provider: Any = None,
+    ) -> None:
+        from opentelemetry import metrics, trace
+
+        from . import __version__
+
+        self.producer_system = producer_system or os.environ.get(
+            "OUTBOXER_MESSAGING_SYSTEM", "outboxer"
+        )
+        """``messaging.system`` of ``create`` spans: the broker is not known at publish time."""
+        self.attribute_headers = tuple(attribute_headers)
+        self.tracer: Tracer = trace.get_tracer(SCOPE, __version__, tracer_provider=tracer_provider)
+        meter = metrics.get_meter(SCOPE, __version__, meter_provider=meter_provider)
+        self._sent = meter.create_counter(
+            "messaging.client.sent.messages",
+            unit="{message}",
+            description="Messages the relay tried to send, by outcome (error.type when failed).",
+        )
+        self._batch_duration = meter.create_histogram(
+            "outboxer.relay.batch.duration",
+            unit="s",
+            description="Claim, send and settle of one batch.",
+        )
+        self._handler_duration = meter.create_histogram(
+            "messaging.process.duration",
+            unit="s",
+            description="One handler run, with its inbox row.",
+        )
+        self._duplicates = meter.create_counter(
+            "outboxer.inbox.duplicates",
+            unit="{message}",
+            description="Deliveries the inbox skipped.",
+        )
+        self._observers: list[Callable[[], Mapping[str, Any]]] = []
+        meter.create_observable_gauge(
+            "outboxer.outbox.backlog",
+            callbacks=[self._observe("pending")],
+            unit="{message}",
+            description="Outbox rows not yet sent.",
+        )
+        meter.create_observable_gauge(
+            "outboxer.outbox.oldest_pending_age",
+            callbacks=[self._observe("oldest_due_seconds")],
+            unit="s",
+            description="How long the oldest due outbox row has waited.",
+        )
+        meter.create_observable_gauge(
+            "outboxer.dead_letters",
+            callbacks=[self._observe("dead_letters")],
+            unit="{message}",
+            description="Dead letters waiting for a decision.",
+        )
+
+    # Spans ----------------------------------------------------------------------------
+
+    def create(self, envelope: Envelope) -> dict[str, str]:
+        from opentelemetry.trace import SpanKind
+
+        span = self.tracer.start_span(
+            f"create {envelope.destination}",
+            kind=SpanKind.PRODUCER,
+            attributes=_sampling_attributes(envelope, "create", self.producer_system),
+        )
+        if span.is_recording():
+            span.set_attributes(self._message_attributes(envelope))
+        span.end()
+        return _headers_of(span.get_span_context())
+
+    @contextlib.contextmanager
+    def send(
+        self, transport: TransportDescription, destination: str, envelopes: Sequence[Envelope]
+    ) -> Iterator[SpanHandle]:
+        from opentelemetry.trace import SpanKind
+
+        attributes: dict[str, Any] = {
+            "messaging.system": transport.system,
+            "messaging.operation.name": "send",
+            "messaging.operation.type": "send",
+            "messaging.destination.name": destination,
+            **transport.attributes,
+        }
+        types = {e.type for e in envelopes}
+        routing_key = next(iter(types)) if len(types) == 1 else None
+        attributes.update(transport.destination_attributes(destination, routing_key))
+        if len(envelopes) == 1:
+            attributes["messaging.message.id"] = str(envelopes[0].message_id)
+        else:
+            attributes["messaging.batch.message_count"] = len(envelopes)
+        links = [link for e in envelopes if (link := _link(e.traceparent, e.tracestate))]
+        # Not made current: the relay keeps two sends in flight and ends them out of order,
+        # and a send span has no children.
+        span = self.tracer.start_span(
+            f"send {destination}",
+            context=_context_of(None, None),
+            kind=SpanKind.CLIENT,
+            attributes=attributes,
+            links=links,
+        )
+        try:
+            yield _Span(span)
+        finally:
+            span.end()
+
+    @contextlib.contextmanager
+    def process(
+        self, transport: TransportDescription, envelope: Envelope, consumer: str
+    ) -> Iterator[SpanHandle]:
+        from opentelemetry import trace
+        from opentelemetry.trace import SpanKind
+
+        ambient = trace.get_current_span().get_span_context()
+        links = [trace.Link(ambient)] if ambient.is_valid else []
+        with self.tracer.start_as_current_span(
+            f"process {envelope.destination}",
+            context=_context_of(envelope.traceparent, envelope.tracestate),
+            kind=SpanKind.CONSUMER,
+            attributes=_sampling_attributes(envelope, "process", transport.system),
+            links=links,
+        ) as span:
+            if span.is_recording():
+                span.set_attributes(self._message_attributes(envelope))
+                span.set_attribute("messaging.consumer.group.name", consumer)
+                span.set_attributes(dict(transport.attributes))
+            yield _Span(span)
+
+    @contextlib.contextmanager
+    def handler(self, envelope: Envelope, handler: str, attempt: int) -> Iterator[SpanHandle]:
+        with self.tracer.start_as_current_span(
+            f"handle {handler}",
+            attributes={
+                "outboxer.handler": handler,
+                "outboxer.handler.attempt": attempt,
+                "messaging.message.id": str(envelope.message_id),
+            },
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            yield _Span(span)
+
+    @contextlib.contextmanager
+    def step(
+        self, name: str, envelope: Envelope | None, attributes: Mapping[str, Any] | None = None
+    ) -> Iterator[SpanHandle]:
+        from opentelemetry import trace
+
+        attributes = dict(attributes or {})
+        target = attributes.get("outboxer.handler") or (envelope.destination if envelope else "")
+        context = None
+        if envelope is not None and not trace.get_current_span().get_span_context().is_valid:
+            # No span is current (the relay): continue the message's own trace.
+            context = _context_of(envelope.traceparent, envelope.tracestate)
+        if envelope is not None:
+            attributes.setdefault("messaging.message.id", str(envelope.message_id))
+        with self.tracer.start_as_current_span(
+            f"{name} {target}".strip(), context=context, attributes=attributes
+        ) as span:
+            yield _Span(span)
+
+    @contextlib.contextmanager
+    def replay(
+        self, trace_headers: Mapping[str, str], attributes: Mapping[str, Any]
+    ) -> Iterator[SpanHandle]:
+        from opentelemetry import trace
+
+        ambient = trace.get_current_span().get_span_context()
+        links = [trace.Link(ambient)] if ambient.is_valid else []
+        target = attributes.get("outboxer.handler") or attributes.get("outboxer.dead_letter.origin")
+        with self.tracer.start_as_current_span(
+            f"replay {target}",
+            context=_context_of(trace_headers.get("traceparent"), trace_headers.get("tracestate")),
+            attributes=dict(attributes),
+            links=links,
+        ) as span:
+            yield _Span(span)
+
+    def _message_attributes(self, envelope: Envelope) -> dict[str, Any]:
+        """Per-message attributes, set only on recording spans (they cost a dict per span)."""
+        attributes: dict[str, Any] = {
+            "messaging.message.id": str(envelope.message_id),
+            "messaging.message.conversation_id": envelope.correlation,
+            "messaging.message.body.size": len(envelope.payload),
+            "outboxer.message.type": envelope.type,
+        }
+        for name in self.attribute_headers:
+            value = envelope.headers.get(name)
+            if value is not None:
+                attributes[f"outboxer.header.{name}"] = value
+        return attributes
+
+    # Metrics ----------------------------------------------------------------------------
+
+    def relay_batch(self, *, sent: int, retried: int, dead_lettered: int, duration: float) -> None:
+        if sent:
+            self._sent.add(sent, {"messaging.operation.name": "send"})
+        if retried:
+            self._sent.add(retried, {"messaging.operation.name": "send", "error.type": "retry"})
+        if dead_lettered:
+            self._sent.add(
+                dead_lettered, {"messaging.operation.name": "send", "error.type": "dead_letter"}
+            )
+        self._batch_duration.record(duration)
+
+    def handler_done(self, handler: str, outcome: str, duration: float) -> None:
+        if outcome == "duplicate":
+            self._duplicates.add(1, {"outboxer.handler": handler})
+        self._handler_duration.record(
+            duration, {"outboxer.handler": handler, "outboxer.handler.outcome": outcome}
+        )
+
+    def observe_outbox(self, callback: Any) -> None:
+        self._observers.append(callback)
+
+    def _observe(self, figure: str) -> Callable[[Any], Iterable[Any]]:
+        from opentelemetry.metrics import Observation
+
+        def observe(options: Any) -> Iterable[Any]:
+            for callback in list(self._observers):
+                try:
+                    figures = callback()
+                except Exception:  # the database may be down; report nothing this time
+                    log.debug("reading outbox figures failed", exc_info=True)
+                    continue
+                value = figures.get(figure)
+                if isinstance(value, Mapping):
+                    for key, count in value.items():
+                        yield Observation(count, {"outboxer.dead_letter.origin": key})
+                elif value is not None:
+                    yield Observation(value)
+
+        return observe
+
+
+def install(**options: Any) -> Instrumentation:
+    """Use OpenTelemetry for outboxer's spans and metrics; returns the previous hooks."""
+    return instrumentation.install(OpenTelemetryInstrumentation(**options))
+
+
+def uninstall() -> None:
+    """Back to the no-op hooks."""
+    instrumentation.install(Instrumentation())
+
+
+def install_if_available() -> bool:
+    """Install the OpenTelemetry hooks when the API is importable (``OUTBOXER_TRACING=off``
+    opts out); called when outboxer is imported."""
+    if os.environ.get("OUTBOXER_TRACING", "").lower() in ("0", "off", "false", "no"):
+        return False
+    try:
+        import opentelemetry.trace  # noqa: F401
+    except ImportError:
+        return False
+    install()
+    return True
+
+
+def configure_from_env(service_name: str) -> Callable[[], None]:
+    """Configure the OpenTelemetry SDK from ``OTEL_*`` variables, for the CLI processes.
+
+    Traces (and metrics) are exported over OTLP when an OTLP endpoint is set
+    (``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``..._TRACES_ENDPOINT``) or
+    ``OTEL_TRACES_EXPORTER`` asks for ``otlp`` or ``console``. ``OTEL_SERVICE_NAME``
+    defaults to ``service_name``. Returns a function that flushes and shuts down.
+    """
+    wanted = os.environ.get("OTEL_TRACES_EXPORTER", "").lower()
+    endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+    )
+    if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true" or wanted == "none":
+        return lambda: None
+    if not endpoint and wanted not in ("otlp", "console"):
+        return lambda: None
+    try:
+        from opentelemetry import metrics, trace
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import SpanLimits, TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+    except ImportError:
+        log.warning(
+            "OTEL_* is set but the OpenTelemetry SDK is missing: pip install 'outboxer[otel]'"
+        )
+        return lambda: None
+    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
+    link_limit = None if os.environ.get("OTEL_SPAN_LINK_COUNT_LIMIT") else DEFAULT_LINK_LIMIT
+    provider = TracerProvider(resource=resource, span_limits=SpanLimits(max_links=link_limit))
+    exporter: Any
+    if wanted == "console":
+        exporter = ConsoleSpanExporter()
+    else:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        exporter = OTLPSpanExporter()
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    shutdowns: list[Callable[[], Any]] = [provider.shutdown]
+    if os.environ.get("OTEL_METRICS_EXPORTER", "otlp").lower() == "otlp" and endpoint:
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+        meter_provider = MeterProvider(
+            resource=resource, metric_readers=[PeriodicExportingMetricReader(OTLPMetricExporter())]
+        )
+        metrics.set_meter_provider(meter_provider)
+        shutdowns.append(meter_provider.shutdown)
+    install()  # re-bind tracers and meters to the providers just set
+    log.info("OpenTelemetry export configured for service %s", resource.attributes["service.name"])
+
+    def shutdown() -> None:
+        for stop in shutdowns:
+            try:
+                stop()
+            except Exception:
+                log.warning("OpenTelemetry shutdown failed", exc_info=True)
+
+    return shutdown
+
+
+def _sampling_attributes(envelope: Envelope, operation: str, system: str) -> dict[str, Any]:
+    """What semantic conventions ask for at span creation, where samplers can see it."""
+    return {
+        "messaging.system": system,
+        "messaging.operation.name": operation,
+        "messaging.operation.type": operation,
+        "messaging.destination.name": envelope.destination,
+    }
+
+
+# Trace context in W3C form -----------------------------------------------------------------
+
+
+def _headers_of(context: SpanContext) -> dict[str, str]:
+    if not context.is_valid:
+        return {}
+    ids = f"{context.trace_id:032x}-{context.span_id:016x}"
+    headers = {"traceparent": f"00-{ids}-{context.trace_flags:02x}"}
+    state = context.trace_state.to_header() if context.trace_state else ""
+    if state:
+        headers["tracestate"] = state
+    return headers
+
+
+def _span_context(traceparent: str | None, tracestate: str | None) -> SpanContext | None:
+    """Parse a W3C traceparent (version 00) without building a full propagation context."""
+    if not traceparent:
+        return None
+    parts = traceparent.split("-")
+    if len(parts) < 4 or len(parts[1]) != 32 or len(parts[2]) != 16:
+        return None
+    try:
+        trace_id, span_id, flags = int(parts[1], 16), int(parts[2], 16), int(parts[3][:2], 16)
+    except ValueError:
+        return None
+    if not trace_id or not span_id:
+        return None
+    from opentelemetry.trace import SpanContext, TraceFlags, TraceState
+
+    state = TraceState.from_header([tracestate]) if tracestate else None
+    return SpanContext(
+        trace_id, span_id, is_remote=True, trace_flags=TraceFlags(flags), trace_state=state
+    )
+
+
+def _link(traceparent: str | None, tracestate: str | None) -> Link | None:
+    context = _span_context(traceparent, tracestate)
+    if context is None:
+        return None
+    from opentelemetry.trace import Link
+
+    return Link(context)
+
+
+def _context_of(traceparent: str | None, tracestate: str | None) -> Any:
+    from opentelemetry import context as otel_context
+    from opentelemetry import trace
+
+    span_context = _span_context(traceparent, tracestate)
+    if span_context is None:
+        # No creation context: start a fresh trace rather than nest under the ambient span.
+        return otel_context.Context()
+    return trace.set_span_in_context(trace.NonRecordingSpan(span_context), otel_context.Context())
+
+
+def _error_type(exc: BaseException) -> str:
+    cls = type(exc)
+    return (
+        cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    )

@@ -1,0 +1,87 @@
+"""Brokers behind one interface: RabbitMQ (pika), Amazon SQS (boto3), in-process memory.
+
+``transport_from_url`` picks one from a URL:
+
+* ``amqp://user:pass@host:5672/vhost`` (or ``amqps://``): RabbitMQ;
+* ``sqs://?region=eu-west-1&endpoint_url=http://127.0.0.1:4566``: SQS (credentials from
+  the usual boto3 sources, or ``sqs://KEY:SECRET@?region=...``);
+* ``memory://`` or ``memory://name``: the in-process broker of that name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import parse_qs, urlsplit, urlunsplit
+
+from ..errors import ConfigurationError
+from .base import (
+    Delivery,
+    Outcome,
+    Receiver,
+    SendResult,
+    Subscription,
+    Transport,
+    TransportDescription,
+)
+from .memory import MemoryBroker, MemoryTransport
+
+__all__ = [
+    "Delivery",
+    "MemoryBroker",
+    "MemoryTransport",
+    "Outcome",
+    "Receiver",
+    "SendResult",
+    "Subscription",
+    "Transport",
+    "TransportDescription",
+    "redact_url",
+    "transport_from_url",
+]
+
+SCHEMES = ("amqp", "amqps", "sqs", "memory")
+
+
+def transport_from_url(url: str, **options: Any) -> Transport:
+    """The transport a broker URL names; ``options`` go to the transport's constructor."""
+    scheme = urlsplit(url).scheme.lower()
+    if scheme in ("amqp", "amqps"):
+        try:
+            from .rabbitmq import RabbitMQTransport
+        except ImportError as exc:
+            raise ConfigurationError(
+                "RabbitMQ needs pika: pip install 'outboxer[rabbitmq]'"
+            ) from exc
+        return RabbitMQTransport.from_url(url, **options)
+    if scheme == "sqs":
+        try:
+            from .sqs import SQSTransport
+        except ImportError as exc:
+            raise ConfigurationError("SQS needs boto3: pip install 'outboxer[sqs]'") from exc
+        return SQSTransport.from_url(url, **options)
+    if scheme == "memory":
+        parts = urlsplit(url)
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        broker_options: dict[str, Any] = {}
+        if "mandatory" in query:
+            broker_options["mandatory"] = query["mandatory"].lower() in ("1", "true", "yes")
+        if "max_message_bytes" in query:
+            broker_options["max_message_bytes"] = int(query["max_message_bytes"])
+        name = parts.netloc or parts.path.strip("/") or "default"
+        return MemoryTransport(MemoryBroker.named(name, **broker_options))
+    raise ConfigurationError(
+        f"unknown broker URL scheme {scheme!r} in {redact_url(url)!r}; use one of "
+        f"{', '.join(s + '://' for s in SCHEMES)}"
+    )
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (or SQS secret) replaced by ``***``, for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    netloc = f"{user}:***@{host}{port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))

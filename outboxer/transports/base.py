@@ -1,0 +1,174 @@
+"""The one small interface every broker implements.
+
+Sending: :meth:`Transport.send` takes a batch of envelopes and returns one
+:class:`SendResult` per envelope, in order: sent, retry later, rejected for good, or
+broker unavailable. Receiving: :meth:`Transport.receiver` subscribes a consumer's queue
+and hands out :class:`Delivery` objects that are acknowledged after the consumer's
+transaction commits. Transports do broker I/O only: no SQL, no retry policy.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from ..instrumentation import TransportDescription
+from ..message import Envelope
+
+__all__ = [
+    "Delivery",
+    "Outcome",
+    "Receiver",
+    "SendResult",
+    "Subscription",
+    "Transport",
+    "TransportDescription",
+]
+
+
+class Outcome(enum.Enum):
+    """What happened to one message of a batch."""
+
+    SENT = "sent"
+    """The broker confirmed it (RabbitMQ publisher confirm, SQS message id)."""
+    RETRY = "retry"
+    """A transient failure of this message (nack, throttling, timeout): retry with backoff."""
+    REJECTED = "rejected"
+    """It can never be sent as it is (unroutable, too large): dead-letter it."""
+    UNAVAILABLE = "unavailable"
+    """The broker could not be reached: try again later without counting an attempt."""
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """The outcome of sending one message, with the reason when it was not sent."""
+
+    outcome: Outcome
+    error_type: str | None = None
+    """A short, low-cardinality name for the failure (``unroutable``, ``message_too_large``,
+    an exception class name)."""
+    error: str | None = None
+    """A human-readable explanation."""
+    broker_message_id: str | None = None
+
+    @classmethod
+    def sent(cls, broker_message_id: str | None = None) -> SendResult:
+        return cls(Outcome.SENT, broker_message_id=broker_message_id)
+
+    @classmethod
+    def retry(cls, error_type: str, error: str) -> SendResult:
+        return cls(Outcome.RETRY, error_type, error)
+
+    @classmethod
+    def rejected(cls, error_type: str, error: str) -> SendResult:
+        return cls(Outcome.REJECTED, error_type, error)
+
+    @classmethod
+    def unavailable(cls, error_type: str, error: str) -> SendResult:
+        return cls(Outcome.UNAVAILABLE, error_type, error)
+
+
+@dataclass(frozen=True)
+class Subscription:
+    """What a consumer wants delivered to its queue.
+
+    ``queue`` is the consumer's name. ``bindings`` are (destination, message type) pairs:
+    on RabbitMQ the queue is bound to exchange ``destination`` with routing key ``type``
+    (``#`` for every type); on SQS the consumer polls queue ``destination``. The consumer
+    always also receives what is sent to the destination named after itself (its retries
+    and replays).
+    """
+
+    queue: str
+    bindings: Sequence[tuple[str, str]] = ()
+    prefetch: int = 50
+
+    @property
+    def destinations(self) -> list[str]:
+        """Every destination this subscription reads, its own queue's first."""
+        names = [self.queue]
+        for destination, _ in self.bindings:
+            if destination not in names:
+                names.append(destination)
+        return names
+
+
+class Delivery(abc.ABC):
+    """One delivered message. ``ack``/``release``/``extend`` may be called from any thread."""
+
+    body: bytes
+    headers: Mapping[str, str]
+    """The canonical header map (see :mod:`outboxer.wire`), whatever the broker."""
+    destination: str
+    """The exchange or queue it was delivered from."""
+    redelivered: bool = False
+
+    @abc.abstractmethod
+    def ack(self) -> None:
+        """Done with it: the broker may forget it."""
+
+    @abc.abstractmethod
+    def release(self) -> None:
+        """Give it back unprocessed, for prompt redelivery (used on shutdown)."""
+
+    def extend(self, seconds: float) -> None:  # noqa: B027 - optional for brokers without it
+        """Keep it invisible to other consumers ``seconds`` longer (slow handlers on SQS)."""
+
+
+class Receiver(abc.ABC):
+    """A consumer's open subscription."""
+
+    @abc.abstractmethod
+    def receive(self, max_messages: int, timeout: float) -> list[Delivery]:
+        """Wait up to ``timeout`` seconds for at most ``max_messages`` deliveries."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Stop receiving; unacknowledged deliveries go back to the broker."""
+
+
+class Transport(abc.ABC):
+    """A broker connection: sends batches and opens receivers."""
+
+    description: TransportDescription
+    max_message_bytes: int | None = None
+    """The broker's size limit for one message (body and metadata), if it has one."""
+
+    @abc.abstractmethod
+    def send(self, envelopes: Sequence[Envelope]) -> list[SendResult]:
+        """Send ``envelopes``; one result per envelope, in order.
+
+        Must not raise for a problem with one message (that is a result); raising
+        :class:`~outboxer.errors.TransportError` means none was attempted and all are
+        treated as UNAVAILABLE.
+        """
+
+    def send_async(self, envelopes: Sequence[Envelope]) -> Future[list[SendResult]]:
+        """Start sending ``envelopes``; the future gives what :meth:`send` would return.
+
+        A transport that can keep a batch on the wire while the broker confirms the
+        previous one overrides this (RabbitMQ); the default sends at once and returns a
+        finished future.
+        """
+        future: Future[list[SendResult]] = Future()
+        try:
+            future.set_result(self.send(envelopes))
+        except BaseException as exc:
+            future.set_exception(exc)
+        return future
+
+    def receiver(self, subscription: Subscription) -> Receiver:
+        """Open ``subscription`` (declaring queues and bindings the broker needs)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot receive messages")
+
+    def close(self) -> None:  # noqa: B027 - nothing to release by default
+        """Release connections and threads."""
+
+    def __enter__(self) -> Transport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

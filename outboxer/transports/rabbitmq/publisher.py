@@ -1,0 +1,449 @@
+"""The publisher: one connection and confirm-mode channel that sends batches.
+
+It declares each destination's exchange, publishes a batch in one go and settles every
+message from the broker's confirms and returns (see the package docstring). It runs only
+on the I/O thread; :class:`_Batch` is what a ``send`` call hands it and waits on.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections import deque
+from concurrent.futures import Future
+
+import pika.exceptions
+from pika.adapters.select_connection import SelectConnection
+from pika.channel import Channel
+from pika.connection import Parameters
+from pika.frame import Method
+from pika.spec import Basic, BasicProperties
+
+from ..base import SendResult
+from .amqp import _Outgoing
+from .ioloop import _cause, _coalesced_writes, _IOThread, _logged
+
+_SENT = SendResult.sent()
+_NACKED = SendResult.retry(
+    "nack", "RabbitMQ refused the message (basic.nack); it was not stored, try again later"
+)
+
+
+class _Batch:
+    """One ``send`` call as the I/O thread works on it."""
+
+    def __init__(
+        self, results: list[SendResult | None], outgoing: list[_Outgoing], destinations: list[str]
+    ) -> None:
+        self.results = results
+        self.outgoing = outgoing
+        self.destinations = destinations
+        self.refused: dict[str, SendResult] = {}
+        """Destinations whose exchange could not be declared, with their messages' result."""
+        self.done = threading.Event()
+        self.future: Future[list[SendResult]] = Future()
+        """Completed with the results when every message has an outcome."""
+        self.published = False
+        self.first_tag = 0
+        self.tag_index: list[int] = []
+        """Index in ``results`` of the message published with delivery tag first_tag + i."""
+        self.confirmed = bytearray()
+        self.unconfirmed = 0
+        self.low = 0
+        """Every tag offset below this one is confirmed (multiple acks start here)."""
+        self.by_message_id: dict[str | None, int] | None = None
+        self.timer: object | None = None
+
+    def fill(self, result: SendResult) -> None:
+        """Give ``result`` to every message that has no outcome yet."""
+        results = self.results
+        for i, current in enumerate(results):
+            if current is None:
+                results[i] = result
+
+    def complete(self) -> None:
+        """Hand the results to the waiting caller (once)."""
+        self.done.set()
+        if not self.future.done():
+            closed = _closed_result()
+            self.future.set_result([closed if r is None else r for r in self.results])
+
+
+class _Publisher:
+    """The sending connection and its confirm-mode channel. Runs only on the I/O thread."""
+
+    def __init__(
+        self,
+        parameters: Parameters,
+        io: _IOThread,
+        setup_timeout: float,
+        confirm_timeout: float,
+        where: str,
+        max_in_flight: int = 2,
+    ) -> None:
+        self._params = parameters
+        self._io = io
+        self._setup_timeout = setup_timeout
+        self._confirm_timeout = confirm_timeout
+        self._where = where
+        self._connection: SelectConnection | None = None
+        self._channel: Channel | None = None
+        self._ready = False
+        self._declared: set[str] = set()
+        self._declaring: str | None = None
+        self._next_tag = 1
+        self._batch: _Batch | None = None
+        """The batch being set up and published (connection, channel, declarations)."""
+        self._in_flight: deque[_Batch] = deque()
+        """Published batches waiting for their confirms, oldest first."""
+        self._max_in_flight = max_in_flight
+        self._waiting: deque[_Batch] = deque()
+        self._shutdown: threading.Event | None = None
+        self.connections_opened = 0
+        """How many connections were opened (tests tell a kept connection from a new one)."""
+
+    # Batches ----------------------------------------------------------------------------
+
+    def submit(self, batch: _Batch) -> None:
+        if self._shutdown is not None:
+            self._finish_now(batch, _closed_result())
+            return
+        self._waiting.append(batch)
+        self._next_batch()
+
+    def _next_batch(self) -> None:
+        """Start the next waiting batch if nothing is being set up and there is room on
+        the wire: a batch is published while earlier ones still wait for confirms."""
+        if self._batch is None and self._waiting and len(self._in_flight) < self._max_in_flight:
+            self._begin(self._waiting.popleft())
+
+    def _begin(self, batch: _Batch) -> None:
+        self._batch = batch
+        batch.timer = self._io.ioloop.call_later(self._setup_timeout, self._on_setup_timeout)
+        self._advance()
+
+    def _finish(self, batch: _Batch) -> None:
+        if batch.timer is not None:
+            self._io.ioloop.remove_timeout(batch.timer)  # type: ignore[arg-type]
+            batch.timer = None
+        if self._batch is batch:
+            self._batch = None
+        if batch in self._in_flight:
+            self._in_flight.remove(batch)
+        batch.complete()
+        self._next_batch()
+
+    def _finish_now(self, batch: _Batch, result: SendResult) -> None:
+        batch.fill(result)
+        self._finish(batch)
+
+    def _advance(self) -> None:
+        """Take the current batch one step further: connect, open, declare, publish."""
+        batch = self._batch
+        if batch is None or batch.published:
+            return
+        if self._connection is None:
+            self._connect()
+            return
+        if not self._connection.is_open:
+            return  # opening: _on_connection_open comes back here
+        if self._channel is None:
+            self._open_channel()
+            return
+        if not self._ready or self._declaring is not None:
+            return
+        for destination in batch.destinations:
+            if destination not in self._declared and destination not in batch.refused:
+                self._declare(destination)
+                return
+        self._publish(batch)
+
+    def _publish(self, batch: _Batch) -> None:
+        assert self._channel is not None and self._connection is not None
+        publish = self._channel.basic_publish
+        refused = batch.refused
+        results = batch.results
+        tag_index = batch.tag_index
+        with _coalesced_writes(self._connection):
+            for index, exchange, routing_key, body, properties in batch.outgoing:
+                if refused and exchange in refused:
+                    results[index] = refused[exchange]
+                    continue
+                try:
+                    publish(exchange, routing_key, body, properties, True)
+                except Exception as exc:  # marshalling failed: nothing of it was written
+                    results[index] = SendResult.rejected(
+                        "invalid_message", f"the message cannot be encoded as AMQP: {exc}"
+                    )
+                    continue
+                tag_index.append(index)
+        count = len(tag_index)
+        batch.published = True
+        batch.first_tag = self._next_tag
+        self._next_tag += count
+        batch.confirmed = bytearray(count)
+        batch.unconfirmed = count
+        if count == 0:
+            self._finish(batch)
+            return
+        if batch.timer is not None:
+            self._io.ioloop.remove_timeout(batch.timer)  # type: ignore[arg-type]
+        batch.timer = self._io.ioloop.call_later(
+            self._confirm_timeout, functools.partial(self._on_confirm_timeout, batch)
+        )
+        self._batch = None
+        self._in_flight.append(batch)
+        self._next_batch()
+
+    @_logged
+    def _on_confirm(self, frame: Method[Basic.Ack | Basic.Nack]) -> None:
+        method = frame.method
+        tag = method.delivery_tag
+        outcome = _SENT if isinstance(method, Basic.Ack) else _NACKED
+        # Batches are published one after another on this channel: their tag ranges are
+        # consecutive, oldest first. A "multiple" confirm settles every tag up to its own.
+        for batch in list(self._in_flight):
+            first, count = batch.first_tag, len(batch.tag_index)
+            if tag < first:
+                break
+            if method.multiple:
+                start, stop = batch.low, min(tag - first + 1, count)
+                batch.low = max(batch.low, stop)
+            elif tag < first + count:
+                start, stop = tag - first, tag - first + 1
+            else:
+                continue
+            confirmed = batch.confirmed
+            tag_index = batch.tag_index
+            results = batch.results
+            settled = 0
+            for o in range(start, stop):
+                if not confirmed[o]:
+                    confirmed[o] = 1
+                    settled += 1
+                    i = tag_index[o]
+                    if results[i] is None:  # a returned message keeps its rejection
+                        results[i] = outcome
+            batch.unconfirmed -= settled
+            if batch.unconfirmed == 0:
+                self._finish(batch)
+            if not method.multiple:
+                break
+
+    @_logged
+    def _on_return(
+        self, channel: Channel, method: Basic.Return, properties: BasicProperties, body: bytes
+    ) -> None:
+        if channel is not self._channel:
+            return
+        for batch in self._in_flight:
+            if batch.by_message_id is None:
+                batch.by_message_id = {item[4].message_id: item[0] for item in batch.outgoing}
+            index = batch.by_message_id.get(properties.message_id)
+            if index is not None:
+                break
+        else:
+            return
+        batch.results[index] = SendResult.rejected(
+            "unroutable",
+            f"no queue is bound to exchange {method.exchange!r} for routing key "
+            f"{method.routing_key!r} (RabbitMQ: {method.reply_code} {method.reply_text}); "
+            "start the consumer that subscribes to this type first, or check the destination "
+            "and the message type",
+        )
+
+    @_logged
+    def _on_setup_timeout(self) -> None:
+        batch = self._batch
+        if batch is None or batch.published:
+            return
+        batch.timer = None
+        connection, self._connection = self._connection, None
+        self._reset_channel()
+        if connection is not None and not (connection.is_closing or connection.is_closed):
+            connection.close()
+        self._finish_now(
+            batch,
+            SendResult.unavailable(
+                "TimeoutError",
+                f"RabbitMQ at {self._where} did not complete the connection and exchange "
+                f"declarations within {self._setup_timeout:g} s",
+            ),
+        )
+
+    @_logged
+    def _on_confirm_timeout(self, batch: _Batch) -> None:
+        if batch not in self._in_flight:
+            return
+        batch.timer = None
+        self._finish_now(
+            batch,
+            SendResult.retry(
+                "confirm_timeout",
+                f"RabbitMQ did not confirm the message within {self._confirm_timeout:g} s; "
+                "it may or may not have been stored",
+            ),
+        )
+
+    # Connection and channel --------------------------------------------------------------
+
+    def _connect(self) -> None:
+        try:
+            self._connection = SelectConnection(
+                self._params,
+                on_open_callback=self._on_connection_open,
+                on_open_error_callback=self._on_connection_error,
+                on_close_callback=self._on_connection_closed,
+                custom_ioloop=self._io.ioloop,
+            )
+        except Exception as exc:
+            self._connection = None
+            self._fail_unavailable(exc, "cannot connect to")
+
+    @_logged
+    def _on_connection_open(self, connection: SelectConnection) -> None:
+        if connection is not self._connection:
+            return
+        self.connections_opened += 1
+        self._declared.clear()  # the broker may have lost them while we were away
+        self._advance()
+
+    @_logged
+    def _on_connection_error(self, connection: SelectConnection, error: BaseException) -> None:
+        if connection is not self._connection:
+            return
+        self._lost()
+        self._fail_unavailable(error, "cannot connect to")
+
+    @_logged
+    def _on_connection_closed(self, connection: SelectConnection, error: BaseException) -> None:
+        if connection is self._connection:
+            self._lost()
+            self._fail_unavailable(error, "lost the connection to")
+        if self._shutdown is not None and self._connection is None:
+            self._shutdown.set()
+
+    def _lost(self) -> None:
+        self._connection = None
+        self._reset_channel()
+
+    def _fail_unavailable(self, error: BaseException, what: str) -> None:
+        """Every message not confirmed yet, in flight or being set up, is UNAVAILABLE."""
+        name, text = _cause(error)
+        result = SendResult.unavailable(name, f"{what} RabbitMQ at {self._where}: {text}")
+        for batch in (*self._in_flight, self._batch):
+            if batch is not None:
+                self._finish_now(batch, result)
+
+    def _reset_channel(self) -> None:
+        self._channel = None
+        self._ready = False
+        self._declaring = None
+
+    def _open_channel(self) -> None:
+        assert self._connection is not None
+        self._ready = False
+        self._channel = channel = self._connection.channel(on_open_callback=self._on_channel_open)
+        channel.add_on_close_callback(self._on_channel_closed)
+
+    @_logged
+    def _on_channel_open(self, channel: Channel) -> None:
+        if channel is not self._channel:
+            return
+        channel.add_on_return_callback(self._on_return)
+        channel.confirm_delivery(
+            ack_nack_callback=self._on_confirm,
+            callback=lambda _frame: self._on_confirm_mode(channel),
+        )
+
+    @_logged
+    def _on_confirm_mode(self, channel: Channel) -> None:
+        if channel is not self._channel:
+            return
+        self._ready = True
+        self._next_tag = 1  # delivery tags count from 1 on each channel
+        self._advance()
+
+    @_logged
+    def _on_channel_closed(self, channel: Channel, reason: Exception) -> None:
+        if channel is not self._channel:
+            return
+        declaring = self._declaring
+        self._reset_channel()
+        if not isinstance(reason, pika.exceptions.ChannelClosedByBroker):
+            return  # the connection is going: _on_connection_closed settles the batch
+        if self._in_flight:
+            # Their confirms will never come on the closed channel. An exchange deleted
+            # behind our back (404) is the usual cause: declare again next time.
+            self._declared.clear()
+            lost = SendResult.retry(
+                "channel_closed",
+                f"RabbitMQ closed the channel: {reason.reply_code} {reason.reply_text}",
+            )
+            for published in list(self._in_flight):
+                self._finish_now(published, lost)
+        batch = self._batch
+        if batch is None:
+            return
+        if declaring is not None:
+            batch.refused[declaring] = _declare_failure(declaring, reason)
+        self._advance()  # a new channel for the batch being set up
+
+    def _declare(self, destination: str) -> None:
+        assert self._channel is not None
+        self._declaring = destination
+        channel = self._channel
+        channel.exchange_declare(
+            destination,
+            "topic",
+            durable=True,
+            callback=lambda _frame: self._on_declared(channel, destination),
+        )
+
+    @_logged
+    def _on_declared(self, channel: Channel, destination: str) -> None:
+        if channel is not self._channel:
+            return
+        self._declaring = None
+        self._declared.add(destination)
+        self._advance()
+
+    # Shutdown ------------------------------------------------------------------------------
+
+    def shutdown(self, done: threading.Event) -> None:
+        self._shutdown = done
+        for batch in (self._batch, *self._in_flight, *self._waiting):
+            if batch is not None:
+                batch.fill(_closed_result())
+                batch.complete()
+        self._batch = None
+        self._in_flight.clear()
+        self._waiting.clear()
+        connection = self._connection
+        if connection is None or connection.is_closing or connection.is_closed:
+            self._lost()
+            done.set()
+            return
+        connection.close()
+
+
+def _declare_failure(destination: str, reason: pika.exceptions.ChannelClosedByBroker) -> SendResult:
+    said = f"RabbitMQ said: {reason.reply_code} {reason.reply_text}"
+    if reason.reply_code == 406:
+        return SendResult.rejected(
+            "destination_mismatch",
+            f"exchange {destination!r} already exists with other settings than the durable "
+            f"topic exchange outboxer needs ({said}); delete it (outboxer declares it again on "
+            "the next send) or send to another destination",
+        )
+    if reason.reply_code == 403:
+        return SendResult.retry(
+            "access_refused",
+            f"cannot declare exchange {destination!r} ({said}); give the user configure "
+            "permission on it, or use a name without the reserved 'amq.' prefix",
+        )
+    return SendResult.retry("channel_closed", f"cannot declare exchange {destination!r} ({said})")
+
+
+def _closed_result() -> SendResult:
+    return SendResult.unavailable("TransportClosed", "the RabbitMQ transport is closed")

@@ -1,0 +1,86 @@
+"""The wire mapping: outboxer's canonical header map to SQS message attributes, and back.
+
+See the package docstring for which header gets an attribute of its own and which travel
+packed in ``outboxer-headers``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from ... import wire
+
+if TYPE_CHECKING:
+    from mypy_boto3_sqs.type_defs import MessageAttributeValueTypeDef
+
+PACKED_HEADERS = "outboxer-headers"
+"""The message attribute carrying the headers that have no attribute of their own (JSON)."""
+
+OWN_ATTRIBUTES = frozenset(
+    {
+        wire.MESSAGE_ID,
+        wire.TYPE,
+        wire.OCCURRED_AT,
+        wire.CORRELATION_ID,
+        wire.CAUSATION_ID,
+        wire.KEY,
+        wire.TRACEPARENT,
+        wire.TRACESTATE,
+        wire.CONTENT_TYPE,
+    }
+)
+
+_OWN_OVERHEAD = {name: len(name) + len("String") for name in OWN_ATTRIBUTES}
+
+
+def encode_attributes(
+    headers: Mapping[str, str],
+) -> tuple[dict[str, MessageAttributeValueTypeDef], int]:
+    """SQS message attributes for a canonical header map, and their size as SQS counts it.
+
+    SQS counts each attribute's name, data type and value (UTF-8 bytes).
+    """
+    attributes: dict[str, MessageAttributeValueTypeDef] = {}
+    packed: dict[str, str] | None = None
+    size = 0
+    for name, value in headers.items():
+        overhead = _OWN_OVERHEAD.get(name)
+        # SQS refuses empty attribute values: those travel in the packed object.
+        if overhead is not None and value:
+            attributes[name] = {"DataType": "String", "StringValue": value}
+            size += overhead + (len(value) if value.isascii() else len(value.encode()))
+        elif packed is None:
+            packed = {name: value}
+        else:
+            packed[name] = value
+    if packed is not None:
+        text = json.dumps(packed, ensure_ascii=False, separators=(",", ":"))
+        attributes[PACKED_HEADERS] = {"DataType": "String", "StringValue": text}
+        size += len(PACKED_HEADERS) + 6 + len(text.encode())
+    return attributes, size
+
+
+def decode_attributes(attributes: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """The canonical header map of a received message's attributes."""
+    headers: dict[str, str] = {}
+    packed: str | None = None
+    for name, value in attributes.items():
+        text = value.get("StringValue")
+        if not isinstance(text, str):
+            continue  # a Binary attribute some other sender set: not a header
+        if name == PACKED_HEADERS:
+            packed = text
+        else:
+            headers[name] = text
+    if packed is not None:
+        try:
+            extra = json.loads(packed)
+        except ValueError:
+            extra = None
+        if isinstance(extra, dict) and all(isinstance(v, str) for v in extra.values()):
+            headers.update(extra)
+        else:
+            headers[PACKED_HEADERS] = packed
+    return headers

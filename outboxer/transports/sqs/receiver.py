@@ -1,0 +1,200 @@
+"""Receiving: the long-polling receiver and the deliveries it hands out.
+
+See the package docstring: one poll in flight per queue, and settling never raises.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import logging
+import math
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from ...errors import TransportError
+from ..base import Delivery, Receiver
+from .attributes import decode_attributes
+from .errors import _GONE, _error_message, error_code
+from .options import MAX_BATCH_ENTRIES, MAX_VISIBILITY_SECONDS, MAX_WAIT_SECONDS
+
+if TYPE_CHECKING:
+    from mypy_boto3_sqs.client import SQSClient
+    from mypy_boto3_sqs.type_defs import MessageTypeDef
+
+log = logging.getLogger("outboxer.transports.sqs")
+
+
+class _SQSDelivery(Delivery):
+    def __init__(self, client: SQSClient, queue: str, url: str, message: MessageTypeDef) -> None:
+        self._client = client
+        self._url = url
+        self._receipt = message.get("ReceiptHandle", "")
+        self._lock = threading.Lock()
+        self._settled = False
+        self.message_id = message.get("MessageId", "")
+        self.body = message.get("Body", "").encode()
+        self.headers = decode_attributes(message.get("MessageAttributes", {}))
+        self.destination = queue
+        count = message.get("Attributes", {}).get("ApproximateReceiveCount", "1")
+        self.redelivered = count.isdigit() and int(count) > 1
+
+    def __repr__(self) -> str:
+        return f"<SQS delivery {self.message_id} from {self.destination!r}>"
+
+    def ack(self) -> None:
+        with self._lock:
+            if not self._settled:
+                self._settled = self._call("delete", self._delete)
+
+    def release(self) -> None:
+        with self._lock:
+            if not self._settled:
+                self._settled = self._call("release", lambda: self._set_visibility(0))
+
+    def extend(self, seconds: float) -> None:
+        timeout = min(MAX_VISIBILITY_SECONDS, max(0, math.ceil(seconds)))
+        with self._lock:
+            if not self._settled:
+                self._call("extend", lambda: self._set_visibility(timeout))
+
+    def _delete(self) -> None:
+        self._client.delete_message(QueueUrl=self._url, ReceiptHandle=self._receipt)
+
+    def _set_visibility(self, seconds: int) -> None:
+        self._client.change_message_visibility(
+            QueueUrl=self._url, ReceiptHandle=self._receipt, VisibilityTimeout=seconds
+        )
+
+    def _call(self, what: str, call: Callable[[], None]) -> bool:
+        """Run ``call``; True when the message is settled (done, or already gone)."""
+        try:
+            call()
+        except ClientError as exc:
+            if error_code(exc) in _GONE or "receipt handle" in _error_message(exc).lower():
+                log.debug("%s of %r: the message is gone (%s)", what, self, exc)
+                return True
+            log.warning(
+                "%s of %r failed: %s; it comes back after its visibility timeout", what, self, exc
+            )
+            return False
+        except Exception as exc:
+            log.warning(
+                "%s of %r failed: %s; it comes back after its visibility timeout", what, self, exc
+            )
+            return False
+        return True
+
+
+class _SQSReceiver(Receiver):
+    """Long polls; with several queues, one poll in flight per queue (see the docstring)."""
+
+    def __init__(
+        self, client: SQSClient, queues: list[tuple[str, str]], visibility_timeout: int | None
+    ) -> None:
+        self._client = client
+        self._queues = queues
+        self._visibility = visibility_timeout
+        read_timeout = getattr(client.meta.config, "read_timeout", None) or 60
+        self._max_wait = max(0, min(MAX_WAIT_SECONDS, int(read_timeout) - 2))
+        self._lock = threading.Lock()
+        self._closed = False
+        self._buffer: deque[Delivery] = deque()
+        self._polls: dict[int, concurrent.futures.Future[list[Delivery]]] = {}
+        self._turn = itertools.count()
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        if len(queues) > 1:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=len(queues), thread_name_prefix="outboxer-sqs-poll"
+            )
+
+    def _poll(self, index: int, max_messages: int, wait: int) -> list[Delivery]:
+        name, url = self._queues[index]
+        request: dict[str, Any] = {
+            "QueueUrl": url,
+            "MaxNumberOfMessages": max(1, min(MAX_BATCH_ENTRIES, max_messages)),
+            "WaitTimeSeconds": wait,
+            "MessageAttributeNames": ["All"],
+            "MessageSystemAttributeNames": ["ApproximateReceiveCount"],
+        }
+        if self._visibility is not None:
+            request["VisibilityTimeout"] = self._visibility
+        try:
+            response = self._client.receive_message(**request)
+        except (ClientError, BotoCoreError) as exc:
+            raise TransportError(f"receiving from SQS queue {name!r} failed: {exc}") from exc
+        return [_SQSDelivery(self._client, name, url, m) for m in response.get("Messages", ())]
+
+    def receive(self, max_messages: int, timeout: float) -> list[Delivery]:
+        if max_messages < 1:
+            return []
+        wait = min(self._max_wait, max(0, int(timeout)))
+        if self._pool is None:
+            return [] if self._closed else self._poll(0, max_messages, wait)
+        with self._lock:
+            if self._closed:
+                return []
+            self._harvest()
+            if not self._buffer:
+                start = next(self._turn) % len(self._queues)
+                for offset in range(len(self._queues)):
+                    index = (start + offset) % len(self._queues)
+                    if index not in self._polls:
+                        self._polls[index] = self._pool.submit(
+                            self._poll, index, max_messages, wait
+                        )
+                pending = list(self._polls.values())
+            else:
+                pending = []
+        if pending:
+            # A poll answers within ``wait`` plus a round trip; don't wait for the slowest.
+            concurrent.futures.wait(
+                pending, timeout=max(0.0, timeout) + 1.0, return_when="FIRST_COMPLETED"
+            )
+        with self._lock:
+            error = self._harvest()
+            taken = [self._buffer.popleft() for _ in range(min(max_messages, len(self._buffer)))]
+        if not taken and error is not None:
+            raise error
+        return taken
+
+    def _harvest(self) -> TransportError | None:
+        """Move finished polls' deliveries into the buffer (lock held)."""
+        error: TransportError | None = None
+        for index, future in list(self._polls.items()):
+            if not future.done():
+                continue
+            del self._polls[index]
+            try:
+                self._buffer.extend(future.result())
+            except TransportError as exc:
+                error = exc
+        return error
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            buffered = list(self._buffer)
+            self._buffer.clear()
+            polls = list(self._polls.values())
+            self._polls.clear()
+        for delivery in buffered:
+            delivery.release()
+        for future in polls:
+            future.add_done_callback(_release_all)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+
+
+def _release_all(future: concurrent.futures.Future[list[Delivery]]) -> None:
+    """Give back what a poll brought after its receiver closed."""
+    if future.cancelled() or future.exception() is not None:
+        return
+    for delivery in future.result():
+        delivery.release()

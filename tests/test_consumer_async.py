@@ -1,0 +1,120 @@
+"""Async handlers with AsyncOutboxSession: the same inbox rules as sync ones."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.engine import Engine
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import sessionmaker
+
+import outboxer
+from outboxer import wire
+from outboxer.testing import MemoryBroker, MemoryTransport
+
+from .models import Effect, OrderPlaced
+from .services import async_url
+
+
+@pytest.fixture
+async def async_engine(engine: Engine, db_url: str) -> AsyncIterator[AsyncEngine]:
+    aengine = create_async_engine(async_url(db_url))
+    yield aengine
+    await aengine.dispose()
+
+
+@pytest.fixture
+def AsyncSession(async_engine: AsyncEngine) -> async_sessionmaker[outboxer.AsyncOutboxSession]:
+    return async_sessionmaker(async_engine, class_=outboxer.AsyncOutboxSession)
+
+
+def effects(engine: Engine) -> Counter[str]:
+    with engine.connect() as conn:
+        return Counter(conn.execute(select(Effect.handler)).scalars())
+
+
+async def test_async_handlers_retry_alone_and_skip_duplicates(
+    engine: Engine,
+    Session: sessionmaker[outboxer.OutboxSession],
+    AsyncSession: async_sessionmaker[outboxer.AsyncOutboxSession],
+) -> None:
+    broker = MemoryBroker()
+    transport = MemoryTransport(broker)
+    consumer = outboxer.Consumer(
+        AsyncSession,
+        name="async-billing",
+        retry=outboxer.Retry(max_attempts=3, initial_delay=0.05, max_delay=0.05),
+    )
+    calls: Counter[str] = Counter()
+
+    @consumer.handler(OrderPlaced)
+    async def reserve(event: OrderPlaced, session: outboxer.AsyncOutboxSession) -> None:
+        calls["reserve"] += 1
+        session.add(Effect(handler="reserve", message_key=str(event.order_id)))
+        session.publish({"order_id": event.order_id}, type="test.reserved", destination="stock")
+
+    @consumer.handler(OrderPlaced)
+    async def charge(
+        event: OrderPlaced, session: outboxer.AsyncOutboxSession, context: outboxer.Context
+    ) -> None:
+        calls["charge"] += 1
+        await asyncio.sleep(0)
+        if context.attempt == 1:
+            raise ConnectionError("gateway down")
+        session.add(Effect(handler="charge", message_key=str(event.order_id)))
+
+    transport.receiver(consumer.subscription())
+    with Session.begin() as session:
+        session.publish(OrderPlaced(order_id=1))
+    relay = outboxer.Relay(engine, transport)
+    for _ in range(100):
+        relay.run(once=True)
+        await consumer.run_async(transport, once=True, idle_timeout=0.05)
+        if calls["charge"] == 2:
+            break
+        await asyncio.sleep(0.02)
+    relay.run(once=True)
+    assert calls == {"reserve": 1, "charge": 2}
+    assert effects(engine) == {"reserve": 1, "charge": 1}
+    reserved = broker.messages(type="test.reserved")
+    assert len(reserved) == 1 and reserved[0].causation_id is not None
+
+    placed = broker.messages(type="test.order_placed")[0]
+    report = await consumer.process_async(
+        placed.payload, wire.encode_headers(placed), destination="orders"
+    )
+    assert report.outcomes == {"reserve": "duplicate", "charge": "duplicate"}
+
+
+async def test_async_handler_that_always_fails_is_dead_lettered(
+    engine: Engine,
+    Session: sessionmaker[outboxer.OutboxSession],
+    AsyncSession: async_sessionmaker[outboxer.AsyncOutboxSession],
+) -> None:
+    consumer = outboxer.Consumer(
+        AsyncSession, name="async-dl", retry=outboxer.Retry(max_attempts=1)
+    )
+
+    @consumer.handler(OrderPlaced)
+    async def charge(event: OrderPlaced) -> None:
+        raise ValueError("nope")
+
+    broker = MemoryBroker()
+    transport = MemoryTransport(broker)
+    transport.receiver(consumer.subscription())
+    with Session.begin() as session:
+        session.publish(OrderPlaced(order_id=3))
+    outboxer.Relay(engine, transport).run(once=True)
+    stats = await consumer.run_async(transport, once=True, idle_timeout=0.05)
+    assert stats.dead_lettered == 1
+    [letter] = outboxer.DeadLetters(Session).list()
+    assert (letter.origin, letter.consumer, letter.handler, letter.error_type) == (
+        "handler",
+        "async-dl",
+        "charge",
+        "ValueError",
+    )

@@ -1,0 +1,72 @@
+"""examples/shop, run the way examples/README.md tells users to, on PostgreSQL and RabbitMQ."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from .broker_rabbitmq import RabbitMQAdmin, rabbitmq_address
+from .services import RABBITMQ_URL, port_open, require
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+BIN = Path(sys.executable).parent
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql"], indirect=True)
+def test_the_shop_example_places_relays_and_charges_each_order_once(db_url: str) -> None:
+    require("RabbitMQ", port_open(*rabbitmq_address()), "start it with: rabbitmq-server -detached")
+    queue = f"shop-billing-{uuid.uuid4().hex[:8]}"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(EXAMPLES),
+        "SHOP_DB": db_url,
+        "SHOP_CONSUMER": queue,
+        "OUTBOXER_DB": db_url,
+        "OUTBOXER_BROKER": RABBITMQ_URL,
+    }
+
+    def run(*command: str) -> str:
+        done = subprocess.run(
+            command, check=False, env=env, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, f"{command} failed:\n{done.stdout}\n{done.stderr}"
+        return done.stdout + done.stderr
+
+    try:
+        placed = run(sys.executable, "-m", "shop.place_orders", "3")
+        assert placed.count("waits in the outbox") == 3
+        # The consumer declares its queue and bindings; then the relay has somewhere to send.
+        run(str(BIN / "outboxer-inbox"), "shop.app:billing", "--once")
+        relayed = run(str(BIN / "outboxer"), "relay", "--once")
+        assert "3 sent" in relayed
+        consumed = run(str(BIN / "outboxer-inbox"), "shop.app:billing", "--once")
+        assert consumed.count("receipt for order") == 3
+        again = run(str(BIN / "outboxer-inbox"), "shop.app:billing", "--once")
+        assert "receipt for order" not in again, "the queue should be empty"
+        engine = create_engine(db_url)
+        with engine.connect() as conn:
+            charges = conn.execute(
+                text(
+                    "SELECT o.amount_cents, c.amount_cents FROM shop_orders o"
+                    " JOIN shop_charges c ON c.order_id = o.id"
+                )
+            ).all()
+        engine.dispose()
+        assert sorted(charges) == [(100, 100), (101, 101), (102, 102)]
+    finally:
+        admin = RabbitMQAdmin()
+        try:
+            admin.delete(queues=[queue])
+        finally:
+            admin.close()
+        engine = create_engine(db_url)
+        with engine.begin() as conn:
+            conn.execute(text("DROP TABLE IF EXISTS shop_charges"))
+            conn.execute(text("DROP TABLE IF EXISTS shop_orders"))
+        engine.dispose()

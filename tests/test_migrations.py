@@ -1,0 +1,212 @@
+"""The Alembic migrations build exactly outboxer.metadata, and never touch the app's Alembic."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from click.testing import CliRunner
+from sqlalchemy import create_engine, event, inspect
+
+import outboxer
+from outboxer import schema
+from outboxer.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _same_server_default(
+    context: Any,
+    inspected_column: Any,
+    metadata_column: Any,
+    inspected_default: str | None,
+    metadata_default: Any,
+    rendered_metadata_default: str | None,
+) -> bool | None:
+    """MariaDB reflects a boolean default as 0/1 where the metadata says false/true."""
+    spellings = {"0": "false", "1": "true", "false": "false", "true": "true"}
+    inspected = (inspected_default or "").strip("'\"").lower()
+    rendered = (rendered_metadata_default or "").strip("'\"").lower()
+    if inspected in spellings and rendered in spellings:
+        return spellings[inspected] != spellings[rendered]
+    return None  # Alembic's own comparison
+
+
+def schema_differences(url: str) -> list[Any]:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            context = MigrationContext.configure(
+                conn,
+                opts={
+                    "compare_type": True,
+                    "compare_server_default": _same_server_default,
+                    "include_object": lambda obj, name, type_, reflected, other: (
+                        (type_ != "table" or (name or "").startswith("outboxer_"))
+                        and name != schema.VERSION_TABLE
+                    ),
+                },
+            )
+            return list(compare_metadata(context, outboxer.metadata))
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_from_empty_yields_the_metadata_schema_and_again_is_a_no_op(
+    empty_db_url: str,
+) -> None:
+    engine = create_engine(empty_db_url)
+    assert schema.current(engine) is None
+    assert schema.upgrade(engine) == schema.head()
+    assert schema_differences(empty_db_url) == []
+
+    ddl: list[str] = []
+    event.listen(
+        engine,
+        "before_cursor_execute",
+        lambda conn, cursor, statement, *a: (
+            ddl.append(statement)
+            if statement.lstrip().upper().startswith(("CREATE", "ALTER", "DROP"))
+            else None
+        ),
+    )
+    assert schema.upgrade(engine) == schema.head()
+    assert ddl == []
+    assert schema.current(engine) == schema.head()
+    engine.dispose()
+
+
+def test_create_all_and_the_migrations_agree(empty_db_url: str) -> None:
+    engine = create_engine(empty_db_url)
+    outboxer.create_all(engine)
+    engine.dispose()
+    assert schema_differences(empty_db_url) == []
+
+
+def test_cli_db_upgrade_and_current(empty_db_url: str) -> None:
+    runner = CliRunner()
+    result = runner.invoke(main, ["db", "current", "--db", empty_db_url])
+    assert result.exit_code == 0, result.output
+    assert "no outboxer tables" in result.output
+
+    result = runner.invoke(main, ["db", "upgrade"], env={"OUTBOXER_DB": empty_db_url})
+    assert result.exit_code == 0, result.output
+    assert f"upgraded from empty to {schema.head()}" in result.output
+
+    result = runner.invoke(main, ["db", "upgrade", "--db", empty_db_url])
+    assert result.exit_code == 0, result.output
+    assert "already at revision" in result.output
+
+    result = runner.invoke(main, ["db", "current", "--db", empty_db_url])
+    assert "up to date" in result.output
+    tables = set(inspect(create_engine(empty_db_url)).get_table_names())
+    assert set(outboxer.metadata.tables) | {schema.VERSION_TABLE} <= tables
+
+
+def test_cli_rejects_a_bad_url_clearly() -> None:
+    result = CliRunner().invoke(main, ["db", "upgrade", "--db", "not a url"])
+    assert result.exit_code == 2
+    assert "not a database URL" in result.output
+
+
+def test_runs_from_the_applications_own_alembic_environment(
+    empty_db_url: str, tmp_path: Path
+) -> None:
+    """An app's env.py calls outboxer.schema.upgrade(connection) after its own migrations."""
+    app = tmp_path / "app_migrations"
+    (app / "versions").mkdir(parents=True)
+    (app / "env.py").write_text(
+        textwrap.dedent(
+            """
+            from alembic import context
+            from sqlalchemy import create_engine
+            import outboxer.schema
+
+            engine = create_engine(context.config.get_main_option("sqlalchemy.url"))
+            with engine.connect() as connection:
+                context.configure(
+                    connection=connection,
+                    include_object=outboxer.schema.include_object,
+                )
+                with context.begin_transaction():
+                    context.run_migrations()
+                outboxer.schema.upgrade(connection)
+            """
+        )
+    )
+    (app / "versions" / "a1_app.py").write_text(
+        textwrap.dedent(
+            """
+            import sqlalchemy as sa
+            from alembic import op
+
+            revision = "a1"
+            down_revision = None
+            branch_labels = None
+            depends_on = None
+
+            def upgrade():
+                op.create_table("app_things", sa.Column("id", sa.Integer, primary_key=True))
+
+            def downgrade():
+                op.drop_table("app_things")
+            """
+        )
+    )
+    config = Config()
+    config.set_main_option("script_location", str(app))
+    config.set_main_option("sqlalchemy.url", empty_db_url)
+    command.upgrade(config, "head")
+
+    engine = create_engine(empty_db_url)
+    with engine.connect() as conn:
+        app_version = MigrationContext.configure(conn).get_current_revision()
+    assert app_version == "a1"  # the app's own history is untouched
+    assert schema.current(engine) == schema.head()  # outboxer's is in its own table
+    tables = set(inspect(engine).get_table_names())
+    assert {"app_things", "alembic_version", schema.VERSION_TABLE} <= tables
+    assert set(outboxer.metadata.tables) <= tables
+    engine.dispose()
+    command.upgrade(config, "head")  # and running it again changes nothing
+    assert schema_differences(empty_db_url) == []
+
+
+def test_include_object_hides_outboxer_tables_from_app_autogenerate() -> None:
+    assert schema.include_object(outboxer.outbox, "outboxer_outbox", "table", False, None) is False
+    index = next(iter(outboxer.outbox.indexes))
+    assert schema.include_object(index, index.name, "index", False, None) is False
+    assert schema.include_object(object(), "orders", "table", True, None) is True
+
+
+@pytest.mark.slow
+def test_the_wheel_ships_the_migrations(tmp_path: Path) -> None:
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    [wheel] = tmp_path.glob("outboxer-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "outboxer/_migrations/env.py" in names
+    assert any(n.startswith("outboxer/_migrations/versions/0001_") for n in names)
+    assert "outboxer/py.typed" in names

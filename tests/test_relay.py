@@ -1,0 +1,318 @@
+"""The relay on each database, with the in-process broker (broker-specific tests elsewhere)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import sessionmaker
+
+import outboxer
+from outboxer.retry import Backoff
+from outboxer.store import relay as relay_store
+from outboxer.testing import MemoryBroker, MemoryTransport
+from outboxer.transports import SendResult, Subscription
+
+from .models import OrderPlaced
+
+SessionFactory = sessionmaker[outboxer.OutboxSession]
+FAST = Backoff(initial=0.05, multiplier=1.0, max_delay=0.05, jitter=0.0)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+        time.sleep(0.01)
+
+
+def outbox_rows(engine: Engine) -> list[dict[str, Any]]:
+    with engine.connect() as conn:
+        rows = conn.execute(select(outboxer.outbox).order_by(outboxer.outbox.c.id)).mappings()
+        return [dict(r) for r in rows]
+
+
+def dead_letters(engine: Engine) -> list[dict[str, Any]]:
+    with engine.connect() as conn:
+        rows = conn.execute(select(outboxer.dead_letter).order_by(outboxer.dead_letter.c.id))
+        return [dict(r) for r in rows.mappings()]
+
+
+def publish(Session: SessionFactory, *events: Any, **options: Any) -> None:
+    with Session.begin() as session:
+        for e in events:
+            session.publish(e, **options)
+
+
+@pytest.fixture
+def broker() -> MemoryBroker:
+    return MemoryBroker()
+
+
+@pytest.fixture
+def relay(engine: Engine, broker: MemoryBroker) -> Iterator[outboxer.Relay]:
+    yield outboxer.Relay(engine, MemoryTransport(broker), backoff=FAST, poll_interval=0.05)
+
+
+def test_committed_messages_are_sent_then_deleted(
+    engine: Engine, Session: SessionFactory, broker: MemoryBroker, relay: outboxer.Relay
+) -> None:
+    publish(Session, *[OrderPlaced(order_id=i) for i in range(1, 8)], headers={"tenant": "a"})
+    stats = relay.run(once=True)
+    assert stats.sent == 7
+    assert [json.loads(e.payload)["order_id"] for e in broker.published] == list(range(1, 8))
+    assert all(e.headers == {"tenant": "a"} for e in broker.published)
+    assert outbox_rows(engine) == []
+
+
+def test_an_unavailable_broker_spends_no_attempts_and_loses_nothing(
+    engine: Engine, Session: SessionFactory, broker: MemoryBroker, relay: outboxer.Relay
+) -> None:
+    publish(Session, OrderPlaced(order_id=1), OrderPlaced(order_id=2))
+    broker.available = False
+    stats = relay.run(once=True)
+    assert stats.sent == 0 and stats.outages == 1
+    rows = outbox_rows(engine)
+    assert len(rows) == 2
+    assert all(r["attempts"] == 0 and r["locked_by"] is None for r in rows)
+    assert relay.breaker.is_open
+
+    broker.available = True
+    relay.breaker.record_success()
+    assert relay.run(once=True).sent == 2
+    assert outbox_rows(engine) == [] and dead_letters(engine) == []
+
+
+def test_a_retryable_failure_backs_off_that_row_and_counts_an_attempt(
+    engine: Engine, Session: SessionFactory, broker: MemoryBroker
+) -> None:
+    slow = Backoff(initial=30.0, multiplier=1.0, max_delay=30.0, jitter=0.0)
+    relay = outboxer.Relay(engine, MemoryTransport(broker), backoff=slow)
+    publish(Session, OrderPlaced(order_id=1))
+    publish(Session, OrderPlaced(order_id=2))
+    broker.fail_next(1, SendResult.retry("throttled", "slow down"))
+    stats = relay.run(once=True)
+    assert (stats.sent, stats.retried) == (1, 1)
+    [row] = outbox_rows(engine)
+    assert row["attempts"] == 1
+    assert row["last_error"] == "throttled: slow down"
+    assert row["first_failed_at"] is not None and row["locked_by"] is None
+    with engine.connect() as conn:
+        due_in = relay_store.next_due_in(conn)
+    assert due_in is not None and 25 < due_in <= 30  # backoff on the database clock
+
+
+def test_retries_then_dead_letters_after_max_attempts(
+    engine: Engine, Session: SessionFactory, broker: MemoryBroker
+) -> None:
+    relay = outboxer.Relay(engine, MemoryTransport(broker), backoff=FAST, max_attempts=3)
+    publish(Session, OrderPlaced(order_id=1))
+    broker.fail_next(3, SendResult.retry("nack", "broker said no"))
+    wait_until(lambda: relay.run(once=True) is not None and not outbox_rows(engine), 10)
+    [dead] = dead_letters(engine)
+    assert dead["origin"] == "relay"
+    assert dead["attempts"] == 3
+    assert dead["error_type"] == "nack"
+    assert "gave up after 3 attempts" in dead["error_message"]
+    assert dead["destination"] == "orders" and dead["message_type"] == "test.order_placed"
+    assert json.loads(dead["payload"]) == {"order_id": 1, "customer": "ada"}
+    assert dead["first_failed_at"] <= dead["last_failed_at"]
+    assert broker.published == []
+
+
+def test_a_rejected_message_is_dead_lettered_with_its_reason_while_others_are_sent(
+    engine: Engine, Session: SessionFactory
+) -> None:
+    broker = MemoryBroker(mandatory=True)
+    transport = MemoryTransport(broker)
+    transport.receiver(Subscription(queue="billing", bindings=[("orders", "#")]))
+    publish(Session, OrderPlaced(order_id=1))
+    publish(Session, OrderPlaced(order_id=2), destination="nowhere")
+    publish(Session, OrderPlaced(order_id=3))
+    stats = outboxer.Relay(engine, transport).run(once=True)
+    assert (stats.sent, stats.dead_lettered) == (2, 1)
+    [dead] = dead_letters(engine)
+    assert (dead["error_type"], dead["destination"], dead["attempts"]) == (
+        "unroutable",
+        "nowhere",
+        1,
+    )
+    assert "no queue is bound" in dead["error_message"]
+    assert [json.loads(e.payload)["order_id"] for e in broker.published] == [1, 3]
+    assert outbox_rows(engine) == []
+
+
+def test_messages_with_the_same_key_are_sent_in_commit_order_across_batches(
+    engine: Engine, Session: SessionFactory, broker: MemoryBroker
+) -> None:
+    relay = outboxer.Relay(engine, MemoryTransport(broker), batch_size=4)
+    expected: dict[str, list[int]] = {}
+    for n in range(30):
+        key = f"k{n % 3}"
+        publish(Session, OrderPlaced(order_id=n), key=key)
+        expected.setdefault(key, []).append(n)
+    assert relay.run(once=True).sent == 30
+    seen: dict[str, list[int]] = {}
+    for e in broker.published:
+        seen.setdefault(e.key or "", []).append(json.loads(e.payload)["order_id"])
+    assert seen == expected
+
+
+def test_a_delayed_message_holds_back_its_key_but_not_other_keys(
+    engine: Engine, Session: SessionFactory, broker: MemoryBroker, relay: outboxer.Relay
+) -> None:
+    publish(Session, OrderPlaced(order_id=1), key="a", delay=60)
+    publish(Session, OrderPlaced(order_id=2), key="a")
+    publish(Session, OrderPlaced(order_id=3), key="b")
+    publish(Session, OrderPlaced(order_id=4))
+    assert relay.run(once=True).sent == 2
+    assert sorted(json.loads(e.payload)["order_id"] for e in broker.published) == [3, 4]
+    with engine.begin() as conn:  # time passes: the delayed message becomes due
+        conn.execute(update(outboxer.outbox).values(available_at=func.current_timestamp()))
+    relay.run(once=True)
+    assert [json.loads(e.payload)["order_id"] for e in broker.published][2:] == [1, 2]
+
+
+def test_a_dead_relays_lease_expires_and_another_relay_takes_over(
+    engine: Engine, Session: SessionFactory, broker: MemoryBroker
+) -> None:
+    publish(Session, *[OrderPlaced(order_id=i) for i in range(5)])
+    with engine.connect() as conn:
+        taken = relay_store.claim_batch(conn, owner="crashed", limit=10, lease_seconds=0.3)
+    assert len(taken) == 5
+    survivor = outboxer.Relay(engine, MemoryTransport(broker))
+    assert survivor.run(once=True).sent == 0  # still leased
+    wait_until(lambda: survivor.run(once=True).sent == 5 or len(broker.published) == 5, 10)
+    assert len(broker.published) == 5 and outbox_rows(engine) == []
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql", "mariadb"], indirect=True)
+def test_concurrent_claims_never_overlap_and_never_split_a_key(
+    engine: Engine, Session: SessionFactory
+) -> None:
+    for n in range(200):
+        publish(Session, OrderPlaced(order_id=n), key=f"k{n % 20}" if n % 4 else None)
+    claims: list[tuple[str, list[relay_store.Claimed]]] = []
+    lock = threading.Lock()
+    start = threading.Barrier(4)
+
+    def claimer(name: str) -> None:
+        start.wait(timeout=10)
+        for _ in range(10):
+            with engine.connect() as conn:
+                got = relay_store.claim_batch(conn, owner=name, limit=15, lease_seconds=60)
+            with lock:
+                claims.append((name, got))
+
+    threads = [threading.Thread(target=claimer, args=(f"r{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    ids = [c.id for _, batch in claims for c in batch]
+    assert len(ids) == len(set(ids)), "a row was claimed twice"
+    owners_of_key: dict[str, set[str]] = {}
+    for owner, batch in claims:
+        for c in batch:
+            if c.envelope.key:
+                owners_of_key.setdefault(c.envelope.key, set()).add(owner)
+    # All leases are still held: each key's claimed rows belong to exactly one relay (which
+    # may take a key's later rows in a later batch while it still holds the earlier ones).
+    assert all(len(owners) == 1 for owners in owners_of_key.values())
+    per_owner: dict[str, list[int]] = {}
+    for owner, batch in claims:
+        for c in batch:
+            if c.envelope.key:
+                per_owner.setdefault(f"{owner}/{c.envelope.key}", []).append(c.id)
+    assert all(ids == sorted(ids) for ids in per_owner.values()), "a key's rows out of order"
+
+
+def test_retention_keeps_sent_rows_then_prunes_them(
+    engine: Engine, Session: SessionFactory, broker: MemoryBroker
+) -> None:
+    relay = outboxer.Relay(engine, MemoryTransport(broker), retention=3600)
+    publish(Session, *[OrderPlaced(order_id=i) for i in range(3)], key="k")
+    published = [r["message_id"] for r in outbox_rows(engine)]
+    assert relay.run(once=True).sent == 3
+    assert outbox_rows(engine) == []  # the outbox holds pending rows only
+    with engine.connect() as conn:
+        kept = conn.execute(select(outboxer.sent).order_by(outboxer.sent.c.id)).mappings().all()
+    assert [r["message_id"] for r in kept] == published
+    assert all(r["sent_at"] is not None and r["message_key"] == "k" for r in kept)
+    assert relay.run(once=True).sent == 0  # kept rows are never sent again
+    with engine.connect() as conn:
+        assert relay_store.prune_sent(conn, older_than=3600) == 0
+        assert relay_store.prune_sent(conn, older_than=0, limit=2) == 2
+        assert relay_store.prune_sent(conn, older_than=0) == 1
+        assert conn.execute(select(func.count()).select_from(outboxer.sent)).scalar() == 0
+
+
+def test_backlog_counts_pending_due_and_leased_rows(
+    engine: Engine, Session: SessionFactory
+) -> None:
+    publish(Session, OrderPlaced(order_id=1), OrderPlaced(order_id=2))
+    publish(Session, OrderPlaced(order_id=3), delay=600)
+    with engine.connect() as conn:
+        relay_store.claim_batch(conn, owner="x", limit=1, lease_seconds=60)
+        figures = relay_store.backlog(conn)
+    assert (figures.pending, figures.due, figures.leased) == (3, 2, 1)
+    assert 0 <= figures.oldest_due_seconds < 60
+
+
+def test_a_transport_that_raises_does_not_kill_the_relay(
+    engine: Engine, Session: SessionFactory, broker: MemoryBroker
+) -> None:
+    class Exploding(MemoryTransport):
+        calls = 0
+
+        def send(self, envelopes: Any) -> list[SendResult]:
+            Exploding.calls += 1
+            if Exploding.calls == 1:
+                raise RuntimeError("bug in a transport")
+            return super().send(envelopes)
+
+    relay = outboxer.Relay(engine, Exploding(broker))
+    publish(Session, OrderPlaced(order_id=1))
+    first = relay.run_once()
+    assert first.unavailable and first.released == 1
+    relay.breaker.record_success()
+    assert relay.run_once().sent == 1
+
+
+def test_stop_from_another_thread_ends_a_running_relay(
+    engine: Engine, Session: SessionFactory, broker: MemoryBroker
+) -> None:
+    relay = outboxer.Relay(engine, MemoryTransport(broker), poll_interval=30)
+    runner = threading.Thread(target=relay.run)
+    runner.start()
+    publish(Session, OrderPlaced(order_id=1))
+    relay.stop()
+    runner.join(timeout=5)
+    assert not runner.is_alive()
+
+
+def test_a_running_relay_sends_what_is_committed_later(
+    engine: Engine, Session: SessionFactory, broker: MemoryBroker, db_kind: str
+) -> None:
+    # PostgreSQL wakes the relay by NOTIFY; the others poll (here every 50 ms).
+    relay = outboxer.Relay(
+        engine, MemoryTransport(broker), poll_interval=30 if db_kind == "postgresql" else 0.05
+    )
+    runner = threading.Thread(target=relay.run)
+    runner.start()
+    try:
+        time.sleep(0.2)  # let it go idle (on PostgreSQL: waiting on LISTEN, 30 s poll)
+        started = time.monotonic()
+        publish(Session, OrderPlaced(order_id=1))
+        wait_until(lambda: len(broker.published) == 1, 5, "the message at the broker")
+        assert time.monotonic() - started < 2.0
+    finally:
+        relay.stop()
+        runner.join(timeout=5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -25,6 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import outboxer
 from outboxer import instrumentation, tracing, wire
+from outboxer.cli import main as cli_main
 from outboxer.tracing import OpenTelemetryInstrumentation
 
 from .models import OrderPlaced
@@ -92,6 +95,15 @@ def test_the_whole_journey_is_one_trace_through_retry_dead_letter_and_replay(
     h.deliver(until=lambda: bool(h.dead()))
     h.deliver()
     [letter] = h.dead()
+    # What an operator pastes into Jaeger: the dead letter's trace is the request's.
+    url = engine.url.render_as_string(hide_password=False)
+    shown = CliRunner(env={"OUTBOXER_DB": url, "COLUMNS": "250"}).invoke(
+        cli_main, ["dead-letter", "show", str(letter.id)]
+    )
+    assert shown.exit_code == 0, shown.output
+    [request_span] = [s for s in otel.spans() if s.name == "POST /orders"]
+    request_trace = format(request_span.context.trace_id, "032x")
+    assert re.search(rf"trace id\s+{request_trace}", shown.output), shown.output
     broken["yes"] = False
     with otel.tracer.start_as_current_span("operator replays"):
         outboxer.DeadLetters(Session).replay(letter.id)

@@ -131,6 +131,7 @@ def show(db_url: str, dead_letter_id: int) -> None:
         ("handler", letter.handler),
         ("correlation id", letter.correlation_id),
         ("causation id", letter.causation_id),
+        ("trace id", _trace_id(letter.traceparent)),
         ("traceparent", letter.traceparent),
         ("occurred at", letter.occurred_at and _time(letter.occurred_at)),
         ("attempts", letter.attempts),
@@ -280,3 +281,9 @@ def _shorten(text: str, width: int) -> str:
 
 def _time(moment: datetime) -> str:
     return moment.isoformat(sep=" ", timespec="seconds")
+
+
+def _trace_id(traceparent: str | None) -> str | None:
+    """The trace id of a W3C ``traceparent`` (what Jaeger's search box takes)."""
+    parts = (traceparent or "").split("-")
+    return parts[1] if len(parts) == 4 and len(parts[1]) == 32 else None

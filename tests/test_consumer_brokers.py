@@ -121,6 +121,37 @@ class Line:
             conn.execute(insert(outboxer.outbox), rows)
         assert self.send() == len(rows)
 
+    def inbox_process(self, db_url: str, broker_url: str) -> tuple[list[str], dict[str, str]]:
+        """The command and environment of an ``outboxer-inbox`` process that runs
+        tests.consumer_app as this line's consumer; its queue is declared here first."""
+
+        @self.handler()
+        def reserve(event: OrderPlaced) -> None:  # the subscription tests.consumer_app has
+            pass
+
+        self.subscribe()
+        env = {
+            **os.environ,
+            "APP_DB": db_url,
+            "APP_DESTINATION": self.destination,
+            "APP_CONSUMER": self.name,
+            "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+        }
+        command = [str(Path(OUTBOXER).parent / "outboxer-inbox"), "tests.consumer_app:consumer"]
+        return [*command, "--broker", broker_url, "--concurrency", "4"], env
+
+    def reservations(self) -> Counter[str]:
+        """How many times tests.consumer_app reserved each order."""
+        with self.engine.connect() as conn:
+            return Counter(conn.execute(select(Effect.message_key)).scalars())
+
+
+def run_totals(log: str) -> tuple[int, int, int]:
+    """(messages, processed, duplicates) from the last line an outboxer-inbox logs."""
+    found = re.search(r": (\d+) messages, (\d+) processed, (\d+) duplicates", log)
+    assert found, log
+    return int(found.group(1)), int(found.group(2)), int(found.group(3))
+
 
 @pytest.fixture
 def line(engine: Engine, Session: SessionFactory, case: BrokerCase) -> Line:
@@ -299,42 +330,22 @@ def test_two_consumer_processes_on_one_queue_apply_each_effect_once(
     else:
         broker_url = RABBITMQ_URL
     total = 200
-    env = {
-        **os.environ,
-        "APP_DB": db_url,
-        "APP_DESTINATION": line.destination,
-        "APP_CONSUMER": line.name,
-        "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
-    }
-
-    @line.handler()
-    def reserve(event: OrderPlaced) -> None:  # the same subscription as tests.consumer_app
-        pass
-
-    line.subscribe()
+    command, env = line.inbox_process(db_url, broker_url)
     line.publish(*[OrderPlaced(order_id=i) for i in range(total)])
     line.send_twice()  # every message twice: both processes race for the duplicates
-    command = [str(Path(OUTBOXER).parent / "outboxer-inbox"), "tests.consumer_app:consumer"]
-    workers = [
-        spawn([*command, "--broker", broker_url, "--concurrency", "4"], env=env) for _ in range(2)
-    ]
-    logs: list[str] = []
+    workers = [spawn(command, env=env) for _ in range(2)]
     try:
         wait_for(lambda: line.effects()["reserve"] >= total, 120, "every order to be reserved")
         wait_for(lambda: line.pending() == 0, 30, "the outbox to stay empty")
     finally:
         logs = [stop(worker) for worker in workers]
-    with line.engine.connect() as conn:
-        per_order = Counter(conn.execute(select(Effect.message_key)).scalars())
+    per_order = line.reservations()
     assert len(per_order) == total and set(per_order.values()) == {1}
-    totals = [
-        re.search(r": (\d+) messages, (\d+) processed, (\d+) duplicates", log) for log in logs
-    ]
-    assert all(totals), logs
-    messages, processed, duplicates = (sum(int(m.group(i)) for m in totals if m) for i in (1, 2, 3))
+    totals = [run_totals(log) for log in logs]
+    messages, processed, duplicates = (sum(column) for column in zip(*totals, strict=True))
     assert processed == total, f"{processed} handler runs for {total} orders"
     assert messages == processed + duplicates
     print(
         f"\ntwo consumer processes: {messages} deliveries, {processed} processed, "
-        f"{duplicates} duplicates skipped; per process {[m.group(1) for m in totals if m]}"
+        f"{duplicates} duplicates skipped; per process {[t[0] for t in totals]}"
     )

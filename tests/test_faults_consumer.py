@@ -19,7 +19,11 @@ from .test_consumer_brokers import Line, SessionFactory, run_totals
 from .test_faults_database import reachable, restart_postgresql
 from .test_relay_brokers import spawn, start_relay, stop, wait_for
 
-pytestmark = [pytest.mark.slow, pytest.mark.parametrize("db_kind", ["postgresql"], indirect=True)]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.disruptive,
+    pytest.mark.parametrize("db_kind", ["postgresql"], indirect=True),
+]
 
 
 @pytest.fixture

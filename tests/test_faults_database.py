@@ -30,7 +30,11 @@ from .test_relay_brokers import (
     wait_for,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.parametrize("db_kind", ["postgresql"], indirect=True)]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.disruptive,
+    pytest.mark.parametrize("db_kind", ["postgresql"], indirect=True),
+]
 
 
 def restart_postgresql() -> None:

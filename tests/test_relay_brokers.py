@@ -300,6 +300,7 @@ def test_two_relays_send_10000_messages_over_50_keys_exactly_once_in_key_order(
 
 
 @pytest.mark.slow
+@pytest.mark.disruptive
 @pytest.mark.parametrize("db_kind", ["postgresql"], indirect=True)
 def test_rabbitmq_stopped_mid_drain_loses_nothing_and_the_relay_resumes_by_itself(
     engine: Engine, Session: SessionFactory, db_url: str, rabbit: Target

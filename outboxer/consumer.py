@@ -29,10 +29,10 @@ from typing import Any, TypeVar
 
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from . import instrumentation, store
+from .async_support import AsyncSession  # a stand-in without greenlet
 from .errors import ConfigurationError, TransportError
 from .inbox import (
     GiveUp,

@@ -24,10 +24,10 @@ from uuid import UUID
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
 
 from . import store
+from .async_support import AsyncConnection, AsyncSession  # stand-ins without greenlet
 from .errors import ConfigurationError, NotAnOutboxSession
 from .publishing import build_message
 from .tables import outbox

@@ -26,7 +26,7 @@ from .errors import (
 from .ids import uuid7
 from .inbox import Context
 from .message import Envelope, MessageType, message
-from .relay import Relay, RelayStats
+from .relay import Relay, RelayStats, relay_engine
 from .retry import Backoff, Retry
 from .session import AsyncOutboxSession, OutboxMixin, OutboxSession, publish
 from .tables import create_all, dead_letter, drop_all, inbox, metadata, outbox, sent
@@ -70,6 +70,7 @@ __all__ = [
     "metadata",
     "outbox",
     "publish",
+    "relay_engine",
     "sent",
     "transport_from_url",
     "uuid7",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
+import typing
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any, Generic, TypeVar, cast
@@ -63,8 +64,10 @@ class MessageType(Generic[T]):
         try:
             return self.adapter.dump_json(payload, warnings="error")
         except PydanticSerializationError as exc:
+            label = self.cls.__name__
+            problem = _describe_wrong_type(self.adapter, payload, label)
             raise SerializationError(
-                describe_unserializable(payload, self.cls.__name__, exc)
+                problem or describe_unserializable(payload, label, exc)
             ) from exc
 
     def decode(self, body: bytes) -> T:
@@ -205,6 +208,75 @@ def describe_unserializable(payload: object, type_label: str, exc: Exception) ->
         )
     detail = " ".join(str(exc).split())
     return f"cannot serialize {type_label}: {detail}"
+
+
+def _describe_wrong_type(adapter: TypeAdapter[Any], payload: object, label: str) -> str | None:
+    """Name the first field whose value does not match its declared type, and both types.
+
+    pydantic only warns about such a field while serializing (with its own wording, which
+    changes between versions); validating the serialized form strictly finds the field.
+    """
+    try:
+        adapter.validate_json(adapter.dump_json(payload, warnings=False), strict=True)
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        location = tuple(error["loc"])
+    except Exception:
+        return None
+    else:
+        return None
+    if not location:
+        return None
+    path = label + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in location)
+    expected = _declared_type(type(payload), location) or error["msg"]
+    found = _value_at(payload, location)
+    if found is _MISSING:
+        return f"cannot serialize {path}: expected {expected} ({error['msg']})"
+    got = type(found).__qualname__
+    return f"cannot serialize {path}: expected {expected}, got {got} ({found!r})"
+
+
+_MISSING = object()
+
+
+def _value_at(value: object, location: tuple[int | str, ...]) -> object:
+    for part in location:
+        try:
+            if isinstance(value, (set, frozenset)):
+                value = list(value)[part]  # type: ignore[index]
+            elif isinstance(part, int) or isinstance(value, Mapping):
+                value = value[part]  # type: ignore[index]
+            else:
+                value = getattr(value, part)
+        except (AttributeError, IndexError, KeyError, TypeError):
+            return _MISSING
+    return value
+
+
+def _declared_type(cls: object, location: tuple[int | str, ...]) -> str | None:
+    """The annotation at ``location`` in ``cls`` (dataclass and pydantic fields, lists,
+    dicts), as a readable name; None when it cannot be followed."""
+    current: Any = cls
+    for part in location:
+        origin, args = typing.get_origin(current), typing.get_args(current)
+        if isinstance(part, str) and dataclasses.is_dataclass(current):
+            current = typing.get_type_hints(current).get(part)
+        elif isinstance(part, str) and hasattr(current, "model_fields"):
+            info = current.model_fields.get(part)
+            current = info.annotation if info is not None else None
+        elif origin is tuple and args and not (len(args) == 2 and args[1] is ...):
+            current = args[part] if isinstance(part, int) and part < len(args) else None
+        elif origin in (list, set, frozenset, tuple) and args:
+            current = args[0]
+        elif origin is dict and len(args) == 2:
+            current = args[1]
+        else:
+            return None
+        if current is None:
+            return None
+    if isinstance(current, type):
+        return current.__qualname__
+    return str(current).replace("typing.", "")
 
 
 def _find_unserializable(value: object, path: str, depth: int = 0) -> tuple[str, object] | None:

@@ -6,8 +6,10 @@ ship inside the wheel as ``outboxer/_migrations``. They keep their own version t
 history. Two ways to run them:
 
 * ``outboxer db upgrade --db URL`` (or :func:`upgrade` with an engine);
-* from the application's Alembic ``env.py``: ``outboxer.schema.upgrade(connection)``
-  after the application's own ``context.run_migrations()`` (see docs/migrations.md).
+* from the application's Alembic ``env.py``: ``outboxer.schema.upgrade_from_env(context,
+  connection)`` after the application's own ``context.run_migrations()``, which upgrades
+  outboxer's tables on ``alembic upgrade`` only (``--sql`` included) and on no other
+  command (see docs/migrations.md).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from alembic.operations import Operations
+from alembic.runtime.environment import EnvironmentContext
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection, Engine
@@ -32,6 +35,7 @@ __all__ = [
     "include_object",
     "migrations_dir",
     "upgrade",
+    "upgrade_from_env",
 ]
 
 VERSION_TABLE = "outboxer_alembic_version"
@@ -92,6 +96,57 @@ def upgrade(bind: Engine | Connection, revision: str = "head") -> str | None:
         with Operations.context(context), context.begin_transaction():
             context.run_migrations()
         return context.get_current_revision()
+
+
+def upgrade_from_env(context: EnvironmentContext, connection: Connection | None = None) -> None:
+    """From an application's Alembic ``env.py``: upgrade outboxer's tables with the app's.
+
+    Call it after the application's ``with context.begin_transaction():
+    context.run_migrations()`` block, with the connection in online mode and without one
+    in offline mode. It acts on ``alembic upgrade`` only: ``current``, ``check``,
+    ``revision --autogenerate``, ``stamp`` and ``downgrade`` run the same ``env.py`` and
+    must not change outboxer's tables. With ``alembic upgrade --sql`` it writes outboxer's
+    DDL (from its first revision, as the application's own script starts from its base)
+    into the same SQL output; for a range (``upgrade A:B --sql``) it writes a comment
+    instead, since outboxer's own starting point is unknown offline.
+    """
+    app = context.get_context()
+    # Alembic tells env.py which command runs only through the function it was given
+    # (upgrade() names it "upgrade"); tests/test_alembic_env.py pins this for each command.
+    command = getattr(app.opts.get("fn"), "__name__", None)
+    if command != "upgrade":
+        return
+    if not context.is_offline_mode():
+        if connection is None:
+            raise ConfigurationError(
+                "outboxer.schema.upgrade_from_env(context, connection) needs the connection "
+                "in online mode: the one your env.py passed to context.configure()"
+            )
+        upgrade(connection)
+        return
+    if context.get_starting_revision_argument() is not None:
+        app.impl.static_output(
+            "-- outboxer: its tables are not in a ranged script; run `outboxer db upgrade`"
+        )
+        return
+    script = script_directory()
+
+    def steps(rev: Any, migration: MigrationContext) -> Any:
+        return script._upgrade_revs("head", rev)
+
+    offline = MigrationContext.configure(
+        dialect=app.dialect,
+        opts={
+            "as_sql": True,
+            "output_buffer": app.output_buffer,
+            "literal_binds": True,
+            "version_table": VERSION_TABLE,
+            "target_metadata": metadata,
+            "fn": steps,
+        },
+    )
+    with Operations.context(offline), offline.begin_transaction():
+        offline.run_migrations()
 
 
 def include_object(

@@ -1,17 +1,37 @@
 """Publishing from ORM sessions (sync and asyncio) and from Core connections.
 
 ``session.publish(event)`` does no I/O: it serializes the event and keeps it in the
-session (``session.info``). Session events then decide its fate:
+session (``session.info``), with the innermost transaction open at that moment. Session
+events then decide its fate. The hooks' contract:
 
-* ``before_commit`` of the outermost transaction flushes the session, then writes every
-  kept message with one multi-row INSERT (and, on PostgreSQL, one NOTIFY) in that same
-  transaction. Flushing first means the outbox rows get their ids after the domain
-  writes took their row locks, so transactions that touch the same rows get outbox ids
-  in commit order.
+* **Write when the outermost transaction commits, and only then**, after the session is
+  flushed (the last domain writes have taken their row locks, so transactions that touch
+  the same rows get outbox ids in commit order): one multi-row INSERT (and, on
+  PostgreSQL, one NOTIFY) in that same transaction, just before its COMMIT.
+
+  ``before_commit`` does not say which transaction commits. It fires for the outermost
+  transaction and for every SAVEPOINT released, and a commit that still has SAVEPOINTs
+  open fires it first for the committing transaction, then once more for each open
+  SAVEPOINT as it releases it, innermost first (``SessionTransaction._prepare_impl``).
+  So: ``before_commit`` with no SAVEPOINT open is the outermost commit (write now).
+  ``before_commit`` with SAVEPOINT S innermost is S's release or an enclosing commit; the
+  hooks count these per SAVEPOINT, and a SAVEPOINT whose release (``after_commit``) saw
+  two of them was released by an enclosing commit, which they then follow outwards. When
+  that reaches the outermost transaction, the write happens as the last SAVEPOINT closes
+  (``after_transaction_end``), still before the outermost transaction's COMMIT. A
+  message published after that write, during the same commit (by a ``before_commit``
+  listener registered after outboxer's, say), is written through at once.
 * ``after_soft_rollback`` of a SAVEPOINT drops the messages published inside it (and
-  inside SAVEPOINTs nested in it); a rollback of the whole transaction drops them all.
+  inside SAVEPOINTs nested in it, released or not); a rollback of the whole transaction
+  drops them all.
 * ``after_transaction_end`` of the outermost transaction forgets whatever is left (a
   session closed without commit stores nothing).
+
+A session joined to an external connection (``Session(bind=connection,
+join_transaction_mode=...)``) writes at its commit into the connection's transaction, so
+the external transaction's commit or rollback decides, as it does for the domain rows.
+Core's ``outboxer.publish(connection, ...)`` inserts at once: the database itself then
+keeps the rows of released SAVEPOINTs and drops those of rolled-back ones.
 """
 
 from __future__ import annotations
@@ -47,15 +67,49 @@ class _Pending:
 
 
 # Session hooks ---------------------------------------------------------------------------
+_BEFORE_COMMITS = "outboxer.before_commits"
+"""SAVEPOINT -> how many ``before_commit`` events fired while it was the innermost one."""
+_WRITE_AT_END = "outboxer.write_at_end"
+"""The SAVEPOINT whose closing ends an enclosing commit's releases: write then."""
+_WRITTEN = "outboxer.written"
+"""Set once this commit wrote the outbox: later publish() calls write through."""
+
+
 def _install_hooks(session_class: type[Session]) -> None:
     event.listen(session_class, "before_commit", _before_commit)
+    event.listen(session_class, "after_commit", _after_commit)
     event.listen(session_class, "after_soft_rollback", _after_soft_rollback)
     event.listen(session_class, "after_transaction_end", _after_transaction_end)
 
 
 def _before_commit(session: Session) -> None:
-    if session.get_nested_transaction() is not None:
-        return  # a SAVEPOINT is being released; the outermost commit writes
+    savepoint = session.get_nested_transaction()
+    if savepoint is None:
+        _write_pending(session)  # the outermost transaction commits
+        return
+    # This SAVEPOINT is being released, or an enclosing transaction commits and will
+    # release it first (this event then fires again for it): count, decide at release.
+    counts: dict[SessionTransaction, int] = session.info.setdefault(_BEFORE_COMMITS, {})
+    counts[savepoint] = counts.get(savepoint, 0) + 1
+
+
+def _after_commit(session: Session) -> None:
+    savepoint = session.get_nested_transaction()  # still set while its release completes
+    if savepoint is None:
+        return  # the outermost COMMIT is done
+    counts: dict[SessionTransaction, int] | None = session.info.get(_BEFORE_COMMITS)
+    if not counts or counts.pop(savepoint, 0) < 2:
+        return  # it was released by itself (or by the commit of this very savepoint)
+    # Released by an enclosing transaction's commit: pass that commit's count outwards.
+    parent = savepoint.parent
+    if parent is not None and parent.nested:
+        counts[parent] = counts.get(parent, 0) + 1
+    else:
+        session.info[_WRITE_AT_END] = savepoint  # the outermost transaction commits next
+
+
+def _write_pending(session: Session) -> None:
+    session.info[_WRITTEN] = True
     pending: list[_Pending] | None = session.info.get(_PENDING)
     if not pending:
         return
@@ -69,6 +123,8 @@ def _before_commit(session: Session) -> None:
 
 
 def _after_soft_rollback(session: Session, previous_transaction: SessionTransaction) -> None:
+    if previous_transaction.nested or previous_transaction.parent is None:
+        _forget_commit(session)  # a rollback ends any commit in progress
     pending: list[_Pending] | None = session.info.get(_PENDING)
     if not pending:
         return
@@ -81,10 +137,20 @@ def _after_soft_rollback(session: Session, previous_transaction: SessionTransact
 
 
 def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
-    if transaction.parent is None and not transaction.nested:
+    if transaction.nested:
+        if session.info.get(_WRITE_AT_END) is transaction:
+            del session.info[_WRITE_AT_END]
+            _write_pending(session)  # the outermost transaction, now innermost, commits
+    elif transaction.parent is None:
+        _forget_commit(session)
         pending = session.info.get(_PENDING)
         if pending:
             pending.clear()
+
+
+def _forget_commit(session: Session) -> None:
+    for name in (_BEFORE_COMMITS, _WRITE_AT_END, _WRITTEN):
+        session.info.pop(name, None)
 
 
 def _inside(transaction: SessionTransaction | None, ancestor: SessionTransaction) -> bool:
@@ -152,6 +218,10 @@ class OutboxMixin:
         # a rollback() right after publish() drops the message the same way it drops adds.
         transaction = self.get_nested_transaction() or self._autobegin_t()
         self.info.setdefault(_PENDING, []).append(_Pending(message, transaction))
+        if self.info.get(_WRITTEN):
+            # Published during the commit, after its write (a before_commit listener that
+            # runs after outboxer's): the transaction is still open, write it through.
+            _write_pending(self)
         return message.envelope.message_id
 
     def pending_messages(self) -> list[store.NewMessage]:

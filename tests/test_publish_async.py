@@ -83,3 +83,30 @@ async def test_core_publish_on_an_async_connection_through_run_sync(
         with pytest.raises(outboxer.ConfigurationError, match="run_sync"):
             outboxer.publish(conn, OrderPlaced(order_id=2))  # type: ignore[arg-type]
     assert stored_ids(engine) == [kept]
+
+
+async def test_async_context_manager_exit_with_open_savepoints_stores_every_message(
+    engine: Engine, AsyncSession: async_sessionmaker[outboxer.AsyncOutboxSession]
+) -> None:
+    async with AsyncSession.begin() as session:
+        session.add(Order(id=1))
+        outer = session.publish(OrderPlaced(order_id=1))
+        await session.begin_nested()  # left open
+        inside = session.publish(OrderPlaced(order_id=2))
+        await session.begin_nested()  # left open
+        deepest = session.publish(OrderPlaced(order_id=3))
+    assert stored_ids(engine) == [outer, inside, deepest]
+
+
+async def test_async_explicit_commit_with_an_open_savepoint_stores_every_message(
+    engine: Engine, AsyncSession: async_sessionmaker[outboxer.AsyncOutboxSession]
+) -> None:
+    async with AsyncSession() as session:
+        outer = session.publish(OrderPlaced(order_id=1))
+        savepoint = await session.begin_nested()
+        inside = session.publish(OrderPlaced(order_id=2))
+        await session.begin_nested()
+        deepest = session.publish(OrderPlaced(order_id=3))
+        await savepoint.commit()  # releases the inner one too
+        await session.commit()
+    assert stored_ids(engine) == [outer, inside, deepest]

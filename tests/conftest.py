@@ -15,8 +15,9 @@ import outboxer
 from .models import Base
 from .services import SERVERS, require
 
-# Broker fixtures (rabbitmq_case, sqs_case, the moto server...) live beside their cases.
-pytest_plugins = ["tests.broker_rabbitmq", "tests.broker_sqs"]
+# Broker fixtures (rabbitmq_case, sqs_case, the moto server...) live beside their cases;
+# outboxer.testing is the plugin applications use (docs/testing.md).
+pytest_plugins = ["tests.broker_rabbitmq", "tests.broker_sqs", "outboxer.testing"]
 
 DATABASES = ["postgresql", "mariadb", "sqlite"]
 

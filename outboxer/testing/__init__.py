@@ -1,0 +1,37 @@
+"""Testing applications that use outboxer: an in-memory broker, a recorder, a drain, fixtures.
+
+* :class:`MemoryBroker` / :class:`MemoryTransport`: a broker in the test's process.
+* :class:`Published`: the messages committed transactions stored (assert what a
+  transaction published).
+* :func:`drain` / :func:`drain_async`: relay and consume synchronously until nothing
+  moves; a handler's exception is raised in the test (:class:`HandlerFailed`).
+* pytest fixtures, with ``pytest_plugins = ["outboxer.testing"]`` in your ``conftest.py``:
+  ``outboxer_published`` (a :class:`Published` recording during the test),
+  ``outboxer_broker`` (a fresh :class:`MemoryBroker`) and ``outboxer_transport`` (a
+  :class:`MemoryTransport` to it).
+
+Guide: docs/testing.md.
+"""
+
+from __future__ import annotations
+
+from ..transports.memory import MemoryBroker, MemoryTransport
+from .drain import DrainReport, HandlerFailed, drain, drain_async
+from .recorder import Published
+
+__all__ = [
+    "DrainReport",
+    "HandlerFailed",
+    "MemoryBroker",
+    "MemoryTransport",
+    "Published",
+    "drain",
+    "drain_async",
+]
+
+try:  # the fixtures need pytest; the helpers above do not
+    from .fixtures import outboxer_broker, outboxer_published, outboxer_transport
+except ImportError:  # pragma: no cover - pytest is not installed
+    pass
+else:
+    __all__ += ["outboxer_broker", "outboxer_published", "outboxer_transport"]

@@ -1,0 +1,215 @@
+"""Run the relay and consumers until nothing moves: synchronous delivery for tests.
+
+``drain(engine, [consumer])`` sends what is due in the outbox, lets each consumer process
+what reached its queue, and repeats while anything moved (a handler may publish more).
+With ``fail_fast`` (the default) an exception raised by a handler is raised again in the
+test once the round is over, instead of turning into a retry or a dead letter unnoticed:
+dramatiq's ``join(fail_fast=True)`` is the model. The default transport is a fresh
+in-memory broker; any transport works (a real RabbitMQ, for instance).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.engine import Engine
+
+from .. import instrumentation
+from ..consumer import Consumer
+from ..instrumentation import Instrumentation, SpanHandle, TransportDescription
+from ..message import Envelope
+from ..relay import Relay
+from ..transports.base import Transport
+from ..transports.memory import MemoryBroker, MemoryTransport
+
+__all__ = ["DrainReport", "HandlerFailed", "drain", "drain_async"]
+
+
+class HandlerFailed(AssertionError):
+    """A handler raised while draining; the handler's exception is its ``__cause__``."""
+
+
+@dataclass
+class DrainReport:
+    """What a drain did, in total."""
+
+    rounds: int = 0
+    sent: int = 0
+    """Messages the relay sent."""
+    messages: int = 0
+    """Deliveries the consumers processed."""
+    errors: list[tuple[str, BaseException]] = field(default_factory=list)
+    """(handler, exception) for every handler run that raised."""
+
+
+def drain(
+    engine: Engine,
+    consumers: Sequence[Consumer] = (),
+    transport: Transport | None = None,
+    *,
+    fail_fast: bool = True,
+    max_rounds: int = 50,
+) -> DrainReport:
+    """Relay once, run each consumer once, until a round moves nothing; returns the totals.
+
+    Each consumer's queue is declared first, so the relay's sends reach it. Messages held
+    back by a delay (delayed retries included) stay in the outbox: give retries in tests
+    ``initial_delay=0``, or rely on ``fail_fast``. Sync consumers only; see
+    :func:`drain_async`.
+    """
+    transport = transport if transport is not None else MemoryTransport(MemoryBroker())
+    _declare(transport, consumers)
+    relay = Relay(engine, transport, listen=False)
+    report = DrainReport()
+    with _capturing_errors(report):
+        for _ in range(max_rounds):
+            report.rounds += 1
+            sent = relay.run(once=True).sent
+            processed = sum(
+                c.run(transport, once=True, idle_timeout=0.01).messages for c in consumers
+            )
+            report.sent += sent
+            report.messages += processed
+            _raise_first(report, fail_fast)
+            if not sent and not processed:
+                return report
+    raise RuntimeError(f"still busy after {max_rounds} rounds: do handlers publish forever?")
+
+
+async def drain_async(
+    engine: Engine,
+    consumers: Sequence[Consumer] = (),
+    transport: Transport | None = None,
+    *,
+    fail_fast: bool = True,
+    max_rounds: int = 50,
+) -> DrainReport:
+    """:func:`drain` for consumers with ``async def`` handlers, in the caller's event loop.
+
+    ``engine`` is a sync engine on the same database (the relay is synchronous; it runs in
+    a thread here): ``create_engine(url)`` beside your ``create_async_engine(url)``.
+    """
+    import asyncio
+
+    transport = transport if transport is not None else MemoryTransport(MemoryBroker())
+    await asyncio.to_thread(_declare, transport, consumers)
+    relay = Relay(engine, transport, listen=False)
+    report = DrainReport()
+    with _capturing_errors(report):
+        for _ in range(max_rounds):
+            report.rounds += 1
+            sent = (await asyncio.to_thread(relay.run, True)).sent
+            processed = 0
+            for consumer in consumers:
+                if consumer.is_async:
+                    stats = await consumer.run_async(transport, once=True, idle_timeout=0.01)
+                else:
+                    stats = await asyncio.to_thread(
+                        consumer.run, transport, once=True, idle_timeout=0.01
+                    )
+                processed += stats.messages
+            report.sent += sent
+            report.messages += processed
+            _raise_first(report, fail_fast)
+            if not sent and not processed:
+                return report
+    raise RuntimeError(f"still busy after {max_rounds} rounds: do handlers publish forever?")
+
+
+def _declare(transport: Transport, consumers: Sequence[Consumer]) -> None:
+    for consumer in consumers:
+        transport.receiver(consumer.subscription()).close()
+
+
+def _raise_first(report: DrainReport, fail_fast: bool) -> None:
+    if fail_fast and report.errors:
+        handler, error = report.errors[0]
+        raise HandlerFailed(f"handler {handler} raised {type(error).__name__}: {error}") from error
+
+
+@contextlib.contextmanager
+def _capturing_errors(report: DrainReport) -> Iterator[None]:
+    """Wrap the active instrumentation to see each handler's exception (the consumer hands
+    it to the handler span's ``record_error``), and restore it afterwards."""
+    inner = instrumentation.get()
+    instrumentation.install(_ErrorCapture(inner, report))
+    try:
+        yield
+    finally:
+        instrumentation.install(inner)
+
+
+class _ErrorCapture(Instrumentation):
+    """Delegates everything to ``inner``; records handler errors in ``report``."""
+
+    def __init__(self, inner: Instrumentation, report: DrainReport) -> None:
+        self.inner = inner
+        self.report = report
+        self.enabled = inner.enabled
+
+    def create(self, envelope: Envelope) -> dict[str, str]:
+        return self.inner.create(envelope)
+
+    @contextlib.contextmanager
+    def send(
+        self, transport: TransportDescription, destination: str, envelopes: Sequence[Envelope]
+    ) -> Iterator[SpanHandle]:
+        with self.inner.send(transport, destination, envelopes) as span:
+            yield span
+
+    @contextlib.contextmanager
+    def process(
+        self, transport: TransportDescription, envelope: Envelope, consumer: str
+    ) -> Iterator[SpanHandle]:
+        with self.inner.process(transport, envelope, consumer) as span:
+            yield span
+
+    @contextlib.contextmanager
+    def handler(self, envelope: Envelope, handler: str, attempt: int) -> Iterator[SpanHandle]:
+        with self.inner.handler(envelope, handler, attempt) as span:
+            yield _RecordingSpan(span, handler, self.report)
+
+    @contextlib.contextmanager
+    def step(
+        self, name: str, envelope: Envelope | None, attributes: Mapping[str, Any] | None = None
+    ) -> Iterator[SpanHandle]:
+        with self.inner.step(name, envelope, attributes) as span:
+            yield span
+
+    @contextlib.contextmanager
+    def replay(
+        self, trace_headers: Mapping[str, str], attributes: Mapping[str, Any]
+    ) -> Iterator[SpanHandle]:
+        with self.inner.replay(trace_headers, attributes) as span:
+            yield span
+
+    def relay_batch(self, *, sent: int, retried: int, dead_lettered: int, duration: float) -> None:
+        self.inner.relay_batch(
+            sent=sent, retried=retried, dead_lettered=dead_lettered, duration=duration
+        )
+
+    def handler_done(self, handler: str, outcome: str, duration: float) -> None:
+        self.inner.handler_done(handler, outcome, duration)
+
+    def observe_outbox(self, callback: Any) -> None:
+        self.inner.observe_outbox(callback)
+
+
+class _RecordingSpan(SpanHandle):
+    def __init__(self, span: SpanHandle, handler: str, report: DrainReport) -> None:
+        self.span = span
+        self.handler = handler
+        self.report = report
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        self.span.set_attribute(key, value)
+
+    def record_error(self, exc: BaseException) -> None:
+        self.report.errors.append((self.handler, exc))
+        self.span.record_error(exc)
+
+    def trace_headers(self) -> dict[str, str]:
+        return self.span.trace_headers()

@@ -1,0 +1,164 @@
+"""What committed transactions published: a recorder for tests.
+
+:class:`Published` listens to every ORM session (sync, and the sync session inside each
+``AsyncOutboxSession``) while it records: the messages a session holds when its outermost
+transaction commits are the messages that commit stored. Rolled-back transactions and
+savepoints record nothing, exactly as they store nothing. Core's
+``outboxer.publish(connection, ...)`` writes at once, outside any session, and is not seen.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from typing import Any, TypeVar, overload
+
+from sqlalchemy import event
+from sqlalchemy.orm import Session, SessionTransaction
+
+from ..message import Envelope, message_type_for
+from ..session import OutboxMixin
+
+__all__ = ["Published"]
+
+T = TypeVar("T")
+
+_STAGED = "outboxer.testing.staged"
+
+
+class Published:
+    """Messages stored by commits while recording: ``with Published() as published: ...``.
+
+    ``published.envelopes`` lists them in commit order; :meth:`events` decodes those of one
+    type; :meth:`one` and :meth:`assert_published` state what a test expects.
+    """
+
+    def __init__(self) -> None:
+        self.envelopes: list[Envelope] = []
+        """Every message committed while recording, in commit order."""
+        self._lock = threading.Lock()
+        self._listening = False
+
+    # Recording --------------------------------------------------------------------------
+
+    def start(self) -> Published:
+        """Listen to every session's commits (until :meth:`stop`)."""
+        if not self._listening:
+            # insert=True: run before outboxer's own hook, which hands the messages over.
+            event.listen(Session, "before_commit", self._before_commit, insert=True)
+            event.listen(Session, "after_commit", self._after_commit)
+            event.listen(Session, "after_transaction_end", self._after_transaction_end)
+            self._listening = True
+        return self
+
+    def stop(self) -> None:
+        if self._listening:
+            event.remove(Session, "before_commit", self._before_commit)
+            event.remove(Session, "after_commit", self._after_commit)
+            event.remove(Session, "after_transaction_end", self._after_transaction_end)
+            self._listening = False
+
+    def __enter__(self) -> Published:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def clear(self) -> None:
+        """Forget what was recorded so far (to assert on what comes next)."""
+        with self._lock:
+            self.envelopes.clear()
+
+    def _before_commit(self, session: Session) -> None:
+        if isinstance(session, OutboxMixin) and session.get_nested_transaction() is None:
+            session.info[_STAGED] = [m.envelope for m in session.pending_messages()]
+
+    def _after_commit(self, session: Session) -> None:
+        staged = session.info.pop(_STAGED, None)
+        if staged:
+            with self._lock:
+                self.envelopes.extend(staged)
+
+    def _after_transaction_end(self, session: Session, transaction: SessionTransaction) -> None:
+        if transaction.parent is None:
+            session.info.pop(_STAGED, None)  # the commit failed: nothing was stored
+
+    # Asserting --------------------------------------------------------------------------
+
+    @property
+    def types(self) -> list[str]:
+        """The type names of the recorded messages, in order."""
+        return [e.type for e in self.envelopes]
+
+    @overload
+    def events(self, message: type[T]) -> list[T]: ...
+
+    @overload
+    def events(self, message: str) -> list[Any]: ...
+
+    def events(self, message: type[T] | str) -> list[T] | list[Any]:
+        """The recorded messages of one type, decoded: instances of a registered class, or
+        (for a type name) its payloads as JSON values."""
+        if isinstance(message, str):
+            return [json.loads(e.payload) for e in self.envelopes if e.type == message]
+        message_type = message_type_for(message)
+        return [
+            message_type.decode(e.payload) for e in self.envelopes if e.type == message_type.name
+        ]
+
+    def of(self, message: type[Any] | str) -> list[Envelope]:
+        """The envelopes (id, key, headers, destination...) of one type."""
+        name = message if isinstance(message, str) else message_type_for(message).name
+        return [e for e in self.envelopes if e.type == name]
+
+    def one(self, message: type[T]) -> T:
+        """The single recorded message of this type; AssertionError when there are 0 or more."""
+        found = self.events(message)
+        assert len(found) == 1, (
+            f"expected one {message.__qualname__} to be published, got {len(found)}: {found}"
+        )
+        return found[0]
+
+    def assert_published(
+        self,
+        message: type[Any] | str,
+        *,
+        count: int | None = None,
+        key: str | None = None,
+        destination: str | None = None,
+        **fields: Any,
+    ) -> list[Envelope]:
+        """Assert that messages of this type were published, matching the envelope's
+        ``key``/``destination`` and the payload ``fields`` given; returns the matches.
+        ``count`` asks for exactly that many (0: none)."""
+        name = message if isinstance(message, str) else message_type_for(message).name
+        matches = [
+            envelope
+            for envelope, payload in self._decoded(message)
+            if (key is None or envelope.key == key)
+            and (destination is None or envelope.destination == destination)
+            and all(_field(payload, f) == v for f, v in fields.items())
+        ]
+        wanted = f"{name}" + (f" with {fields}" if fields else "")
+        if count is None:
+            assert matches, f"no {wanted} was published; published: {self.types}"
+        else:
+            assert len(matches) == count, (
+                f"expected {count} {wanted}, got {len(matches)}; published: {self.types}"
+            )
+        return matches
+
+    def _decoded(self, message: type[Any] | str) -> Iterator[tuple[Envelope, Any]]:
+        envelopes = self.of(message)
+        if isinstance(message, str):
+            payloads: list[Any] = self.events(message)
+        else:
+            payloads = self.events(message)
+        return zip(envelopes, payloads, strict=True)
+
+
+def _field(payload: Any, name: str) -> Any:
+    if isinstance(payload, dict):
+        return payload.get(name)
+    return getattr(payload, name, None)

@@ -70,3 +70,18 @@ def test_the_shop_example_places_relays_and_charges_each_order_once(db_url: str)
             conn.execute(text("DROP TABLE IF EXISTS shop_charges"))
             conn.execute(text("DROP TABLE IF EXISTS shop_orders"))
         engine.dispose()
+
+
+def test_the_fastapi_examples_own_tests_pass() -> None:
+    """examples/fastapi's tests, run the way its README says: ``cd examples/fastapi && pytest``."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+        cwd=EXAMPLES / "fastapi",
+        env={k: v for k, v in os.environ.items() if k != "ORDERS_DB"},
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "5 passed" in done.stdout, done.stdout

@@ -14,6 +14,7 @@ from sqlalchemy.orm import sessionmaker
 import outboxer
 from outboxer.testing import HandlerFailed, MemoryTransport, Published, drain, drain_async
 
+from .broker_rabbitmq import RabbitMQCase
 from .models import Base, Effect, Order
 
 
@@ -151,3 +152,21 @@ async def test_drain_async_runs_async_consumers_in_the_tests_loop(tmp_path: Path
     assert (report.sent, report.messages) == (1, 1)
     assert effects(sync_engine, "charge") == 1
     await engine.dispose()
+
+
+def test_drain_works_over_a_real_rabbitmq(sqlite: Engine, rabbitmq_case: RabbitMQCase) -> None:
+    Session = sessionmaker(sqlite, class_=outboxer.OutboxSession)
+    name = rabbitmq_case.unique("drain")
+    shop = outboxer.Consumer(Session, name=name)
+    rabbitmq_case.queues.append(name)
+    rabbitmq_case.exchanges.extend([name, f"{name}-shop"])
+
+    @shop.handler(Placed, destination=f"{name}-shop")
+    def charge(event: Placed, session: outboxer.OutboxSession) -> None:
+        session.add(Effect(handler="charge", message_key=str(event.order_id)))
+
+    with Session.begin() as session:
+        session.publish(Placed(order_id=1, customer="ada"), destination=f"{name}-shop")
+    report = drain(sqlite, [shop], rabbitmq_case.transport)
+    assert (report.sent, report.messages) == (1, 1)
+    assert effects(sqlite, "charge") == 1

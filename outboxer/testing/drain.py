@@ -52,15 +52,18 @@ def drain(
     *,
     fail_fast: bool = True,
     max_rounds: int = 50,
+    idle_timeout: float | None = None,
 ) -> DrainReport:
     """Relay once, run each consumer once, until a round moves nothing; returns the totals.
 
     Each consumer's queue is declared first, so the relay's sends reach it. Messages held
     back by a delay (delayed retries included) stay in the outbox: give retries in tests
-    ``initial_delay=0``, or rely on ``fail_fast``. Sync consumers only; see
-    :func:`drain_async`.
+    ``initial_delay=0``, or rely on ``fail_fast``. ``idle_timeout`` is how long a consumer
+    waits for a message before its round ends: 0.01 s on the in-memory broker (delivery
+    is immediate), 1 s on a network broker. Sync consumers only; see :func:`drain_async`.
     """
     transport = transport if transport is not None else MemoryTransport(MemoryBroker())
+    wait = _idle_timeout(transport, idle_timeout)
     _declare(transport, consumers)
     relay = Relay(engine, transport, listen=False)
     report = DrainReport()
@@ -69,7 +72,7 @@ def drain(
             report.rounds += 1
             sent = relay.run(once=True).sent
             processed = sum(
-                c.run(transport, once=True, idle_timeout=0.01).messages for c in consumers
+                c.run(transport, once=True, idle_timeout=wait).messages for c in consumers
             )
             report.sent += sent
             report.messages += processed
@@ -86,6 +89,7 @@ async def drain_async(
     *,
     fail_fast: bool = True,
     max_rounds: int = 50,
+    idle_timeout: float | None = None,
 ) -> DrainReport:
     """:func:`drain` for consumers with ``async def`` handlers, in the caller's event loop.
 
@@ -95,6 +99,7 @@ async def drain_async(
     import asyncio
 
     transport = transport if transport is not None else MemoryTransport(MemoryBroker())
+    wait = _idle_timeout(transport, idle_timeout)
     await asyncio.to_thread(_declare, transport, consumers)
     relay = Relay(engine, transport, listen=False)
     report = DrainReport()
@@ -105,10 +110,10 @@ async def drain_async(
             processed = 0
             for consumer in consumers:
                 if consumer.is_async:
-                    stats = await consumer.run_async(transport, once=True, idle_timeout=0.01)
+                    stats = await consumer.run_async(transport, once=True, idle_timeout=wait)
                 else:
                     stats = await asyncio.to_thread(
-                        consumer.run, transport, once=True, idle_timeout=0.01
+                        consumer.run, transport, once=True, idle_timeout=wait
                     )
                 processed += stats.messages
             report.sent += sent
@@ -117,6 +122,12 @@ async def drain_async(
             if not sent and not processed:
                 return report
     raise RuntimeError(f"still busy after {max_rounds} rounds: do handlers publish forever?")
+
+
+def _idle_timeout(transport: Transport, given: float | None) -> float:
+    if given is not None:
+        return given
+    return 0.01 if isinstance(transport, MemoryTransport) else 1.0
 
 
 def _declare(transport: Transport, consumers: Sequence[Consumer]) -> None:

@@ -15,6 +15,8 @@ Guide: docs/testing.md.
 
 from __future__ import annotations
 
+import importlib.util
+
 from ..transports.memory import MemoryBroker, MemoryTransport
 from .drain import DrainReport, HandlerFailed, drain, drain_async
 from .recorder import Published
@@ -29,9 +31,8 @@ __all__ = [
     "drain_async",
 ]
 
-try:  # the fixtures need pytest; the helpers above do not
+# The fixtures need pytest; the helpers above do not.
+if importlib.util.find_spec("pytest") is not None:
     from .fixtures import outboxer_broker, outboxer_published, outboxer_transport
-except ImportError:  # pragma: no cover - pytest is not installed
-    pass
-else:
+
     __all__ += ["outboxer_broker", "outboxer_published", "outboxer_transport"]

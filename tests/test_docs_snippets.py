@@ -172,3 +172,50 @@ def test_the_code_blocks_of_the_page_run_as_written(
     assert done.returncode == 0, f"{name}:\n{done.stdout}\n{done.stderr}"
     if os.environ.get("DOCS_SNIPPETS_VERBOSE"):
         print(done.stdout)
+
+
+def test_the_runner_reads_the_conventions_and_reports_the_failing_line(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text(
+        "Intro.\n\n"
+        '```python title="helper.py"\nVALUE = 41\n```\n\n'
+        "<!-- run: skip (a compose file) -->\n```bash\ndocker compose up -d\n```\n\n"
+        "```python\nfrom helper import VALUE\nanswer = VALUE + 1\n```\n\n"
+        "```\noutput, not run\n```\n\n"
+        "```python\nassert answer == 42\nraise RuntimeError('the snippet is broken')\n```\n"
+    )
+    found = blocks(page)
+    assert [(b.kind, b.line) for b in found] == [
+        ("file", 3),
+        (None, 8),
+        ("python", 12),
+        (None, 17),
+        ("python", 21),
+    ]
+    assert found[1].skip == "a compose file"
+    spec = tmp_path / "spec.json"
+    spec.write_text(
+        json.dumps(
+            {
+                "page": "page.md",
+                "steps": [
+                    {"kind": b.kind, "line": b.line, "title": b.title, "code": b.code}
+                    for b in found
+                    if b.kind
+                ],
+            }
+        )
+    )
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    done = subprocess.run(
+        [sys.executable, str(RUNNER), str(spec)],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1
+    # The traceback names the page and the line of the failing statement in it.
+    assert 'File "page.md", line 23' in done.stdout + done.stderr, done.stdout + done.stderr

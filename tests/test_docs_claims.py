@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 from importlib.metadata import metadata
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 from pydantic import BaseModel
@@ -116,3 +117,33 @@ def test_the_package_links_to_its_repository_and_docs_from_pypi() -> None:
         if not target.startswith(("https://", "http://", "#"))
     ]
     assert relative == [], f"relative links in README.md: {relative}"
+
+
+def test_relay_md_options_table_matches_the_command() -> None:
+    """Every flag, variable and numeric default in relay.md's options table is the CLI's."""
+    from outboxer.cli.relay import relay as relay_command
+
+    options: dict[str, click.Option] = {}
+    for param in relay_command.params:
+        if isinstance(param, click.Option):
+            for flag in (*param.opts, *param.secondary_opts):
+                options[flag] = param
+    relay_md = (ROOT / "docs" / "relay.md").read_text()
+    table = relay_md.split("## Options", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| `--")]
+    assert len(rows) >= 10
+    for first, default, _meaning in rows:
+        flags = re.findall(r"`(--[a-z-]+)`", first)
+        variables = re.findall(r"`(OUTBOXER_[A-Z_]+)`", first)
+        for flag in flags:
+            assert flag in options, f"relay.md documents {flag}, which `outboxer relay` lacks"
+        for variable, flag in zip(variables, flags, strict=False):
+            assert options[flag].envvar == variable, (
+                f"relay.md: {flag} reads {variable}; the command reads {options[flag].envvar}"
+            )
+        numbers = re.findall(r"[\d,.]+", default.replace(",", ""))
+        for flag, number in zip(flags, numbers, strict=False):
+            if options[flag].default is not None and not isinstance(options[flag].default, bool):
+                assert float(number) == float(options[flag].default), (
+                    f"relay.md: {flag} defaults to {number}; the command to {options[flag].default}"
+                )

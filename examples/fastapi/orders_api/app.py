@@ -42,6 +42,9 @@ def create_app(transport: Transport | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         broker = transport or outboxer.transport_from_url(os.environ["OUTBOXER_BROKER"])
+        # Declare the queue and its bindings before the app serves requests, so the first
+        # order's message has somewhere to go when the relay sends it.
+        await asyncio.to_thread(lambda: broker.receiver(shipping.subscription()).close())
         consuming = asyncio.create_task(shipping.run_async(broker, concurrency=4))
         try:
             yield

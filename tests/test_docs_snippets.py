@@ -15,6 +15,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import quote
 
@@ -61,10 +62,10 @@ PAGES = [p for p in pages() if runnable(p)]
 
 
 class Services:
-    """The test's stand-ins for the URLs a page names, created as pages need them."""
+    """The test's stand-ins for the URLs one page names, created as the page needs them."""
 
-    def __init__(self, request: pytest.FixtureRequest) -> None:
-        self.request = request
+    def __init__(self, sqs_endpoint: str | None) -> None:
+        self.sqs_endpoint = sqs_endpoint
         self.databases: list[str] = []
         self.vhosts: list[str] = []
 
@@ -94,8 +95,8 @@ class Services:
         return f"{RABBITMQ_URL.rstrip('/')}/{quote(vhost, safe='')}"
 
     def sqs(self) -> str:
-        endpoint = self.request.getfixturevalue("moto_endpoint")
-        return f"sqs://?region=us-east-1&endpoint_url={endpoint}"
+        assert self.sqs_endpoint is not None
+        return f"sqs://?region=us-east-1&endpoint_url={self.sqs_endpoint}"
 
     def close(self) -> None:
         for url in self.databases:
@@ -106,15 +107,6 @@ class Services:
             )
 
 
-@pytest.fixture
-def services(request: pytest.FixtureRequest) -> Iterator[Services]:
-    made = Services(request)
-    try:
-        yield made
-    finally:
-        made.close()
-
-
 def rewrite(code: str, urls: dict[str, str]) -> str:
     for pattern, key in ((POSTGRESQL_URL, "db"), (AMQP_URL, "amqp"), (SQS_URL, "sqs")):
         if key in urls:
@@ -122,10 +114,8 @@ def rewrite(code: str, urls: dict[str, str]) -> str:
     return code
 
 
-@pytest.mark.parametrize("page", PAGES, ids=[p.relative_to(ROOT).as_posix() for p in PAGES])
-def test_the_code_blocks_of_the_page_run_as_written(
-    page: Path, services: Services, tmp_path: Path
-) -> None:
+def run_page(page: Path, services: Services, workdir: Path) -> subprocess.CompletedProcess[str]:
+    """Run one page's blocks through tests/docsrun.py in ``workdir``; its output and status."""
     steps = runnable(page)
     text = "".join(b.code for b in steps)
     urls: dict[str, str] = {}
@@ -144,14 +134,13 @@ def test_the_code_blocks_of_the_page_run_as_written(
         ],
         "check": CHECKS.get(name),
     }
-    spec_path = tmp_path / "spec.json"
+    (workdir / "page").mkdir(parents=True)
+    spec_path = workdir / "spec.json"
     spec_path.write_text(json.dumps(spec))
-    workdir = tmp_path / "page"
-    workdir.mkdir()
     env = {
         **os.environ,
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "PYTHONPATH": str(workdir),
+        "PYTHONPATH": str(workdir / "page"),
         "PYTHONUNBUFFERED": "1",
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
@@ -160,15 +149,58 @@ def test_the_code_blocks_of_the_page_run_as_written(
     }
     for variable in ("OUTBOXER_DB", "OUTBOXER_BROKER", "VIRTUAL_ENV"):
         env.pop(variable, None)  # the page sets what it needs, as a reader would
-    done = subprocess.run(
+    return subprocess.run(
         [sys.executable, str(RUNNER), str(spec_path)],
-        cwd=workdir,
+        cwd=workdir / "page",
         env=env,
         capture_output=True,
         text=True,
         timeout=240,
         check=False,
     )
+
+
+TEST_NAME = "test_the_code_blocks_of_the_page_run_as_written"
+PARALLEL_PAGES = 3
+"""Pages run at once: they mostly wait (process start-up, brokers), each on its own
+database, virtual host and directory."""
+
+
+@pytest.fixture(scope="module")
+def page_runs(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Future[subprocess.CompletedProcess[str]]]]:
+    """Start every selected page at once (a few in parallel); each test waits for its own."""
+    selected = [
+        item.callspec.params["page"]
+        for item in request.session.items
+        if getattr(item, "originalname", None) == TEST_NAME and hasattr(item, "callspec")
+    ]
+    needs_sqs = any(SQS_URL.search("".join(b.code for b in runnable(p))) for p in selected)
+    endpoint = request.getfixturevalue("moto_endpoint") if needs_sqs else None
+    made: list[Services] = []
+    runs: dict[str, Future[subprocess.CompletedProcess[str]]] = {}
+    with ThreadPoolExecutor(PARALLEL_PAGES, thread_name_prefix="docs-page") as pool:
+        for page in selected:
+            services = Services(endpoint)
+            made.append(services)
+            workdir = tmp_path_factory.mktemp(page.stem)
+            runs[page.relative_to(ROOT).as_posix()] = pool.submit(run_page, page, services, workdir)
+        try:
+            yield runs
+        finally:
+            for future in runs.values():
+                future.cancel()
+    for services in made:
+        services.close()
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[p.relative_to(ROOT).as_posix() for p in PAGES])
+def test_the_code_blocks_of_the_page_run_as_written(
+    page: Path, page_runs: dict[str, Future[subprocess.CompletedProcess[str]]]
+) -> None:
+    name = page.relative_to(ROOT).as_posix()
+    done = page_runs[name].result()
     assert done.returncode == 0, f"{name}:\n{done.stdout}\n{done.stderr}"
     if os.environ.get("DOCS_SNIPPETS_VERBOSE"):
         print(done.stdout)

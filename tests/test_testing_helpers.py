@@ -170,3 +170,17 @@ def test_drain_works_over_a_real_rabbitmq(sqlite: Engine, rabbitmq_case: RabbitM
     report = drain(sqlite, [shop], rabbitmq_case.transport)
     assert (report.sent, report.messages) == (1, 1)
     assert effects(sqlite, "charge") == 1
+
+
+def test_drain_stops_a_handler_that_publishes_forever(sqlite: Engine) -> None:
+    Session = sessionmaker(sqlite, class_=outboxer.OutboxSession)
+    echo = outboxer.Consumer(Session, name="testing-echo")
+
+    @echo.handler(Placed)
+    def again(event: Placed, session: outboxer.OutboxSession) -> None:
+        session.publish(Placed(order_id=event.order_id + 1, customer=event.customer))
+
+    with Session.begin() as session:
+        session.publish(Placed(order_id=1, customer="ada"))
+    with pytest.raises(RuntimeError, match="still busy after 3 rounds"):
+        drain(sqlite, [echo], max_rounds=3)

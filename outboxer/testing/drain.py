@@ -62,24 +62,17 @@ def drain(
     waits for a message before its round ends: 0.01 s on the in-memory broker (delivery
     is immediate), 1 s on a network broker. Sync consumers only; see :func:`drain_async`.
     """
-    transport = transport if transport is not None else MemoryTransport(MemoryBroker())
-    wait = _idle_timeout(transport, idle_timeout)
-    _declare(transport, consumers)
-    relay = Relay(engine, transport, listen=False)
-    report = DrainReport()
-    with _capturing_errors(report):
-        for _ in range(max_rounds):
-            report.rounds += 1
-            sent = relay.run(once=True).sent
+    run = _Drain(engine, transport, fail_fast, max_rounds, idle_timeout)
+    run.declare(consumers)
+    with _capturing_errors(run.report):
+        for _ in run.rounds():
+            sent = run.relay.run(once=True).sent
             processed = sum(
-                c.run(transport, once=True, idle_timeout=wait).messages for c in consumers
+                c.run(run.transport, once=True, idle_timeout=run.wait).messages for c in consumers
             )
-            report.sent += sent
-            report.messages += processed
-            _raise_first(report, fail_fast)
-            if not sent and not processed:
-                return report
-    raise RuntimeError(f"still busy after {max_rounds} rounds: do handlers publish forever?")
+            if run.quiet_after(sent, processed):
+                return run.report
+    raise run.still_busy()
 
 
 async def drain_async(
@@ -98,41 +91,68 @@ async def drain_async(
     """
     import asyncio
 
-    transport = transport if transport is not None else MemoryTransport(MemoryBroker())
-    wait = _idle_timeout(transport, idle_timeout)
-    await asyncio.to_thread(_declare, transport, consumers)
-    relay = Relay(engine, transport, listen=False)
-    report = DrainReport()
-    with _capturing_errors(report):
-        for _ in range(max_rounds):
-            report.rounds += 1
-            sent = (await asyncio.to_thread(relay.run, True)).sent
+    run = _Drain(engine, transport, fail_fast, max_rounds, idle_timeout)
+    await asyncio.to_thread(run.declare, consumers)
+    with _capturing_errors(run.report):
+        for _ in run.rounds():
+            sent = (await asyncio.to_thread(run.relay.run, True)).sent
             processed = 0
             for consumer in consumers:
                 if consumer.is_async:
-                    stats = await consumer.run_async(transport, once=True, idle_timeout=wait)
+                    stats = await consumer.run_async(
+                        run.transport, once=True, idle_timeout=run.wait
+                    )
                 else:
                     stats = await asyncio.to_thread(
-                        consumer.run, transport, once=True, idle_timeout=wait
+                        consumer.run, run.transport, once=True, idle_timeout=run.wait
                     )
                 processed += stats.messages
-            report.sent += sent
-            report.messages += processed
-            _raise_first(report, fail_fast)
-            if not sent and not processed:
-                return report
-    raise RuntimeError(f"still busy after {max_rounds} rounds: do handlers publish forever?")
+            if run.quiet_after(sent, processed):
+                return run.report
+    raise run.still_busy()
 
 
-def _idle_timeout(transport: Transport, given: float | None) -> float:
-    if given is not None:
-        return given
-    return 0.01 if isinstance(transport, MemoryTransport) else 1.0
+class _Drain:
+    """What drain() and drain_async() share: the set-up, the rounds and their accounting."""
 
+    def __init__(
+        self,
+        engine: Engine,
+        transport: Transport | None,
+        fail_fast: bool,
+        max_rounds: int,
+        idle_timeout: float | None,
+    ) -> None:
+        self.transport = transport if transport is not None else MemoryTransport(MemoryBroker())
+        if idle_timeout is None:
+            idle_timeout = 0.01 if isinstance(self.transport, MemoryTransport) else 1.0
+        self.wait = idle_timeout
+        self.relay = Relay(engine, self.transport, listen=False)
+        self.report = DrainReport()
+        self.fail_fast = fail_fast
+        self.max_rounds = max_rounds
 
-def _declare(transport: Transport, consumers: Sequence[Consumer]) -> None:
-    for consumer in consumers:
-        transport.receiver(consumer.subscription()).close()
+    def declare(self, consumers: Sequence[Consumer]) -> None:
+        """Declare each consumer's queue and bindings, so the relay's sends reach them."""
+        for consumer in consumers:
+            self.transport.receiver(consumer.subscription()).close()
+
+    def rounds(self) -> Iterator[int]:
+        for number in range(1, self.max_rounds + 1):
+            self.report.rounds = number
+            yield number
+
+    def quiet_after(self, sent: int, processed: int) -> bool:
+        """Count a round; raise a handler's error (fail_fast); True when nothing moved."""
+        self.report.sent += sent
+        self.report.messages += processed
+        _raise_first(self.report, self.fail_fast)
+        return not sent and not processed
+
+    def still_busy(self) -> RuntimeError:
+        return RuntimeError(
+            f"still busy after {self.max_rounds} rounds: do handlers publish forever?"
+        )
 
 
 def _raise_first(report: DrainReport, fail_fast: bool) -> None:

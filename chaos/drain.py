@@ -1,0 +1,160 @@
+"""A drain under test: messages committed to a database, a collector on the broker, relay
+processes, and the loops that inject faults one after another and time each recovery."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from .collectors import RabbitCollector, SQSCollector, wait_until
+from .ledger import Figures, Ledger
+from .world import RelayProcess, backlog, publish
+
+SETTLE = 0.25  # seconds in which what was already at the broker reaches the collector
+
+
+@dataclass
+class Drain:
+    """One scenario's world. ``relays`` are stopped (SIGTERM) by :meth:`finish`."""
+
+    name: str
+    db_url: str
+    destination: str
+    expected: dict[str, int]
+    ledger: Ledger
+    relays: list[RelayProcess] = field(default_factory=list)
+    recoveries: list[float | None] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def published(self) -> int:
+        return sum(self.expected.values())
+
+    def pending(self) -> set[str]:
+        return self.ledger.pending_keys(self.expected)
+
+    def wait_started(self, fraction: float = 0.0, timeout: float = 120) -> None:
+        """Until the relays delivered more than ``fraction`` of the messages."""
+        if not wait_until(lambda: self.ledger.delivered > fraction * self.published, timeout):
+            raise RuntimeError(f"{self.name}: nothing delivered within {timeout:g} s")
+
+    def recovered(
+        self, since: float, keys: set[str], timeout: float, settle: float = SETTLE
+    ) -> float | None:
+        """Time one recovery: every key of ``keys`` delivers something new after ``since``
+        (arrivals within ``settle`` seconds were in flight before the fault)."""
+        took = self.ledger.wait_progress(keys, since, timeout, settle)
+        self.recoveries.append(took)
+        return took
+
+    def finish(self, timeout: float = 600, **extra: object) -> Figures:
+        """Wait for the outbox to drain and the collector to go quiet, stop the relays,
+        and compute the figures."""
+        drained = wait_until(lambda: backlog(self.db_url) == 0, timeout, interval=0.5)
+        self.ledger.wait_quiet(self.published, timeout=60 if drained else 5)
+        if not drained:
+            self.notes.append(
+                f"{backlog(self.db_url)} rows still in the outbox after {timeout:g} s"
+            )
+        for relay in self.relays:
+            status = relay.stop()
+            if status not in (0, None):
+                self.notes.append(f"{relay.name} exited with status {status}")
+        return self.ledger.figures(
+            self.name,
+            self.published,
+            faults=len(self.recoveries),
+            recoveries=self.recoveries,
+            seconds=round(time.monotonic() - self.started, 1),
+            notes=self.notes,
+            extra={"relay_logs": [r.log.name for r in self.relays], **extra},
+        )
+
+
+@contextmanager
+def rabbitmq_drain(
+    name: str, db_url: str, rabbitmq_url: str, messages: int, keys: int
+) -> Iterator[Drain]:
+    """``messages`` committed over ``keys`` keys for a fresh exchange, and a collector on it
+    (connected straight to ``rabbitmq_url``, never through a proxy)."""
+    destination = f"chaos-{name}-{uuid.uuid4().hex[:6]}"
+    ledger = Ledger()
+    collector = RabbitCollector(rabbitmq_url, destination, ledger)
+    try:
+        expected = publish(db_url, destination, messages, keys)
+        yield Drain(name, db_url, destination, expected, ledger)
+    finally:
+        collector.close()
+
+
+@contextmanager
+def sqs_drain(name: str, db_url: str, endpoint: str, messages: int, keys: int) -> Iterator[Drain]:
+    """The same on an SQS FIFO queue of moto's server at ``endpoint``."""
+    destination = f"chaos-{name}-{uuid.uuid4().hex[:6]}.fifo"
+    ledger = Ledger()
+    collector = SQSCollector(endpoint, destination, ledger)
+    try:
+        expected = publish(db_url, destination, messages, keys)
+        yield Drain(name, db_url, destination, expected, ledger)
+    finally:
+        collector.close()
+
+
+def kill_loop(
+    drain: Drain,
+    relay: RelayProcess,
+    kills: int,
+    rng: random.Random,
+    recover_timeout: float,
+    spacing: tuple[int, int] = (0, 4000),
+) -> None:
+    """SIGKILL the relay at a random moment, restart it at once, time how long until every
+    key that had messages left delivers again (recovery counts from the restart).
+
+    The moment is drawn in messages, not seconds (0 to 4,000 more deliveries after the
+    last recovery by default), so that the kills fall inside the drain at any speed.
+    """
+    for _ in range(kills):
+        target = drain.ledger.delivered + rng.randrange(*spacing)
+        wait_until(lambda t=target: drain.ledger.delivered >= t or not drain.pending(), 600, 0.01)
+        if not drain.pending():
+            drain.notes.append(f"drained after {len(drain.recoveries)} kills")
+            return
+        relay.kill()
+        time.sleep(SETTLE)  # what the dead relay had put at the broker arrives
+        keys = drain.pending()
+        restarted = relay.start()
+        drain.recovered(restarted, keys, recover_timeout, settle=0.0)
+
+
+def cut_loop(
+    drain: Drain,
+    arm: Callable[[random.Random], threading.Event],
+    cuts: int,
+    rng: random.Random,
+    recover_timeout: float,
+    fire_timeout: float = 60,
+) -> None:
+    """Arm a cut (``arm`` returns the proxy's Event), wait for it to fire, time the
+    recovery from that moment; repeat."""
+    for i in range(cuts):
+        if not drain.pending():
+            drain.notes.append(f"drained after {i} cuts")
+            return
+        fired = arm(rng)
+        deadline = time.monotonic() + fire_timeout
+        while not fired.wait(0.2):
+            if not drain.pending():
+                drain.notes.append(f"drained after {i} cuts (the last one never fired)")
+                return
+            if time.monotonic() > deadline:
+                drain.notes.append(f"cut {i + 1} did not fire within {fire_timeout:g} s (stall?)")
+                return
+        cut_at = time.monotonic()
+        drain.recovered(cut_at, drain.pending(), recover_timeout)

@@ -1,0 +1,163 @@
+"""The fault scenarios of issue 8, each a function returning its Figures.
+
+Every scenario drains messages through the real ``outboxer relay`` command (default
+options: batch 1000, lease 60 s) while a fault hits it, and a plain client records what
+reaches the broker. Faults that stop a broker or restart a database use private instances
+(chaos.private); cuts go through the fault proxy (tests/faultproxy.py) in front of the
+shared services, so nobody else's connections are touched.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from urllib.parse import urlsplit
+
+from sqlalchemy.engine import make_url
+
+from tests.faultproxy import DOWN, UP, FaultProxy
+
+from .drain import Drain, cut_loop, kill_loop, rabbitmq_drain, sqs_drain
+from .ledger import Figures
+from .private import stoppable_postgresql, stoppable_rabbitmq
+from .world import PG_SERVER, RABBITMQ_URL, RelayProcess, fresh_database
+
+RECOVER_TIMEOUT = 120.0  # longer than the relay's 60 s lease: a stall shows as its length
+# The collector reconnects to a restarted broker too (every 0.5 s), and then receives what
+# was in its queue: arrivals in the first second after the broker is back do not count.
+COLLECTOR_SETTLE = 1.0
+
+
+def relay(
+    drain: Drain, db_url: str, broker_url: str, *args: str, name: str = "relay"
+) -> RelayProcess:
+    process = RelayProcess(db_url, broker_url, *args, name=name)
+    drain.relays.append(process)
+    process.start()
+    return process
+
+
+def kill_rabbitmq(
+    messages: int = 100_000,
+    kills: int = 20,
+    keys: int = 100,
+    seed: int = 0,
+    spacing: tuple[int, int] = (0, 4000),
+) -> Figures:
+    """The relay SIGKILLed ``kills`` times at random moments of a drain to RabbitMQ."""
+    rng = random.Random(seed)
+    with (
+        fresh_database() as db,
+        rabbitmq_drain("kill-rabbitmq", db, RABBITMQ_URL, messages, keys) as drain,
+    ):
+        process = relay(drain, db, RABBITMQ_URL)
+        drain.wait_started()
+        kill_loop(drain, process, kills, rng, RECOVER_TIMEOUT, spacing)
+        return drain.finish()
+
+
+def kill_sqs(
+    messages: int = 3_000,
+    kills: int = 5,
+    keys: int = 30,
+    seed: int = 0,
+    spacing: tuple[int, int] = (0, 300),
+) -> Figures:
+    """The same on an SQS FIFO queue of moto's server. moto takes tens of milliseconds a
+    call, so the relay claims 100 rows at a time (``--batch-size 100``): with the default
+    1,000 the first claim would take the whole backlog and a kill would hit no drain."""
+    from bench.relay import moto_server
+
+    rng = random.Random(seed)
+    with moto_server() as endpoint, fresh_database() as db:
+        broker = f"sqs://?region=us-east-1&endpoint_url={endpoint}"
+        with sqs_drain("kill-sqs", db, endpoint, messages, keys) as drain:
+            process = relay(drain, db, broker, "--batch-size", "100")
+            drain.wait_started()
+            kill_loop(drain, process, kills, rng, RECOVER_TIMEOUT, spacing)
+            return drain.finish()
+
+
+def rabbitmq_stop(
+    messages: int = 100_000, keys: int = 100, down: float = 10.0, seed: int = 0
+) -> Figures:
+    """RabbitMQ (a private node: ``stop_app``) stopped for ``down`` seconds mid-drain."""
+    with (
+        stoppable_rabbitmq(RABBITMQ_URL) as broker,
+        fresh_database() as db,
+        rabbitmq_drain("rabbitmq-stop", db, broker.direct_url, messages, keys) as drain,
+    ):
+        relay(drain, db, broker.relay_url)
+        drain.wait_started(0.2)
+        broker.stop()
+        time.sleep(down)
+        broker.start()
+        back = time.monotonic()
+        drain.recovered(back, drain.pending(), RECOVER_TIMEOUT, settle=COLLECTOR_SETTLE)
+        drain.notes.append(f"RabbitMQ: {broker.kind}")
+        return drain.finish(down_seconds=down)
+
+
+def cut_rabbitmq(
+    messages: int = 100_000, cuts: int = 50, keys: int = 100, seed: int = 0
+) -> Figures:
+    """The relay<->RabbitMQ connection cut ``cuts`` times at random byte offsets (either
+    direction: publishes up, confirms down)."""
+    rng = random.Random(seed)
+    parts = urlsplit(RABBITMQ_URL)
+    with (
+        FaultProxy(parts.hostname or "127.0.0.1", parts.port or 5672) as proxy,
+        fresh_database() as db,
+        rabbitmq_drain("cut-rabbitmq", db, RABBITMQ_URL, messages, keys) as drain,
+    ):
+        relay(drain, db, proxy.url(RABBITMQ_URL))
+        drain.wait_started()
+
+        def arm(rng: random.Random) -> threading.Event:
+            if rng.random() < 0.5:
+                return proxy.cut_after(rng.randrange(60_000), UP)
+            return proxy.cut_after(rng.randrange(600), DOWN)
+
+        cut_loop(drain, arm, cuts, rng, RECOVER_TIMEOUT)
+        return drain.finish(connections=proxy.stats.connections)
+
+
+def cut_postgresql(
+    messages: int = 100_000, cuts: int = 50, keys: int = 100, seed: int = 0
+) -> Figures:
+    """The relay<->PostgreSQL connections cut ``cuts`` times at random byte offsets (claims
+    come down with the payloads; settles go up)."""
+    rng = random.Random(seed)
+    parts = urlsplit(PG_SERVER)
+    with (
+        FaultProxy(parts.hostname or "127.0.0.1", parts.port or 5432) as proxy,
+        fresh_database() as db,
+        rabbitmq_drain("cut-postgresql", db, RABBITMQ_URL, messages, keys) as drain,
+    ):
+        relay(drain, proxy.url(db), RABBITMQ_URL)
+        drain.wait_started()
+
+        def arm(rng: random.Random) -> threading.Event:
+            if rng.random() < 0.5:
+                return proxy.cut_after(rng.randrange(400_000), DOWN)
+            return proxy.cut_after(rng.randrange(40_000), UP)
+
+        cut_loop(drain, arm, cuts, rng, RECOVER_TIMEOUT)
+        return drain.finish(connections=proxy.stats.connections)
+
+
+def postgresql_restart(messages: int = 100_000, keys: int = 100, seed: int = 0) -> Figures:
+    """PostgreSQL (a private cluster) restarted (``pg_ctl restart -m fast``) mid-drain."""
+    with stoppable_postgresql(PG_SERVER) as server, fresh_database(server.direct_url) as db:
+        relay_db = make_url(db).set(
+            host=make_url(server.relay_url).host, port=make_url(server.relay_url).port
+        )
+        with rabbitmq_drain("postgresql-restart", db, RABBITMQ_URL, messages, keys) as drain:
+            relay(drain, relay_db.render_as_string(hide_password=False), RABBITMQ_URL)
+            drain.wait_started(0.2)
+            server.restart()
+            back = time.monotonic()
+            drain.recovered(back, drain.pending(), RECOVER_TIMEOUT)
+            drain.notes.append(f"PostgreSQL: {server.kind}")
+            return drain.finish()

@@ -23,8 +23,8 @@ from .errors import (
     TransportError,
     UnknownMessageType,
 )
+from .handlers import Context
 from .ids import uuid7
-from .inbox import Context
 from .message import Envelope, MessageType, message
 from .relay import Relay, RelayStats, relay_engine
 from .retry import Backoff, Retry

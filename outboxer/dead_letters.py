@@ -31,8 +31,8 @@ from sqlalchemy.orm import Session
 
 from . import instrumentation, store, wire
 from .errors import ConfigurationError, DeadLetterNotFound, OutboxerError
-from .inbox import FIRST_FAILED_AT
 from .message import Envelope
+from .plan import FIRST_FAILED_AT
 from .store import dead_letters as dead_letter_store
 from .store.dead_letters import DeadLetter, DeadLetterFilter
 

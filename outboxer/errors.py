@@ -16,6 +16,7 @@ is its default message.
      │    ├── MissingDestination   neither the call nor the type gives a destination
      │    └── InvalidHeaders       header names/values that are not strings
      ├── DecodeError               an incoming message that cannot be decoded (dead-lettered)
+     ├── HandlerSessionError       a handler committed the session outboxer gave it
      ├── TransportError            a broker could not be reached or refused a request
      └── DeadLetterNotFound        no dead letter with that id
 """
@@ -71,6 +72,11 @@ class InvalidHeaders(MessageError):
 
 class DecodeError(OutboxerError):
     """An incoming message cannot be decoded."""
+
+
+class HandlerSessionError(OutboxerError):
+    """A handler must not commit the session it is given: outboxer commits it, with the
+    inbox row, when the handler returns. Raise an exception to roll back instead."""
 
 
 class TransportError(OutboxerError):

@@ -33,6 +33,7 @@ from sqlalchemy.types import DateTime, TypeDecorator
 from .message import CONTENT_TYPE_JSON
 
 __all__ = [
+    "DedupKey",
     "UTCDateTime",
     "create_all",
     "dead_letter",
@@ -84,6 +85,33 @@ def _big_id() -> Any:
 def _long_bytes() -> Any:
     # MariaDB's BLOB stops at 64 KiB; payloads may be larger.
     return LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
+
+
+class DedupKey(TypeDecorator[str]):
+    """An inbox dedup key: text that compares exactly, trailing spaces included.
+
+    PostgreSQL and SQLite compare ``VARCHAR`` exactly. On MariaDB/MySQL the key is stored
+    as ``VARBINARY(1020)`` (255 characters of UTF-8), because ``utf8mb4_bin`` is a PAD
+    SPACE collation there; values are still ``str`` in Python.
+    """
+
+    impl = String(255)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> Any:
+        if dialect.name in ("mysql", "mariadb"):
+            return dialect.type_descriptor(mysql.VARBINARY(1020))
+        return dialect.type_descriptor(String(255))
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        if isinstance(value, str) and dialect.name in ("mysql", "mariadb"):
+            return value.encode("utf-8")
+        return value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
+        if isinstance(value, (bytes, bytearray)):
+            return bytes(value).decode("utf-8")
+        return value
 
 
 def _long_text() -> Any:
@@ -169,8 +197,10 @@ inbox = Table(
     "outboxer_inbox",
     metadata,
     Column("handler", String(255), nullable=False),
-    # The message id, or the business key a handler deduplicates on.
-    Column("dedup_key", String(255), nullable=False),
+    # The message id, or the business key a handler deduplicates on (long keys hashed,
+    # see store.inbox.stored_key). Binary on MariaDB/MySQL: their utf8mb4_bin is a PAD
+    # SPACE collation, where 'order-42' and 'order-42 ' would be one key.
+    Column("dedup_key", DedupKey(), nullable=False),
     Column("message_id", Uuid(), nullable=False),
     Column("message_type", String(255), nullable=False),
     Column("processed_at", UTCDateTime(), nullable=False),

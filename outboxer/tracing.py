@@ -59,9 +59,19 @@ class _Span(SpanHandle):
     def record_error(self, exc: BaseException) -> None:
         from opentelemetry.trace import Status, StatusCode
 
-        self._span.record_exception(exc)
+        from .redaction import error_text, traceback_text
+
+        # Redacted: a database error's parameters and row details stay out of traces.
+        message = error_text(exc)
+        self._span.record_exception(
+            exc,
+            attributes={
+                "exception.message": message,
+                "exception.stacktrace": traceback_text(exc),
+            },
+        )
         self._span.set_attribute("error.type", _error_type(exc))
-        self._span.set_status(Status(StatusCode.ERROR, str(exc)))
+        self._span.set_status(Status(StatusCode.ERROR, message[:1000]))
 
     def trace_headers(self) -> dict[str, str]:
         return _headers_of(self._span.get_span_context())
@@ -420,23 +430,29 @@ def _headers_of(context: SpanContext) -> dict[str, str]:
 
 
 def _span_context(traceparent: str | None, tracestate: str | None) -> SpanContext | None:
-    """Parse a W3C traceparent (version 00) without building a full propagation context."""
+    """The remote span context of a W3C traceparent; None when it is absent or invalid.
+
+    Invalid by the W3C rules (see :func:`outboxer.wire.traceparent_fields`) means the
+    sender does not choose the trace or its sampling: the message starts a new trace.
+    """
     if not traceparent:
         return None
-    parts = traceparent.split("-")
-    if len(parts) < 4 or len(parts[1]) != 32 or len(parts[2]) != 16:
+    from .wire import traceparent_fields
+
+    fields = traceparent_fields(traceparent)
+    if fields is None:
         return None
-    try:
-        trace_id, span_id, flags = int(parts[1], 16), int(parts[2], 16), int(parts[3][:2], 16)
-    except ValueError:
-        return None
-    if not trace_id or not span_id:
-        return None
+    trace_id, span_id, flags = fields
     from opentelemetry.trace import SpanContext, TraceFlags, TraceState
 
-    state = TraceState.from_header([tracestate]) if tracestate else None
+    state = None
+    if tracestate:
+        try:
+            state = TraceState.from_header([tracestate])
+        except Exception:  # a malformed tracestate is dropped, the parent kept (W3C)
+            state = None
     return SpanContext(
-        trace_id, span_id, is_remote=True, trace_flags=TraceFlags(flags), trace_state=state
+        trace_id, span_id, is_remote=True, trace_flags=TraceFlags(flags & 0xFF), trace_state=state
     )
 
 

@@ -28,9 +28,12 @@ __all__ = [
     "TRACEPARENT",
     "TRACESTATE",
     "TYPE",
+    "UNDECODABLE",
     "decode",
     "encode_headers",
+    "traceparent_fields",
     "user_headers",
+    "valid_traceparent",
 ]
 
 MESSAGE_ID = "outboxer-id"
@@ -95,11 +98,33 @@ def user_headers(headers: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in headers.items() if k not in RESERVED}
 
 
-def decode(body: bytes, headers: Mapping[str, str], destination: str) -> Envelope:
-    """Rebuild the envelope of a delivered message; :class:`DecodeError` says what is missing.
+UNDECODABLE = "x-outboxer-undecodable"
+"""Set by a receiver on a delivery whose metadata the broker client could not decode (the
+value says why); the consumer dead-letters such a delivery with that reason."""
 
-    The payload itself is not parsed here: the consumer decodes it for the type it handles.
+# Bounds of the envelope fields, from the columns they are stored in (outbox, dead letter).
+_LIMITS = {
+    TYPE: 255,
+    CORRELATION_ID: 255,
+    CAUSATION_ID: 255,
+    KEY: 255,
+    HANDLER: 255,
+    CONTENT_TYPE: 100,
+}
+_TRACESTATE_MAX = 512
+
+
+def decode(body: bytes, headers: Mapping[str, str], destination: str) -> Envelope:
+    """Rebuild the envelope of a delivered message; :class:`DecodeError` says what is wrong.
+
+    The envelope fields are checked against what outboxer can store: text of bounded
+    length without control characters, an aware occurred-at time. Trace context that is
+    not valid W3C is dropped (the message starts a new trace), as the W3C rules ask. The
+    payload itself is not parsed here: the consumer decodes it for the type it handles.
     """
+    undecodable = headers.get(UNDECODABLE)
+    if undecodable:
+        raise DecodeError(f"the broker client could not decode this delivery: {undecodable}")
     missing = [name for name in (MESSAGE_ID, TYPE) if not headers.get(name)]
     if missing:
         raise DecodeError(
@@ -107,23 +132,47 @@ def decode(body: bytes, headers: Mapping[str, str], destination: str) -> Envelop
             f"{', '.join(missing)}: it was not published by outboxer, or its headers were "
             "stripped on the way"
         )
+    for name, limit in _LIMITS.items():
+        value = headers.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise DecodeError(f"{name} is not text")
+        if len(value) > limit:
+            raise DecodeError(f"{name} is {len(value)} characters long; the limit is {limit}")
+        if not value.isprintable():
+            raise DecodeError(f"{name} holds control characters: {value[:80]!r}")
     try:
         message_id = UUID(headers[MESSAGE_ID])
-    except ValueError as exc:
-        raise DecodeError(f"{MESSAGE_ID} is not a UUID: {headers[MESSAGE_ID]!r}") from exc
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise DecodeError(f"{MESSAGE_ID} is not a UUID: {headers[MESSAGE_ID]!r:.80}") from exc
     occurred_raw = headers.get(OCCURRED_AT)
     try:
         occurred_at = datetime.fromisoformat(occurred_raw) if occurred_raw else None
-    except ValueError as exc:
-        raise DecodeError(f"{OCCURRED_AT} is not an ISO 8601 time: {occurred_raw!r}") from exc
+    except (ValueError, TypeError) as exc:
+        raise DecodeError(f"{OCCURRED_AT} is not an ISO 8601 time: {occurred_raw!r:.80}") from exc
     if occurred_at is None:
         raise DecodeError(f"message {message_id} is missing envelope header {OCCURRED_AT}")
+    if occurred_at.tzinfo is None:
+        raise DecodeError(f"{OCCURRED_AT} has no time zone: {occurred_raw!r:.80}")
     attempt_raw = headers.get(ATTEMPT, "1")
     try:
         attempt = int(attempt_raw)
-    except ValueError as exc:
-        raise DecodeError(f"{ATTEMPT} is not a whole number: {attempt_raw!r}") from exc
+    except (ValueError, TypeError) as exc:
+        raise DecodeError(f"{ATTEMPT} is not a whole number: {attempt_raw!r:.80}") from exc
     correlation = headers.get(CORRELATION_ID)
+    traceparent = headers.get(TRACEPARENT) or None
+    tracestate = headers.get(TRACESTATE) or None
+    if traceparent is not None:
+        if valid_traceparent(traceparent):
+            # A later version may add fields; the ones version 00 defines are what we keep.
+            traceparent = traceparent[:55]
+        else:
+            traceparent = tracestate = None
+    if tracestate is not None and (
+        len(tracestate) > _TRACESTATE_MAX or not tracestate.isprintable()
+    ):
+        tracestate = None
     return Envelope(
         message_id=message_id,
         type=headers[TYPE],
@@ -134,9 +183,47 @@ def decode(body: bytes, headers: Mapping[str, str], destination: str) -> Envelop
         correlation_id=None if correlation in (None, "", str(message_id)) else correlation,
         causation_id=headers.get(CAUSATION_ID) or None,
         headers=user_headers(headers),
-        traceparent=headers.get(TRACEPARENT) or None,
-        tracestate=headers.get(TRACESTATE) or None,
+        traceparent=traceparent,
+        tracestate=tracestate,
         content_type=headers.get(CONTENT_TYPE) or CONTENT_TYPE_JSON,
         handler=headers.get(HANDLER) or None,
         attempt=attempt,
     )
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def traceparent_fields(traceparent: str) -> tuple[int, int, int] | None:
+    """(trace id, parent id, flags) of a W3C ``traceparent``, or None if it is invalid.
+
+    The rules of W3C Trace Context, level 1: lower-case hex fields; version ``ff`` is
+    invalid; version ``00`` has exactly four fields (55 characters); a later version is
+    read by the fields ``00`` defines, and what follows must start with ``-``; the trace
+    id and parent id must not be all zeros.
+    """
+    if len(traceparent) < 55:
+        return None
+    version, trace_id, parent_id, flags = (
+        traceparent[0:2],
+        traceparent[3:35],
+        traceparent[36:52],
+        traceparent[53:55],
+    )
+    if traceparent[2] != "-" or traceparent[35] != "-" or traceparent[52] != "-":
+        return None
+    if not set(version + trace_id + parent_id + flags) <= _HEX or version == "ff":
+        return None
+    if version == "00" and len(traceparent) != 55:
+        return None
+    if len(traceparent) > 55 and traceparent[55] != "-":
+        return None
+    trace, parent = int(trace_id, 16), int(parent_id, 16)
+    if not trace or not parent:
+        return None
+    return trace, parent, int(flags, 16)
+
+
+def valid_traceparent(traceparent: str) -> bool:
+    """Whether ``traceparent`` is a valid W3C traceparent (see :func:`traceparent_fields`)."""
+    return traceparent_fields(traceparent) is not None

@@ -148,7 +148,7 @@ class Line:
 
 def run_totals(log: str) -> tuple[int, int, int]:
     """(messages, processed, duplicates) from the last line an outboxer-inbox logs."""
-    found = re.search(r": (\d+) messages, (\d+) processed, (\d+) duplicates", log)
+    found = re.search(r": (\d+) messages?, (\d+) processed, (\d+) duplicates?", log)
     assert found, log
     return int(found.group(1)), int(found.group(2)), int(found.group(3))
 

@@ -41,7 +41,12 @@ def db_option(required: bool = True) -> Callable[[F], F]:
 
 
 def make_engine(url: str, factory: Callable[..., Engine] = create_engine, **kwargs: Any) -> Engine:
-    """An engine for ``url``, or a clear CLI error naming what is wrong with it."""
+    """An engine for ``url``, or a clear CLI error naming what is wrong with it.
+
+    Its errors never carry bound parameters (``hide_parameters``): row values would
+    otherwise reach logs and dead letters.
+    """
+    kwargs.setdefault("hide_parameters", True)
     try:
         parsed = make_url(url)
     except ArgumentError as exc:

@@ -12,6 +12,7 @@ from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.syntax import Syntax
 from rich.table import Table
+from rich.text import Text
 from sqlalchemy.orm import sessionmaker
 
 from ..dead_letters import DeadLetter, DeadLetters
@@ -95,14 +96,16 @@ def list_(
         where = (
             f"{letter.consumer}:{letter.handler}" if letter.handler else (letter.destination or "")
         )
-        error = f"[bold]{letter.error_type}[/]: {_shorten(letter.error_message, 80)}"
+        error = Text.assemble(
+            (_clean(letter.error_type), "bold"), ": ", _clean(_shorten(letter.error_message, 80))
+        )
         if letter.replayed_at:
-            error += " [dim](replayed)[/]"
+            error.append(" (replayed)", style="dim")
         table.add_row(
             str(letter.id),
-            letter.origin,
-            where,
-            letter.message_type or "?",
+            _text(letter.origin),
+            _text(where),
+            _text(letter.message_type or "?"),
             error,
             str(letter.attempts),
             _time(letter.last_failed_at),
@@ -142,11 +145,11 @@ def show(db_url: str, dead_letter_id: int) -> None:
         ("error", f"{letter.error_type}: {letter.error_message}"),
     ):
         if value not in (None, ""):
-            fields.add_row(name, str(value))
+            fields.add_row(name, _text(str(value)))
     console.print(Panel(fields, title=f"dead letter {letter.id}"))
     console.print(Panel(_payload(letter.payload), title="payload"))
     if letter.traceback:
-        console.print(Panel(letter.traceback.rstrip(), title="traceback"))
+        console.print(Panel(_text(letter.traceback.rstrip(), keep_lines=True), title="traceback"))
 
 
 @dead_letter.command()
@@ -168,7 +171,9 @@ def replay(db_url: str, dead_letter_id: int, keep: bool) -> None:
         if letter.origin == "handler"
         else (f"{letter.consumer or letter.destination}")
     )
-    console.print(f"replayed dead letter {dead_letter_id} (message {message_id}) to {target}")
+    console.print(
+        _text(f"replayed dead letter {dead_letter_id} (message {message_id}) to {target}")
+    )
 
 
 @dead_letter.command("replay-all")
@@ -251,9 +256,25 @@ def _progress() -> Progress:
 
 def _payload(payload: bytes) -> Any:
     try:
+        # ASCII JSON: control characters in strings are shown as escapes, never sent.
         return Syntax(json.dumps(json.loads(payload), indent=2), "json", word_wrap=True)
-    except ValueError:
-        return repr(payload[:2000])
+    except (ValueError, RecursionError):
+        return Text(repr(payload[:2000]))
+
+
+def _clean(text: str, keep_lines: bool = False) -> str:
+    """``text`` without control characters (escape sequences, bells, carriage returns):
+    message text comes from outside and must not drive the operator's terminal."""
+    kept = "\n\t" if keep_lines else ""
+    return "".join(
+        c if c.isprintable() or c in kept else f"\\x{ord(c):02x}" if ord(c) < 256 else "?"
+        for c in text
+    )
+
+
+def _text(text: str, keep_lines: bool = False) -> Text:
+    """Message text for Rich, taken literally (no markup) and cleaned of control characters."""
+    return Text(_clean(text, keep_lines))
 
 
 def _summary(letter: DeadLetter) -> dict[str, Any]:

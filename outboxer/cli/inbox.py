@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import sessionmaker
 
 from ..consumer import Consumer
+from ..plan import plural
 from ..store import dead_letters as dead_letter_store
 from ..store import inbox as inbox_store
 from ..tracing import configure_from_env
@@ -31,7 +33,11 @@ def load_consumer(target: str) -> Consumer:
             f"{target!r} is not PACKAGE.MODULE:ATTRIBUTE (for example myapp.consumers:billing)",
             param_hint="CONSUMER",
         )
-    sys.path.insert(0, ".")
+    # The current directory goes last: the application's module is found there, but a
+    # stray file (a pika.py, a json.py) never replaces an installed package.
+    here = os.getcwd()
+    if here not in sys.path and "" not in sys.path and "." not in sys.path:
+        sys.path.append(here)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -96,12 +102,12 @@ def main(target: str, broker_url: str, concurrency: int, once: bool, log_level: 
         transport.close()
         shutdown_telemetry()
     log.info(
-        "consumer %s: %d messages, %d processed, %d duplicates, %d retries, %d dead-lettered",
+        "consumer %s: %s, %d processed, %s, %s, %d dead-lettered",
         consumer.name,
-        stats.messages,
+        plural(stats.messages, "message"),
         stats.processed,
-        stats.duplicates,
-        stats.retries_scheduled,
+        plural(stats.duplicates, "duplicate"),
+        plural(stats.retries_scheduled, "retry", "retries"),
         stats.dead_lettered + stats.rejected,
     )
 

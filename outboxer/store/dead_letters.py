@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 from uuid import UUID
 
@@ -32,6 +32,7 @@ __all__ = [
     "list_dead_letters",
     "mark_replayed",
     "prune_dead_letters",
+    "quarantine",
 ]
 
 ORIGINS = ("relay", "handler", "consumer")
@@ -135,7 +136,12 @@ class DeadLetterFilter:
 
 
 def insert_dead_letters(connection: Connection, rows: Sequence[NewDeadLetter]) -> None:
-    """Park ``rows`` in the caller's transaction (failure times on the database clock)."""
+    """Park ``rows`` in the caller's transaction (failure times on the database clock).
+
+    Nothing a message carries can make this fail: every text field is cut to its column
+    (with a marker) and stripped of what the databases refuse (NUL, lone surrogates), a
+    naive time is read as UTC, and a traceparent that does not fit is left out.
+    """
     if not rows:
         return
     now = db_now(connection.dialect)
@@ -144,6 +150,65 @@ def insert_dead_letters(connection: Connection, rows: Sequence[NewDeadLetter]) -
         last_failed_at=now,
     )
     connection.execute(stmt, [_values(row) for row in rows])
+
+
+def quarantine(
+    *,
+    consumer: str | None,
+    destination: str | None,
+    error_type: str,
+    error: str,
+    payload: bytes = b"",
+) -> NewDeadLetter:
+    """The last-resort dead letter: it needs nothing from the message.
+
+    Written when even the bounded dead letter of a message could not be stored (its
+    payload is larger than the database accepts, say), so the delivery can still be
+    settled; the reason says what was lost. ``payload`` is the start of the body at most:
+    bytes, which any database stores.
+    """
+    return NewDeadLetter(
+        origin="consumer",
+        error_type=error_type,
+        error_message=error,
+        attempts=1,
+        raw_body=payload,
+        destination=destination,
+        consumer=consumer,
+    )
+
+
+_TRUNCATED = "…[truncated]"
+_TEXT_LIMIT = 64 * 1024
+"""Error messages and tracebacks are cut here: enough to debug, never a huge packet."""
+
+
+def _text(value: object, limit: int | None) -> str | None:
+    """``value`` as text every database stores: no NUL, no lone surrogates, at most ``limit``."""
+    if value is None:
+        return None
+    text = value if isinstance(value, str) else str(value)
+    if "\x00" in text:
+        text = text.replace("\x00", "\\0")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    if limit is not None and len(text) > limit:
+        text = text[: limit - len(_TRUNCATED)] + _TRUNCATED
+    return text
+
+
+def _length(column: str) -> int | None:
+    """The declared length of a text column of the dead-letter table."""
+    length = getattr(dead_letter.c[column].type, "length", None)
+    return length if isinstance(length, int) else None
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.replace(tzinfo=timezone.utc)
 
 
 def _values(row: NewDeadLetter) -> dict[str, Any]:
@@ -178,19 +243,42 @@ def _values(row: NewDeadLetter) -> dict[str, Any]:
             "tracestate": row.raw_headers.get("tracestate"),
             "occurred_at": None,
         }
+    for name in (
+        "message_type",
+        "destination",
+        "message_key",
+        "content_type",
+        "correlation_id",
+        "causation_id",
+        "tracestate",
+    ):
+        values[name] = _text(values[name], _length(name))
+    traceparent = _text(values["traceparent"], None)
+    # A traceparent cut short is no traceparent: leave it out rather than store a wrong one.
+    values["traceparent"] = traceparent if traceparent and len(traceparent) <= 64 else None
+    values["occurred_at"] = _aware(values["occurred_at"])
+    if not isinstance(values["payload"], (bytes, bytearray, memoryview)):
+        values["payload"] = str(values["payload"]).encode("utf-8", "replace")
     values.update(
         origin=row.origin,
-        consumer=row.consumer,
-        handler=row.handler,
-        headers=json.dumps(dict(headers)) if headers else None,
-        error_type=row.error_type[:255],
-        error_message=row.error_message,
-        traceback=row.traceback,
-        attempts=row.attempts,
-        first_failed=row.first_failed_at,
+        consumer=_text(row.consumer, _length("consumer")),
+        handler=_text(row.handler, _length("handler")),
+        headers=_headers_json(headers),
+        error_type=_text(row.error_type, _length("error_type")) or "error",
+        error_message=_text(row.error_message, _TEXT_LIMIT) or "",
+        traceback=_text(row.traceback, _TEXT_LIMIT),
+        attempts=max(0, min(int(row.attempts), 2**31 - 1)),
+        first_failed=_aware(row.first_failed_at),
         replayed_at=None,
     )
     return values
+
+
+def _headers_json(headers: Mapping[str, Any]) -> str | None:
+    if not headers:
+        return None
+    # ASCII JSON: NUL and lone surrogates become escapes, which every database stores.
+    return json.dumps({str(k): v if isinstance(v, str) else str(v) for k, v in headers.items()})
 
 
 def list_dead_letters(

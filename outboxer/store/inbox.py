@@ -5,6 +5,7 @@ Every function runs in the caller's transaction.
 
 from __future__ import annotations
 
+import hashlib
 from functools import cache
 from typing import Any
 from uuid import UUID
@@ -17,7 +18,38 @@ from ..tables import inbox
 from .clock import clock_params, db_now_plus, now
 from .compiled import Compiled
 
-__all__ = ["count_inbox", "prune_inbox", "record_inbox"]
+__all__ = ["count_inbox", "prune_inbox", "record_inbox", "stored_key"]
+
+_HASHED = "sha256:"
+_KEY_LIMIT = 255
+
+
+def stored_key(dedup_key: str) -> str:
+    """The form of ``dedup_key`` the inbox stores, so that keys compare exactly everywhere.
+
+    A key of at most 255 characters of plain text is stored as it is. A longer one (which
+    a column would refuse, or MariaDB's ``INSERT IGNORE`` would silently cut, making two
+    keys one), one with control characters or lone surrogates (which PostgreSQL refuses),
+    and one that itself starts with ``sha256:`` is stored as ``sha256:`` and the hex
+    SHA-256 of its UTF-8 bytes. Distinct keys stay distinct.
+    """
+    if (
+        len(dedup_key) <= _KEY_LIMIT
+        and dedup_key.isprintable()
+        and not dedup_key.startswith(_HASHED)
+        and _encodable(dedup_key)
+    ):
+        return dedup_key
+    digest = hashlib.sha256(dedup_key.encode("utf-8", "surrogatepass")).hexdigest()
+    return _HASHED + digest
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def record_inbox(
@@ -33,9 +65,9 @@ def record_inbox(
     plan = _insert_if_absent(dialect)
     values = {
         "handler": handler,
-        "dedup_key": dedup_key,
+        "dedup_key": stored_key(dedup_key),
         "message_id": message_id,
-        "message_type": message_type,
+        "message_type": message_type[:255],
         **clock_params(dialect.name),
     }
     result = connection.exec_driver_sql(

@@ -7,9 +7,11 @@ instead of being published; receiving, :func:`canonical_headers` rebuilds the ex
 
 from __future__ import annotations
 
+import struct
 from datetime import datetime, timezone
-from typing import Literal
+from typing import Any, Literal
 
+from pika import spec
 from pika.spec import BasicProperties
 
 from ... import wire
@@ -80,33 +82,104 @@ def _utf8_over(text: str, limit: int) -> bool:
     return len(text) * 4 > limit and len(text.encode()) > limit
 
 
-def _table_value(value: object) -> str:
+_MAX_TABLE_VALUE = 64 * 1024
+
+
+def _text(value: object) -> str:
+    """A property or table value as text; never raises (a delivery is not trusted)."""
     if isinstance(value, str):
         return value
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "replace")
     if isinstance(value, datetime):
         return value.isoformat()
-    return str(value)
+    if isinstance(value, (dict, list)):
+        return "<nested AMQP value>"  # outboxer's headers are flat strings
+    try:
+        return str(value)[:_MAX_TABLE_VALUE]
+    except Exception:
+        return f"<unreadable {type(value).__name__}>"
 
 
 def canonical_headers(properties: BasicProperties) -> dict[str, str]:
-    """The canonical header map of a delivered message: its table, then its properties."""
+    """The canonical header map of a delivered message: its table, then its properties.
+
+    Whatever the delivery carries, this returns a map of strings: a property that is
+    not UTF-8 is decoded with replacement characters, a timestamp no datetime can hold
+    is left out (the message then has no occurred-at time and is dead-lettered).
+    """
     headers: dict[str, str] = {}
     table = properties.headers
-    if table:
+    if isinstance(table, dict):
         for name, value in table.items():
-            headers[str(name)] = _table_value(value)
-    if properties.message_id:
-        headers[wire.MESSAGE_ID] = properties.message_id
-    if properties.type:
-        headers[wire.TYPE] = properties.type
-    if properties.correlation_id:
-        headers[wire.CORRELATION_ID] = properties.correlation_id
-    if properties.content_type:
-        headers[wire.CONTENT_TYPE] = properties.content_type
+            headers[_text(name)] = _text(value)
+    for name, value in (
+        (wire.MESSAGE_ID, properties.message_id),
+        (wire.TYPE, properties.type),
+        (wire.CORRELATION_ID, properties.correlation_id),
+        (wire.CONTENT_TYPE, properties.content_type),
+    ):
+        if value:
+            headers[name] = _text(value)
     if wire.OCCURRED_AT not in headers and properties.timestamp is not None:
         # Another publisher's message: the property is all there is.
-        occurred = datetime.fromtimestamp(properties.timestamp, timezone.utc)
-        headers[wire.OCCURRED_AT] = occurred.isoformat()
+        try:
+            occurred = datetime.fromtimestamp(properties.timestamp, timezone.utc)
+        except (OverflowError, OSError, ValueError, TypeError):
+            pass
+        else:
+            headers[wire.OCCURRED_AT] = occurred.isoformat()
     return headers
+
+
+class TolerantProperties(BasicProperties):
+    """pika's BasicProperties, except that a header table pika cannot decode does not
+    take the connection down.
+
+    pika decodes a header table recursively; one nested a few thousand levels deep (or
+    otherwise malformed) raises inside pika's frame decoder, which drops the connection,
+    and the broker redelivers the message to the next connection: a loop no consumer
+    gets out of. Here the table is skipped by its length prefix instead, the other
+    properties are decoded as usual, and the headers say why
+    (``x-outboxer-undecodable``), so the consumer dead-letters the delivery once.
+    """
+
+    def decode(self, encoded: bytes, offset: int = 0) -> Any:
+        try:
+            return super().decode(encoded, offset)
+        except Exception as exc:  # RecursionError, struct.error, a bad type tag...
+            reason = f"{type(exc).__name__}: {str(exc)[:200]}"
+        stripped = _without_headers(encoded, offset)
+        if stripped is None:
+            raise ValueError(f"undecodable AMQP properties ({reason})")
+        super().decode(stripped, 0)
+        self.headers = {UNDECODABLE_TABLE: f"the AMQP header table cannot be decoded ({reason})"}
+        return self
+
+
+UNDECODABLE_TABLE = wire.UNDECODABLE
+
+
+def _without_headers(encoded: bytes, offset: int) -> bytes | None:
+    """``encoded`` properties with the header table cut out (its flag cleared), or None."""
+    try:
+        (flags,) = struct.unpack_from(">H", encoded, offset)
+        if flags & 1 or not flags & BasicProperties.FLAG_HEADERS:
+            return None  # a second flag word (never sent by RabbitMQ), or no table at all
+        position = offset + 2
+        for flag in (BasicProperties.FLAG_CONTENT_TYPE, BasicProperties.FLAG_CONTENT_ENCODING):
+            if flags & flag:
+                position += 1 + encoded[position]
+        (length,) = struct.unpack_from(">I", encoded, position)
+        end = position + 4 + length
+        if end > len(encoded):
+            return None
+        head = struct.pack(">H", flags & ~BasicProperties.FLAG_HEADERS)
+        return head + encoded[offset + 2 : position] + encoded[end:]
+    except (struct.error, IndexError):
+        return None
+
+
+def install_tolerant_properties() -> None:
+    """Make pika decode content headers with :class:`TolerantProperties` (idempotent)."""
+    spec.props[BasicProperties.INDEX] = TolerantProperties

@@ -18,6 +18,8 @@ _URL_OPTIONS: dict[str, type] = {
     "max_message_bytes": int,
     "connect_timeout": float,
     "connection_name": str,
+    "queue_type": str,
+    "delivery_limit": int,
 }
 
 
@@ -79,3 +81,32 @@ def _scrub(text: str, password: str | None) -> str:
         for secret in {password, unquote(password)}:
             text = text.replace(secret, "***")
     return text
+
+
+def _queue_arguments(queue_type: str | None, delivery_limit: int | None) -> dict[str, object]:
+    """The arguments consumer queues are declared with (see RabbitMQTransport)."""
+    if queue_type not in (None, "classic", "quorum"):
+        raise ConfigurationError(
+            f"RabbitMQ option queue_type must be classic or quorum, got {queue_type!r}"
+        )
+    if delivery_limit is not None:
+        if (
+            isinstance(delivery_limit, bool)
+            or not isinstance(delivery_limit, int)
+            or delivery_limit < 1
+        ):
+            raise ConfigurationError(
+                "RabbitMQ option delivery_limit must be a whole number >= 1, "
+                f"got {delivery_limit!r}"
+            )
+        if queue_type != "quorum":
+            raise ConfigurationError(
+                "RabbitMQ option delivery_limit needs queue_type=quorum (classic queues do not "
+                "count deliveries)"
+            )
+    arguments: dict[str, object] = {}
+    if queue_type == "quorum":
+        arguments["x-queue-type"] = "quorum"
+    if delivery_limit is not None:
+        arguments["x-delivery-limit"] = delivery_limit
+    return arguments

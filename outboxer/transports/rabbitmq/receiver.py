@@ -23,8 +23,11 @@ from pika.spec import Basic, BasicProperties
 from ... import wire
 from ...errors import TransportError
 from ..base import Delivery, Receiver, Subscription
-from .amqp import canonical_headers
+from .amqp import UNDECODABLE_TABLE, canonical_headers, install_tolerant_properties
 from .ioloop import _cause, _IOThread, _logged, log
+
+# A delivery whose header table pika cannot decode must not drop the connection.
+install_tolerant_properties()
 
 if TYPE_CHECKING:
     from .transport import RabbitMQTransport
@@ -80,8 +83,10 @@ class _RabbitReceiver(Receiver):
         parameters: Parameters,
         connect_timeout: float,
         where: str,
+        queue_arguments: dict[str, object] | None = None,
     ) -> None:
         self._transport = transport
+        self._queue_arguments = dict(queue_arguments or {})
         self._io = io
         self._subscription = subscription
         self._params = parameters
@@ -251,8 +256,21 @@ class _RabbitReceiver(Receiver):
         self._channel = channel
         sub = self._subscription
         queue = sub.queue
-        steps: list[_Step] = [
-            lambda k: channel.queue_declare(queue, durable=True, callback=k),
+        arguments = dict(self._queue_arguments)
+        steps: list[_Step] = []
+        if "x-delivery-limit" in arguments:
+            # Past the limit, the broker moves a message here instead of redelivering it.
+            poison = f"{queue}.poison"
+            arguments["x-dead-letter-exchange"] = poison
+            steps += [
+                lambda k: channel.exchange_declare(poison, "fanout", durable=True, callback=k),
+                lambda k: channel.queue_declare(poison, durable=True, callback=k),
+                lambda k: channel.queue_bind(poison, poison, "", callback=k),
+            ]
+        steps += [
+            lambda k: channel.queue_declare(
+                queue, durable=True, arguments=arguments or None, callback=k
+            ),
             lambda k: channel.exchange_declare(queue, "topic", durable=True, callback=k),
             lambda k: channel.queue_bind(queue, queue, "#", callback=k),
         ]
@@ -285,6 +303,17 @@ class _RabbitReceiver(Receiver):
         body: bytes,
     ) -> None:
         tag = method.delivery_tag or 0
+        table = properties.headers
+        if isinstance(table, dict) and UNDECODABLE_TABLE in table:
+            # Named here, where the queue is known: pika's own logger is quiet by default.
+            log.error(
+                "queue %r: a delivery's %s; it is dead-lettered (see docs/dead-letters.md)",
+                self._subscription.queue,
+                str(table[UNDECODABLE_TABLE])[:300],
+            )
+            table[UNDECODABLE_TABLE] = (
+                f"{table[UNDECODABLE_TABLE]} on queue {self._subscription.queue!r}"
+            )
         with self._cond:
             if generation != self._generation or self._state != _OPEN:
                 return

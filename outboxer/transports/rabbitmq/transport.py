@@ -19,7 +19,7 @@ from ...message import Envelope
 from ..base import Receiver, SendResult, Subscription, Transport
 from .amqp import _Outgoing, _prepare
 from .ioloop import _IOThread
-from .options import DEFAULT_MAX_MESSAGE_BYTES, _parse_url, _positive_number
+from .options import DEFAULT_MAX_MESSAGE_BYTES, _parse_url, _positive_number, _queue_arguments
 from .publisher import _Batch, _closed_result, _Publisher
 from .receiver import _RabbitReceiver
 
@@ -36,7 +36,12 @@ class RabbitMQTransport(Transport):
     and AMQP handshake; it sets pika's ``socket_timeout`` and ``stack_timeout``) and, again,
     the exchange declarations of a batch. ``connection_name`` shows in the management UI and
     ``rabbitmqctl list_connections client_properties``, followed by ``publisher`` or
-    ``consumer <queue>``. See the package docstring for the threading model and the mapping.
+    ``consumer <queue>``. ``queue_type="quorum"`` declares consumer queues as quorum queues;
+    with ``delivery_limit=N`` the broker moves a message delivered N times without being
+    settled (a message that keeps dropping the consumer's connection) to the queue
+    ``<queue>.poison`` (through the fanout exchange of that name) instead of redelivering it
+    forever. A queue keeps the type it was created with: set these before the first consumer
+    starts. See the package docstring for the threading model and the mapping.
     """
 
     def __init__(
@@ -47,7 +52,11 @@ class RabbitMQTransport(Transport):
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         connect_timeout: float = 5.0,
         connection_name: str | None = None,
+        queue_type: str | None = None,
+        delivery_limit: int | None = None,
     ) -> None:
+        self.queue_arguments = _queue_arguments(queue_type, delivery_limit)
+        """Arguments of the consumer queues' declaration (queue type, delivery limit)."""
         self.confirm_timeout = _positive_number("confirm_timeout", confirm_timeout)
         self.connect_timeout = _positive_number("connect_timeout", connect_timeout)
         if (
@@ -187,6 +196,7 @@ class RabbitMQTransport(Transport):
             parameters=self._parameters(f"consumer {subscription.queue}"),
             connect_timeout=self.connect_timeout,
             where=self._where,
+            queue_arguments=self.queue_arguments,
         )
         with self._lock:
             self._receivers.add(receiver)

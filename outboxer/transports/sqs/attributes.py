@@ -63,7 +63,7 @@ def encode_attributes(
 
 
 def decode_attributes(attributes: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
-    """The canonical header map of a received message's attributes."""
+    """The canonical header map of a received message's attributes; never raises."""
     headers: dict[str, str] = {}
     packed: str | None = None
     for name, value in attributes.items():
@@ -77,10 +77,14 @@ def decode_attributes(attributes: Mapping[str, Mapping[str, Any]]) -> dict[str, 
     if packed is not None:
         try:
             extra = json.loads(packed)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deep to parse
             extra = None
         if isinstance(extra, dict) and all(isinstance(v, str) for v in extra.values()):
             headers.update(extra)
         else:
-            headers[PACKED_HEADERS] = packed
+            # Kept as it came: the consumer dead-letters it with this reason.
+            headers[wire.UNDECODABLE] = (
+                f"the {PACKED_HEADERS} attribute is not a JSON object of strings"
+            )
+            headers[PACKED_HEADERS] = packed[:1024]
     return headers

@@ -37,7 +37,7 @@ class _SQSDelivery(Delivery):
         self._lock = threading.Lock()
         self._settled = False
         self.message_id = message.get("MessageId", "")
-        self.body = message.get("Body", "").encode()
+        self.body = message.get("Body", "").encode("utf-8", "surrogatepass")
         self.headers = decode_attributes(message.get("MessageAttributes", {}))
         self.destination = queue
         count = message.get("Attributes", {}).get("ApproximateReceiveCount", "1")

@@ -1,0 +1,144 @@
+"""Intake: a delivered message decoded, checked and matched to the handlers it is for.
+
+Nothing a delivery carries may raise out of here: whatever cannot be used (no envelope,
+fields the database cannot store, a payload that is not the handler's type, a retry
+addressed to a handler of another type) becomes a :class:`Rejected` with the reason and
+the dead letter to write. Outside publishers do not choose which handler runs or how
+often: ``outboxer-handler`` selects only a handler of the message's own type, and
+``outboxer-attempt`` is bounded to ``1..max_attempts``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import wire
+from .errors import DecodeError
+from .handlers import HandlerRegistry, HandlerSpec
+from .message import Envelope, registered_type
+from .store.dead_letters import NewDeadLetter
+
+__all__ = ["Prepared", "Rejected", "malformed_dead_letter", "prepare"]
+
+
+@dataclass
+class Prepared:
+    """A delivered message, decoded and matched to the handlers it is for."""
+
+    envelope: Envelope
+    handlers: list[HandlerSpec]
+    events: dict[str, Any] = field(default_factory=dict)
+    """The decoded payload per handler id."""
+    first_attempt: int = 1
+
+
+@dataclass
+class Rejected:
+    """A delivered message that goes straight to the dead-letter table."""
+
+    dead_letter: NewDeadLetter
+    reason: str
+
+
+def malformed_dead_letter(
+    body: bytes,
+    headers: Mapping[str, str],
+    destination: str,
+    consumer: str,
+    error_type: str,
+    error: str,
+    envelope: Envelope | None = None,
+) -> NewDeadLetter:
+    """A message the consumer could not use at all (origin ``consumer``)."""
+    return NewDeadLetter(
+        origin="consumer",
+        envelope=envelope,
+        raw_body=body,
+        raw_headers=dict(headers),
+        destination=destination,
+        consumer=consumer,
+        error_type=error_type,
+        error_message=error,
+        attempts=1,
+    )
+
+
+def prepare(
+    body: bytes,
+    headers: Mapping[str, str],
+    destination: str,
+    consumer: str,
+    registry: HandlerRegistry,
+) -> Prepared | Rejected:
+    """Decode the envelope and the payload for each handler; any problem is a Rejected."""
+
+    def reject(error_type: str, reason: str, envelope: Envelope | None = None) -> Rejected:
+        letter = malformed_dead_letter(
+            body, headers, destination, consumer, error_type, reason, envelope
+        )
+        return Rejected(letter, reason)
+
+    try:
+        envelope = wire.decode(body, headers, destination)
+    except DecodeError as exc:
+        return reject("malformed_envelope", str(exc))
+    except Exception as exc:  # nothing a delivery carries may raise out of the intake
+        return reject("malformed_envelope", f"the envelope cannot be read: {_one_line(exc)}")
+    if envelope.handler is not None:
+        target = registry.by_id.get(envelope.handler)
+        if target is None:
+            # A retry or replay for a handler this consumer does not have (renamed, or
+            # another consumer's): park it rather than lose it.
+            return reject(
+                "unknown_handler",
+                f"message {envelope.message_id} is addressed to handler "
+                f"{envelope.handler!r}, which consumer {consumer!r} does not have",
+                envelope,
+            )
+        if target.type_name != envelope.type:
+            return reject(
+                "handler_type_mismatch",
+                f"message {envelope.message_id} of type {envelope.type!r} is addressed to "
+                f"handler {envelope.handler!r}, which handles {target.type_name!r} only",
+                envelope,
+            )
+        targets = [target]
+    else:
+        targets = list(registry.by_type.get(envelope.type, ()))
+    if not targets:
+        known = registered_type(envelope.type)
+        return reject(
+            "unknown_type",
+            f"consumer {consumer!r} has no handler for message type {envelope.type!r}"
+            + ("" if known else " (no @outboxer.message registers that type here)"),
+            envelope,
+        )
+    events: dict[str, Any] = {}
+    decoded: dict[int, Any] = {}
+    for handler in targets:
+        key = 0 if handler.message_type is None else id(handler.message_type)
+        try:
+            if key not in decoded:
+                if handler.message_type is None:
+                    decoded[key] = json.loads(envelope.payload)
+                else:
+                    decoded[key] = handler.message_type.decode(envelope.payload)
+        except DecodeError as exc:
+            return reject("payload_mismatch", str(exc), envelope)
+        except Exception as exc:  # not JSON, nested too deep, not UTF-8...
+            return reject("payload_mismatch", f"payload is not JSON: {_one_line(exc)}", envelope)
+        events[handler.id] = decoded[key]
+    first = 1
+    if envelope.handler is not None:
+        # A retry says which run it is; an outside sender must not skip or repeat retries.
+        first = max(1, min(envelope.attempt, targets[0].retry.max_attempts))
+    return Prepared(envelope, targets, events, first)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {line[:300]}" if line else type(exc).__name__

@@ -1,0 +1,56 @@
+"""Error text without row values: what a dead letter, a span and a log line may say.
+
+SQLAlchemy puts a statement's bound parameters in its error text (``[parameters: ...]``)
+and PostgreSQL adds the failing row (``DETAIL: Failing row contains (...)``), so a
+handler's database error would copy personal data (an e-mail address, a name) into the
+dead-letter table, the trace and the logs. :func:`redact` turns both off on an exception
+and its causes before anything reads them. Engines outboxer creates are made with
+``hide_parameters=True``; give your own engines the same (docs/consumers.md).
+"""
+
+from __future__ import annotations
+
+import re
+import traceback
+
+from sqlalchemy.exc import StatementError
+
+__all__ = ["error_text", "printable", "redact", "traceback_text"]
+
+_DETAIL = re.compile(r"^\s*(DETAIL|HINT|CONTEXT):.*$", re.MULTILINE)
+
+
+def redact(error: BaseException) -> BaseException:
+    """Hide the bound parameters of ``error`` and of every exception in its chain."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, StatementError):
+            current.hide_parameters = True
+        pending.extend((current.__cause__, current.__context__))
+    return error
+
+
+def error_text(error: BaseException) -> str:
+    """``str(error)`` with its parameters hidden and PostgreSQL's row details left out."""
+    return _DETAIL.sub("", str(redact(error))).strip()
+
+
+def traceback_text(error: BaseException) -> str:
+    """The formatted traceback of ``error``, redacted like :func:`error_text`."""
+    redact(error)
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    return _DETAIL.sub("", text)
+
+
+def printable(text: str, limit: int = 500) -> str:
+    """``text`` for one log line: control characters escaped, at most ``limit`` characters."""
+    if len(text) > limit:
+        text = text[:limit] + "…"
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -1,0 +1,324 @@
+"""The delivery loop: receive, hand each delivery to a worker, settle it; written once.
+
+There is one loop, and it is async. Sync handlers run in a thread pool of ``concurrency``
+threads (``Consumer.run`` is ``asyncio.run`` of this loop); async handlers run as tasks
+in the caller's loop (``Consumer.run_async``). Everything the loop keeps (the deliveries
+it holds, the failure streak, the totals) is touched by the loop's thread only, so it
+needs no lock; blocking broker calls (receive, acknowledge, extend) go to threads.
+
+Side by side with receiving, one task keeps every held delivery visible: any delivery
+held longer than ``extend_after`` (in progress, or still waiting for a worker) has its
+visibility extended by ``extend_by`` (SQS), also while the runner drains on shutdown.
+Pauses after a broker or database outage come from :class:`~outboxer.retry.Backoff` and
+end at once on :meth:`StopSignal.set`, from any thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from .errors import TransportError
+from .processing import Processor
+from .redaction import error_text, printable
+from .reports import ConsumerStats, MessageReport
+from .retry import Backoff
+from .transports.base import Delivery, Receiver, Subscription, Transport
+
+__all__ = ["RunOptions", "Runner", "StopSignal"]
+
+log = logging.getLogger("outboxer.consumer")
+
+OUTAGE_BACKOFF = Backoff(initial=0.5, multiplier=2.0, max_delay=30.0, jitter=0.1)
+"""Pauses while the broker cannot be reached or outcomes cannot be recorded."""
+
+
+class StopSignal:
+    """A stop request that any thread may set and that wakes the loop's pauses at once."""
+
+    def __init__(self) -> None:
+        self._flag = threading.Event()
+        self._lock = threading.Lock()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+
+    def set(self) -> None:
+        self._flag.set()
+        with self._lock:
+            waiters = list(self._waiters)
+        for loop, event in waiters:
+            with contextlib.suppress(RuntimeError):  # that loop has closed
+                loop.call_soon_threadsafe(event.set)
+
+    def clear(self) -> None:
+        self._flag.clear()
+
+    def is_set(self) -> bool:
+        return self._flag.is_set()
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep ``seconds``, or less if a stop is requested meanwhile."""
+        if self.is_set() or seconds <= 0:
+            return
+        entry = (asyncio.get_running_loop(), asyncio.Event())
+        with self._lock:
+            self._waiters.append(entry)
+        try:
+            if self.is_set():
+                return
+            with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+                await asyncio.wait_for(entry[1].wait(), seconds)
+        finally:
+            with self._lock:
+                self._waiters.remove(entry)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run consumes: see :meth:`outboxer.Consumer.run`."""
+
+    once: bool = False
+    concurrency: int = 1
+    idle_timeout: float = 1.0
+    prune_interval: float = 300.0
+    extend_after: float = 20.0
+    extend_by: float = 60.0
+
+
+class Runner:
+    """One run of a consumer against a transport."""
+
+    def __init__(
+        self,
+        name: str,
+        processor: Processor,
+        is_async: bool,
+        transport: Transport,
+        subscription: Subscription,
+        options: RunOptions,
+        stop: StopSignal,
+        prune: Callable[[], Awaitable[tuple[int, int]]],
+        totals: ConsumerStats,
+    ) -> None:
+        self.name = name
+        self.processor = processor
+        self.is_async = is_async
+        self.transport = transport
+        self.subscription = subscription
+        self.options = options
+        self.stop = stop
+        self.prune = prune
+        self.totals = totals
+        self.stats = ConsumerStats()
+        self.window = max(options.concurrency * 2, subscription.prefetch)
+        """Deliveries held at once: in progress, or waiting for a worker."""
+        self.held: dict[Delivery, float] = {}
+        """Each held delivery, and when it was received or last extended."""
+        self.failures = 0
+        self.broker_outages = 0
+        self.give_back = False
+        self.last_prune = time.monotonic()
+        self.limit = asyncio.Semaphore(options.concurrency)
+        self.room = asyncio.Event()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.pool: ThreadPoolExecutor | None = None
+
+    async def run(self) -> ConsumerStats:
+        """Consume until stopped (or, with ``once``, until the queue is empty)."""
+        receiver = await asyncio.to_thread(self.transport.receiver, self.subscription)
+        if not self.is_async:
+            self.pool = ThreadPoolExecutor(
+                self.options.concurrency, thread_name_prefix=f"outboxer-{self.name}"
+            )
+        kind = "async handlers" if self.is_async else "handlers"
+        log.info("consumer %s started (%s)", self.name, kind)
+        extender = asyncio.create_task(self._keep_visible())
+        try:
+            await self._receive_loop(receiver)
+        except BaseException:
+            # Cancelled (Ctrl-C in asyncio.run) or failed: a stop all the same, so what no
+            # worker started goes back to the broker.
+            self.stop.set()
+            raise
+        finally:
+            # Deliveries no worker started yet go back to the broker at once (on stop);
+            # the ones in progress finish and are settled, still kept visible meanwhile.
+            self.give_back = self.stop.is_set()
+            if self.tasks:
+                await asyncio.gather(*list(self.tasks), return_exceptions=True)
+            extender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await extender
+            await asyncio.to_thread(receiver.close)
+            if self.pool is not None:
+                self.pool.shutdown(wait=True)
+            log.info("consumer %s stopped: %s", self.name, self.stats)
+        return self.stats
+
+    async def _receive_loop(self, receiver: Receiver) -> None:
+        options = self.options
+        while not self.stop.is_set():
+            capacity = self.window - len(self.held)
+            if capacity <= 0:
+                self.room.clear()
+                with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+                    await asyncio.wait_for(self.room.wait(), 1.0)
+                continue
+            timeout = options.idle_timeout if options.once else 1.0
+            try:
+                deliveries = await asyncio.to_thread(receiver.receive, capacity, timeout)
+            except TransportError as exc:
+                if options.once:
+                    raise
+                await self._broker_down(exc)
+                continue
+            self.broker_outages = 0
+            if not deliveries:
+                if options.once:
+                    break
+                await self._maintain()
+                continue
+            now = time.monotonic()
+            for delivery in deliveries:
+                self.held[delivery] = now
+                task = asyncio.create_task(self._handle(delivery))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+            if self.failures:
+                # Outcomes cannot be recorded (the database is down): slow down instead of
+                # spinning through redeliveries.
+                await self.stop.sleep(OUTAGE_BACKOFF.delay(self.failures))
+
+    async def _handle(self, delivery: Delivery) -> None:
+        try:
+            async with self.limit:
+                if self.give_back:
+                    await asyncio.to_thread(_settle, delivery.release)  # never started
+                    return
+                if self.is_async:
+                    outcome = await self._process_async(delivery)
+                else:
+                    loop = asyncio.get_running_loop()
+                    outcome = await loop.run_in_executor(self.pool, self._process, delivery)
+                self._record(outcome)
+        finally:
+            self.held.pop(delivery, None)
+            self.room.set()
+
+    def _process(self, delivery: Delivery) -> MessageReport | BaseException:
+        """In a worker thread: process, then acknowledge or give back."""
+        try:
+            report = self.processor.process(
+                delivery.body,
+                delivery.headers,
+                delivery.destination,
+                delivery.redelivered,
+                self.transport.description,
+            )
+        except BaseException as exc:
+            delivery.release()
+            return exc
+        delivery.ack()
+        return report
+
+    async def _process_async(self, delivery: Delivery) -> MessageReport | BaseException:
+        try:
+            report = await self.processor.process_async(
+                delivery.body,
+                delivery.headers,
+                delivery.destination,
+                delivery.redelivered,
+                self.transport.description,
+            )
+        except asyncio.CancelledError:
+            await asyncio.shield(asyncio.to_thread(_settle, delivery.release))
+            raise
+        except BaseException as exc:
+            await asyncio.to_thread(_settle, delivery.release)
+            return exc
+        await asyncio.to_thread(_settle, delivery.ack)
+        return report
+
+    def _record(self, outcome: MessageReport | BaseException) -> None:
+        if isinstance(outcome, MessageReport):
+            self.stats.add(outcome)
+            self.totals.add(outcome)
+            self.failures = 0
+            return
+        if isinstance(outcome, (KeyboardInterrupt, SystemExit)):
+            log.warning(
+                "consumer %s: a handler raised %s; stopping (its message goes back to the broker)",
+                self.name,
+                type(outcome).__name__,
+            )
+            self.stop.set()
+            return
+        self.stats.failed_deliveries += 1
+        self.failures += 1
+        # The traceback once per streak: a database outage fails every message alike.
+        log.warning(
+            "consumer %s could not record a message's outcome (%s); giving it back",
+            self.name,
+            printable(f"{type(outcome).__name__}: {error_text(outcome)}", 300),
+            exc_info=outcome if self.failures == 1 else None,
+        )
+
+    async def _broker_down(self, error: TransportError) -> None:
+        """The broker could not be reached: wait longer each time, up to 30 s."""
+        self.broker_outages += 1
+        pause = OUTAGE_BACKOFF.delay(self.broker_outages)
+        log.warning(
+            "consumer %s cannot reach the broker (%s); trying again in %.1f s",
+            self.name,
+            printable(str(error), 300),
+            pause,
+            exc_info=error if self.broker_outages == 1 else None,  # the traceback once
+        )
+        await self.stop.sleep(pause)
+
+    async def _keep_visible(self) -> None:
+        """Extend every delivery held longer than ``extend_after`` (in progress or waiting)."""
+        after, by = self.options.extend_after, self.options.extend_by
+        while True:
+            await asyncio.sleep(min(1.0, after / 2))
+            now = time.monotonic()
+            due = [d for d, since in self.held.items() if now - since >= after]
+            if not due:
+                continue
+            for delivery in due:
+                self.held[delivery] = now
+            await asyncio.to_thread(_extend_all, due, by)
+
+    async def _maintain(self) -> None:
+        now = time.monotonic()
+        if now - self.last_prune < self.options.prune_interval:
+            return
+        self.last_prune = now
+        try:
+            inbox_rows, dead = await self.prune()
+        except Exception:
+            log.warning("pruning the inbox failed; will try again later", exc_info=True)
+            return
+        if inbox_rows or dead:
+            log.info("pruned %d inbox rows and %d dead letters", inbox_rows, dead)
+
+
+def _settle(settle: Callable[[], None]) -> None:
+    """Acknowledge or give back; a broker that cannot be told redelivers on its own."""
+    try:
+        settle()
+    except Exception:
+        log.warning("could not settle a delivery; the broker will redeliver it", exc_info=True)
+
+
+def _extend_all(deliveries: list[Delivery], seconds: float) -> None:
+    for delivery in deliveries:
+        try:
+            delivery.extend(seconds)
+        except Exception:
+            log.warning("could not extend a held message's visibility", exc_info=True)

@@ -801,6 +801,51 @@ def test_stop_interrupts_the_async_database_outage_back_off(
     assert took < 1.5, caplog.text[-3000:]
 
 
+@pytest.mark.parametrize("db_kind", ["sqlite"], indirect=True)
+async def test_async_deliveries_in_progress_stay_extended_while_the_consumer_drains(
+    engine: Engine, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Old code: the async shutdown stopped extending while it waited for handlers."""
+    import asyncio
+
+    from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+
+    from outboxer.transports import memory
+
+    from .services import async_url
+
+    extended: list[float] = []
+    monkeypatch.setattr(
+        memory._MemoryDelivery, "extend", lambda self, s: extended.append(time.monotonic())
+    )
+    async_engine = create_async_engine(async_url(db_url))
+    started = asyncio.Event()
+    consumer = outboxer.Consumer(
+        async_sessionmaker(async_engine, class_=outboxer.AsyncOutboxSession), name="slow"
+    )
+
+    @consumer.handler("x.y", destination="z")
+    async def slow(event: dict[str, Any]) -> None:
+        started.set()
+        await asyncio.sleep(3.0)
+
+    broker = MemoryBroker()
+    broker.inject("slow", b"{}", good_headers("x.y"))
+    try:
+        run = asyncio.create_task(
+            consumer.run_async(MemoryTransport(broker), extend_after=0.3, extend_by=30)
+        )
+        await asyncio.wait_for(started.wait(), 10)
+        stopped_at = time.monotonic()
+        consumer.stop()
+        stats = await asyncio.wait_for(run, 30)
+    finally:
+        await async_engine.dispose()
+    assert stats.processed == 1
+    # Past the receive loop's last turn (1 s after the stop at most): the drain extends.
+    assert any(moment > stopped_at + 1.6 for moment in extended), extended
+
+
 def test_run_on_an_async_consumer_inside_a_running_loop_says_to_use_run_async() -> None:
     import asyncio
 

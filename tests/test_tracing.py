@@ -332,3 +332,29 @@ def test_the_relay_command_exports_its_spans_over_otlp_http(
     assert len(linked) == 3 and f"{create.context.span_id:016x}" in linked
     assert all(link.trace_id.hex() == f"{create.context.trace_id:032x}" for link in send.links)
     assert "batch: 3 claimed, 3 sent, 0 retried, 0 dead-lettered" in done.stderr
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql"], indirect=True)
+def test_a_message_with_an_invalid_traceparent_is_processed_in_a_new_trace(
+    engine: Engine, Session: sessionmaker[outboxer.OutboxSession], otel: Otel
+) -> None:
+    """Issue 9, defect 12 (old code: version ``ff`` was accepted, so the sender chose the
+    trace id): an invalid traceparent starts a new trace."""
+    sender = "0af7651916cd43dd8448eb211c80319c"
+    consumer = outboxer.Consumer(Session, name="traced")
+
+    @consumer.handler(OrderPlaced)
+    def reserve(event: OrderPlaced) -> None:
+        pass
+
+    headers = {
+        wire.MESSAGE_ID: str(outboxer.uuid7()),
+        wire.TYPE: "test.order_placed",
+        wire.OCCURRED_AT: "2026-01-01T00:00:00+00:00",
+        wire.TRACEPARENT: f"ff-{sender}-b7ad6b7169203331-01",
+    }
+    report = consumer.process(b'{"order_id": 1}', headers, destination="orders")
+    assert report.outcomes == {"reserve": "processed"}
+    [process] = [span for span in otel.spans() if span.name.startswith("process")]
+    assert process.parent is None
+    assert f"{process.context.trace_id:032x}" != sender

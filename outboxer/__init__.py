@@ -15,6 +15,7 @@ from .errors import (
     DecodeError,
     InvalidHeaders,
     MessageError,
+    MessageTooLarge,
     MissingDestination,
     NotAnOutboxSession,
     OutboxerError,
@@ -26,6 +27,7 @@ from .errors import (
 from .handlers import Context
 from .ids import uuid7
 from .message import Envelope, MessageType, message
+from .publishing import NO_KEY, NoKey
 from .relay import Relay, RelayStats, relay_engine
 from .retry import Backoff, Retry
 from .session import AsyncOutboxSession, OutboxMixin, OutboxSession, publish
@@ -35,6 +37,7 @@ from .transports import transport_from_url
 __version__ = "0.1.0"
 
 __all__ = [
+    "NO_KEY",
     "AsyncOutboxSession",
     "Backoff",
     "ConfigurationError",
@@ -49,8 +52,10 @@ __all__ = [
     "InvalidHeaders",
     "MessageError",
     "MessageReport",
+    "MessageTooLarge",
     "MessageType",
     "MissingDestination",
+    "NoKey",
     "NotAnOutboxSession",
     "OutboxMixin",
     "OutboxSession",

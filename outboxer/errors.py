@@ -70,6 +70,10 @@ class InvalidHeaders(MessageError):
     """Message headers must map strings to strings."""
 
 
+class MessageTooLarge(MessageError):
+    """The message is larger than the database accepts in one statement."""
+
+
 class DecodeError(OutboxerError):
     """An incoming message cannot be decoded."""
 

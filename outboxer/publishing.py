@@ -7,6 +7,8 @@ is serialized here, in the caller, so a bad payload raises before anything is st
 from __future__ import annotations
 
 import contextlib
+import enum
+import math
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import replace
@@ -28,10 +30,37 @@ from .ids import uuid7
 from .message import Envelope, describe_unserializable, message_type_for
 from .store import NewMessage
 
-__all__ = ["RESERVED_HEADER_PREFIX", "build_message", "current_message", "handling"]
+__all__ = [
+    "NO_KEY",
+    "RESERVED_HEADER_PREFIX",
+    "NoKey",
+    "build_message",
+    "current_message",
+    "handling",
+]
 
 RESERVED_HEADER_PREFIX = "outboxer-"
 _RESERVED_HEADERS = frozenset({"traceparent", "tracestate", "content-type"})
+
+
+class NoKey(enum.Enum):
+    """The type of :data:`NO_KEY`."""
+
+    NO_KEY = "NO_KEY"
+
+    def __repr__(self) -> str:
+        return "outboxer.NO_KEY"
+
+
+NO_KEY = NoKey.NO_KEY
+"""``publish(..., key=outboxer.NO_KEY)``: no ordering key, even for a type that has one.
+
+``key=None`` (the default) means "the type's key". A message without a key holds nothing
+back: a delayed one (``delay=``) does not make later messages of its key wait.
+"""
+
+Key = str | int | NoKey | None
+"""What ``publish(key=...)`` takes: a str or an int, :data:`NO_KEY`, or None (the type's)."""
 
 _current: ContextVar[Envelope | None] = ContextVar("outboxer_current_message", default=None)
 
@@ -57,11 +86,11 @@ def build_message(
     *,
     type: str | None = None,
     destination: str | None = None,
-    key: object = None,
+    key: Key = None,
     headers: Mapping[str, str] | None = None,
     delay: float | timedelta | None = None,
-    message_id: UUID | None = None,
-    correlation_id: str | None = None,
+    message_id: UUID | str | None = None,
+    correlation_id: str | UUID | None = None,
 ) -> NewMessage:
     """Validate and serialize one ``publish()`` call; raises :class:`MessageError` subclasses."""
     if isinstance(event, Mapping):
@@ -101,13 +130,11 @@ def build_message(
         raise MissingDestination(f"destination must be a string, got {target!r}")
     delay_seconds = _delay_seconds(delay)
     clean_headers = _check_headers(headers)
-    resolved_key = default_key if key is None else str(key)
+    resolved_key = default_key if key is None else _key(key)
     if resolved_key is not None and len(resolved_key) > 255:
         raise ConfigurationError(f"key is {len(resolved_key)} characters long; the limit is 255")
-
-    mid = message_id if message_id is not None else uuid7()
-    if not isinstance(mid, UUID):
-        raise ConfigurationError(f"message_id must be a uuid.UUID, got {mid!r}")
+    mid = uuid7() if message_id is None else _message_id(message_id)
+    correlation_id = _correlation_id(correlation_id)
     incoming = _current.get()
     if correlation_id is None and incoming is not None:
         correlation_id = incoming.correlation_id or str(incoming.message_id)
@@ -133,12 +160,52 @@ def build_message(
     return NewMessage(envelope, delay_seconds)
 
 
+def _key(key: Key) -> str | None:
+    if isinstance(key, NoKey):
+        return None
+    if isinstance(key, bool) or not isinstance(key, (str, int)):
+        raise ConfigurationError(
+            f"key must be a str or an int (or outboxer.NO_KEY for none), got "
+            f"{key.__class__.__name__} {key!r}: pass str(...) of what identifies the entity"
+        )
+    return key if isinstance(key, str) else str(key)
+
+
+def _message_id(message_id: object) -> UUID:
+    if isinstance(message_id, UUID):
+        return message_id
+    if isinstance(message_id, str):
+        try:
+            return UUID(message_id)
+        except ValueError:
+            pass
+    raise ConfigurationError(f"message_id must be a uuid.UUID or its text form, got {message_id!r}")
+
+
+def _correlation_id(correlation_id: object) -> str | None:
+    if correlation_id is None or isinstance(correlation_id, str):
+        value = correlation_id
+    elif isinstance(correlation_id, UUID):
+        value = str(correlation_id)
+    else:
+        raise ConfigurationError(
+            f"correlation_id must be a str (or a uuid.UUID), got {correlation_id!r}"
+        )
+    if value is not None and len(value) > 255:
+        raise ConfigurationError(
+            f"correlation_id is {len(value)} characters long; the limit is 255"
+        )
+    return value
+
+
 def _delay_seconds(delay: float | timedelta | None) -> float:
     if delay is None:
         return 0.0
     seconds = delay.total_seconds() if isinstance(delay, timedelta) else delay
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
         raise ConfigurationError(f"delay must be seconds or a timedelta, got {delay!r}")
+    if not math.isfinite(seconds):
+        raise ConfigurationError(f"delay must be a finite number of seconds, got {delay!r}")
     if seconds < 0:
         raise ConfigurationError(f"delay cannot be negative, got {delay!r}")
     return float(seconds)

@@ -44,12 +44,13 @@ from uuid import UUID
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import UnboundExecutionError
 from sqlalchemy.orm import Session, SessionTransaction
 
 from . import store
 from .async_support import AsyncConnection, AsyncSession  # stand-ins without greenlet
 from .errors import ConfigurationError, NotAnOutboxSession
-from .publishing import build_message
+from .publishing import Key, build_message
 from .tables import outbox
 
 __all__ = ["AsyncOutboxSession", "OutboxMixin", "OutboxSession", "publish"]
@@ -76,10 +77,17 @@ _WRITTEN = "outboxer.written"
 
 
 def _install_hooks(session_class: type[Session]) -> None:
+    event.listen(session_class, "after_begin", _after_begin)
     event.listen(session_class, "before_commit", _before_commit)
     event.listen(session_class, "after_commit", _after_commit)
     event.listen(session_class, "after_soft_rollback", _after_soft_rollback)
     event.listen(session_class, "after_transaction_end", _after_transaction_end)
+
+
+def _after_begin(session: Session, transaction: SessionTransaction, connection: Connection) -> None:
+    # MariaDB: learn max_allowed_packet (once per engine), so publish() can refuse a
+    # message that cannot fit before it is kept.
+    store.learn_statement_limit(connection)
 
 
 def _before_commit(session: Session) -> None:
@@ -162,6 +170,14 @@ def _inside(transaction: SessionTransaction | None, ancestor: SessionTransaction
     return False
 
 
+def _check_size(session: Session, message: store.NewMessage) -> None:
+    try:
+        bind = session.get_bind(clause=_BIND_ARGUMENTS["clause"])
+    except UnboundExecutionError:
+        return  # no database yet: the commit will say so
+    store.check_size(message, bind.engine if isinstance(bind, Connection) else bind)
+
+
 class OutboxMixin:
     """Gives a :class:`~sqlalchemy.orm.Session` subclass ``publish()``.
 
@@ -186,19 +202,20 @@ class OutboxMixin:
         *,
         type: str | None = None,
         destination: str | None = None,
-        key: object = None,
+        key: Key = None,
         headers: Mapping[str, str] | None = None,
         delay: float | timedelta | None = None,
-        message_id: UUID | None = None,
-        correlation_id: str | None = None,
+        message_id: UUID | str | None = None,
+        correlation_id: str | UUID | None = None,
     ) -> UUID:
         """Publish ``event`` when this session's transaction commits; returns the message id.
 
         ``event`` is a registered dataclass or pydantic model, or a dict with ``type=``.
-        ``destination`` overrides the type's; ``key`` orders messages (same key, commit
-        order); ``headers`` are str-to-str; ``delay`` (seconds or timedelta) holds the
-        message back. The payload is serialized now: a bad one raises here and nothing is
-        kept. No I/O happens until commit.
+        ``destination`` overrides the type's; ``key`` (a str or an int) orders messages
+        (same key, commit order), None takes the type's key and ``outboxer.NO_KEY`` gives
+        none; ``headers`` are str-to-str; ``delay`` (seconds or timedelta) holds the
+        message back; ``message_id`` is a UUID or its text form. The payload is serialized
+        now: a bad one raises here and nothing is kept. No I/O happens until commit.
         """
         if not isinstance(self, Session):
             raise NotAnOutboxSession(
@@ -216,6 +233,7 @@ class OutboxMixin:
         )
         # Autobegin like Session.add() does (no I/O: no connection is checked out yet), so
         # a rollback() right after publish() drops the message the same way it drops adds.
+        _check_size(self, message)
         transaction = self.get_nested_transaction() or self._autobegin_t()
         self.info.setdefault(_PENDING, []).append(_Pending(message, transaction))
         if self.info.get(_WRITTEN):
@@ -257,11 +275,11 @@ class AsyncOutboxSession(AsyncSession):
         *,
         type: str | None = None,
         destination: str | None = None,
-        key: object = None,
+        key: Key = None,
         headers: Mapping[str, str] | None = None,
         delay: float | timedelta | None = None,
-        message_id: UUID | None = None,
-        correlation_id: str | None = None,
+        message_id: UUID | str | None = None,
+        correlation_id: str | UUID | None = None,
     ) -> UUID:
         """Publish ``event`` when this session's transaction commits (see OutboxMixin.publish)."""
         session = self.sync_session
@@ -284,11 +302,11 @@ def publish(
     *,
     type: str | None = None,
     destination: str | None = None,
-    key: object = None,
+    key: Key = None,
     headers: Mapping[str, str] | None = None,
     delay: float | timedelta | None = None,
-    message_id: UUID | None = None,
-    correlation_id: str | None = None,
+    message_id: UUID | str | None = None,
+    correlation_id: str | UUID | None = None,
     notify: bool = True,
 ) -> UUID:
     """Publish ``event`` through ``target``; returns the message id.

@@ -373,3 +373,64 @@ def test_count_matches_after_many_transactions(engine: Engine, Session: SessionF
     with engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(outboxer.outbox)).scalar() == 10
         assert conn.execute(select(func.count()).select_from(Order)).scalar() == 10
+
+
+# Keys and ids ---------------------------------------------------------------------------
+
+
+def test_no_key_publishes_a_keyed_type_without_a_key(
+    engine: Engine, Session: SessionFactory
+) -> None:
+    with Session.begin() as session:
+        session.publish(OrderPlaced(order_id=1))  # the type's key
+        session.publish(OrderPlaced(order_id=2), key=outboxer.NO_KEY, delay=3600)
+        session.publish(OrderPlaced(order_id=3), key="explicit")
+    assert [r["message_key"] for r in stored(engine)] == ["1", None, "explicit"]
+    assert repr(outboxer.NO_KEY) == "outboxer.NO_KEY"
+
+
+@pytest.mark.parametrize("db_kind", ["sqlite"], indirect=True)
+def test_message_id_accepts_the_text_form_of_a_uuid(
+    engine: Engine, Session: SessionFactory
+) -> None:
+    chosen = uuid.uuid4()
+    with Session.begin() as session:
+        returned = session.publish(OrderPlaced(order_id=1), message_id=str(chosen))
+    assert returned == chosen and isinstance(returned, uuid.UUID)
+    assert stored_ids(engine) == [chosen]
+
+
+@pytest.mark.parametrize("db_kind", ["sqlite"], indirect=True)
+@pytest.mark.parametrize(
+    ("options", "complaint"),
+    [
+        ({"message_id": "not-a-uuid"}, r"message_id must be a uuid\.UUID or its text form"),
+        ({"message_id": 12345}, r"message_id must be a uuid\.UUID or its text form"),
+        ({"key": object()}, r"key must be a str or an int.*got object"),
+        ({"key": True}, r"key must be a str or an int.*got bool"),
+        ({"key": 1.5}, r"key must be a str or an int.*got float"),
+        ({"key": b"bytes"}, r"key must be a str or an int.*got bytes"),
+        ({"delay": float("nan")}, r"delay must be a finite number of seconds"),
+        ({"delay": float("inf")}, r"delay must be a finite number of seconds"),
+        ({"correlation_id": 42}, r"correlation_id must be a str"),
+    ],
+)
+def test_publish_refuses_wrong_types_of_keys_ids_and_delays(
+    engine: Engine, Session: SessionFactory, options: dict[str, Any], complaint: str
+) -> None:
+    with Session.begin() as session:
+        with pytest.raises(outboxer.ConfigurationError, match=complaint):
+            session.publish(OrderPlaced(order_id=1), **options)
+        assert session.pending_messages() == []
+    assert stored(engine) == []
+
+
+@pytest.mark.parametrize("db_kind", ["sqlite"], indirect=True)
+def test_int_keys_and_uuid_correlation_ids_are_stored_as_text(
+    engine: Engine, Session: SessionFactory
+) -> None:
+    correlation = uuid.uuid4()
+    with Session.begin() as session:
+        session.publish(OrderPlaced(order_id=1), key=42, correlation_id=correlation)  # type: ignore[arg-type]
+    [row] = stored(engine)
+    assert (row["message_key"], row["correlation_id"]) == ("42", str(correlation))

@@ -18,9 +18,10 @@ events then decide its fate. The hooks' contract:
   hooks count these per SAVEPOINT, and a SAVEPOINT whose release (``after_commit``) saw
   two of them was released by an enclosing commit, which they then follow outwards. When
   that reaches the outermost transaction, the write happens as the last SAVEPOINT closes
-  (``after_transaction_end``), still before the outermost transaction's COMMIT. A
-  message published after that write, during the same commit (by a ``before_commit``
-  listener registered after outboxer's, say), is written through at once.
+  (``after_transaction_end``), still before the outermost transaction's COMMIT. Messages
+  published by ``before_flush`` listeners during that flush join the INSERT; a message
+  published after it, during the same commit (by a ``before_commit`` listener registered
+  after outboxer's, say), is written through at once.
 * ``after_soft_rollback`` of a SAVEPOINT drops the messages published inside it (and
   inside SAVEPOINTs nested in it, released or not); a rollback of the whole transaction
   drops them all.
@@ -117,17 +118,35 @@ def _after_commit(session: Session) -> None:
 
 
 def _write_pending(session: Session) -> None:
+    # Messages published by listeners during this flush (before_flush) join this INSERT;
+    # those published after it, during the rest of the commit, are written through.
+    _insert_pending(session, flush=True)
     session.info[_WRITTEN] = True
+
+
+def _insert_pending(session: Session, *, flush: bool) -> None:
+    """INSERT the kept messages in the innermost transaction, and forget them.
+
+    ``flush``: flush the session first, so domain writes take their row locks before
+    outbox ids are assigned (skipped when the session is flushing already: a listener
+    publishing from inside a flush).
+    """
+    if flush and not _flushing(session):
+        session.flush()
     pending: list[_Pending] | None = session.info.get(_PENDING)
     if not pending:
         return
-    # Flush first so domain writes take their row locks before outbox ids are assigned.
-    session.flush()
     messages = [p.message for p in pending]
     pending.clear()
     connection = session.connection(bind_arguments=_BIND_ARGUMENTS)
     notify = getattr(session, "outboxer_notify", True)
     store.insert_messages(connection, messages, notify=notify)
+
+
+def _flushing(session: Session) -> bool:
+    # SQLAlchemy has no public "flush in progress"; Session._flushing is what flush()
+    # itself checks before refusing to run twice.
+    return bool(getattr(session, "_flushing", False))
 
 
 def _after_soft_rollback(session: Session, previous_transaction: SessionTransaction) -> None:
@@ -239,7 +258,7 @@ class OutboxMixin:
         if self.info.get(_WRITTEN):
             # Published during the commit, after its write (a before_commit listener that
             # runs after outboxer's): the transaction is still open, write it through.
-            _write_pending(self)
+            _insert_pending(self, flush=False)
         return message.envelope.message_id
 
     def pending_messages(self) -> list[store.NewMessage]:

@@ -220,3 +220,32 @@ def test_messages_published_by_a_before_commit_listener_commit_with_the_transact
     rows = [json.loads(r["payload"])["order_id"] for r in stored(engine)]
     assert stored_ids(engine)[0] == direct
     assert rows == [99, 1, 2, 3]
+
+
+def test_messages_published_by_a_before_flush_listener_commit_with_the_transaction(
+    engine: Engine,
+) -> None:
+    """Another common collector: events of new entities, published as they are flushed
+    (the commit's own flush included)."""
+
+    class FlushPublishingSession(outboxer.OutboxSession):
+        pass
+
+    def publish_new_orders(session: Any, flush_context: Any, instances: Any) -> None:
+        for order in [o for o in session.new if isinstance(o, Order)]:
+            session.publish(OrderPlaced(order_id=order.id))
+
+    event.listen(FlushPublishingSession, "before_flush", publish_new_orders)
+    Session = sessionmaker(engine, class_=FlushPublishingSession)
+    with Session.begin() as session:
+        session.add(Order(id=1))
+    with Session.begin() as session:
+        session.add(Order(id=2))
+        session.begin_nested()  # flushes Order 2; left open
+        session.add(Order(id=3))
+    with Session() as session:
+        session.add(Order(id=4))
+        session.commit()
+    rows = [json.loads(r["payload"])["order_id"] for r in stored(engine)]
+    assert rows == [1, 2, 3, 4]
+    assert order_ids(engine) == [1, 2, 3, 4]

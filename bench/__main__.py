@@ -10,6 +10,7 @@ from .common import console, print_figures
 
 BENCHES = {
     "publish": ("bench.publish_overhead", "run", "Producer: publish overhead"),
+    "collector": ("bench.collector", "run", "Producer: collector off, 1,000,000 messages"),
     "relay-rabbitmq": ("bench.relay", "run_rabbitmq", "Relay -> RabbitMQ throughput"),
     "relay-sqs": ("bench.relay", "run_sqs", "Relay -> SQS throughput"),
     "latency": ("bench.relay", "run_latency", "Commit -> broker latency"),

@@ -28,6 +28,11 @@ events then decide its fate. The hooks' contract:
 * ``after_transaction_end`` of the outermost transaction forgets whatever is left (a
   session closed without commit stores nothing).
 
+With the collector off (``outboxer_collector = False``), ``publish()`` also writes the kept
+messages every ``outboxer_chunk_size`` of them, into the innermost transaction, and
+``begin_nested()`` writes them before its SAVEPOINT (they belong outside it): the database
+then keeps or drops them with their transaction, as for Core.
+
 A session joined to an external connection (``Session(bind=connection,
 join_transaction_mode=...)``) writes at its commit into the connection's transaction, so
 the external transaction's commit or rollback decides, as it does for the domain rows.
@@ -59,6 +64,7 @@ __all__ = ["AsyncOutboxSession", "OutboxMixin", "OutboxSession", "publish"]
 _PENDING = "outboxer.pending"
 # Lets a Session with several binds pick the engine that holds the outbox table.
 _BIND_ARGUMENTS = {"clause": outbox.insert()}
+_CHUNK_BYTES = 8 * 1024 * 1024  # collector off: write at this much payload, whatever the count
 
 
 @dataclass
@@ -73,6 +79,8 @@ _BEFORE_COMMITS = "outboxer.before_commits"
 """SAVEPOINT -> how many ``before_commit`` events fired while it was the innermost one."""
 _WRITE_AT_END = "outboxer.write_at_end"
 """The SAVEPOINT whose closing ends an enclosing commit's releases: write then."""
+_PENDING_BYTES = "outboxer.pending_bytes"
+"""Payload bytes kept in _PENDING (counted when the collector is off)."""
 _WRITTEN = "outboxer.written"
 """Set once this commit wrote the outbox: later publish() calls write through."""
 
@@ -134,6 +142,7 @@ def _insert_pending(session: Session, *, flush: bool) -> None:
     if flush and not _flushing(session):
         session.flush()
     pending: list[_Pending] | None = session.info.get(_PENDING)
+    session.info.pop(_PENDING_BYTES, None)
     if not pending:
         return
     messages = [p.message for p in pending]
@@ -157,6 +166,7 @@ def _after_soft_rollback(session: Session, previous_transaction: SessionTransact
         return
     if previous_transaction.nested:
         pending[:] = [p for p in pending if not _inside(p.transaction, previous_transaction)]
+        session.info[_PENDING_BYTES] = sum(len(p.message.envelope.payload) for p in pending)
     elif previous_transaction.parent is None:
         pending.clear()
     # else: an internal flush subtransaction; the SAVEPOINT or outermost transaction it
@@ -176,7 +186,7 @@ def _after_transaction_end(session: Session, transaction: SessionTransaction) ->
 
 
 def _forget_commit(session: Session) -> None:
-    for name in (_BEFORE_COMMITS, _WRITE_AT_END, _WRITTEN):
+    for name in (_BEFORE_COMMITS, _WRITE_AT_END, _WRITTEN, _PENDING_BYTES):
         session.info.pop(name, None)
 
 
@@ -206,6 +216,16 @@ class OutboxMixin:
 
     outboxer_notify: ClassVar[bool] = True
     """Send a PostgreSQL NOTIFY with each transaction that published, to wake relays up."""
+
+    outboxer_collector: bool = True
+    """Keep published messages in memory until commit (the default). False: write them to
+    the outbox table as they are published, ``outboxer_chunk_size`` at a time (or 8 MiB of
+    payload), so that a huge transaction keeps memory flat; ``publish()`` then flushes and
+    INSERTs now and then. Set it on a subclass, or on one session
+    (``session.outboxer_collector = False``). docs/publishing.md says what it changes."""
+
+    outboxer_chunk_size: int = 500
+    """With the collector off: how many messages one INSERT writes."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -254,12 +274,29 @@ class OutboxMixin:
         # a rollback() right after publish() drops the message the same way it drops adds.
         _check_size(self, message)
         transaction = self.get_nested_transaction() or self._autobegin_t()
-        self.info.setdefault(_PENDING, []).append(_Pending(message, transaction))
+        pending = self.info.setdefault(_PENDING, [])
+        pending.append(_Pending(message, transaction))
         if self.info.get(_WRITTEN):
             # Published during the commit, after its write (a before_commit listener that
             # runs after outboxer's): the transaction is still open, write it through.
             _insert_pending(self, flush=False)
+        elif not self.outboxer_collector:
+            size = self.info.get(_PENDING_BYTES, 0) + len(message.envelope.payload)
+            self.info[_PENDING_BYTES] = size
+            if len(pending) >= self.outboxer_chunk_size or size >= _CHUNK_BYTES:
+                # Into the innermost transaction: every kept message belongs to it (a
+                # SAVEPOINT's begin writes those of the transaction around it first).
+                _insert_pending(self, flush=True)
         return message.envelope.message_id
+
+    def begin(self, nested: bool = False) -> SessionTransaction:
+        """:meth:`Session.begin`; with the collector off, a SAVEPOINT first writes the
+        messages kept so far, which belong to the transaction around it."""
+        assert isinstance(self, Session)
+        if nested and not self.outboxer_collector:
+            _insert_pending(self, flush=True)
+        transaction: SessionTransaction = super().begin(nested=nested)  # type: ignore[misc]
+        return transaction
 
     def pending_messages(self) -> list[store.NewMessage]:
         """Messages published in this session that its next commit will store."""
@@ -303,6 +340,13 @@ class AsyncOutboxSession(AsyncSession):
         """Publish ``event`` when this session's transaction commits (see OutboxMixin.publish)."""
         session = self.sync_session
         assert isinstance(session, OutboxMixin)
+        if not session.outboxer_collector:
+            raise ConfigurationError(
+                "with the collector off, publish() writes to the database as it goes, which "
+                "an AsyncOutboxSession cannot do from a plain call: publish inside "
+                "await session.run_sync(fn), where fn(sync_session) calls "
+                "sync_session.publish(...)"
+            )
         return session.publish(
             event,
             type=type,

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, settings
 from sqlalchemy import create_engine, delete
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
@@ -22,22 +20,6 @@ from .services import SERVERS, require
 pytest_plugins = ["tests.broker_rabbitmq", "tests.broker_sqs", "outboxer.testing"]
 
 DATABASES = ["postgresql", "mariadb", "sqlite"]
-
-# Hypothesis budgets: "ci" keeps `make test` bounded; `make chaos` selects "chaos"
-# (OUTBOXER_HYPOTHESIS_PROFILE=chaos). Tests scale max_examples from the loaded profile.
-_HYPOTHESIS_COMMON: dict[str, object] = {
-    "deadline": None,  # real databases: a slow statement is not a bug
-    "print_blob": True,  # a failure prints the line that replays it
-    "suppress_health_check": [HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-}
-settings.register_profile("ci", max_examples=40, stateful_step_count=30, **_HYPOTHESIS_COMMON)  # type: ignore[arg-type]
-settings.register_profile(
-    "chaos",
-    max_examples=2000,
-    stateful_step_count=60,
-    **_HYPOTHESIS_COMMON,  # type: ignore[arg-type]
-)
-settings.load_profile(os.environ.get("OUTBOXER_HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="session")

@@ -87,8 +87,15 @@ class DeadLetters:
         """Send a dead letter again (see the module docs for where); returns its message id."""
         with self._transaction() as connection:
             letter = dead_letter_store.get_dead_letter(connection, dead_letter_id, for_update=True)
-            if letter is None or (letter.replayed_at is not None and not keep):
+            if letter is None:
                 raise DeadLetterNotFound(f"no dead letter has id {dead_letter_id}")
+            if letter.replayed_at is not None:
+                # Kept as history: its message is in the outbox (or delivered) already. If it
+                # fails again, that failure is a new dead letter, to replay in its turn.
+                raise OutboxerError(
+                    f"dead letter {dead_letter_id} was already replayed at "
+                    f"{letter.replayed_at.isoformat()}; a second replay would send it twice"
+                )
             self._replay_one(connection, letter, keep)
             assert letter.message_id is not None
             return letter.message_id

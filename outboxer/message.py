@@ -189,6 +189,10 @@ class Envelope:
     """Set on a retry or a replay: only this handler (``consumer.handler``) runs it."""
     attempt: int = 1
     """Which run of ``handler`` this delivery is (1 for ordinary messages)."""
+    outbox_id: int | None = dataclasses.field(default=None, compare=False)
+    """The outbox row this envelope was read from, when the relay sends it: every row is
+    one send (the first publish, a retry, a replay), so brokers that deduplicate (SQS FIFO)
+    key on it. Not part of the wire format."""
 
     @property
     def correlation(self) -> str:

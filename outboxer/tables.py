@@ -41,6 +41,7 @@ __all__ = [
     "inbox",
     "metadata",
     "outbox",
+    "relays",
     "sent",
 ]
 
@@ -192,6 +193,19 @@ sent = Table(
     **MYSQL_TABLE_OPTIONS,
 )
 """Sent messages kept for ``retention`` seconds (relay option), then pruned."""
+
+relays = Table(
+    "outboxer_relay",
+    metadata,
+    # A running relay: its lease tokens start with this id. It holds a database lock named
+    # after the id for as long as it lives, so other relays know at once when it is gone.
+    Column("relay_id", String(16), primary_key=True),
+    Column("name", String(255), nullable=False),
+    Column("started_at", UTCDateTime(), nullable=False),
+    Column("seen_at", UTCDateTime(), nullable=False),
+    **MYSQL_TABLE_OPTIONS,
+)
+"""Running relays (see docs/relay.md, "A relay that dies")."""
 
 inbox = Table(
     "outboxer_inbox",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from sqlalchemy.engine import Engine
@@ -48,12 +49,18 @@ class PollWaiter(Waiter):
 
 
 class ListenWaiter(Waiter):
-    """LISTEN on PostgreSQL; falls back to polling while the connection is down."""
+    """LISTEN on PostgreSQL; falls back to polling while the connection is down.
+
+    A wait always lasts its whole ``timeout`` unless a notification, :meth:`wake` or the
+    stop event ends it: when the LISTEN connection cannot be made, the rest of the time is
+    spent waiting, not retrying (the relay's back-off decides how often it tries).
+    """
 
     def __init__(self, engine: Engine) -> None:
         super().__init__()
         self._engine = engine
         self._conn: Any = None
+        self._down = False
 
     def _connection(self) -> Any:
         if self._conn is None:
@@ -61,14 +68,15 @@ class ListenWaiter(Waiter):
 
             url = self._engine.url.set(drivername="postgresql")
             conninfo = url.render_as_string(hide_password=False)
-            conn = psycopg.connect(conninfo, autocommit=True)
+            conn = psycopg.connect(conninfo, autocommit=True, connect_timeout=5)
             conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
             self._conn = conn
+            if self._down:
+                log.info("LISTEN connection is back")
+                self._down = False
         return self._conn
 
     def wait(self, timeout: float, stop: threading.Event) -> None:
-        import time
-
         deadline = time.monotonic() + timeout
         while not stop.is_set() and not self._wake.is_set():
             remaining = deadline - time.monotonic()
@@ -84,10 +92,13 @@ class ListenWaiter(Waiter):
                     for _ in conn.notifies(timeout=0.0):
                         pass
                     break
-            except Exception:
-                log.warning("LISTEN connection lost; polling until it is back", exc_info=True)
+            except Exception as exc:
                 self.close()
-                self._wake.wait(min(max(remaining, 0.0), 1.0))
+                if not self._down:
+                    self._down = True
+                    # One line: the relay logs the outage's traceback (at debug level).
+                    log.warning("LISTEN connection lost (%s); polling until it is back", exc)
+                self._wake.wait(max(0.0, deadline - time.monotonic()))
                 break
         self._wake.clear()
 

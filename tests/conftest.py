@@ -15,9 +15,15 @@ import outboxer
 from .models import Base
 from .services import SERVERS, require
 
-# Broker fixtures (rabbitmq_case, sqs_case, the moto server...) live beside their cases;
-# outboxer.testing is the plugin applications use (docs/testing.md).
-pytest_plugins = ["tests.broker_rabbitmq", "tests.broker_sqs", "outboxer.testing"]
+# Broker fixtures (rabbitmq_case, sqs_case, the moto server...) live beside their cases,
+# relay targets in tests.relaying; outboxer.testing is the plugin applications use
+# (docs/testing.md).
+pytest_plugins = [
+    "tests.broker_rabbitmq",
+    "tests.broker_sqs",
+    "tests.relaying",
+    "outboxer.testing",
+]
 
 DATABASES = ["postgresql", "mariadb", "sqlite"]
 

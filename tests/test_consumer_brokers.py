@@ -29,8 +29,8 @@ from .broker_cases import BrokerCase
 from .broker_rabbitmq import RabbitMQCase, rabbitmq_address
 from .broker_sqs import SQSCase
 from .models import Effect, OrderPlaced
+from .relaying import OUTBOXER, spawn, stop, wait_for
 from .services import RABBITMQ_URL, port_open, require
-from .test_relay_brokers import OUTBOXER, spawn, stop, wait_for
 
 SessionFactory = sessionmaker[outboxer.OutboxSession]
 QUICK = outboxer.Retry(max_attempts=5, initial_delay=0.05, max_delay=0.05, jitter=0.0)

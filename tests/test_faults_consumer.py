@@ -14,10 +14,10 @@ from sqlalchemy.engine import Engine
 
 from .broker_rabbitmq import RabbitMQCase, rabbitmq_address
 from .models import OrderPlaced
+from .relaying import spawn, start_relay, stop, wait_for
 from .services import RABBITMQ_URL, port_open, require
 from .test_consumer_brokers import Line, SessionFactory, run_totals
 from .test_faults_database import reachable, restart_postgresql
-from .test_relay_brokers import spawn, start_relay, stop, wait_for
 
 pytestmark = [
     pytest.mark.slow,

@@ -20,8 +20,7 @@ from sqlalchemy.orm import sessionmaker
 import outboxer
 from outboxer import wire
 
-from .services import IN_CI, RABBITMQ_URL
-from .test_relay_brokers import (
+from .relaying import (
     Target,
     outbox_count,
     publish_sequence,
@@ -29,6 +28,7 @@ from .test_relay_brokers import (
     stop,
     wait_for,
 )
+from .services import IN_CI, RABBITMQ_URL
 
 pytestmark = [
     pytest.mark.slow,
@@ -64,7 +64,7 @@ def reachable(engine: Engine) -> bool:
 
 @pytest.fixture
 def rabbit() -> Iterator[Target]:
-    from .test_relay_brokers import rabbitmq_target
+    from .relaying import rabbitmq_target
 
     made = rabbitmq_target()
     yield made

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -15,7 +16,9 @@ from sqlalchemy.orm import sessionmaker
 
 import outboxer
 from outboxer.retry import Backoff
+from outboxer.store import claims, settle
 from outboxer.store import relay as relay_store
+from outboxer.store.leases import LeaseScope, relay_of, token
 from outboxer.testing import MemoryBroker, MemoryTransport
 from outboxer.transports import SendResult, Subscription
 
@@ -43,6 +46,14 @@ def dead_letters(engine: Engine) -> list[dict[str, Any]]:
     with engine.connect() as conn:
         rows = conn.execute(select(outboxer.dead_letter).order_by(outboxer.dead_letter.c.id))
         return [dict(r) for r in rows.mappings()]
+
+
+def claim(
+    conn: Any, owner: str, limit: int, lease: float, in_flight: tuple[str, ...] = ()
+) -> list[relay_store.Claimed]:
+    """Claim as the relay whose token is ``owner``, with ``in_flight`` on the wire."""
+    scope = LeaseScope(relay=relay_of(owner), in_flight=in_flight)
+    return claims.claim_batch(conn, owner=owner, scope=scope, limit=limit, lease_seconds=lease)
 
 
 def publish(Session: SessionFactory, *events: Any, **options: Any) -> None:
@@ -136,7 +147,7 @@ def test_a_rejected_message_is_dead_lettered_with_its_reason_while_others_are_se
     publish(Session, OrderPlaced(order_id=1))
     publish(Session, OrderPlaced(order_id=2), destination="nowhere")
     publish(Session, OrderPlaced(order_id=3))
-    stats = outboxer.Relay(engine, transport).run(once=True)
+    stats = outboxer.Relay(engine, transport, unroutable_attempts=1).run(once=True)
     assert (stats.sent, stats.dead_lettered) == (2, 1)
     [dead] = dead_letters(engine)
     assert (dead["error_type"], dead["destination"], dead["attempts"]) == (
@@ -147,6 +158,28 @@ def test_a_rejected_message_is_dead_lettered_with_its_reason_while_others_are_se
     assert "no queue is bound" in dead["error_message"]
     assert [json.loads(e.payload)["order_id"] for e in broker.published] == [1, 3]
     assert outbox_rows(engine) == []
+
+
+def test_an_unroutable_message_is_retried_with_backoff_before_it_is_dead_lettered(
+    engine: Engine, Session: SessionFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    broker = MemoryBroker(mandatory=True)
+    transport = MemoryTransport(broker)
+    publish(Session, OrderPlaced(order_id=1))  # its consumer has not subscribed yet
+    relay = outboxer.Relay(engine, transport, backoff=FAST, unroutable_attempts=3)
+    caplog.set_level(logging.INFO, logger="outboxer")
+    assert relay.run(once=True).retried == 1
+    assert "could not be routed (no queue is bound for it yet: start its consumer)" in (caplog.text)
+    [row] = outbox_rows(engine)
+    assert row["attempts"] == 1 and row["last_error"].startswith("unroutable: ")
+    transport.receiver(Subscription(queue="billing", bindings=[("orders", "#")]))
+    wait_until(lambda: relay.run(once=True).sent == 1, 10, "the retry once the queue is bound")
+    assert dead_letters(engine) == []
+
+    publish(Session, OrderPlaced(order_id=2), destination="nowhere")
+    wait_until(lambda: relay.run(once=True).dead_lettered == 1, 10, "the third attempt")
+    [dead] = dead_letters(engine)
+    assert dead["attempts"] == 3 and "gave up after 3 attempts" in dead["error_message"]
 
 
 def test_messages_with_the_same_key_are_sent_in_commit_order_across_batches(
@@ -185,7 +218,7 @@ def test_a_dead_relays_lease_expires_and_another_relay_takes_over(
 ) -> None:
     publish(Session, *[OrderPlaced(order_id=i) for i in range(5)])
     with engine.connect() as conn:
-        taken = relay_store.claim_batch(conn, owner="crashed", limit=10, lease_seconds=0.3)
+        taken = claim(conn, token("0123456789abcdef", 1), limit=10, lease=0.3)
     assert len(taken) == 5
     survivor = outboxer.Relay(engine, MemoryTransport(broker))
     assert survivor.run(once=True).sent == 0  # still leased
@@ -199,27 +232,30 @@ def test_concurrent_claims_never_overlap_and_never_split_a_key(
 ) -> None:
     for n in range(200):
         publish(Session, OrderPlaced(order_id=n), key=f"k{n % 20}" if n % 4 else None)
-    claims: list[tuple[str, list[relay_store.Claimed]]] = []
+    taken: list[tuple[str, list[relay_store.Claimed]]] = []
     lock = threading.Lock()
     start = threading.Barrier(4)
 
     def claimer(name: str) -> None:
         start.wait(timeout=10)
-        for _ in range(10):
+        mine: tuple[str, ...] = ()  # every batch stays in flight: nothing is settled here
+        for n in range(10):
+            owner = token(name, n)
             with engine.connect() as conn:
-                got = relay_store.claim_batch(conn, owner=name, limit=15, lease_seconds=60)
+                got = claim(conn, owner, limit=15, lease=60, in_flight=mine)
+            mine = (*mine, owner)
             with lock:
-                claims.append((name, got))
+                taken.append((name, got))
 
-    threads = [threading.Thread(target=claimer, args=(f"r{i}",)) for i in range(4)]
+    threads = [threading.Thread(target=claimer, args=(f"{i:016x}",)) for i in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=60)
-    ids = [c.id for _, batch in claims for c in batch]
+    ids = [c.id for _, batch in taken for c in batch]
     assert len(ids) == len(set(ids)), "a row was claimed twice"
     owners_of_key: dict[str, set[str]] = {}
-    for owner, batch in claims:
+    for owner, batch in taken:
         for c in batch:
             if c.envelope.key:
                 owners_of_key.setdefault(c.envelope.key, set()).add(owner)
@@ -227,7 +263,7 @@ def test_concurrent_claims_never_overlap_and_never_split_a_key(
     # may take a key's later rows in a later batch while it still holds the earlier ones).
     assert all(len(owners) == 1 for owners in owners_of_key.values())
     per_owner: dict[str, list[int]] = {}
-    for owner, batch in claims:
+    for owner, batch in taken:
         for c in batch:
             if c.envelope.key:
                 per_owner.setdefault(f"{owner}/{c.envelope.key}", []).append(c.id)
@@ -248,9 +284,9 @@ def test_retention_keeps_sent_rows_then_prunes_them(
     assert all(r["sent_at"] is not None and r["message_key"] == "k" for r in kept)
     assert relay.run(once=True).sent == 0  # kept rows are never sent again
     with engine.connect() as conn:
-        assert relay_store.prune_sent(conn, older_than=3600) == 0
-        assert relay_store.prune_sent(conn, older_than=0, limit=2) == 2
-        assert relay_store.prune_sent(conn, older_than=0) == 1
+        assert settle.prune_sent(conn, older_than=3600) == 0
+        assert settle.prune_sent(conn, older_than=0, limit=2) == 2
+        assert settle.prune_sent(conn, older_than=0) == 1
         assert conn.execute(select(func.count()).select_from(outboxer.sent)).scalar() == 0
 
 
@@ -260,7 +296,7 @@ def test_backlog_counts_pending_due_and_leased_rows(
     publish(Session, OrderPlaced(order_id=1), OrderPlaced(order_id=2))
     publish(Session, OrderPlaced(order_id=3), delay=600)
     with engine.connect() as conn:
-        relay_store.claim_batch(conn, owner="x", limit=1, lease_seconds=60)
+        claim(conn, token("0123456789abcdef", 1), limit=1, lease=60)
         figures = relay_store.backlog(conn)
     assert (figures.pending, figures.due, figures.leased) == (3, 2, 1)
     assert 0 <= figures.oldest_due_seconds < 60
@@ -280,10 +316,10 @@ def test_a_transport_that_raises_does_not_kill_the_relay(
 
     relay = outboxer.Relay(engine, Exploding(broker))
     publish(Session, OrderPlaced(order_id=1))
-    first = relay.run_once()
-    assert first.unavailable and first.released == 1
+    first = relay.run(once=True)
+    assert first.outages == 1 and first.released == 1
     relay.breaker.record_success()
-    assert relay.run_once().sent == 1
+    assert relay.run(once=True).sent == 1
 
 
 def test_stop_from_another_thread_ends_a_running_relay(

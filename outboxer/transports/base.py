@@ -19,6 +19,7 @@ from ..instrumentation import TransportDescription
 from ..message import Envelope
 
 __all__ = [
+    "HELD_BACK",
     "Delivery",
     "Outcome",
     "Receiver",
@@ -26,7 +27,14 @@ __all__ = [
     "Subscription",
     "Transport",
     "TransportDescription",
+    "held_back",
+    "unavailable_after",
 ]
+
+
+HELD_BACK = "held_back"
+"""``SendResult.error_type`` of a message not sent because an earlier message of its key
+failed: it is handed back without counting an attempt, and waits behind that message."""
 
 
 class Outcome(enum.Enum):
@@ -146,14 +154,26 @@ class Transport(abc.ABC):
         treated as UNAVAILABLE.
         """
 
-    def send_async(self, envelopes: Sequence[Envelope]) -> Future[list[SendResult]]:
+    def send_async(
+        self, envelopes: Sequence[Envelope], *, after: Future[list[SendResult]] | None = None
+    ) -> Future[list[SendResult]]:
         """Start sending ``envelopes``; the future gives what :meth:`send` would return.
 
+        ``after`` is the previous send of the caller, not necessarily finished: these
+        messages must not reach the broker before that send's, and if that send fails
+        for want of the broker (UNAVAILABLE), these must fail too rather than go out on
+        a new connection (the relay's per-key order depends on it, see
+        :mod:`outboxer.relay.pipeline`).
+
         A transport that can keep a batch on the wire while the broker confirms the
-        previous one overrides this (RabbitMQ); the default sends at once and returns a
-        finished future.
+        previous one overrides this (RabbitMQ, on one ordered channel); the default sends
+        at once, when ``after`` has finished, and returns a finished future.
         """
         future: Future[list[SendResult]] = Future()
+        fenced = unavailable_after(after)
+        if fenced is not None:
+            future.set_result([fenced] * len(envelopes))
+            return future
         try:
             future.set_result(self.send(envelopes))
         except BaseException as exc:
@@ -172,3 +192,34 @@ class Transport(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def unavailable_after(after: Future[list[SendResult]] | None) -> SendResult | None:
+    """The result for messages chained behind ``after`` when ``after`` lost the broker
+    (None: they may go)."""
+    if after is None or not after.done():
+        return None
+    try:
+        results = after.result()
+    except Exception as exc:
+        return SendResult.unavailable(
+            type(exc).__name__, f"not sent: the send before it failed ({exc})"
+        )
+    for result in results:
+        if result.outcome is Outcome.UNAVAILABLE:
+            return SendResult.unavailable(
+                result.error_type or "unavailable",
+                f"not sent: the send before it lost the broker ({result.error})",
+            )
+    return None
+
+
+def held_back(key: str | None, cause: SendResult) -> SendResult:
+    """The result for a message kept back behind ``cause``, an earlier failure of its key."""
+    if cause.outcome is Outcome.UNAVAILABLE:
+        return cause
+    return SendResult.retry(
+        HELD_BACK,
+        f"not sent: an earlier message with key {key!r} was not sent ({cause.error_type}), "
+        "and a later one must not overtake it",
+    )

@@ -18,7 +18,7 @@ from typing import ClassVar
 from .. import wire
 from ..instrumentation import TransportDescription
 from ..message import Envelope
-from .base import Delivery, Receiver, SendResult, Subscription, Transport
+from .base import Delivery, Outcome, Receiver, SendResult, Subscription, Transport, held_back
 
 __all__ = ["MemoryBroker", "MemoryTransport"]
 
@@ -101,10 +101,18 @@ class MemoryBroker:
             q.bindings.update(subscription.bindings)
 
     def publish(self, envelopes: Sequence[Envelope]) -> list[SendResult]:
+        """Accept or refuse each message, in order; once a message of a key is refused, the
+        later ones of that key in the call are held back (as SQS lanes do)."""
         results: list[SendResult] = []
+        failed: dict[str, SendResult] = {}
         with self._cond:
             for envelope in envelopes:
-                results.append(self._publish_one(envelope))
+                key = envelope.key
+                cause = failed.get(key) if key is not None else None
+                result = held_back(key, cause) if cause else self._publish_one(envelope)
+                if key is not None and result.outcome is not Outcome.SENT:
+                    failed.setdefault(key, result)
+                results.append(result)
             self._cond.notify_all()
         return results
 

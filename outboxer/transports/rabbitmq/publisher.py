@@ -19,7 +19,7 @@ from pika.connection import Parameters
 from pika.frame import Method
 from pika.spec import Basic, BasicProperties
 
-from ..base import SendResult
+from ..base import HELD_BACK, SendResult, unavailable_after
 from .amqp import _Outgoing
 from .ioloop import _cause, _coalesced_writes, _IOThread, _logged
 
@@ -104,9 +104,20 @@ class _Publisher:
 
     # Batches ----------------------------------------------------------------------------
 
-    def submit(self, batch: _Batch) -> None:
+    def submit(self, batch: _Batch, after: Future[list[SendResult]] | None = None) -> None:
+        """Queue ``batch`` behind the batches already here (on the I/O thread).
+
+        ``after`` is the caller's previous send: when it already lost the broker, this
+        batch fails with it instead of going out on a new connection ahead of its retry.
+        When it has not finished, it is ahead of this batch in this publisher, and a lost
+        connection fails both.
+        """
         if self._shutdown is not None:
             self._finish_now(batch, _closed_result())
+            return
+        fenced = unavailable_after(after)
+        if fenced is not None:
+            self._finish_now(batch, fenced)
             return
         self._waiting.append(batch)
         self._next_batch()
@@ -276,14 +287,20 @@ class _Publisher:
         if batch not in self._in_flight:
             return
         batch.timer = None
-        self._finish_now(
-            batch,
-            SendResult.retry(
+        # The broker is stuck, or the connection silently dead. Give up on the connection:
+        # everything not confirmed fails together, this batch and those behind it, so no
+        # later message of a key goes out ahead of the retry of an earlier one.
+        connection, self._connection = self._connection, None
+        self._reset_channel()
+        self._fail_all(
+            SendResult.unavailable(
                 "confirm_timeout",
-                f"RabbitMQ did not confirm the message within {self._confirm_timeout:g} s; "
-                "it may or may not have been stored",
-            ),
+                f"RabbitMQ at {self._where} did not confirm the messages within "
+                f"{self._confirm_timeout:g} s; they may or may not have been stored",
+            )
         )
+        if connection is not None and not (connection.is_closing or connection.is_closed):
+            connection.close()
 
     # Connection and channel --------------------------------------------------------------
 
@@ -328,10 +345,16 @@ class _Publisher:
         self._reset_channel()
 
     def _fail_unavailable(self, error: BaseException, what: str) -> None:
-        """Every message not confirmed yet, in flight or being set up, is UNAVAILABLE."""
+        """Every message not confirmed yet is UNAVAILABLE: in flight, being set up, and
+        waiting (a waiting batch was handed over behind the failed ones, and must not go
+        out on the next connection ahead of their retry)."""
         name, text = _cause(error)
-        result = SendResult.unavailable(name, f"{what} RabbitMQ at {self._where}: {text}")
-        for batch in (*self._in_flight, self._batch):
+        self._fail_all(SendResult.unavailable(name, f"{what} RabbitMQ at {self._where}: {text}"))
+
+    def _fail_all(self, result: SendResult) -> None:
+        waiting = list(self._waiting)
+        self._waiting.clear()
+        for batch in (*self._in_flight, self._batch, *waiting):
             if batch is not None:
                 self._finish_now(batch, result)
 
@@ -374,7 +397,9 @@ class _Publisher:
             return  # the connection is going: _on_connection_closed settles the batch
         if self._in_flight:
             # Their confirms will never come on the closed channel. An exchange deleted
-            # behind our back (404) is the usual cause: declare again next time.
+            # behind our back (404) is the usual cause: declare again next time. The
+            # batches behind them were not published: they are held back, not failed, so
+            # that none of their messages goes out ahead of a retried earlier one.
             self._declared.clear()
             lost = SendResult.retry(
                 "channel_closed",
@@ -382,6 +407,15 @@ class _Publisher:
             )
             for published in list(self._in_flight):
                 self._finish_now(published, lost)
+            behind = SendResult.retry(
+                HELD_BACK, "not sent: the channel closed while earlier messages were unconfirmed"
+            )
+            waiting = list(self._waiting)
+            self._waiting.clear()
+            for batch in (self._batch, *waiting):
+                if batch is not None:
+                    self._finish_now(batch, behind)
+            return
         batch = self._batch
         if batch is None:
             return

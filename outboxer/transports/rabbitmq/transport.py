@@ -139,12 +139,15 @@ class RabbitMQTransport(Transport):
             )
             return [stuck] * len(envelopes)
 
-    def send_async(self, envelopes: Sequence[Envelope]) -> Future[list[SendResult]]:
+    def send_async(
+        self, envelopes: Sequence[Envelope], *, after: Future[list[SendResult]] | None = None
+    ) -> Future[list[SendResult]]:
         """Hand the batch to the I/O thread and return at once.
 
         Up to two batches are on the wire together: the next is published while the
         broker is still confirming the previous one (RabbitMQ spends most of a batch's
-        time persisting and confirming).
+        time persisting and confirming), on the same channel, so the broker receives them
+        in order. A batch chained ``after`` one that lost the connection fails with it.
         """
         if not envelopes or self._closed:
             done: Future[list[SendResult]] = Future()
@@ -182,7 +185,7 @@ class RabbitMQTransport(Transport):
                         where=self._where,
                     )
                 publisher = self._publisher
-            io.call(functools.partial(publisher.submit, batch))
+            io.call(functools.partial(publisher.submit, batch, after))
         return batch.future
 
     # Receiving ----------------------------------------------------------------------------

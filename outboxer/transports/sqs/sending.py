@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ...message import Envelope
-from ..base import Outcome, SendResult
 from .options import MAX_BATCH_ENTRIES
 
 if TYPE_CHECKING:
@@ -33,7 +32,16 @@ def group_id(envelope: Envelope) -> str:
 
 
 def deduplication_id(envelope: Envelope) -> str:
-    """The FIFO ``MessageDeduplicationId``: the id, or a hash of id, handler and attempt."""
+    """The FIFO ``MessageDeduplicationId``: one per send that must reach a consumer.
+
+    SQS drops a message whose deduplication id it saw in the last 5 minutes. Every outbox
+    row is one such send (the first publish, each retry of a handler, each replay), so the
+    id is the message id and the outbox row's id: a relay sending the same row again
+    (after a lost confirmation) is deduplicated, a retry or a replay never is. Without a
+    row (a transport used directly) it is the message id with the handler and attempt.
+    """
+    if envelope.outbox_id is not None:
+        return f"{envelope.message_id}:{envelope.outbox_id}"
     if not envelope.handler:
         return str(envelope.message_id)
     seed = f"{envelope.message_id}:{envelope.handler}:{envelope.attempt}"
@@ -111,13 +119,3 @@ def _chunks(items: list[_Item], max_bytes: int) -> list[list[_Item]]:
         if chunk:
             chunks.append(chunk)
     return chunks
-
-
-def _held_back(cause: SendResult, key: str | None) -> SendResult:
-    reason = (
-        f"not sent: an earlier message with key {key!r} in this batch was not sent "
-        f"({cause.error_type}), and a later one must not overtake it"
-    )
-    if cause.outcome is Outcome.UNAVAILABLE:
-        return SendResult.unavailable(cause.error_type or "held_back", reason)
-    return SendResult.retry("held_back", reason)

@@ -18,7 +18,7 @@ from ... import wire
 from ...errors import ConfigurationError, TransportError
 from ...instrumentation import TransportDescription
 from ...message import Envelope
-from ..base import Outcome, Receiver, SendResult, Subscription, Transport
+from ..base import Outcome, Receiver, SendResult, Subscription, Transport, held_back
 from .attributes import encode_attributes
 from .errors import error_code, result_for_error
 from .options import (
@@ -31,7 +31,7 @@ from .options import (
     _positive_int,
 )
 from .receiver import _SQSReceiver, log
-from .sending import _chunks, _held_back, _Item, _plan_lanes, deduplication_id, group_id
+from .sending import _chunks, _Item, _plan_lanes, deduplication_id, group_id
 
 if TYPE_CHECKING:
     from mypy_boto3_sqs.client import SQSClient
@@ -306,7 +306,7 @@ class SQSTransport(Transport):
                     if cause is None:
                         sent.append(item)
                     else:
-                        results[item.index] = _held_back(cause, item.key)
+                        results[item.index] = held_back(item.key, cause)
                 if not sent:
                     continue
             self._send_chunk(sent, results)

@@ -1,0 +1,33 @@
+"""Create outboxer_relay: running relays, so a dead relay's leases are taken over at once.
+
+Revision ID: 0002
+Revises: 0001
+Create Date: 2026-11-29
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+from outboxer.tables import MYSQL_TABLE_OPTIONS, UTCDateTime
+
+revision = "0002"
+down_revision = "0001"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "outboxer_relay",
+        sa.Column("relay_id", sa.String(16), primary_key=True),
+        sa.Column("name", sa.String(255), nullable=False),
+        sa.Column("started_at", UTCDateTime(), nullable=False),
+        sa.Column("seen_at", UTCDateTime(), nullable=False),
+        **MYSQL_TABLE_OPTIONS,
+    )
+
+
+def downgrade() -> None:
+    op.drop_table("outboxer_relay")

@@ -1,0 +1,22 @@
+"""The relay: publishes outbox rows to the broker, in order per key, at least once.
+
+:class:`Relay` (:mod:`.loop`) runs the loop; :mod:`.pipeline` keeps the ordering rule;
+:mod:`.decide` decides what a send result means for a row; :mod:`.liveness` lets a relay
+take a dead relay's rows over at once; :mod:`.reports` holds the figures.
+"""
+
+from __future__ import annotations
+
+from .decide import DEFAULT_BACKOFF, SendPolicy
+from .loop import DATABASE_BACKOFF, Relay, relay_engine
+from .reports import BatchReport, RelayStats
+
+__all__ = [
+    "DATABASE_BACKOFF",
+    "DEFAULT_BACKOFF",
+    "BatchReport",
+    "Relay",
+    "RelayStats",
+    "SendPolicy",
+    "relay_engine",
+]

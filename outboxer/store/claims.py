@@ -1,0 +1,319 @@
+"""SQL for claiming a batch: heads, followers, leases, and parking the rows that must wait.
+
+Claiming (see docs/relay.md, "Ordering", for the reasoning):
+
+1. **Heads**: due, free rows (:mod:`outboxer.store.leases`) that no earlier pending row of
+   their key holds back, found among the first ``window`` due rows by a plain read, then
+   locked with ``FOR UPDATE SKIP LOCKED`` so two relays never take the same row.
+2. **Followers**: for the keys of those heads, the following rows, in id order, for as
+   long as they are due and free: a key's run is taken as one piece, and stops before the
+   first row that must wait.
+3. **Lease**: ``locked_by``/``locked_until`` on everything taken, under the batch's token.
+4. **Parking**, when the window held fewer heads than wanted: a key whose earliest pending
+   row is not due (a delay, a backoff) cannot send any of its later rows before that row,
+   so those rows get its due time. They leave the due window, which therefore never fills
+   up with rows that cannot go, and other keys keep moving. A key whose earliest pending
+   row is due and free but outside the window (its due time is later than its followers',
+   after a backoff) has it taken as a head.
+
+SQLite has no row locks: it runs one relay, and the same statements work without them.
+The statements are built once per dialect (:func:`_statements`): building SQLAlchemy
+constructs costs more than running them for small batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+from sqlalchemy import BigInteger, and_, any_, bindparam, func, or_, select, update
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.engine import Connection
+
+from ..tables import outbox
+from .clock import clock_params, later, now
+from .leases import LeaseScope, for_destinations, free, holds_back
+from .relay import SENT_COLUMNS, Claimed, claimed_from_row
+
+__all__ = ["autocommit", "claim_batch"]
+
+
+def claim_batch(
+    connection: Connection,
+    *,
+    owner: str,
+    scope: LeaseScope,
+    limit: int,
+    lease_seconds: float,
+) -> list[Claimed]:
+    """Lease up to ``limit`` due rows under the token ``owner``; returns them in id order.
+
+    ``connection`` must not be in a transaction: the claim commits its own (PostgreSQL:
+    every step is one atomic statement, so none is needed at all).
+    """
+    name = connection.dialect.name
+    sql = _statements(name, scope.destinations is not None)
+    params = {**scope.params(), **clock_params(name, lease=lease_seconds)}
+    params["owner"] = owner
+    params["limit"] = limit
+    params["window"] = max(4 * limit, 1000)
+    with autocommit(connection) if name == "postgresql" else connection.begin():
+        heads = _find_heads(connection, sql, params, limit)
+        if not heads:
+            return []
+        rows = _lock_and_lease(connection, sql, params, heads)
+    claimed = [claimed_from_row(row) for row in rows]
+    claimed.sort(key=lambda c: c.id)
+    return claimed
+
+
+@dataclass(frozen=True)
+class _Head:
+    id: int
+    message_key: str | None
+
+
+def _find_heads(
+    connection: Connection, sql: _Statements, params: dict[str, Any], limit: int
+) -> list[_Head]:
+    heads = [_Head(r.id, r.message_key) for r in connection.execute(sql.heads, params)]
+    if len(heads) >= limit:
+        return heads
+    # Spare room: look at the keys the window holds that have no head in it.
+    blocked = connection.execute(sql.blocked, params).all()
+    parked = [
+        {"key": b.message_key, "after": b.id, "until": b.available_at} for b in blocked if not b.due
+    ]
+    if parked:
+        connection.execute(sql.park, parked)
+        heads = [_Head(r.id, r.message_key) for r in connection.execute(sql.heads, params)]
+        blocked = connection.execute(sql.blocked, params).all()
+    taken = {h.id for h in heads}
+    late = [_Head(b.id, b.message_key) for b in blocked if b.due and b.free and b.id not in taken]
+    return heads + late[: max(0, limit - len(heads))]
+
+
+def _lock_and_lease(
+    connection: Connection, sql: _Statements, params: dict[str, Any], heads: list[_Head]
+) -> list[Any]:
+    ids = [h.id for h in heads]
+    if sql.lock_and_lease is not None:
+        # PostgreSQL: lock (SKIP LOCKED) and lease the heads in one statement.
+        rows = list(connection.execute(sql.lock_and_lease, {**params, "ids": ids}).all())
+        head_of = {row.message_key: row.id for row in rows if row.message_key is not None}
+        budget = params["limit"] - len(rows)
+        if head_of and budget > 0:
+            more = _followers(connection, sql, params, head_of, budget)
+            if more:
+                rows.extend(connection.execute(sql.lease_returning, {**params, "ids": more}))
+        return rows
+    if connection.dialect.name != "sqlite":  # SQLite runs one relay and has no row locks
+        key_of = {h.id: h.message_key for h in heads}
+        locked = connection.execute(sql.lock, {**params, "ids": ids}).scalars()
+        heads = [_Head(row_id, key_of[row_id]) for row_id in sorted(locked)]
+        if not heads:
+            return []
+        ids = [h.id for h in heads]
+    head_of = {h.message_key: h.id for h in heads if h.message_key is not None}
+    budget = params["limit"] - len(ids)
+    if head_of and budget > 0:
+        ids.extend(_followers(connection, sql, params, head_of, budget))
+    connection.execute(sql.lease, {**params, "ids": ids})
+    return list(connection.execute(sql.read, {"ids": ids}).all())
+
+
+def _followers(
+    connection: Connection,
+    sql: _Statements,
+    params: dict[str, Any],
+    head_of: dict[str, int],
+    budget: int,
+) -> list[int]:
+    """The rows after each head, in id order, while they are due and free."""
+    rows = connection.execute(
+        sql.followers,
+        {
+            **params,
+            "keys": list(head_of),
+            "after": min(head_of.values()),
+            "limit": budget + len(head_of),
+        },
+    ).all()
+    taken: list[int] = []
+    stopped: set[str] = set()
+    for row in rows:
+        key = row.message_key
+        if row.id <= head_of[key] or key in stopped:
+            continue
+        if not row.ready:
+            stopped.add(key)  # everything after it waits too: order within the key
+            continue
+        taken.append(row.id)
+        if len(taken) >= budget:
+            break
+    return taken
+
+
+@contextlib.contextmanager
+def autocommit(connection: Connection) -> Iterator[None]:
+    """Run single-statement steps without a transaction, then put the connection back."""
+    connection.execution_options(isolation_level="AUTOCOMMIT")
+    try:
+        yield
+    finally:
+        connection.commit()  # ends SQLAlchemy's marker; nothing to commit in the database
+        connection.execution_options(isolation_level=connection.default_isolation_level)
+
+
+# The statements, built once per dialect --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Statements:
+    heads: Any
+    blocked: Any
+    park: Any
+    lock: Any
+    lock_and_lease: Any | None
+    followers: Any
+    lease: Any
+    lease_returning: Any
+    read: Any
+
+
+@cache
+def _statements(name: str, filtered: bool) -> _Statements:
+    current = now(name)
+    due = outbox.c.available_at <= current
+    ready = and_(due, free(name))
+    if filtered:
+        ready = and_(ready, for_destinations(name))
+
+    def by_ids(stmt: Any) -> Any:
+        if name == "postgresql":
+            return stmt.where(outbox.c.id == any_(bindparam("ids", type_=ARRAY(BigInteger))))
+        return stmt.where(outbox.c.id.in_(bindparam("ids", expanding=True)))
+
+    lease = by_ids(update(outbox)).values(
+        locked_by=bindparam("owner"), locked_until=later(name, "lease")
+    )
+    lock = by_ids(select(outbox.c.id)).where(ready).with_for_update(skip_locked=True)
+    lock_and_lease = None
+    if name == "postgresql":
+        lock_and_lease = (
+            update(outbox)
+            .where(outbox.c.id.in_(lock.scalar_subquery()))
+            .values(locked_by=bindparam("owner"), locked_until=later(name, "lease"))
+            .returning(*SENT_COLUMNS)
+        )
+    window = (
+        select(outbox.c.id, outbox.c.message_key, outbox.c.available_at)
+        .where(ready)
+        .order_by(outbox.c.available_at, outbox.c.id)
+        .limit(bindparam("window", type_=BigInteger()))
+        .subquery("w")
+    )
+    return _Statements(
+        heads=_heads(name, window),
+        blocked=_blocked(name, window),
+        park=update(outbox)
+        .where(
+            outbox.c.message_key == bindparam("key"),
+            outbox.c.id > bindparam("after", type_=BigInteger()),
+            outbox.c.available_at < bindparam("until", type_=outbox.c.available_at.type),
+        )
+        .values(available_at=bindparam("until", type_=outbox.c.available_at.type)),
+        lock=lock,
+        lock_and_lease=lock_and_lease,
+        followers=select(outbox.c.id, outbox.c.message_key, ready.label("ready"))
+        .where(
+            outbox.c.message_key.in_(bindparam("keys", expanding=True)),
+            outbox.c.id > bindparam("after", type_=BigInteger()),
+        )
+        .order_by(outbox.c.id)
+        .limit(bindparam("limit", type_=BigInteger())),
+        lease=lease,
+        lease_returning=lease.returning(*SENT_COLUMNS),
+        read=select(*SENT_COLUMNS).where(outbox.c.id.in_(bindparam("ids", expanding=True))),
+    )
+
+
+def _first_of_key(name: str, key: Any) -> Any:
+    """The smallest id of a pending row of ``key`` that holds back later rows.
+
+    ``ORDER BY id LIMIT 1``, so that only the ``(message_key, id)`` index answers it: the
+    plan stays good before the table has statistics (a fresh table, a burst), when a
+    planner guessing one row per step would otherwise pick nested scans.
+    """
+    p = outbox.alias("p")
+    return (
+        select(p.c.id)
+        .where(p.c.message_key == key, holds_back(name, p))
+        .order_by(p.c.id)
+        .limit(1)
+        .scalar_subquery()
+    )
+
+
+def _ranked(window: Any) -> Any:
+    return select(
+        window.c.id,
+        window.c.message_key,
+        window.c.available_at,
+        func.min(window.c.id).over(partition_by=window.c.message_key).label("first_id"),
+    ).subquery("r")
+
+
+def _heads(name: str, window: Any) -> Any:
+    """Heads among the first ``window`` due, free rows in due order (a plain read).
+
+    Looking only at a window keeps a claim's cost proportional to the batch, not to the
+    backlog (with few keys almost every pending row is a follower). Within the window only
+    a key's first row can be its head, and the index is asked about those alone.
+    """
+    ranked = _ranked(window)
+    return (
+        select(ranked.c.id, ranked.c.message_key)
+        .where(
+            or_(
+                ranked.c.message_key.is_(None),
+                and_(
+                    ranked.c.id == ranked.c.first_id,
+                    ranked.c.id == _first_of_key(name, ranked.c.message_key),
+                ),
+            )
+        )
+        .order_by(ranked.c.available_at, ranked.c.id)
+        .limit(bindparam("limit", type_=BigInteger()))
+    )
+
+
+def _blocked(name: str, window: Any) -> Any:
+    """For each key of the window whose first row there is not its head: the row that
+    holds it back, whether that row is due, and whether it is free."""
+    ranked = _ranked(window)
+    firsts = (
+        select(
+            ranked.c.id.label("first"),
+            _first_of_key(name, ranked.c.message_key).label("blocker"),
+        )
+        .where(ranked.c.message_key.is_not(None), ranked.c.id == ranked.c.first_id)
+        .subquery("f")
+    )
+    b = outbox.alias("b")
+    current = now(name)
+    return (
+        select(
+            b.c.id,
+            b.c.message_key,
+            b.c.available_at,
+            (b.c.available_at <= current).label("due"),
+            free(name, b).label("free"),
+        )
+        .select_from(firsts.join(b, b.c.id == firsts.c.blocker))
+        .where(b.c.id != firsts.c.first)
+        .order_by(b.c.available_at, b.c.id)
+    )

@@ -49,13 +49,14 @@ def test_every_key_of_a_killed_relay_sends_again_within_5_seconds(
     publish_sequence(Session, rabbit.destination, total=total, keys=100)
     first = start_relay(db_url, RABBITMQ_URL, "--batch-size", "100")
     wait_for(lambda: outbox_count(engine) < total - 1000, 60, "the first relay to send")
-    os.kill(first.pid, signal.SIGKILL)
-    killed = time.monotonic()
-    first.wait(timeout=30)
-    at_kill = pending_by_key(engine)
-    assert len(at_kill) == 100, "the relay drained some keys before the kill; raise the total"
     second = start_relay(db_url, RABBITMQ_URL, "--batch-size", "100")
     try:
+        wait_for(lambda: relays_running(engine) == 2, 60, "the second relay to start")
+        os.kill(first.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        first.wait(timeout=30)
+        at_kill = pending_by_key(engine)
+        assert len(at_kill) == 100, "the relays drained some keys before the kill"
 
         def every_key_moved() -> bool:
             now = pending_by_key(engine)
@@ -67,3 +68,8 @@ def test_every_key_of_a_killed_relay_sends_again_within_5_seconds(
         stop(second)
     print(f"\nSIGKILL: every key sent again {recovered:.2f} s after the kill")
     assert recovered <= 5.0, f"keys stalled {recovered:.1f} s after the kill"
+
+
+def relays_running(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return len(conn.execute(select(outboxer.tables.relays.c.relay_id)).all())

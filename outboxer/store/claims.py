@@ -35,7 +35,7 @@ from sqlalchemy.engine import Connection
 
 from ..tables import outbox
 from .clock import clock_params, later, now
-from .leases import LeaseScope, for_destinations, free, holds_back
+from .leases import LeaseScope, for_destinations, free, holds_back, is_in
 from .relay import SENT_COLUMNS, Claimed, claimed_from_row
 
 __all__ = ["autocommit", "claim_batch"]
@@ -48,26 +48,33 @@ def claim_batch(
     scope: LeaseScope,
     limit: int,
     lease_seconds: float,
+    window: int | None = None,
 ) -> list[Claimed]:
     """Lease up to ``limit`` due rows under the token ``owner``; returns them in id order.
 
-    ``connection`` must not be in a transaction: the claim commits its own (PostgreSQL:
-    every step is one atomic statement, so none is needed at all).
+    Heads are looked for among the first ``window`` due rows (default: 4 x ``limit``, at
+    least 1,000). ``connection`` must not be in a transaction: the claim commits its own
+    (PostgreSQL: every step is one atomic statement, so none is needed at all).
     """
     name = connection.dialect.name
     sql = _statements(name, scope.destinations is not None)
     params = {**scope.params(), **clock_params(name, lease=lease_seconds)}
     params["owner"] = owner
-    params["limit"] = limit
-    params["window"] = max(4 * limit, 1000)
+    params["window"] = params["scan"] = window or max(4 * limit, 1000)
+    params["excluded"] = []
+    params["heads"] = limit
     with autocommit(connection) if name == "postgresql" else connection.begin():
-        heads = _find_heads(connection, sql, params, limit)
-        if not heads:
-            return []
-        rows = _lock_and_lease(connection, sql, params, heads)
+        heads = [_Head(r.id, r.message_key) for r in connection.execute(sql.heads, params)]
+        rows = _take(connection, sql, params, heads, limit) if heads else []
+        if len(rows) < limit:
+            rows += _second_look(connection, sql, params, rows, limit - len(rows))
     claimed = [claimed_from_row(row) for row in rows]
     claimed.sort(key=lambda c: c.id)
     return claimed
+
+
+SECOND_LOOK_SCAN = 10
+"""The second look at the due rows reaches this many windows deep."""
 
 
 @dataclass(frozen=True)
@@ -76,37 +83,66 @@ class _Head:
     message_key: str | None
 
 
-def _find_heads(
-    connection: Connection, sql: _Statements, params: dict[str, Any], limit: int
-) -> list[_Head]:
-    heads = [_Head(r.id, r.message_key) for r in connection.execute(sql.heads, params)]
-    if len(heads) >= limit:
-        return heads
-    # Spare room: look at the keys the window holds that have no head in it.
+def _second_look(
+    connection: Connection,
+    sql: _Statements,
+    params: dict[str, Any],
+    taken: list[Any],
+    budget: int,
+) -> list[Any]:
+    """With room to spare, deal with the window's keys that have no head in it.
+
+    A key whose earliest pending row is not due has its later rows parked; one whose
+    earliest row is due and free but outside the window has it taken as a head; the keys
+    held by other relays, and those just taken, are left out of a second, deeper look at
+    the due rows, so that a long run of rows this relay cannot take never hides the rest.
+    """
     blocked = connection.execute(sql.blocked, params).all()
     parked = [
         {"key": b.message_key, "after": b.id, "until": b.available_at} for b in blocked if not b.due
     ]
     if parked:
         connection.execute(sql.park, parked)
-        heads = [_Head(r.id, r.message_key) for r in connection.execute(sql.heads, params)]
-        blocked = connection.execute(sql.blocked, params).all()
-    taken = {h.id for h in heads}
-    late = [_Head(b.id, b.message_key) for b in blocked if b.due and b.free and b.id not in taken]
-    return heads + late[: max(0, limit - len(heads))]
+    taken_keys = {row.message_key for row in taken if row.message_key is not None}
+    taken_ids = {row.id for row in taken}
+    late = [
+        _Head(b.id, b.message_key)
+        for b in blocked
+        if b.due and b.free and b.id not in taken_ids and b.message_key not in taken_keys
+    ]
+    elsewhere = {b.message_key for b in blocked if b.due and not b.free}
+    if not (parked or late or elsewhere):
+        return []
+    deeper = {
+        **params,
+        "scan": params["window"] * SECOND_LOOK_SCAN,
+        "excluded": sorted(taken_keys | elsewhere),
+        # What this claim already took is on its way: it neither blocks nor is free.
+        "in_flight": [*params["in_flight"], params["owner"]],
+        "heads": budget,
+    }
+    heads = [_Head(r.id, r.message_key) for r in connection.execute(sql.heads, deeper)]
+    found = {h.id for h in heads}
+    heads += [h for h in late if h.id not in found]
+    return _take(connection, sql, deeper, heads[:budget], budget) if heads else []
 
 
-def _lock_and_lease(
-    connection: Connection, sql: _Statements, params: dict[str, Any], heads: list[_Head]
+def _take(
+    connection: Connection,
+    sql: _Statements,
+    params: dict[str, Any],
+    heads: list[_Head],
+    budget: int,
 ) -> list[Any]:
+    """Lock and lease ``heads`` (those still free), then their followers, up to ``budget``."""
     ids = [h.id for h in heads]
     if sql.lock_and_lease is not None:
         # PostgreSQL: lock (SKIP LOCKED) and lease the heads in one statement.
         rows = list(connection.execute(sql.lock_and_lease, {**params, "ids": ids}).all())
         head_of = {row.message_key: row.id for row in rows if row.message_key is not None}
-        budget = params["limit"] - len(rows)
-        if head_of and budget > 0:
-            more = _followers(connection, sql, params, head_of, budget)
+        room = budget - len(rows)
+        if head_of and room > 0:
+            more = _followers(connection, sql, params, head_of, room)
             if more:
                 rows.extend(connection.execute(sql.lease_returning, {**params, "ids": more}))
         return rows
@@ -118,9 +154,9 @@ def _lock_and_lease(
             return []
         ids = [h.id for h in heads]
     head_of = {h.message_key: h.id for h in heads if h.message_key is not None}
-    budget = params["limit"] - len(ids)
-    if head_of and budget > 0:
-        ids.extend(_followers(connection, sql, params, head_of, budget))
+    room = budget - len(ids)
+    if head_of and room > 0:
+        ids.extend(_followers(connection, sql, params, head_of, room))
     connection.execute(sql.lease, {**params, "ids": ids})
     return list(connection.execute(sql.read, {"ids": ids}).all())
 
@@ -209,10 +245,17 @@ def _statements(name: str, filtered: bool) -> _Statements:
             .values(locked_by=bindparam("owner"), locked_until=later(name, "lease"))
             .returning(*SENT_COLUMNS)
         )
-    window = (
+    prefix = (
         select(outbox.c.id, outbox.c.message_key, outbox.c.available_at)
         .where(ready)
         .order_by(outbox.c.available_at, outbox.c.id)
+        .limit(bindparam("scan", type_=BigInteger()))
+        .subquery("s")
+    )
+    window = (
+        select(prefix.c.id, prefix.c.message_key, prefix.c.available_at)
+        .where(or_(prefix.c.message_key.is_(None), ~is_in(name, prefix.c.message_key, "excluded")))
+        .order_by(prefix.c.available_at, prefix.c.id)
         .limit(bindparam("window", type_=BigInteger()))
         .subquery("w")
     )
@@ -287,7 +330,7 @@ def _heads(name: str, window: Any) -> Any:
             )
         )
         .order_by(ranked.c.available_at, ranked.c.id)
-        .limit(bindparam("limit", type_=BigInteger()))
+        .limit(bindparam("heads", type_=BigInteger()))
     )
 
 

@@ -30,7 +30,15 @@ from sqlalchemy.sql.elements import ColumnElement
 from ..tables import outbox
 from .clock import now
 
-__all__ = ["RELAY_ID_LENGTH", "LeaseScope", "free", "holds_back", "relay_of", "token"]
+__all__ = [
+    "RELAY_ID_LENGTH",
+    "LeaseScope",
+    "free",
+    "holds_back",
+    "is_in",
+    "relay_of",
+    "token",
+]
 
 RELAY_ID_LENGTH = 16
 """A relay id is 16 hexadecimal characters; a token is the id, a slash and a number."""
@@ -68,7 +76,7 @@ class LeaseScope:
         }
 
 
-def _in(dialect: str, column: ColumnElement[Any], name: str) -> ColumnElement[bool]:
+def is_in(dialect: str, column: ColumnElement[Any], name: str) -> ColumnElement[bool]:
     """``column`` is one of the list parameter ``name`` (one statement for any length)."""
     if dialect == "postgresql":
         return column == any_(bindparam(name, type_=ARRAY(String)))
@@ -84,10 +92,10 @@ def free(dialect: str, table: Any = outbox) -> ColumnElement[bool]:
     return or_(
         table.c.locked_by.is_(None),
         table.c.locked_until < now(dialect),
-        _in(dialect, _lease_relay(table), "dead"),
+        is_in(dialect, _lease_relay(table), "dead"),
         and_(
             _lease_relay(table) == bindparam("relay"),
-            ~_in(dialect, table.c.locked_by, "in_flight"),
+            ~is_in(dialect, table.c.locked_by, "in_flight"),
         ),
     )
 
@@ -95,9 +103,9 @@ def free(dialect: str, table: Any = outbox) -> ColumnElement[bool]:
 def holds_back(dialect: str, table: Any) -> ColumnElement[bool]:
     """A pending row of ``table`` (an alias of the outbox) holds back later rows of its key:
     every pending row does, except the claiming relay's own rows in flight."""
-    return or_(table.c.locked_by.is_(None), ~_in(dialect, table.c.locked_by, "in_flight"))
+    return or_(table.c.locked_by.is_(None), ~is_in(dialect, table.c.locked_by, "in_flight"))
 
 
 def for_destinations(dialect: str, table: Any = outbox) -> ColumnElement[bool]:
     """The row goes to one of the claim's destinations."""
-    return _in(dialect, table.c.destination, "destinations")
+    return is_in(dialect, table.c.destination, "destinations")

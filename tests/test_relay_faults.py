@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import random
 import socket
 import threading
 import time
@@ -32,6 +33,10 @@ from outboxer.message import Envelope
 from outboxer.retry import Backoff
 from outboxer.testing import MemoryBroker, MemoryTransport
 from outboxer.transports import SendResult, Subscription
+
+from .faultproxy import UP, FaultProxy
+from .relaying import Target
+from .services import RABBITMQ_URL
 
 SessionFactory = sessionmaker[outboxer.OutboxSession]
 FAST = Backoff(initial=0.05, multiplier=1.0, max_delay=0.05, jitter=0.0)
@@ -150,6 +155,37 @@ def test_a_dropped_send_does_not_let_the_next_batch_overtake_it_on_sqs_fifo(
     transport.close()
     assert drops["left"] == 0, "the fault was not injected"
     assert first_deliveries(got) == list(range(30))
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql"], indirect=True)
+def test_connections_cut_while_batches_are_unconfirmed_keep_key_order_on_rabbitmq(
+    engine: Engine,
+    Session: SessionFactory,
+    rabbit: Target,
+    running: Callable[[outboxer.Relay], Running],
+) -> None:
+    total = 3000
+    publish_numbered(Session, rabbit.destination, total, key="order-1")
+    rng = random.Random(8)
+    with FaultProxy.to(RABBITMQ_URL, 5672) as proxy:
+        transport = outboxer.transport_from_url(proxy.url(RABBITMQ_URL))
+        relay = outboxer.Relay(engine, transport, batch_size=200, poll_interval=0.05)
+        r = running(relay)
+        cuts = 0
+        for _ in range(6):  # cut at random moments, mostly with two batches on the wire
+            fired = proxy.after(
+                bytes=rng.randrange(20_000, 120_000), direction=UP, action=proxy.cut
+            )
+            if not fired.wait(30) or outbox_count(engine) == 0:
+                break
+            cuts += 1
+        wait_until(lambda: outbox_count(engine) == 0, 60, "the outbox to drain")
+        r.stop()
+        transport.close()
+    got = rabbit.collect(total, timeout=60)
+    assert cuts >= 3, "the relay drained before the faults could be injected"
+    order = first_deliveries(numbers([d.body for d in got]))
+    assert order == list(range(total)), f"first deliveries out of order after {cuts} cuts"
 
 
 def test_a_transient_failure_holds_back_the_rest_of_its_key_in_later_batches(

@@ -199,9 +199,14 @@ def autocommit(connection: Connection) -> Iterator[None]:
     connection.execution_options(isolation_level="AUTOCOMMIT")
     try:
         yield
-    finally:
+    except BaseException:
+        connection.rollback()  # ends SQLAlchemy's marker (and an invalidated connection's)
+        raise
+    else:
         connection.commit()  # ends SQLAlchemy's marker; nothing to commit in the database
-        connection.execution_options(isolation_level=connection.default_isolation_level)
+    finally:
+        if not connection.invalidated:
+            connection.execution_options(isolation_level=connection.default_isolation_level)
 
 
 # The statements, built once per dialect --------------------------------------------------

@@ -1,7 +1,7 @@
 """Create outboxer_relay: running relays, so a dead relay's leases are taken over at once.
 
-Revision ID: 0002
-Revises: 0001
+Revision ID: 0003
+Revises: 0002
 Create Date: 2026-11-29
 """
 
@@ -12,8 +12,8 @@ from alembic import op
 
 from outboxer.tables import MYSQL_TABLE_OPTIONS, UTCDateTime
 
-revision = "0002"
-down_revision = "0001"
+revision = "0003"
+down_revision = "0002"
 branch_labels = None
 depends_on = None
 

@@ -45,8 +45,8 @@ from outboxer import wire
 from .broker_rabbitmq import RabbitMQCase, rabbitmq_address
 from .broker_sqs import SQSCase
 from .models import Effect
+from .relaying import OUTBOXER, output, spawn, stop
 from .services import RABBITMQ_URL, port_open, require
-from .test_relay_brokers import OUTBOXER, output, spawn, stop
 
 LONG = os.environ.get("HYPOTHESIS_PROFILE") == "chaos"
 EXAMPLES = int(os.environ.get("OUTBOXER_FUZZ_EXAMPLES", "40" if LONG else "2"))

@@ -1,10 +1,11 @@
 """The delivery loop: receive, hand each delivery to a worker, settle it; written once.
 
 There is one loop, and it is async. Sync handlers run in a thread pool of ``concurrency``
-threads (``Consumer.run`` is ``asyncio.run`` of this loop); async handlers run as tasks
-in the caller's loop (``Consumer.run_async``). Everything the loop keeps (the deliveries
-it holds, the failure streak, the totals) is touched by the loop's thread only, so it
-needs no lock; blocking broker calls (receive, acknowledge, extend) go to threads.
+threads (``Consumer.run`` is ``asyncio.run`` of this loop), which process, settle and
+hand each outcome back to the loop; async handlers run as tasks in the caller's loop
+(``Consumer.run_async``). Everything the loop keeps (the deliveries it holds, the
+failure streak, the totals) is touched by the loop's thread only, so it needs no lock;
+blocking broker calls (receive, acknowledge, extend) go to threads.
 
 Side by side with receiving, one task keeps every held delivery visible: any delivery
 held longer than ``extend_after`` (in progress, or still waiting for a worker) has its
@@ -20,6 +21,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -127,6 +129,14 @@ class Runner:
         self.room = asyncio.Event()
         self.tasks: set[asyncio.Task[None]] = set()
         self.pool: ThreadPoolExecutor | None = None
+        # Sync workers hand their outcomes back here (deque appends are thread-safe).
+        self.completed: deque[tuple[Delivery, MessageReport | BaseException | None]] = deque()
+        self.wake_lock = threading.Lock()
+        self.wake_pending = False
+        self.waiting = False
+        """The loop waits for room: finished workers wake it, once ``wake_after`` are back."""
+        self.wake_after = max(1, self.window // 4)
+        self.loop = asyncio.get_running_loop()
 
     async def run(self) -> ConsumerStats:
         """Consume until stopped (or, with ``once``, until the queue is empty)."""
@@ -151,6 +161,13 @@ class Runner:
             self.give_back = self.stop.is_set()
             if self.tasks:
                 await asyncio.gather(*list(self.tasks), return_exceptions=True)
+            self.waiting, self.wake_after = True, 1  # from now on every outcome wakes the loop
+            self._collect()
+            while self.held:  # sync workers report back through _collect
+                self.room.clear()
+                with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+                    await asyncio.wait_for(self.room.wait(), 1.0)
+                self._collect()
             extender.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await extender
@@ -163,11 +180,16 @@ class Runner:
     async def _receive_loop(self, receiver: Receiver) -> None:
         options = self.options
         while not self.stop.is_set():
+            self._collect()
             capacity = self.window - len(self.held)
             if capacity <= 0:
                 self.room.clear()
-                with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
-                    await asyncio.wait_for(self.room.wait(), 1.0)
+                self.waiting = True
+                self._collect()  # what finished before the flag was seen
+                if self.window - len(self.held) <= 0:
+                    with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+                        await asyncio.wait_for(self.room.wait(), 1.0)
+                self.waiting = False
                 continue
             timeout = options.idle_timeout if options.once else 1.0
             try:
@@ -186,32 +208,64 @@ class Runner:
             now = time.monotonic()
             for delivery in deliveries:
                 self.held[delivery] = now
-                task = asyncio.create_task(self._handle(delivery))
-                self.tasks.add(task)
-                task.add_done_callback(self.tasks.discard)
+                if self.pool is not None:
+                    self.pool.submit(self._process, delivery)
+                else:
+                    task = asyncio.create_task(self._handle(delivery))
+                    self.tasks.add(task)
+                    task.add_done_callback(self.tasks.discard)
             if self.failures:
                 # Outcomes cannot be recorded (the database is down): slow down instead of
                 # spinning through redeliveries.
                 await self.stop.sleep(OUTAGE_BACKOFF.delay(self.failures))
 
     async def _handle(self, delivery: Delivery) -> None:
+        """An async consumer's task for one delivery."""
         try:
             async with self.limit:
                 if self.give_back:
                     await asyncio.to_thread(_settle, delivery.release)  # never started
                     return
-                if self.is_async:
-                    outcome = await self._process_async(delivery)
-                else:
-                    loop = asyncio.get_running_loop()
-                    outcome = await loop.run_in_executor(self.pool, self._process, delivery)
-                self._record(outcome)
+                self._record(await self._process_async(delivery))
         finally:
             self.held.pop(delivery, None)
             self.room.set()
 
-    def _process(self, delivery: Delivery) -> MessageReport | BaseException:
-        """In a worker thread: process, then acknowledge or give back."""
+    def _process(self, delivery: Delivery) -> None:
+        """A sync consumer's worker thread: process, settle, report back to the loop.
+
+        Outcomes go back through a queue that the loop takes in on each turn; the loop is
+        woken only while it waits for room (or drains): a wake-up per message would cost
+        more than the work of handing it over.
+        """
+        if self.give_back:
+            _settle(delivery.release)  # never started
+            outcome: MessageReport | BaseException | None = None
+        else:
+            outcome = self._process_sync(delivery)
+        self.completed.append((delivery, outcome))
+        if not self.waiting or len(self.completed) < self.wake_after:
+            return
+        with self.wake_lock:
+            if self.wake_pending:
+                return
+            self.wake_pending = True
+        self.loop.call_soon_threadsafe(self._collect)
+
+    def _collect(self) -> None:
+        """On the loop: take in what the workers finished."""
+        with self.wake_lock:
+            self.wake_pending = False
+        if not self.completed:
+            return
+        while self.completed:
+            delivery, outcome = self.completed.popleft()
+            self.held.pop(delivery, None)
+            if outcome is not None:
+                self._record(outcome)
+        self.room.set()
+
+    def _process_sync(self, delivery: Delivery) -> MessageReport | BaseException:
         try:
             report = self.processor.process(
                 delivery.body,

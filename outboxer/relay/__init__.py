@@ -1,14 +1,16 @@
 """The relay: publishes outbox rows to the broker, in order per key, at least once.
 
-:class:`Relay` (:mod:`.loop`) runs the loop; :mod:`.pipeline` keeps the ordering rule;
-:mod:`.decide` decides what a send result means for a row; :mod:`.liveness` lets a relay
-take a dead relay's rows over at once; :mod:`.reports` holds the figures.
+:class:`Relay` (:mod:`.relay`) is the facade; :mod:`.runner` is its loop; :mod:`.pipeline`
+keeps the ordering rule; :mod:`.decide` decides what a send result means for a row;
+:mod:`.liveness` lets a relay take a dead relay's rows over at once; :mod:`.database` runs
+the database work and waits out outages; :mod:`.reports` holds the figures.
 """
 
 from __future__ import annotations
 
+from .database import DATABASE_BACKOFF
 from .decide import DEFAULT_BACKOFF, SendPolicy
-from .loop import DATABASE_BACKOFF, Relay, relay_engine
+from .relay import Relay, relay_engine
 from .reports import BatchReport, RelayStats
 
 __all__ = [

@@ -1,0 +1,198 @@
+"""The relay: publishes outbox rows to the broker, in order per key, at least once.
+
+Each batch is claimed (a short transaction that leases rows), sent outside any
+transaction, then settled in another short transaction: sent rows are deleted (or kept
+for ``retention``), failed ones retried with backoff on the database clock, hopeless ones
+moved to the dead-letter table. A broker outage opens a circuit breaker: rows are handed
+back without counting attempts until the broker answers.
+
+``Relay(engine, transport).run()`` loops until :meth:`Relay.stop` (safe from another
+thread or a signal handler); ``run(once=True)`` sends what is due, then returns. The loop
+itself is :mod:`outboxer.relay.runner`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from sqlalchemy import create_engine
+from sqlalchemy.engine import Connection, Engine, make_url
+
+from .. import instrumentation
+from ..errors import ConfigurationError
+from ..retry import Backoff, CircuitBreaker
+from ..store import relay as relay_store
+from ..store.dead_letters import count_dead_letters
+from ..transports.base import Transport
+from ..waiter import Waiter, make_waiter
+from .decide import DEFAULT_BACKOFF, SendPolicy
+from .liveness import Liveness
+from .reports import RelayStats
+from .runner import Run
+
+__all__ = ["Relay", "relay_engine"]
+
+log = logging.getLogger("outboxer.relay")
+
+
+class Relay:
+    """Publishes outbox rows through ``transport``.
+
+    ``batch_size`` rows per claim; ``max_attempts`` sends before a row is dead-lettered (a
+    broker outage does not count; an unroutable message gets ``unroutable_attempts``);
+    ``backoff`` spaces retries; ``lease`` is how long a claim stays exclusive while this
+    relay lives (a relay that dies frees its rows at once, see docs/relay.md);
+    ``poll_interval`` is the idle polling period (jittered) when no PostgreSQL notification
+    arrives; ``retention`` keeps sent rows that many seconds instead of deleting them at
+    once; ``destinations`` limits the relay to rows for those destinations (a consumer's
+    own relay for its retries and replays).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        transport: Transport,
+        *,
+        batch_size: int = 1000,
+        max_attempts: int = 10,
+        backoff: Backoff = DEFAULT_BACKOFF,
+        lease: float = 60.0,
+        poll_interval: float = 1.0,
+        retention: float | None = None,
+        listen: bool = True,
+        name: str | None = None,
+        prune_interval: float = 60.0,
+        destinations: Sequence[str] | None = None,
+        unroutable_attempts: int = 5,
+        clock: Callable[[], float] = time.monotonic,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        _require(batch_size >= 1, f"batch_size must be >= 1, got {batch_size}")
+        _require(max_attempts >= 1, f"max_attempts must be >= 1, got {max_attempts}")
+        _require(
+            unroutable_attempts >= 1, f"unroutable_attempts must be >= 1, got {unroutable_attempts}"
+        )
+        _require(lease > 0 and poll_interval > 0, "lease and poll_interval must be > 0 seconds")
+        _require(
+            retention is None or retention >= 0, f"retention must be >= 0 seconds, got {retention}"
+        )
+        _require(
+            destinations is None or (bool(destinations) and not isinstance(destinations, str)),
+            f"destinations must be a non-empty list of names, got {destinations!r}",
+        )
+        self.engine = engine
+        self.transport = transport
+        self.batch_size = batch_size
+        self.policy = SendPolicy(max_attempts, backoff, unroutable_attempts)
+        self.lease = lease
+        self.poll_interval = poll_interval
+        self.retention = retention
+        self.listen = listen
+        self.prune_interval = prune_interval
+        self.destinations = list(destinations) if destinations is not None else None
+        self.name = (name or f"{socket.gethostname()}:{os.getpid()}")[:255]
+        self.liveness = Liveness(engine, self.name, lease)
+        self.stats = RelayStats()
+        self.breaker = CircuitBreaker()
+        self._clock = clock
+        self._rand = rand
+        self._stop = threading.Event()
+        self._waiter: Waiter | None = None
+        self._last_prune = float("-inf")
+        self._observing = False
+
+    @property
+    def max_attempts(self) -> int:
+        return self.policy.max_attempts
+
+    @property
+    def backoff(self) -> Backoff:
+        return self.policy.backoff
+
+    # The loop ------------------------------------------------------------------------
+
+    def run(self, once: bool = False) -> RelayStats:
+        """Send batches until :meth:`stop`; with ``once``, send what is due and return.
+
+        Returns the totals of this run (``relay.stats`` keeps the relay's lifetime totals).
+        In ``once`` mode a broker outage ends the run (the rows stay pending) instead of
+        waiting for the broker to come back, and a database error is raised. Missing
+        outboxer tables raise :class:`~outboxer.errors.OutboxerError` in both modes.
+        """
+        self._stop.clear()
+        self._observe_backlog()
+        waiter = None if once else make_waiter(self.engine, listen=self.listen)
+        self._waiter = waiter
+        try:
+            return Run(self, once, waiter).loop()
+        finally:
+            self._waiter = None
+            if waiter is not None:
+                waiter.close()
+
+    def stop(self) -> None:
+        """Finish the batches in flight, then make :meth:`run` return. Thread- and signal-safe."""
+        self._stop.set()
+        waiter = self._waiter
+        if waiter is not None:
+            waiter.wake()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def figures(self) -> dict[str, Any]:
+        """Backlog figures for metrics and status: pending, due, oldest due age, dead letters."""
+        with self.connect() as connection:
+            backlog = relay_store.backlog(connection)
+            with connection.begin():
+                dead = count_dead_letters(connection)
+        return {
+            "pending": backlog.pending,
+            "due": backlog.due,
+            "oldest_due_seconds": backlog.oldest_due_seconds,
+            "dead_letters": dead,
+        }
+
+    def connect(self) -> Connection:
+        connection = self.engine.connect()
+        if connection.dialect.name in ("mysql", "mariadb"):
+            # Fewer gap locks between concurrent claims and producers' inserts.
+            connection = connection.execution_options(isolation_level="READ COMMITTED")
+        return connection
+
+    def _observe_backlog(self) -> None:
+        """Let the metrics exporter read backlog figures (only when it asks)."""
+        if not self._observing:
+            self._observing = True
+            instrumentation.get().observe_outbox(self.figures)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigurationError(message)
+
+
+def relay_engine(url: str, **kwargs: Any) -> Engine:
+    """An engine for a relay process: on PostgreSQL its commits do not wait for the disk.
+
+    The relay's own writes (leases, deletes of sent rows, retry times, dead-letter moves)
+    need not survive a database crash: losing the last of them only makes the relay send
+    those messages again, which the inbox absorbs. ``synchronous_commit=off`` saves a
+    disk flush per claim and per settle. Set on the relay's own connections only, never
+    on an application's.
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() == "psycopg":
+        connect_args = dict(kwargs.pop("connect_args", {}))
+        options = connect_args.get("options", "")
+        connect_args["options"] = f"{options} -c synchronous_commit=off".strip()
+        kwargs["connect_args"] = connect_args
+    return create_engine(parsed, **kwargs)

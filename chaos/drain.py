@@ -8,8 +8,9 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from .collectors import RabbitCollector, SQSCollector, wait_until
 from .ledger import Figures, Ledger
@@ -77,33 +78,57 @@ class Drain:
         )
 
 
-@contextmanager
 def rabbitmq_drain(
     name: str, db_url: str, rabbitmq_url: str, messages: int, keys: int
-) -> Iterator[Drain]:
+) -> AbstractContextManager[Drain]:
     """``messages`` committed over ``keys`` keys for a fresh exchange, and a collector on it
     (connected straight to ``rabbitmq_url``, never through a proxy)."""
     destination = f"chaos-{name}-{uuid.uuid4().hex[:6]}"
-    ledger = Ledger()
-    collector = RabbitCollector(rabbitmq_url, destination, ledger)
-    try:
-        expected = publish(db_url, destination, messages, keys)
-        yield Drain(name, db_url, destination, expected, ledger)
-    finally:
-        collector.close()
+    return collected_drain(
+        name,
+        db_url,
+        destination,
+        messages,
+        keys,
+        lambda ledger: RabbitCollector(rabbitmq_url, destination, ledger),
+    )
+
+
+def sqs_drain(
+    name: str, db_url: str, endpoint: str, messages: int, keys: int
+) -> AbstractContextManager[Drain]:
+    """The same on an SQS FIFO queue of moto's server at ``endpoint``."""
+    destination = f"chaos-{name}-{uuid.uuid4().hex[:6]}.fifo"
+    return collected_drain(
+        name,
+        db_url,
+        destination,
+        messages,
+        keys,
+        lambda ledger: SQSCollector(endpoint, destination, ledger),
+    )
+
+
+class Collector(Protocol):
+    def close(self) -> None: ...
 
 
 @contextmanager
-def sqs_drain(name: str, db_url: str, endpoint: str, messages: int, keys: int) -> Iterator[Drain]:
-    """The same on an SQS FIFO queue of moto's server at ``endpoint``."""
-    destination = f"chaos-{name}-{uuid.uuid4().hex[:6]}.fifo"
+def collected_drain(
+    name: str,
+    db_url: str,
+    destination: str,
+    messages: int,
+    keys: int,
+    collector: Callable[[Ledger], Collector],
+) -> Iterator[Drain]:
+    """Start the collector (so its queue exists before anything is sent), then publish."""
     ledger = Ledger()
-    collector = SQSCollector(endpoint, destination, ledger)
+    collecting = collector(ledger)
     try:
-        expected = publish(db_url, destination, messages, keys)
-        yield Drain(name, db_url, destination, expected, ledger)
+        yield Drain(name, db_url, destination, publish(db_url, destination, messages, keys), ledger)
     finally:
-        collector.close()
+        collecting.close()
 
 
 def kill_loop(

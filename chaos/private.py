@@ -18,9 +18,10 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from tests.faultproxy import FaultProxy
@@ -151,19 +152,10 @@ class PrivateRabbitMQ:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-@contextmanager
-def private_rabbitmq() -> Iterator[PrivateRabbitMQ]:
+def private_rabbitmq() -> AbstractContextManager[PrivateRabbitMQ]:
     if not (RABBITMQ_BIN / "rabbitmq-server").exists():
         raise Unavailable("RabbitMQ is not installed here (no /usr/lib/rabbitmq/bin)")
-    node = PrivateRabbitMQ()
-    try:
-        try:
-            node.start()
-        except (RuntimeError, subprocess.TimeoutExpired) as exc:
-            raise Unavailable(f"{_STARTING} a private RabbitMQ node: {exc}") from exc
-        yield node
-    finally:
-        node.shutdown()
+    return _running(PrivateRabbitMQ(), "a private RabbitMQ node")
 
 
 class PrivatePostgreSQL:
@@ -220,17 +212,29 @@ class PrivatePostgreSQL:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
+def private_postgresql() -> AbstractContextManager[PrivatePostgreSQL]:
+    return _running(PrivatePostgreSQL(), "a private PostgreSQL cluster")
+
+
+class _Instance(Protocol):
+    def start(self) -> None: ...
+    def shutdown(self) -> None: ...
+
+
+InstanceT = TypeVar("InstanceT", bound=_Instance)
+
+
 @contextmanager
-def private_postgresql() -> Iterator[PrivatePostgreSQL]:
-    cluster = PrivatePostgreSQL()
+def _running(instance: InstanceT, what: str) -> Iterator[InstanceT]:
+    """Start ``instance`` (Unavailable if it cannot start), shut it down afterwards."""
     try:
         try:
-            cluster.start()
+            instance.start()
         except (RuntimeError, subprocess.TimeoutExpired) as exc:
-            raise Unavailable(f"{_STARTING} a private PostgreSQL cluster: {exc}") from exc
-        yield cluster
+            raise Unavailable(f"{_STARTING} {what}: {exc}") from exc
+        yield instance
     finally:
-        cluster.shutdown()
+        instance.shutdown()
 
 
 @dataclass

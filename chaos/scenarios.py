@@ -103,24 +103,10 @@ def cut_rabbitmq(
     messages: int = 100_000, cuts: int = 50, keys: int = 100, seed: int = 0
 ) -> Figures:
     """The relay<->RabbitMQ connection cut ``cuts`` times at random byte offsets (either
-    direction: publishes up, confirms down)."""
-    rng = random.Random(seed)
-    parts = urlsplit(RABBITMQ_URL)
-    with (
-        FaultProxy(parts.hostname or "127.0.0.1", parts.port or 5672) as proxy,
-        fresh_database() as db,
-        rabbitmq_drain("cut-rabbitmq", db, RABBITMQ_URL, messages, keys) as drain,
-    ):
-        relay(drain, db, proxy.url(RABBITMQ_URL))
-        drain.wait_started()
-
-        def arm(rng: random.Random) -> threading.Event:
-            if rng.random() < 0.5:
-                return proxy.cut_after(rng.randrange(60_000), UP)
-            return proxy.cut_after(rng.randrange(600), DOWN)
-
-        cut_loop(drain, arm, cuts, rng, RECOVER_TIMEOUT)
-        return drain.finish(connections=proxy.stats.connections)
+    direction: publishes go up, confirms come down)."""
+    return cut_connections(
+        "cut-rabbitmq", RABBITMQ_URL, 5672, messages, cuts, keys, seed, up=60_000, down=600
+    )
 
 
 def cut_postgresql(
@@ -128,20 +114,42 @@ def cut_postgresql(
 ) -> Figures:
     """The relay<->PostgreSQL connections cut ``cuts`` times at random byte offsets (claims
     come down with the payloads; settles go up)."""
+    return cut_connections(
+        "cut-postgresql", PG_SERVER, 5432, messages, cuts, keys, seed, up=40_000, down=400_000
+    )
+
+
+def cut_connections(
+    name: str,
+    server: str,
+    default_port: int,
+    messages: int,
+    cuts: int,
+    keys: int,
+    seed: int,
+    *,
+    up: int,
+    down: int,
+) -> Figures:
+    """The relay's connections to ``server`` go through a fault proxy that cuts them, each
+    time after a random number of bytes (below ``up`` or ``down``, either way at random)."""
     rng = random.Random(seed)
-    parts = urlsplit(PG_SERVER)
+    parts = urlsplit(server)
     with (
-        FaultProxy(parts.hostname or "127.0.0.1", parts.port or 5432) as proxy,
+        FaultProxy(parts.hostname or "127.0.0.1", parts.port or default_port) as proxy,
         fresh_database() as db,
-        rabbitmq_drain("cut-postgresql", db, RABBITMQ_URL, messages, keys) as drain,
+        rabbitmq_drain(name, db, RABBITMQ_URL, messages, keys) as drain,
     ):
-        relay(drain, proxy.url(db), RABBITMQ_URL)
+        if server == RABBITMQ_URL:
+            relay(drain, db, proxy.url(RABBITMQ_URL))
+        else:
+            relay(drain, proxy.url(db), RABBITMQ_URL)
         drain.wait_started()
 
         def arm(rng: random.Random) -> threading.Event:
             if rng.random() < 0.5:
-                return proxy.cut_after(rng.randrange(400_000), DOWN)
-            return proxy.cut_after(rng.randrange(40_000), UP)
+                return proxy.cut_after(rng.randrange(up), UP)
+            return proxy.cut_after(rng.randrange(down), DOWN)
 
         cut_loop(drain, arm, cuts, rng, RECOVER_TIMEOUT)
         return drain.finish(connections=proxy.stats.connections)

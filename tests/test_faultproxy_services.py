@@ -81,19 +81,19 @@ def test_a_stall_delays_pika_and_the_connection_survives(rabbit_proxy: FaultProx
 
 
 @pytest.fixture(params=["postgresql", "mariadb"])
-def db_proxy(request: pytest.FixtureRequest) -> Iterator[tuple[str, FaultProxy, str]]:
+def db_proxy(request: pytest.FixtureRequest) -> Iterator[tuple[FaultProxy, Engine]]:
+    """A proxy in front of the database server, and an engine that connects through it
+    (2 s connect timeout; on MariaDB also a 2 s read timeout, which psycopg lacks)."""
     server = SERVERS[request.param]
     require(request.param, server.available, server.admin_url)
     default_port = 5432 if request.param == "postgresql" else 3306
+    timeouts = {"connect_timeout": 2}
+    if request.param == "mariadb":
+        timeouts["read_timeout"] = 2
     with FaultProxy.to(server.admin_url, default_port) as proxy:
-        yield request.param, proxy, proxy.url(server.admin_url)
-
-
-def engine_through(kind: str, url: str, **connect_args: Any) -> Engine:
-    timeout = {"connect_timeout": 2}
-    if kind == "mariadb":
-        timeout["read_timeout"] = 2  # PyMySQL has a client-side read timeout; psycopg has none
-    return create_engine(url, connect_args={**timeout, **connect_args})
+        engine = create_engine(proxy.url(server.admin_url), connect_args=timeouts)
+        yield proxy, engine
+        engine.dispose()
 
 
 def select_one(engine: Engine) -> int:
@@ -102,89 +102,67 @@ def select_one(engine: Engine) -> int:
 
 
 def test_a_cut_fails_the_query_as_a_disconnect_and_the_pool_reconnects(
-    db_proxy: tuple[str, FaultProxy, str],
+    db_proxy: tuple[FaultProxy, Engine],
 ) -> None:
-    kind, proxy, url = db_proxy
-    engine = engine_through(kind, url)
-    try:
-        with engine.connect() as conn:
+    proxy, engine = db_proxy
+    with engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+        proxy.cut()
+        with pytest.raises(exc.OperationalError) as raised:
             conn.execute(text("SELECT 1"))
-            proxy.cut()
-            with pytest.raises(exc.OperationalError) as raised:
-                conn.execute(text("SELECT 1"))
-            assert raised.value.connection_invalidated
-        assert select_one(engine) == 1
-    finally:
-        engine.dispose()
+        assert raised.value.connection_invalidated
+    assert select_one(engine) == 1
 
 
 def test_a_cut_at_a_random_point_of_the_login_fails_connect(
-    db_proxy: tuple[str, FaultProxy, str],
+    db_proxy: tuple[FaultProxy, Engine],
 ) -> None:
-    kind, proxy, url = db_proxy
-    engine = engine_through(kind, url)
-    try:
-        for offset in (0, 5, 40):  # the first server bytes are the greeting / auth request
-            proxy.cut_after(offset, DOWN)
-            with pytest.raises(exc.OperationalError):
-                select_one(engine)
-        assert select_one(engine) == 1
-    finally:
-        engine.dispose()
+    proxy, engine = db_proxy
+    for offset in (0, 5, 40):  # the first server bytes are the greeting / auth request
+        proxy.cut_after(offset, DOWN)
+        with pytest.raises(exc.OperationalError):
+            select_one(engine)
+    assert select_one(engine) == 1
 
 
 def test_a_refusing_database_fails_connect_and_comes_back(
-    db_proxy: tuple[str, FaultProxy, str],
+    db_proxy: tuple[FaultProxy, Engine],
 ) -> None:
-    kind, proxy, url = db_proxy
-    engine = engine_through(kind, url)
-    try:
-        proxy.down()
-        with pytest.raises(exc.OperationalError):
-            select_one(engine)
-        proxy.up()
-        assert select_one(engine) == 1
-    finally:
-        engine.dispose()
+    proxy, engine = db_proxy
+    proxy.down()
+    with pytest.raises(exc.OperationalError):
+        select_one(engine)
+    proxy.up()
+    assert select_one(engine) == 1
 
 
 def test_a_stalled_login_times_out_and_a_short_stall_only_delays(
-    db_proxy: tuple[str, FaultProxy, str],
+    db_proxy: tuple[FaultProxy, Engine],
 ) -> None:
-    kind, proxy, url = db_proxy
-    engine = engine_through(kind, url)
-    try:
-        proxy.stall()
+    proxy, engine = db_proxy
+    proxy.stall()
+    started = time.monotonic()
+    with pytest.raises(exc.OperationalError):
+        select_one(engine)  # connect_timeout=2
+    assert 1.5 <= time.monotonic() - started < 15
+    proxy.heal()
+    with engine.connect() as conn:
+        proxy.stall(1.0)
         started = time.monotonic()
-        with pytest.raises(exc.OperationalError):
-            select_one(engine)  # connect_timeout=2
-        assert 1.5 <= time.monotonic() - started < 15
-        proxy.heal()
-        with engine.connect() as conn:
-            proxy.stall(1.0)
-            started = time.monotonic()
-            assert conn.execute(text("SELECT 1")).scalar_one() == 1
-            assert time.monotonic() - started >= 0.9
-    finally:
-        engine.dispose()
+        assert conn.execute(text("SELECT 1")).scalar_one() == 1
+        assert time.monotonic() - started >= 0.9
 
 
 @pytest.mark.parametrize("db_proxy", ["mariadb"], indirect=True)  # psycopg: no read timeout
-def test_a_stall_makes_a_mariadb_query_time_out(
-    db_proxy: tuple[str, FaultProxy, str],
-) -> None:
-    kind, proxy, url = db_proxy
-    engine = engine_through(kind, url)
-    try:
-        with engine.connect() as conn:
+def test_a_stall_makes_a_mariadb_query_time_out(db_proxy: tuple[FaultProxy, Engine]) -> None:
+    proxy, engine = db_proxy
+    with engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+        proxy.stall(10, direction=DOWN)
+        with pytest.raises(exc.OperationalError, match="timed out"):
             conn.execute(text("SELECT 1"))
-            proxy.stall(10, direction=DOWN)
-            with pytest.raises(exc.OperationalError, match="timed out"):
-                conn.execute(text("SELECT 1"))
-        proxy.heal()
-        assert select_one(engine) == 1
-    finally:
-        engine.dispose()
+    proxy.heal()
+    assert select_one(engine) == 1
 
 
 # moto (SQS over HTTP) --------------------------------------------------------------------------

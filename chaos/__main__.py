@@ -40,14 +40,14 @@ SCENARIOS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
     "kill-sqs": (
         "chaos.scenarios",
         "kill_sqs",
-        "relay SIGKILLed 5x during a 3,000-message drain to SQS FIFO (moto)",
+        "relay SIGKILLed 5x during a 2,000-message drain to SQS FIFO (moto)",
         {"messages": 1_000, "kills": 2, "keys": 10, "spacing": (0, 200)},
     ),
     "rabbitmq-stop": (
         "chaos.scenarios",
         "rabbitmq_stop",
         "RabbitMQ (a private node) stopped for 10 s mid-drain",
-        {"messages": 20_000},
+        {"messages": 20_000, "down": 5.0},
     ),
     "cut-rabbitmq": (
         "chaos.scenarios",

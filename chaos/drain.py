@@ -58,7 +58,7 @@ class Drain:
         """Wait for the outbox to drain and the collector to go quiet, stop the relays,
         and compute the figures."""
         drained = wait_until(lambda: backlog(self.db_url) == 0, timeout, interval=0.5)
-        self.ledger.wait_quiet(self.published, timeout=60 if drained else 5)
+        self.ledger.wait_quiet(self.published, timeout=600 if drained else 5)
         if not drained:
             self.notes.append(
                 f"{backlog(self.db_url)} rows still in the outbox after {timeout:g} s"

@@ -129,15 +129,18 @@ class Ledger:
                 return took
             time.sleep(0.05)
 
-    def wait_quiet(self, total: int, timeout: float, quiet: float = 2.0) -> None:
+    def wait_quiet(
+        self, total: int, timeout: float, quiet: float = 2.0, stuck: float = 30.0
+    ) -> None:
         """Until ``total`` distinct messages arrived and nothing more came for ``quiet``
-        seconds (duplicates may trail), or ``timeout``."""
+        seconds (duplicates may trail); or nothing at all came for ``stuck`` seconds; or
+        ``timeout``. A slow broker (moto) that still hands out messages is waited for."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._lock:
                 idle = time.monotonic() - self.last_arrival
                 done = len(self.seen) >= total
-            if done and idle >= quiet:
+            if (done and idle >= quiet) or idle >= stuck:
                 return
             time.sleep(0.1)
 

@@ -58,7 +58,7 @@ def kill_rabbitmq(
 
 
 def kill_sqs(
-    messages: int = 3_000,
+    messages: int = 2_000,
     kills: int = 5,
     keys: int = 30,
     seed: int = 0,

@@ -84,6 +84,15 @@ class RabbitCollector:
             if connection.is_open:
                 connection.close()
 
+    def waiting(self) -> int:
+        """Messages ready in the queue (not yet handed to this collector)."""
+        connection = self._connect()
+        try:
+            declared = connection.channel().queue_declare(self.queue, passive=True)
+            return int(declared.method.message_count)
+        finally:
+            connection.close()
+
     def close(self, delete: bool = True) -> None:
         self._stop.set()
         self._thread.join(timeout=30)
@@ -137,6 +146,14 @@ class SQSCollector:
                         for i, m in enumerate(got)
                     ],
                 )
+
+    def waiting(self) -> int:
+        """Messages in the queue, received but not yet deleted included."""
+        attributes = self.client.get_queue_attributes(
+            QueueUrl=self.queue_url,
+            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+        )["Attributes"]
+        return sum(int(v) for v in attributes.values())
 
     def close(self) -> None:
         self._stop.set()

@@ -4,6 +4,7 @@ processes, and the loops that inject faults one after another and time each reco
 from __future__ import annotations
 
 import random
+import signal
 import threading
 import time
 import uuid
@@ -76,7 +77,7 @@ class Drain:
             )
         for relay in self.relays:
             status = relay.stop()
-            if status not in (0, None):
+            if status not in (0, None, -signal.SIGTERM):  # -SIGTERM: stopped while starting
                 self.notes.append(f"{relay.name} exited with status {status}")
         return self.ledger.figures(
             self.name,
@@ -168,6 +169,9 @@ def kill_loop(
         drain.settle()  # what the dead relay put at the broker is collected first
         keys = drain.pending()
         restarted = relay.start()
+        if not keys:  # the dead relay had sent everything: nothing to recover
+            drain.notes.append(f"drained after {len(drain.recoveries)} kills")
+            return
         drain.recovered(restarted, keys, recover_timeout, settle=0.0)
 
 

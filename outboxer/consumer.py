@@ -267,7 +267,7 @@ class Consumer:
             self.subscription(),
             options,
             self._stop,
-            self._prune_async if self.is_async else self._prune_in_thread,
+            self.prune_async if self.is_async else self._prune_in_thread,
             self.stats,
         )
         return await runner.run()
@@ -309,9 +309,6 @@ class Consumer:
 
     async def _prune_in_thread(self) -> tuple[int, int]:
         return await asyncio.to_thread(self.prune)
-
-    async def _prune_async(self) -> tuple[int, int]:
-        return await self.prune_async()
 
     def _prune_jobs(self) -> list[Callable[[Connection], int]]:
         jobs: list[Callable[[Connection], int]] = [

@@ -18,12 +18,12 @@ from ... import wire
 from ...errors import ConfigurationError, TransportError
 from ...instrumentation import TransportDescription
 from ...message import Envelope
-from ..base import Outcome, Receiver, SendResult, Subscription, Transport, held_back
+from ..base import Outcome, Receiver, SendResult, Subscription, Transport
+from ..lanes import Item, send_in_lanes
 from .attributes import encode_attributes
 from .errors import error_code, result_for_error
 from .options import (
     DEFAULT_MAX_MESSAGE_BYTES,
-    MAX_BATCH_ENTRIES,
     MAX_VISIBILITY_SECONDS,
     MAX_WAIT_SECONDS,
     _parse_url,
@@ -31,12 +31,15 @@ from .options import (
     _positive_int,
 )
 from .receiver import _SQSReceiver, log
-from .sending import _chunks, _Item, _plan_lanes, deduplication_id, group_id
+from .sending import deduplication_id, group_id
 
 if TYPE_CHECKING:
     from mypy_boto3_sqs.client import SQSClient
     from mypy_boto3_sqs.literals import QueueAttributeNameType
-    from mypy_boto3_sqs.type_defs import SendMessageBatchRequestEntryTypeDef
+    from mypy_boto3_sqs.type_defs import (
+        SendMessageBatchRequestEntryTypeDef,
+        SendMessageBatchResultTypeDef,
+    )
 
 __all__ = ["SQSTransport"]
 
@@ -192,9 +195,8 @@ class SQSTransport(Transport):
             raise TransportError("the SQS transport is closed")
         results: list[SendResult | None] = [None] * len(envelopes)
         urls = self._resolve({e.destination for e in envelopes}, results, envelopes)
-        items: list[_Item] = []
+        items: list[Item[SendMessageBatchRequestEntryTypeDef]] = []
         limit = self._limit
-        total = 0
         for index, envelope in enumerate(envelopes):
             if results[index] is not None:
                 continue
@@ -204,18 +206,15 @@ class SQSTransport(Transport):
                 results[index] = prepared
             else:
                 items.append(prepared)
-                total += prepared.size
-        if items:
-            calls = max(-(-len(items) // MAX_BATCH_ENTRIES), -(-total // self._batch_bytes))
-            lanes = _plan_lanes(items, min(self.concurrency, calls))
-            if len(lanes) == 1:
-                self._send_lane(lanes[0], results)
-            else:
-                pool = self._executor()
-                futures = [pool.submit(self._send_lane, lane, results) for lane in lanes[1:]]
-                self._send_lane(lanes[0], results)
-                for future in futures:
-                    future.result()
+        send_in_lanes(
+            items,
+            results,
+            concurrency=self.concurrency,
+            max_bytes=self._batch_bytes,
+            call=self._batch_call,
+            call_failed=self._batch_failed,
+            executor=self._executor,
+        )
         return [
             r if r is not None else SendResult.retry("no_result", "SQS did not report on it")
             for r in results
@@ -265,7 +264,9 @@ class SQSTransport(Transport):
             )
         return result_for_error(exc, f"{doing} SQS queue {name!r}")
 
-    def _prepare(self, index: int, envelope: Envelope, url: str, limit: int) -> _Item | SendResult:
+    def _prepare(
+        self, index: int, envelope: Envelope, url: str, limit: int
+    ) -> Item[SendMessageBatchRequestEntryTypeDef] | SendResult:
         try:
             body = envelope.payload.decode()
         except UnicodeDecodeError as exc:
@@ -292,67 +293,19 @@ class SQSTransport(Transport):
             entry["MessageDeduplicationId"] = deduplication_id(envelope)
         key = envelope.key
         group: object = index if key is None else (url, key)
-        return _Item(index, url, group, key, size, entry)
+        return Item(index, url, group, key, size, entry)
 
-    def _send_lane(self, lane: list[_Item], results: list[SendResult | None]) -> None:
-        """Send one lane's calls in order; hold back messages whose key failed earlier."""
-        held: dict[object, SendResult] = {}
-        for chunk in _chunks(lane, self._batch_bytes):
-            sent = chunk
-            if held:
-                sent = []
-                for item in chunk:
-                    cause = held.get(item.group)
-                    if cause is None:
-                        sent.append(item)
-                    else:
-                        results[item.index] = held_back(item.key, cause)
-                if not sent:
-                    continue
-            self._send_chunk(sent, results)
-            for item in sent:
-                result = results[item.index]
-                # A rejected message will never be sent: later ones need not wait for it.
-                if (
-                    item.key is not None
-                    and result is not None
-                    and result.outcome in (Outcome.RETRY, Outcome.UNAVAILABLE)
-                ):
-                    held.setdefault(item.group, result)
-
-    def _send_chunk(self, chunk: list[_Item], results: list[SendResult | None]) -> None:
+    def _batch_call(
+        self, chunk: list[Item[SendMessageBatchRequestEntryTypeDef]]
+    ) -> SendMessageBatchResultTypeDef:
         entries = []
         for position, item in enumerate(chunk):
             item.entry["Id"] = str(position)
             entries.append(item.entry)
-        url = chunk[0].url
-        try:
-            response = self._client.send_message_batch(QueueUrl=url, Entries=entries)
-        except Exception as exc:
-            name = url.rsplit("/", 1)[-1]
-            result = self._queue_error(exc, name, "sending to")
-            if (
-                result.outcome is Outcome.REJECTED
-                and result.error_type != "unroutable"
-                and len(chunk) > 1
-            ):
-                # The call was refused as invalid: find the message it was about.
-                for item in chunk:
-                    self._send_chunk([item], results)
-                return
-            for item in chunk:
-                results[item.index] = result
-            return
-        for ok in response.get("Successful", ()):
-            results[chunk[int(ok["Id"])].index] = SendResult.sent(ok["MessageId"])
-        for failed in response.get("Failed", ()):
-            code = failed.get("Code") or "error"
-            message = failed.get("Message") or code
-            index = chunk[int(failed["Id"])].index
-            if failed.get("SenderFault"):
-                results[index] = SendResult.rejected(code, message)
-            else:
-                results[index] = SendResult.retry(code, message)
+        return self._client.send_message_batch(QueueUrl=chunk[0].target, Entries=entries)
+
+    def _batch_failed(self, exc: BaseException, url: str) -> SendResult:
+        return self._queue_error(exc, url.rsplit("/", 1)[-1], "sending to")
 
     def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
         with self._lock:

@@ -218,7 +218,7 @@ def test_a_dead_relays_lease_expires_and_another_relay_takes_over(
 ) -> None:
     publish(Session, *[OrderPlaced(order_id=i) for i in range(5)])
     with engine.connect() as conn:
-        taken = claim(conn, token("0123456789abcdef", 1), limit=10, lease=0.3)
+        taken = claim(conn, token("0123456789abcdef", 1), limit=10, lease=3.0)
     assert len(taken) == 5
     survivor = outboxer.Relay(engine, MemoryTransport(broker))
     assert survivor.run(once=True).sent == 0  # still leased

@@ -137,7 +137,9 @@ class CircuitBreaker:
     good messages into dead letters.
     """
 
-    backoff: Backoff = field(default_factory=lambda: Backoff(0.5, 2.0, 30.0, 0.2))
+    backoff: Backoff = field(default_factory=lambda: Backoff(0.5, 2.0, 4.0, 0.2))
+    """0.5 s doubling to 4 s: a probe is one connection attempt, and a broker that comes
+    back is used again within seconds."""
     failures: int = 0
     open_until: float = 0.0
 

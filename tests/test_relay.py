@@ -352,3 +352,14 @@ def test_a_running_relay_sends_what_is_committed_later(
     finally:
         relay.stop()
         runner.join(timeout=5)
+
+
+def test_outage_pauses_stay_within_their_caps_whatever_the_jitter() -> None:
+    from outboxer.relay import DATABASE_BACKOFF
+    from outboxer.retry import CircuitBreaker
+
+    breaker = CircuitBreaker()
+    for n in range(1, 60):
+        for rand in (0.0, 0.5, 1.0):
+            assert DATABASE_BACKOFF.delay(n, lambda r=rand: r) <= 10.0
+            assert breaker.backoff.delay(n, lambda r=rand: r) <= 4.0

@@ -16,8 +16,9 @@ log = logging.getLogger("outboxer.relay")
 
 T = TypeVar("T")
 
-DATABASE_BACKOFF = Backoff(initial=0.2, multiplier=2.0, max_delay=30.0, jitter=0.2)
-"""Pauses while the database is unreachable: 0.2 s doubling to 30 s (jitter included)."""
+DATABASE_BACKOFF = Backoff(initial=0.2, multiplier=2.0, max_delay=10.0, jitter=0.2)
+"""Pauses while the database is unreachable: 0.2 s doubling to 10 s, jitter included (a
+database that comes back is used again within seconds; one log line per try)."""
 
 
 class DatabaseThread:

@@ -145,11 +145,13 @@ def _insert_pending(session: Session, *, flush: bool) -> None:
     session.info.pop(_PENDING_BYTES, None)
     if not pending:
         return
-    messages = [p.message for p in pending]
-    pending.clear()
     connection = session.connection(bind_arguments=_BIND_ARGUMENTS)
     notify = getattr(session, "outboxer_notify", True)
-    store.insert_messages(connection, messages, notify=notify)
+
+    def forget(stored: int) -> None:
+        del pending[:stored]  # only once stored: a failed INSERT keeps them for a retry
+
+    store.insert_messages(connection, [p.message for p in pending], notify=notify, inserted=forget)
 
 
 def _flushing(session: Session) -> bool:

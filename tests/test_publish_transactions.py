@@ -249,3 +249,58 @@ def test_messages_published_by_a_before_flush_listener_commit_with_the_transacti
     rows = [json.loads(r["payload"])["order_id"] for r in stored(engine)]
     assert rows == [1, 2, 3, 4]
     assert order_ids(engine) == [1, 2, 3, 4]
+
+
+class Interrupted(BaseException):
+    """Stands for a KeyboardInterrupt arriving while the outbox is written."""
+
+
+def commit_again(session: outboxer.OutboxSession) -> None:
+    """A caller that caught the commit's error and commits again (legal, if unusual):
+    it must fail again, or store everything; never commit the rows without the messages."""
+    try:
+        session.commit()
+    except (Exception, Interrupted):
+        session.rollback()
+
+
+def test_a_commit_interrupted_at_the_outbox_insert_then_retried_loses_nothing(
+    engine: Engine, Session: SessionFactory
+) -> None:
+    armed = [True]
+
+    def interrupt_once(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if armed[0] and statement.startswith("INSERT INTO outboxer_outbox"):
+            armed[0] = False
+            raise Interrupted
+
+    event.listen(engine, "before_cursor_execute", interrupt_once)
+    with Session() as session:
+        session.add(Order(id=1))
+        published = [session.publish(OrderPlaced(order_id=i)) for i in range(3)]
+        with pytest.raises(Interrupted):
+            session.commit()
+        commit_again(session)
+    assert stored_ids(engine) == (published if order_ids(engine) else [])
+
+
+def test_a_commit_whose_outbox_insert_failed_then_retried_loses_nothing(
+    engine: Engine, Session: SessionFactory
+) -> None:
+    """A statement error leaves the transaction open on MariaDB and SQLite, so the caller
+    may commit again; here the INSERT fails once before it reaches the database."""
+    armed = [True]
+
+    def fail_once(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if armed[0] and statement.startswith("INSERT INTO outboxer_outbox"):
+            armed[0] = False
+            raise RuntimeError("the INSERT failed")
+
+    event.listen(engine, "before_cursor_execute", fail_once)
+    with Session() as session:
+        session.add(Order(id=1))
+        published = [session.publish(OrderPlaced(order_id=i)) for i in range(3)]
+        with pytest.raises(RuntimeError, match="INSERT failed"):
+            session.commit()
+        commit_again(session)
+    assert stored_ids(engine) == (published if order_ids(engine) else [])

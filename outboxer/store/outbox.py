@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -67,13 +67,20 @@ class NewMessage:
 
 
 def insert_messages(
-    connection: Connection, messages: Sequence[NewMessage], *, notify: bool = True
+    connection: Connection,
+    messages: Sequence[NewMessage],
+    *,
+    notify: bool = True,
+    inserted: Callable[[int], None] | None = None,
 ) -> None:
     """Insert ``messages`` with multi-row INSERTs in the connection's transaction.
 
     One statement holds up to 500 rows, and no more bytes than the database accepts in one
     statement (MariaDB/MySQL: ``max_allowed_packet``, read once per engine); a message that
     cannot fit alone raises :class:`~outboxer.MessageTooLarge` before anything is sent.
+
+    ``inserted(n)`` is called after each statement with the number of messages it stored
+    (the first ``n`` not yet reported), so a caller can forget exactly what is stored.
 
     On PostgreSQL, ``notify`` adds ``pg_notify`` to the statement: notifications with the
     same channel and payload are folded into one per transaction, delivered to the relays
@@ -93,6 +100,8 @@ def insert_messages(
         columns, plan = _plan(dialect, len(rows), used, notify)
         values = {f"{name}_{i}": row[name] for i, row in enumerate(rows) for name in columns}
         connection.exec_driver_sql(plan.sql, plan.parameters(values))
+        if inserted is not None:
+            inserted(len(chunk))
 
 
 def learn_statement_limit(connection: Connection) -> int | None:

@@ -128,6 +128,10 @@ def build_message(
         )
     if not isinstance(target, str):
         raise MissingDestination(f"destination must be a string, got {target!r}")
+    # The outbox columns hold 255 characters; longer fails at commit on MariaDB/PostgreSQL.
+    for what, value in (("type", type_name), ("destination", target)):
+        if len(value) > 255:
+            raise ConfigurationError(f"{what} is {len(value)} characters long; the limit is 255")
     delay_seconds = _delay_seconds(delay)
     clean_headers = _check_headers(headers)
     resolved_key = default_key if key is None else _key(key)

@@ -413,6 +413,7 @@ def test_message_id_accepts_the_text_form_of_a_uuid(
         ({"delay": float("nan")}, r"delay must be a finite number of seconds"),
         ({"delay": float("inf")}, r"delay must be a finite number of seconds"),
         ({"correlation_id": 42}, r"correlation_id must be a str"),
+        ({"destination": "d" * 256}, r"destination is 256 characters long; the limit is 255"),
     ],
 )
 def test_publish_refuses_wrong_types_of_keys_ids_and_delays(
@@ -434,3 +435,17 @@ def test_int_keys_and_uuid_correlation_ids_are_stored_as_text(
         session.publish(OrderPlaced(order_id=1), key=42, correlation_id=correlation)  # type: ignore[arg-type]
     [row] = stored(engine)
     assert (row["message_key"], row["correlation_id"]) == ("42", str(correlation))
+
+
+@pytest.mark.parametrize("db_kind", ["sqlite"], indirect=True)
+def test_a_type_name_longer_than_the_column_is_refused_in_publish(
+    engine: Engine, Session: SessionFactory
+) -> None:
+    with (
+        Session.begin() as session,
+        pytest.raises(
+            outboxer.ConfigurationError, match="type is 300 characters long; the limit is 255"
+        ),
+    ):
+        session.publish({"a": 1}, type="t" * 300, destination="d")
+    assert stored(engine) == []

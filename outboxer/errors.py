@@ -9,7 +9,9 @@ is its default message.
     OutboxerError
      ├── ConfigurationError        wrong set-up, found at start-up
      │    ├── NotAnOutboxSession   publish() on a plain Session
-     │    └── RetryConfigError     an impossible Retry(...)
+     │    ├── RetryConfigError     an impossible Retry(...)
+     │    ├── InvalidURL*          a database or broker URL that cannot be used (masked)
+     │    └── InvalidName          a destination or consumer name the broker would refuse
      ├── MessageError              a message that cannot be published
      │    ├── SerializationError   the payload is not JSON-serializable
      │    ├── UnknownMessageType   no @message(...) registered for a class or name
@@ -18,7 +20,21 @@ is its default message.
      ├── DecodeError               an incoming message that cannot be decoded (dead-lettered)
      ├── HandlerSessionError       a handler committed the session outboxer gave it
      ├── TransportError            a broker could not be reached or refused a request
+     │    └── BrokerUnavailable*   cannot connect: refused, timed out, unknown host    7
+     │         └── BrokerAccessDenied*   the broker refused the credentials          8
+     ├── OperatorError             a failure the operator fixes outside the code     1
+     │    ├── InvalidURL*          (also a ConfigurationError)                       3
+     │    ├── DatabaseUnavailable  cannot connect: refused, timed out, no database   4
+     │    │    └── DatabaseAccessDenied   the database refused the credentials       5
+     │    ├── TablesMissing        the database lacks outboxer's tables (db upgrade) 6
+     │    └── BrokerUnavailable*   (also a TransportError)                           7
      └── DeadLetterNotFound        no dead letter with that id
+
+``*``: two parents. An :class:`OperatorError` carries the ``exit_code`` shown on the right:
+the command line prints its one-line message (which names the fix) and exits with it;
+docs/operations.md has the table. :mod:`outboxer.diagnosis` turns driver errors (psycopg,
+PyMySQL, sqlite3, pika, botocore) into them, in one place; the driver's error stays in
+``__cause__``.
 """
 
 from __future__ import annotations
@@ -85,6 +101,52 @@ class HandlerSessionError(OutboxerError):
 
 class TransportError(OutboxerError):
     """The broker could not be reached or refused the request."""
+
+
+class OperatorError(OutboxerError):
+    """A failure the operator fixes outside the code; the CLI exits with ``exit_code``."""
+
+    exit_code = 1
+
+
+class InvalidURL(ConfigurationError, OperatorError):
+    """The URL cannot be used; its secrets are masked in this message."""
+
+    exit_code = 3
+
+
+class InvalidName(ConfigurationError):
+    """The broker would refuse this destination or consumer name."""
+
+
+class DatabaseUnavailable(OperatorError):
+    """The database cannot be reached."""
+
+    exit_code = 4
+
+
+class DatabaseAccessDenied(DatabaseUnavailable):
+    """The database refused the credentials."""
+
+    exit_code = 5
+
+
+class TablesMissing(OperatorError):
+    """The outboxer tables are missing: run `outboxer db upgrade`."""
+
+    exit_code = 6
+
+
+class BrokerUnavailable(TransportError, OperatorError):
+    """The broker cannot be reached."""
+
+    exit_code = 7
+
+
+class BrokerAccessDenied(BrokerUnavailable):
+    """The broker refused the credentials."""
+
+    exit_code = 8
 
 
 class DeadLetterNotFound(OutboxerError):

@@ -41,19 +41,22 @@ def test_relay_rejects_an_unknown_broker_scheme(tmp_path: Path) -> None:
         main,
         ["relay", "--db", f"sqlite:///{tmp_path / 'x.sqlite'}", "--broker", "kafka://x", "--once"],
     )
-    assert result.exit_code == 2
+    assert result.exit_code == 3  # invalid URL
     assert "unknown broker URL scheme 'kafka'" in result.output
     assert "amqp://" in result.output
 
 
-def test_every_relay_option_reads_an_outboxer_variable() -> None:
-    result = CliRunner().invoke(main, ["relay", "--help"])
+def test_relay_settings_read_variables_scoped_to_the_relay() -> None:
+    result = CliRunner().invoke(main, ["relay", "--help"], terminal_width=200)
     for variable in (
         "OUTBOXER_DB",
         "OUTBOXER_BROKER",
-        "OUTBOXER_BATCH_SIZE",
-        "OUTBOXER_MAX_ATTEMPTS",
-        "OUTBOXER_POLL_INTERVAL",
-        "OUTBOXER_ONCE",
+        "OUTBOXER_RELAY_BATCH_SIZE",
+        "OUTBOXER_RELAY_MAX_ATTEMPTS",
+        "OUTBOXER_RELAY_POLL_INTERVAL",
+        "OUTBOXER_RELAY_ONCE",
+        "OUTBOXER_RELAY_LOG_LEVEL",
+        "OUTBOXER_RELAY_LOG_FORMAT",
     ):
         assert variable in result.output
+    assert "OUTBOXER_BATCH_SIZE" not in result.output

@@ -114,7 +114,7 @@ def test_cli_db_upgrade_and_current(empty_db_url: str) -> None:
 
 def test_cli_rejects_a_bad_url_clearly() -> None:
     result = CliRunner().invoke(main, ["db", "upgrade", "--db", "not a url"])
-    assert result.exit_code == 2
+    assert result.exit_code == 3  # invalid URL (docs/operations.md)
     assert "not a database URL" in result.output
 
 

@@ -1,36 +1,36 @@
 """The ``outboxer`` command line.
 
-Every option can also be set with an ``OUTBOXER_<OPTION>`` environment variable
-(``--db`` from ``OUTBOXER_DB``, ``--batch-size`` from ``OUTBOXER_BATCH_SIZE``); ``--help``
-shows which.
+``--db`` and ``--broker`` may come from ``OUTBOXER_DB`` / ``OUTBOXER_BROKER``; a command's
+other settings from variables scoped to it (``OUTBOXER_RELAY_BATCH_SIZE``), shown by
+``--help``; filters and confirmations from none (see :mod:`outboxer.cli.common`). Every
+command takes ``--log-level`` and ``--log-format``, and exits with a distinct code per
+kind of operator failure (:mod:`outboxer.cli.shell`, docs/operations.md).
 """
 
 from __future__ import annotations
 
 import click
 
-from .common import configure_logging
+from .common import ENV_PREFIX
 from .db import db
 from .dead_letter import dead_letter
 from .demo import demo
 from .inbox import inbox_group
 from .relay import relay
+from .shell import equip
 from .status import status
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option(
-    "--log-level",
-    default="INFO",
-    envvar="OUTBOXER_LOG_LEVEL",
-    show_envvar=True,
-    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
-    help="Logging verbosity.",
+@click.group(
+    context_settings={
+        "help_option_names": ["-h", "--help"],
+        "show_default": True,
+        "auto_envvar_prefix": ENV_PREFIX,
+    }
 )
 @click.version_option(package_name="outboxer")
-def main(log_level: str) -> None:
+def main() -> None:
     """outboxer: transactional outbox, relay and idempotent inbox for SQLAlchemy."""
-    configure_logging(log_level)
 
 
 main.add_command(db)
@@ -39,3 +39,4 @@ main.add_command(relay)
 main.add_command(dead_letter)
 main.add_command(status)
 main.add_command(inbox_group)
+equip(main)

@@ -1,47 +1,92 @@
-"""Pieces shared by the CLI commands: options that read OUTBOXER_* variables, engines."""
+"""Pieces shared by the CLI commands: options, settings from the environment, engines.
+
+Where a value may come from the environment (docs/operations.md has the table):
+
+* ``--db`` and ``--broker`` from ``OUTBOXER_DB`` / ``OUTBOXER_BROKER``, shared by every
+  command (:func:`db_option`, :func:`broker_option`);
+* a command's other settings from variables scoped to that command, named by click from
+  the command's path and the option: ``outboxer relay --batch-size`` from
+  ``OUTBOXER_RELAY_BATCH_SIZE``, ``outboxer inbox prune --batch-size`` from
+  ``OUTBOXER_INBOX_PRUNE_BATCH_SIZE``, ``outboxer-inbox --concurrency`` from
+  ``OUTBOXER_INBOX_CONCURRENCY`` (:func:`setting`; ``--help`` shows each name);
+* confirmations, filters and output choices from no variable at all (:func:`option`): a
+  variable left set for one command must never change what another one deletes or shows.
+"""
 
 from __future__ import annotations
 
-import logging
-import sys
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from rich.console import Console
 from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError
+
+from ..errors import InvalidURL
+from ..secrets import mask_url
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+ENV_PREFIX = "OUTBOXER"
+"""click's ``auto_envvar_prefix`` of the ``outboxer`` command (``outboxer-inbox`` has
+``OUTBOXER_INBOX``)."""
 
 # soft_wrap: messages are never broken across lines (they are read by scripts and tests).
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 
+if TYPE_CHECKING:  # click < 8.2 has no generic ParamType at run time
+    _FloatType = click.ParamType[float]
+    _TimeType = click.ParamType[datetime]
+else:
+    _FloatType = _TimeType = click.ParamType
+
 
 def option(*param_decls: str, **attrs: Any) -> Callable[[F], F]:
-    """A click option whose value can also come from ``OUTBOXER_<LONG_NAME>``."""
-    long_name = next(d for d in param_decls if d.startswith("--"))
-    flag = long_name[2:].split("/")[0]
-    attrs.setdefault("envvar", "OUTBOXER_" + flag.upper().replace("-", "_"))
+    """A click option read from the command line only (filters, confirmations, output)."""
+    attrs.setdefault("allow_from_autoenv", False)
+    return click.option(*param_decls, **attrs)
+
+
+def setting(*param_decls: str, **attrs: Any) -> Callable[[F], F]:
+    """A click option that may also come from the command's own ``OUTBOXER_<COMMAND>_<NAME>``
+    variable (shown in ``--help``)."""
+    attrs.setdefault("allow_from_autoenv", True)
     attrs.setdefault("show_envvar", True)
     return click.option(*param_decls, **attrs)
 
 
 def db_option(required: bool = True) -> Callable[[F], F]:
-    return option(
+    return click.option(
         "--db",
         "db_url",
         required=required,
         metavar="URL",
-        help="SQLAlchemy database URL, e.g. postgresql+psycopg://user@host/db.",
+        envvar="OUTBOXER_DB",
+        show_envvar=True,
+        help="SQLAlchemy database URL, e.g. postgresql+psycopg://user@host/db. Pass a "
+        "password through OUTBOXER_DB, not the command line (ps shows arguments).",
+    )
+
+
+def broker_option() -> Callable[[F], F]:
+    return click.option(
+        "--broker",
+        "broker_url",
+        required=True,
+        metavar="URL",
+        envvar="OUTBOXER_BROKER",
+        show_envvar=True,
+        help="amqp://..., sqs://?region=..., memory://. Pass credentials through "
+        "OUTBOXER_BROKER (or AWS_* variables), not the command line.",
     )
 
 
 def make_engine(url: str, factory: Callable[..., Engine] = create_engine, **kwargs: Any) -> Engine:
-    """An engine for ``url``, or a clear CLI error naming what is wrong with it.
+    """An engine for ``url``, or :class:`~outboxer.errors.InvalidURL` naming what is wrong
+    with it (the URL masked).
 
     Its errors never carry bound parameters (``hide_parameters``): row values would
     otherwise reach logs and dead letters.
@@ -49,22 +94,23 @@ def make_engine(url: str, factory: Callable[..., Engine] = create_engine, **kwar
     kwargs.setdefault("hide_parameters", True)
     try:
         parsed = make_url(url)
-    except ArgumentError as exc:
-        raise click.BadParameter(f"not a database URL: {exc}", param_hint="--db") from exc
+    except Exception as exc:  # ArgumentError, ValueError on a bad port...
+        raise InvalidURL(
+            f"not a database URL: {mask_url(url)}; use dialect+driver://user@host:port/db "
+            "(percent-encode '/', '#', '@' and '?' in a password)"
+        ) from exc
     try:
         return factory(parsed.render_as_string(hide_password=False), **kwargs)
     except Exception as exc:  # missing driver, bad option: say which
-        raise click.BadParameter(
-            f"cannot use {parsed.render_as_string(hide_password=True)}: {exc}", param_hint="--db"
-        ) from exc
+        reason = str(exc)
+        if parsed.password:
+            reason = reason.replace(str(parsed.password), "***")
+        raise InvalidURL(f"cannot use {mask_url(url)}: {reason}") from exc
 
 
 def safe_url(url: str) -> str:
-    """``url`` with any password masked, for logs and messages."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return "<invalid URL>"
+    """``url`` with every secret masked, for logs and messages."""
+    return mask_url(url)
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -86,7 +132,7 @@ def parse_duration(value: str) -> float:
     return seconds
 
 
-class Duration(click.ParamType[float]):
+class Duration(_FloatType):
     name = "DURATION"
 
     def convert(
@@ -100,7 +146,7 @@ class Duration(click.ParamType[float]):
             self.fail(exc.message, param, ctx)
 
 
-class When(click.ParamType[datetime]):
+class When(_TimeType):
     """A point in time: ISO 8601 (UTC if no zone), or a duration ago (``2h``)."""
 
     name = "TIME"
@@ -124,15 +170,3 @@ class When(click.ParamType[datetime]):
                     ctx,
                 )
         return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    if level.upper() != "DEBUG":
-        # pika logs several ERROR lines per failed connection attempt; outboxer already
-        # reports an outage once, with what it does about it.
-        logging.getLogger("pika").setLevel(logging.CRITICAL)

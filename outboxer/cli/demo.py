@@ -7,11 +7,11 @@ import logging
 import click
 
 from .. import demo as demo_module
-from .common import console
+from .common import console, option
 
 
 @click.command()
-@click.option("--verbose", is_flag=True, help="Also show the relay's and consumer's logs.")
+@option("--verbose", is_flag=True, help="Also show the relay's and consumer's logs.")
 def demo(verbose: bool) -> None:
     """Run the whole journey on an embedded SQLite database and the in-process broker."""
     if not verbose:

@@ -5,22 +5,28 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import signal
 import sys
+import threading
 from collections.abc import Callable
-from types import FrameType
 
 import click
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import sessionmaker
 
-from ..consumer import Consumer
-from ..plan import plural
+from ..consumer import Consumer, ConsumerStats
+from ..diagnosis import diagnose
+from ..errors import BrokerAccessDenied, BrokerUnavailable, OperatorError, TransportError
+from ..secrets import mask_url
 from ..store import dead_letters as dead_letter_store
 from ..store import inbox as inbox_store
+from ..store.schema import require_tables
 from ..tracing import configure_from_env
-from ..transports import redact_url, transport_from_url
-from .common import Duration, configure_logging, console, db_option, make_engine, option
+from ..transports import Transport, transport_from_url
+from .common import Duration, broker_option, console, db_option, make_engine, setting
+from .readiness import STARTUP_BACKOFF, Check, broker_check, wait_until
+from .shell import configure_logging, configure_logging_later, equip
+from .signals import graceful_stop
+from .text import plural
 
 log = logging.getLogger("outboxer.consumer")
 
@@ -54,62 +60,116 @@ def load_consumer(target: str) -> Consumer:
     return obj
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.argument("target", metavar="CONSUMER", envvar="OUTBOXER_CONSUMER")
-@option(
-    "--broker", "broker_url", required=True, metavar="URL", help="amqp://..., sqs://?..., memory://"
+@click.command(
+    context_settings={
+        "help_option_names": ["-h", "--help"],
+        "show_default": True,
+        "auto_envvar_prefix": "OUTBOXER_INBOX",
+    }
 )
-@option(
+@click.argument("target", metavar="CONSUMER", envvar="OUTBOXER_INBOX_CONSUMER")
+@broker_option()
+@setting(
     "--concurrency", default=4, type=click.IntRange(1, 1000), help="Messages processed at a time."
 )
-@option("--once", is_flag=True, default=False, help="Process what is queued, then exit.")
-@option(
-    "--log-level",
-    default="INFO",
-    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
-)
-def main(target: str, broker_url: str, concurrency: int, once: bool, log_level: str) -> None:
+@setting("--once", is_flag=True, default=False, help="Process what is queued, then exit.")
+def main(target: str, broker_url: str, concurrency: int, once: bool) -> None:
     """Run the handlers of CONSUMER (PACKAGE.MODULE:ATTRIBUTE) on messages from the broker.
 
-    CONSUMER (also OUTBOXER_CONSUMER) names an outboxer.Consumer, or a function returning
-    one. SIGTERM or SIGINT stops receiving, finishes the messages in progress, then exits.
+    CONSUMER (also OUTBOXER_INBOX_CONSUMER) names an outboxer.Consumer, or a function
+    returning one. The application module is imported first, so its own logging
+    configuration wins. At start the database (outboxer's tables) and the broker are
+    checked; an unreachable broker is waited for, with backoff (with --once: exit 7).
+    SIGTERM or SIGINT stops receiving and finishes the messages in progress; a second one
+    exits at once.
     """
-    configure_logging(log_level)
     consumer = load_consumer(target)
+    configure_logging()
+    transport = transport_from_url(broker_url)
     shutdown_telemetry = configure_from_env(f"outboxer-inbox-{consumer.name}")
-    try:
-        transport = transport_from_url(broker_url)
-    except Exception as exc:
-        raise click.BadParameter(str(exc), param_hint="--broker") from exc
+    stopping = threading.Event()
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("%s received: finishing the messages in progress", signal.Signals(signum).name)
+    def stop() -> None:
+        stopping.set()
         consumer.stop()
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     log.info(
-        "consumer %s on %s (concurrency %d%s)",
+        "consumer %s starting on %s (concurrency %d%s)",
         consumer.name,
-        redact_url(broker_url),
+        mask_url(broker_url),
         concurrency,
         ", once" if once else "",
     )
     try:
-        stats = consumer.run(transport, once=once, concurrency=concurrency)
+        with graceful_stop(stop, "finishing the messages in progress"):
+            checks = [broker_check(transport, broker_url)]
+            if not consumer.is_async:
+                checks.insert(0, consumer_database_check(consumer))
+            stats = run_until_stopped(
+                consumer, transport, broker_url, concurrency, once, stopping, checks
+            )
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
         transport.close()
         shutdown_telemetry()
-    log.info(
-        "consumer %s: %s, %d processed, %s, %s, %d dead-lettered",
-        consumer.name,
-        plural(stats.messages, "message"),
-        stats.processed,
-        plural(stats.duplicates, "duplicate"),
-        plural(stats.retries_scheduled, "retry", "retries"),
-        stats.dead_lettered + stats.rejected,
-    )
+    if stats is not None:
+        log.info(
+            "consumer %s: %s, %s processed, %s, %s, %s dead-lettered",
+            consumer.name,
+            plural(stats.messages, "message"),
+            stats.processed,
+            plural(stats.duplicates, "duplicate"),
+            plural(stats.retries_scheduled, "retry", "retries"),
+            stats.dead_lettered + stats.rejected,
+        )
+
+
+def run_until_stopped(
+    consumer: Consumer,
+    transport: Transport,
+    broker_url: str,
+    concurrency: int,
+    once: bool,
+    stopping: threading.Event,
+    checks: list[Check] | None = None,
+) -> ConsumerStats | None:
+    """Check, then run ``consumer``; if the broker goes away before the consumer could
+    subscribe, wait for it (one line per attempt) and run again, until stopped."""
+    attempt = 0
+    while True:
+        if not wait_until(checks or [], wait=not once, stop=stopping):
+            return None
+        try:
+            return consumer.run(transport, once=once, concurrency=concurrency)
+        except TransportError as exc:
+            problem = diagnose(exc, broker_url=broker_url)
+            if isinstance(problem, BrokerAccessDenied):
+                raise problem from exc
+            if once or not isinstance(problem, BrokerUnavailable) or stopping.is_set():
+                raise
+            attempt += 1
+            pause = STARTUP_BACKOFF.delay(attempt)
+            log.warning("%s (attempt %d; trying again in %.1f s)", problem, attempt, pause)
+            stopping.wait(pause)
+            if stopping.is_set():
+                return None
+
+
+def consumer_database_check(consumer: Consumer) -> Check:
+    """The consumer's database answers and holds outboxer's tables (sync consumers)."""
+
+    def check() -> None:
+        try:
+            with consumer.session_factory() as session:
+                require_tables(session.connection())
+        except OperatorError:
+            raise
+        except Exception as exc:
+            problem = diagnose(exc)
+            if problem is None:
+                raise
+            raise problem from exc
+
+    return check
 
 
 @click.group("inbox")
@@ -119,9 +179,11 @@ def inbox_group() -> None:
 
 @inbox_group.command()
 @db_option()
-@option("--older-than", default="7d", type=Duration(), help="Inbox rows older than this go.")
-@option("--dead-letters-older-than", type=Duration(), help="Also delete dead letters this old.")
-@option("--batch-size", default=1000, type=click.IntRange(1, 100_000), help="Rows per transaction.")
+@setting("--older-than", default="7d", type=Duration(), help="Inbox rows older than this go.")
+@setting("--dead-letters-older-than", type=Duration(), help="Also delete dead letters this old.")
+@setting(
+    "--batch-size", default=1000, type=click.IntRange(1, 100_000), help="Rows per transaction."
+)
 def prune(
     db_url: str, older_than: float, dead_letters_older_than: float | None, batch_size: int
 ) -> None:
@@ -153,4 +215,8 @@ def prune(
                     break
     finally:
         engine.dispose()
-    console.print(", ".join(f"deleted {n} {name}" for name, n in counts.items()))
+    console.print(", ".join(f"deleted {plural(n, name[:-1], name)}" for name, n in counts.items()))
+
+
+configure_logging_later(main)
+equip(main)

@@ -3,61 +3,63 @@
 from __future__ import annotations
 
 import logging
-import signal
 import sys
-from types import FrameType
+import threading
 
 import click
 
+from ..errors import BrokerUnavailable
 from ..relay import Relay, relay_engine
 from ..retry import Backoff
+from ..secrets import mask_url
 from ..tracing import configure_from_env
-from ..transports import redact_url, transport_from_url
-from .common import db_option, make_engine, option, safe_url
+from ..transports import transport_from_url
+from .common import broker_option, db_option, make_engine, setting
+from .readiness import broker_check, database_check, wait_until
+from .signals import graceful_stop
+from .text import plural
 
 log = logging.getLogger("outboxer.relay")
 
 
 @click.command()
 @db_option()
-@option(
-    "--broker", "broker_url", required=True, metavar="URL", help="amqp://..., sqs://?..., memory://"
-)
-@option("--batch-size", default=1000, type=click.IntRange(1, 10_000), help="Rows per claim.")
-@option(
+@broker_option()
+@setting("--batch-size", default=1000, type=click.IntRange(1, 10_000), help="Rows per claim.")
+@setting(
     "--max-attempts",
     default=10,
     type=click.IntRange(1),
     help="Sends before a message is dead-lettered (broker outages do not count).",
 )
-@option(
+@setting(
     "--poll-interval",
     default=1.0,
     type=click.FloatRange(0.01),
     help="Idle polling period in seconds (PostgreSQL is woken by NOTIFY sooner).",
 )
-@option("--lease", default=60.0, type=click.FloatRange(1), help="Seconds a claim stays exclusive.")
-@option(
+@setting("--lease", default=60.0, type=click.FloatRange(1), help="Seconds a claim stays exclusive.")
+@setting(
     "--retry-delay",
     default=1.0,
     type=click.FloatRange(0.001),
     help="First retry delay in seconds; doubles per attempt, jittered.",
 )
-@option(
+@setting(
     "--max-retry-delay",
     default=300.0,
     type=click.FloatRange(0.001),
     help="Cap on each retry delay.",
 )
-@option(
+@setting(
     "--retention",
     default=None,
     type=click.FloatRange(0),
     help="Keep sent rows this many seconds (default: delete at once).",
 )
-@option("--name", default=None, help="This relay's name in leases and logs (default host:pid).")
-@option("--listen/--no-listen", default=True, help="Use PostgreSQL LISTEN/NOTIFY to wake up.")
-@option("--once", is_flag=True, default=False, help="Send what is due, then exit.")
+@setting("--name", default=None, help="This relay's name in leases and logs (default host:pid).")
+@setting("--listen/--no-listen", default=True, help="Use PostgreSQL LISTEN/NOTIFY to wake up.")
+@setting("--once", is_flag=True, default=False, help="Send what is due, then exit.")
 def relay(
     db_url: str,
     broker_url: str,
@@ -74,16 +76,16 @@ def relay(
 ) -> None:
     """Publish outbox rows to RabbitMQ or SQS, in order per key, with retries.
 
-    SIGTERM or SIGINT finishes the batch in flight, then exits.
+    At start it checks the database (and outboxer's tables) and the broker: an unreachable
+    one is waited for (with --once: exit 4 or 7 at once), refused credentials or missing
+    tables exit at once (5, 8, 6). SIGTERM or SIGINT finishes the batch in flight, then
+    exits; a second one exits at once.
     """
     if max_retry_delay < retry_delay:
         raise click.BadParameter("must be >= --retry-delay", param_hint="--max-retry-delay")
     engine = make_engine(db_url, factory=relay_engine)
+    transport = transport_from_url(broker_url)
     shutdown_telemetry = configure_from_env("outboxer-relay")
-    try:
-        transport = transport_from_url(broker_url)
-    except Exception as exc:
-        raise click.BadParameter(str(exc), param_hint="--broker") from exc
     worker = Relay(
         engine,
         transport,
@@ -96,37 +98,39 @@ def relay(
         listen=listen,
         name=name,
     )
+    stopping = threading.Event()
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("%s received: finishing the batch in flight", signal.Signals(signum).name)
+    def stop() -> None:
+        stopping.set()
         worker.stop()
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     log.info(
-        "relay %s started: %s -> %s (batch %d, max attempts %d%s)",
+        "relay %s starting: %s -> %s (batch %d, max attempts %d%s)",
         worker.name,
-        safe_url(db_url),
-        redact_url(broker_url),
+        mask_url(db_url),
+        mask_url(broker_url),
         batch_size,
         max_attempts,
         ", once" if once else "",
     )
     try:
-        stats = worker.run(once=once)
+        with graceful_stop(stop, "finishing the batch in flight"):
+            checks = [database_check(engine, db_url), broker_check(transport, broker_url)]
+            if not wait_until(checks, wait=not once, stop=stopping):
+                return
+            stats = worker.run(once=once)
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
         transport.close()
         engine.dispose()
         shutdown_telemetry()
     log.info(
-        "relay %s stopped: %d sent, %d retried, %d dead-lettered in %d batches",
+        "relay %s stopped: %s sent, %s retried, %s dead-lettered in %s",
         worker.name,
         stats.sent,
         stats.retried,
         stats.dead_lettered,
-        stats.batches,
+        plural(stats.batches, "batch", "batches"),
     )
     if once and stats.outages:
         click.echo("the broker was unavailable; unsent messages stay in the outbox", err=True)
-        sys.exit(1)
+        sys.exit(BrokerUnavailable.exit_code)

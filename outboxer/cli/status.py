@@ -7,19 +7,32 @@ import json
 import click
 from rich.table import Table
 
+from ..secrets import mask_url
 from ..store import dead_letters as dead_letter_store
 from ..store import inbox as inbox_store
 from ..store import relay as relay_store
-from .common import console, db_option, make_engine, option, safe_url
+from ..store.schema import require_tables
+from .common import Duration, console, db_option, err_console, make_engine, option, setting
+from .shell import LAG_EXCEEDED
 
 
 @click.command()
 @db_option()
 @option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def status(db_url: str, as_json: bool) -> None:
+@setting(
+    "--max-lag",
+    type=Duration(),
+    default=None,
+    metavar="SECONDS",
+    help="Exit 9 when the oldest due message has waited longer than this (90, 30s, 5m): "
+    "a check for cron or a probe.",
+)
+def status(db_url: str, as_json: bool, max_lag: float | None) -> None:
     """Show the outbox backlog, the oldest due message's age, dead letters and inbox size."""
     engine = make_engine(db_url)
     try:
+        with engine.connect() as connection:
+            require_tables(connection)
         with engine.connect() as connection:
             backlog = relay_store.backlog(connection)
             with connection.begin():
@@ -36,17 +49,24 @@ def status(db_url: str, as_json: bool) -> None:
         "dead_letters_by_origin": dead,
         "inbox_rows": inbox_rows,
     }
+    lagging = max_lag is not None and backlog.oldest_due_seconds > max_lag
     if as_json:
-        click.echo(json.dumps(figures))
-        return
-    table = Table(title=f"outboxer status: {safe_url(db_url)}", show_header=False)
-    table.add_column(style="bold")
-    table.add_column(justify="right")
-    table.add_row("outbox: pending", str(backlog.pending))
-    table.add_row("outbox: due now", str(backlog.due))
-    table.add_row("outbox: being sent (leased)", str(backlog.leased))
-    table.add_row("oldest due message waiting", f"{backlog.oldest_due_seconds:.1f} s")
-    by_origin = ", ".join(f"{k} {v}" for k, v in sorted(dead.items()))
-    table.add_row("dead letters", f"{sum(dead.values())}" + (f" ({by_origin})" if dead else ""))
-    table.add_row("inbox rows", str(inbox_rows))
-    console.print(table)
+        click.echo(json.dumps(figures if max_lag is None else {**figures, "lag_exceeded": lagging}))
+    else:
+        table = Table(title=f"outboxer status: {mask_url(db_url)}", show_header=False)
+        table.add_column(style="bold")
+        table.add_column(justify="right")
+        table.add_row("outbox: pending", str(backlog.pending))
+        table.add_row("outbox: due now", str(backlog.due))
+        table.add_row("outbox: being sent (leased)", str(backlog.leased))
+        table.add_row("oldest due message waiting", f"{backlog.oldest_due_seconds:.1f} s")
+        by_origin = ", ".join(f"{k} {v}" for k, v in sorted(dead.items()))
+        table.add_row("dead letters", f"{sum(dead.values())}" + (f" ({by_origin})" if dead else ""))
+        table.add_row("inbox rows", str(inbox_rows))
+        console.print(table)
+    if lagging:
+        err_console.print(
+            f"the oldest due message has waited {backlog.oldest_due_seconds:.1f} s, more than "
+            f"--max-lag {max_lag:g} s: is a relay running, and can it reach the broker?"
+        )
+        raise click.exceptions.Exit(LAG_EXCEEDED)

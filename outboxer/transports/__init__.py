@@ -11,9 +11,10 @@
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import parse_qs, urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit
 
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, InvalidURL
+from ..secrets import mask_url
 from .base import (
     Delivery,
     Outcome,
@@ -43,7 +44,22 @@ SCHEMES = ("amqp", "amqps", "sqs", "memory")
 
 
 def transport_from_url(url: str, **options: Any) -> Transport:
-    """The transport a broker URL names; ``options`` go to the transport's constructor."""
+    """The transport a broker URL names; ``options`` go to the transport's constructor.
+
+    A URL that cannot be used raises :class:`~outboxer.errors.ConfigurationError`
+    (:class:`~outboxer.errors.InvalidURL` when it cannot be parsed), its secrets masked.
+    """
+    try:
+        return _transport_from_url(url, **options)
+    except ValueError:  # urlsplit on a broken host or port, int() on an option...
+        # Not the ValueError's text: a password with an unencoded '/' is "the port" to it.
+        raise InvalidURL(
+            f"invalid broker URL {mask_url(url)!r}: check the host, port and options, and "
+            "percent-encode '/', '#', '@' and '?' in the user name and password"
+        ) from None
+
+
+def _transport_from_url(url: str, **options: Any) -> Transport:
     scheme = urlsplit(url).scheme.lower()
     if scheme in ("amqp", "amqps"):
         try:
@@ -69,19 +85,12 @@ def transport_from_url(url: str, **options: Any) -> Transport:
             broker_options["max_message_bytes"] = int(query["max_message_bytes"])
         name = parts.netloc or parts.path.strip("/") or "default"
         return MemoryTransport(MemoryBroker.named(name, **broker_options))
-    raise ConfigurationError(
-        f"unknown broker URL scheme {scheme!r} in {redact_url(url)!r}; use one of "
+    raise InvalidURL(
+        f"unknown broker URL scheme {scheme!r} in {mask_url(url)!r}; use one of "
         f"{', '.join(s + '://' for s in SCHEMES)}"
     )
 
 
 def redact_url(url: str) -> str:
-    """``url`` with its password (or SQS secret) replaced by ``***``, for logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    netloc = f"{user}:***@{host}{port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    """``url`` with every secret masked, for logs (see :func:`outboxer.secrets.mask_url`)."""
+    return mask_url(url)

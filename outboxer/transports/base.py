@@ -184,6 +184,13 @@ class Transport(abc.ABC):
         """Open ``subscription`` (declaring queues and bindings the broker needs)."""
         raise NotImplementedError(f"{type(self).__name__} cannot receive messages")
 
+    def check(self) -> None:  # noqa: B027 - an in-process broker is always there
+        """Connect once and authenticate, or raise the error that stopped it.
+
+        The command line calls it at start-up, so an unreachable broker or refused
+        credentials are reported at once (see :mod:`outboxer.diagnosis`).
+        """
+
     def close(self) -> None:  # noqa: B027 - nothing to release by default
         """Release connections and threads."""
 

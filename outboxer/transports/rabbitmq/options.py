@@ -9,6 +9,7 @@ import pika
 from pika.connection import Parameters
 
 from ...errors import ConfigurationError
+from ...secrets import mask_url, unencoded_credentials
 
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 """RabbitMQ 4's default ``max_message_size``."""
@@ -26,6 +27,11 @@ _URL_OPTIONS: dict[str, type] = {
 def _parse_url(url: str, options: dict[str, Any]) -> tuple[Parameters, dict[str, Any]]:
     """pika's parameters and outboxer's options of :meth:`RabbitMQTransport.from_url`."""
     safe = _redact(url)
+    if unencoded_credentials(url):
+        raise ConfigurationError(
+            f"invalid RabbitMQ URL {safe!r}: percent-encode '/', '?', '#' and '@' in the user "
+            "name and password (%2F, %3F, %23, %40)"
+        )
     parts = urlsplit(url)
     if parts.scheme.lower() not in ("amqp", "amqps"):
         raise ConfigurationError(f"not an amqp:// or amqps:// URL: {safe!r}")
@@ -68,12 +74,7 @@ def _positive_number(name: str, value: object) -> float:
 
 
 def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if not parts.password:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, ""))
+    return mask_url(url)
 
 
 def _scrub(text: str, password: str | None) -> str:

@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pika
+import pika.exceptions
 from pika.connection import Parameters
 
 from ...errors import ConfigurationError, TransportError
@@ -204,6 +205,14 @@ class RabbitMQTransport(Transport):
         with self._lock:
             self._receivers.add(receiver)
         return receiver
+
+    def check(self) -> None:
+        """Open and close one connection (pika's error, e.g. ProbableAuthenticationError,
+        stays in ``__cause__``)."""
+        try:
+            pika.BlockingConnection(self._parameters("check")).close()
+        except pika.exceptions.AMQPError as exc:
+            raise TransportError(f"cannot connect to RabbitMQ at {self._where}: {exc!r}") from exc
 
     def _forget(self, receiver: _RabbitReceiver) -> None:
         with self._lock:

@@ -347,6 +347,21 @@ class SQSTransport(Transport):
             self._urls[name] = url
         return url
 
+    def check(self) -> None:
+        """One authenticated call (ListQueues, one result): reachable, credentials valid.
+
+        AccessDenied passes: the credentials were recognised, and a relay or consumer needs
+        no permission to list queues.
+        """
+        try:
+            self._client.list_queues(MaxResults=1)
+        except ClientError as exc:
+            if error_code(exc) in ("AccessDenied", "AccessDeniedException"):
+                return
+            raise TransportError(f"SQS refused the check: {error_code(exc)}") from exc
+        except BotoCoreError as exc:
+            raise TransportError(f"cannot reach SQS: {type(exc).__name__}") from exc
+
     def close(self) -> None:
         with self._lock:
             if self._closed:

@@ -1,0 +1,112 @@
+"""Start-up checks of the long-running commands, and the readiness probe's checks.
+
+Before ``outboxer relay`` or ``outboxer-inbox`` starts its loop it checks that the
+database answers and holds outboxer's tables, and that the broker accepts a connection
+with the credentials given. What happens when a check fails depends on the failure:
+
+* **waitable** (database or broker unreachable): a long-running process waits for it,
+  with backoff and one log line per attempt (an orchestrator may start it before its
+  dependencies); a one-shot run (``--once``) exits with the failure's code at once;
+* **permanent** (credentials refused, tables missing, invalid URL): exit at once with the
+  failure's code; waiting would not fix it.
+
+The same checks, run without waiting, are the HTTP readiness probe (:mod:`.health`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from sqlalchemy.engine import Engine
+
+from ..diagnosis import diagnose
+from ..errors import (
+    BrokerAccessDenied,
+    BrokerUnavailable,
+    DatabaseAccessDenied,
+    DatabaseUnavailable,
+    OperatorError,
+)
+from ..retry import Backoff
+from ..secrets import mask_url
+from ..store.schema import require_tables
+from ..transports import Transport
+
+__all__ = ["Check", "broker_check", "database_check", "wait_until"]
+
+log = logging.getLogger("outboxer.cli")
+
+Check = Callable[[], None]
+"""Returns when the dependency is usable; raises an :class:`OperatorError` otherwise."""
+
+STARTUP_BACKOFF = Backoff(1.0, 2.0, 30.0, 0.2)
+
+
+def database_check(engine: Engine, db_url: str, tables: list[str] | None = None) -> Check:
+    """Connect, and find the outboxer tables (those named, or all)."""
+
+    def check() -> None:
+        try:
+            with engine.connect() as connection:
+                require_tables(connection, tables)
+        except OperatorError:
+            raise
+        except Exception as exc:
+            problem = diagnose(exc, db_url=db_url)
+            if problem is None:
+                raise
+            raise problem from exc
+
+    return check
+
+
+def broker_check(transport: Transport, broker_url: str) -> Check:
+    """Connect to the broker and authenticate."""
+
+    def check() -> None:
+        try:
+            transport.check()
+        except Exception as exc:
+            # A failed check is the broker's fault even when no rule names the driver error.
+            problem = diagnose(exc, broker_url=broker_url) or BrokerUnavailable(
+                f"the broker check failed ({type(exc).__name__}: {exc}); is {mask_url(broker_url)} "
+                "right?"
+            )
+            raise problem from exc
+
+    return check
+
+
+def wait_until(
+    checks: list[Check],
+    *,
+    wait: bool,
+    stop: threading.Event,
+    backoff: Backoff = STARTUP_BACKOFF,
+) -> bool:
+    """Run ``checks`` until all pass (True) or ``stop`` is set (False).
+
+    A permanent failure is raised at once; an unreachable dependency is raised too unless
+    ``wait``, in which case it is logged (one line) and tried again after a backoff.
+    """
+    attempt = 0
+    while not stop.is_set():
+        try:
+            for check in checks:
+                check()
+        except (DatabaseAccessDenied, BrokerAccessDenied):
+            raise
+        except (DatabaseUnavailable, BrokerUnavailable) as exc:
+            if not wait:
+                raise
+            attempt += 1
+            pause = backoff.delay(attempt)
+            log.warning("%s (attempt %d; trying again in %.1f s)", exc, attempt, pause)
+            stop.wait(pause)
+            continue
+        if attempt:
+            log.info("the database and the broker are reachable; starting")
+        return True
+    return False

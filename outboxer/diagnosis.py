@@ -1,0 +1,185 @@
+"""What a driver's error means for the operator, decided in one place.
+
+SQLAlchemy, psycopg, PyMySQL, sqlite3, pika and botocore each say "cannot connect",
+"wrong password" or "no such table" in their own words. :func:`diagnose` reads an
+exception (and its causes) and returns the :class:`~outboxer.errors.OperatorError` it
+means, with a one-line message that names the fix, or ``None`` for anything else (a bug,
+or a failure the caller handles itself). The original error stays in ``__cause__``.
+
+Drivers are recognised by their exception classes' names, error codes and SQLSTATEs, so
+this module imports none of them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+from .errors import (
+    BrokerAccessDenied,
+    BrokerUnavailable,
+    DatabaseAccessDenied,
+    DatabaseUnavailable,
+    InvalidURL,
+    OperatorError,
+)
+from .secrets import mask_url
+from .store.schema import tables_missing
+
+__all__ = ["causes", "diagnose"]
+
+# PostgreSQL SQLSTATEs.
+_PG_AUTH = {"28P01", "28000"}  # invalid_password, invalid_authorization_specification
+_PG_NO_DATABASE = "3D000"
+_PG_UNDEFINED_TABLE = "42P01"
+_PG_CANNOT_CONNECT = {"08001", "08006", "08004", "57P03"}  # ..., cannot_connect_now
+# MySQL/MariaDB error numbers.
+_MY_AUTH = {1044, 1045, 1698}
+_MY_NO_DATABASE = 1049
+_MY_NO_TABLE = 1146
+_MY_CANNOT_CONNECT = {2002, 2003, 2005, 2006, 2013}
+# botocore error codes that mean the credentials were refused.
+_AWS_AUTH = {
+    "InvalidClientTokenId",
+    "UnrecognizedClientException",
+    "SignatureDoesNotMatch",
+    "IncompleteSignature",
+    "InvalidSecurity",
+    "ExpiredToken",
+    "ExpiredTokenException",
+    "MissingAuthenticationToken",
+    "InvalidAccessKeyId",
+    "AccessDenied",
+    "AccessDeniedException",
+}
+_CONNECT_WORDS = re.compile(
+    r"connection refused|could not connect|can't connect|could not translate host name|"
+    r"name or service not known|temporary failure in name resolution|timeout expired|"
+    r"timed out|no route to host|network is unreachable|server closed the connection|"
+    r"connection reset|unable to open database file|is the server running",
+    re.IGNORECASE,
+)
+_AUTH_WORDS = re.compile(
+    r"password authentication failed|authentication failed|access denied|"
+    r"no password supplied|role .* does not exist",
+    re.IGNORECASE,
+)
+_NO_TABLE = re.compile(
+    r"no such table: outboxer_|relation \"outboxer_\w+\" does not exist|"
+    r"table '[^']*outboxer_\w+' doesn't exist",
+    re.IGNORECASE,
+)
+_NO_DATABASE = re.compile(r"database \"[^\"]*\" does not exist|unknown database", re.IGNORECASE)
+
+
+def causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, then what caused it (``__cause__``, ``__context__``, a DBAPI ``orig``)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        orig = getattr(current, "orig", None)
+        current = (
+            orig if isinstance(orig, BaseException) else (current.__cause__ or current.__context__)
+        )
+
+
+def diagnose(
+    exc: BaseException, *, db_url: str | None = None, broker_url: str | None = None
+) -> OperatorError | None:
+    """The operator error ``exc`` means, or ``None``; URLs only appear masked."""
+    for error in causes(exc):
+        if isinstance(error, OperatorError):
+            return error
+    for error in causes(exc):
+        found = _database(error, db_url) if _from_database(error) else None
+        found = found or (_broker(error, broker_url) if _from_broker(error) else None)
+        if found is not None:
+            found.__cause__ = exc
+            return found
+    return None
+
+
+def _from_database(error: BaseException) -> bool:
+    module = type(error).__module__
+    return module.split(".")[0] in ("sqlalchemy", "psycopg", "psycopg2", "pymysql", "sqlite3")
+
+
+def _from_broker(error: BaseException) -> bool:
+    module = type(error).__module__
+    return module.split(".")[0] in ("pika", "botocore", "boto3") or isinstance(
+        error, (ConnectionError, TimeoutError)
+    )
+
+
+def _shown(url: str | None) -> str:
+    return mask_url(url) if url else "URL"
+
+
+def _database(error: BaseException, url: str | None) -> OperatorError | None:
+    where = _shown(url)
+    sqlstate = getattr(error, "sqlstate", None)
+    code = error.args[0] if error.args and isinstance(error.args[0], int) else None
+    text = str(error)
+    if type(error).__name__ == "ArgumentError" and "URL" in text:
+        return InvalidURL(f"not a database URL: {where}; use dialect+driver://user@host/db")
+    if sqlstate == _PG_NO_DATABASE or code == _MY_NO_DATABASE or _NO_DATABASE.search(text):
+        return DatabaseUnavailable(
+            f"the database in {where} does not exist: create it, or fix --db / OUTBOXER_DB"
+        )
+    if sqlstate == _PG_UNDEFINED_TABLE or code == _MY_NO_TABLE or _NO_TABLE.search(text):
+        if "outboxer_" not in text:
+            return None  # someone else's table
+        return tables_missing(url)
+    if sqlstate in _PG_AUTH or code in _MY_AUTH or _AUTH_WORDS.search(text):
+        return DatabaseAccessDenied(
+            f"the database refused the credentials for {where}: check the user and password "
+            "in --db / OUTBOXER_DB"
+        )
+    if sqlstate in _PG_CANNOT_CONNECT or code in _MY_CANNOT_CONNECT or _CONNECT_WORDS.search(text):
+        return DatabaseUnavailable(
+            f"cannot reach the database at {where}: is it running, and are the host and port "
+            "in --db / OUTBOXER_DB right?"
+        )
+    return None
+
+
+def _broker(error: BaseException, url: str | None) -> OperatorError | None:
+    where = _shown(url)
+    name = type(error).__name__
+    response = getattr(error, "response", None)
+    aws_code = ""
+    if isinstance(response, dict):
+        aws_code = str(response.get("Error", {}).get("Code", ""))
+    if name in ("ProbableAuthenticationError", "AuthenticationError") or aws_code in _AWS_AUTH:
+        return BrokerAccessDenied(
+            f"the broker refused the credentials for {where}: check the user and password "
+            "in --broker / OUTBOXER_BROKER"
+        )
+    if name in ("NoCredentialsError", "PartialCredentialsError"):
+        return BrokerAccessDenied(
+            "no usable AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
+            "AWS_PROFILE) in the environment"
+        )
+    if name == "ProbableAccessDeniedError":
+        return BrokerAccessDenied(
+            f"the broker refused access to the virtual host of {where}: grant the user "
+            "permissions on it, or fix the vhost in --broker / OUTBOXER_BROKER"
+        )
+    if name == "NoRegionError":
+        return InvalidURL(f"no AWS region for {where}: add ?region=... to the sqs:// URL")
+    if name in (
+        "AMQPConnectionError",
+        "ConnectionClosed",
+        "StreamLostError",
+        "IncompatibleProtocolError",
+        "EndpointConnectionError",
+        "ConnectTimeoutError",
+        "ConnectionClosedError",
+    ) or isinstance(error, (ConnectionError, TimeoutError)):
+        return BrokerUnavailable(
+            f"cannot reach the broker at {where}: is it running, and are the host and port "
+            "in --broker / OUTBOXER_BROKER right?"
+        )
+    return None

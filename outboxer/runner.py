@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from . import heartbeat
 from .errors import TransportError
 from .processing import Processor
 from .redaction import error_text, printable
@@ -180,6 +181,7 @@ class Runner:
     async def _receive_loop(self, receiver: Receiver) -> None:
         options = self.options
         while not self.stop.is_set():
+            heartbeat.beat(f"consumer {self.name}")  # liveness (--health-port)
             self._collect()
             capacity = self.window - len(self.held)
             if capacity <= 0:

@@ -343,21 +343,23 @@ def install_if_available() -> bool:
     return True
 
 
-def configure_from_env(service_name: str) -> Callable[[], None]:
+def configure_from_env(service_name: str, metric_readers: Sequence[Any] = ()) -> Callable[[], None]:
     """Configure the OpenTelemetry SDK from ``OTEL_*`` variables, for the CLI processes.
 
     Traces (and metrics) are exported over OTLP when an OTLP endpoint is set
     (``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``..._TRACES_ENDPOINT``) or
     ``OTEL_TRACES_EXPORTER`` asks for ``otlp`` or ``console``. ``OTEL_SERVICE_NAME``
-    defaults to ``service_name``. Returns a function that flushes and shuts down.
+    defaults to ``service_name``. ``metric_readers`` (the Prometheus exporter of
+    ``--metrics-port``) read the same metrics, whatever the variables say. Returns a
+    function that flushes and shuts down.
     """
     wanted = os.environ.get("OTEL_TRACES_EXPORTER", "").lower()
     endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
     )
-    if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true" or wanted == "none":
-        return lambda: None
-    if not endpoint and wanted not in ("otlp", "console"):
+    disabled = os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true" or wanted == "none"
+    export_traces = not disabled and (bool(endpoint) or wanted in ("otlp", "console"))
+    if not export_traces and not metric_readers:
         return lambda: None
     try:
         from opentelemetry import metrics, trace
@@ -370,30 +372,43 @@ def configure_from_env(service_name: str) -> Callable[[], None]:
         )
         return lambda: None
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
-    link_limit = None if os.environ.get("OTEL_SPAN_LINK_COUNT_LIMIT") else DEFAULT_LINK_LIMIT
-    provider = TracerProvider(resource=resource, span_limits=SpanLimits(max_links=link_limit))
-    exporter: Any
-    if wanted == "console":
-        exporter = ConsoleSpanExporter()
-    else:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    shutdowns: list[Callable[[], Any]] = []
+    if export_traces:
+        link_limit = None if os.environ.get("OTEL_SPAN_LINK_COUNT_LIMIT") else DEFAULT_LINK_LIMIT
+        provider = TracerProvider(resource=resource, span_limits=SpanLimits(max_links=link_limit))
+        exporter: Any
+        if wanted == "console":
+            exporter = ConsoleSpanExporter()
+        else:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-        exporter = OTLPSpanExporter()
-    provider.add_span_processor(BatchSpanProcessor(exporter))
-    trace.set_tracer_provider(provider)
-    shutdowns: list[Callable[[], Any]] = [provider.shutdown]
-    if os.environ.get("OTEL_METRICS_EXPORTER", "otlp").lower() == "otlp" and endpoint:
+            exporter = OTLPSpanExporter()
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+        trace.set_tracer_provider(provider)
+        shutdowns.append(provider.shutdown)
+    readers = list(metric_readers)
+    otlp_metrics = os.environ.get("OTEL_METRICS_EXPORTER", "otlp").lower() == "otlp"
+    if export_traces and otlp_metrics and endpoint:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-        from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
-        meter_provider = MeterProvider(
-            resource=resource, metric_readers=[PeriodicExportingMetricReader(OTLPMetricExporter())]
-        )
+        readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+    if readers:
+        from opentelemetry.sdk.metrics import MeterProvider
+
+        meter_provider = MeterProvider(resource=resource, metric_readers=readers)
         metrics.set_meter_provider(meter_provider)
         shutdowns.append(meter_provider.shutdown)
-    install()  # re-bind tracers and meters to the providers just set
-    log.info("OpenTelemetry export configured for service %s", resource.attributes["service.name"])
+    previous = install()  # re-bind tracers and meters to the providers just set
+    current = instrumentation.get()
+    if isinstance(previous, OpenTelemetryInstrumentation) and isinstance(
+        current, OpenTelemetryInstrumentation
+    ):
+        # The gauges created at import (through the API's proxy meter) became the SDK's,
+        # and the SDK keeps their callbacks for these names: they must see the figures
+        # registered from now on.
+        current._observers = previous._observers
+    log.info("OpenTelemetry configured for service %s", resource.attributes["service.name"])
 
     def shutdown() -> None:
         for stop in shutdowns:

@@ -4,7 +4,6 @@ the traceback only at --log-level debug; and no secret in anything printed."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,6 +14,7 @@ from sqlalchemy import create_engine
 
 import outboxer
 
+from .cli_apps import closed_port
 from .services import RABBITMQ_URL, SERVERS, port_open, require
 
 OUTBOXER = [str(Path(sys.executable).parent / "outboxer")]
@@ -30,13 +30,6 @@ def outboxer_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Co
         timeout=120,
         check=False,
     )
-
-
-def closed_port() -> int:
-    """A local port nothing listens on."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

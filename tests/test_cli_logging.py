@@ -7,9 +7,8 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,71 +18,10 @@ from sqlalchemy.orm import sessionmaker
 
 import outboxer
 
+from .cli_apps import DICT_CONFIG, closed_port, logapp_env, wait_for
 from .services import SERVERS, require
-from .test_cli_failures import closed_port
 
 BIN = Path(sys.executable).parent
-
-APP = """
-import logging.config, os, pathlib, time
-from dataclasses import dataclass
-from sqlalchemy import create_engine
-from sqlalchemy.orm import sessionmaker
-import outboxer
-from outboxer.testing import MemoryBroker, MemoryTransport
-
-{logging}
-
-@outboxer.message("logapp.ping", destination="logapp")
-@dataclass
-class Ping:
-    n: int
-
-engine = create_engine(os.environ["LOGAPP_DB"])
-outboxer.create_all(engine)
-Session = sessionmaker(engine, class_=outboxer.OutboxSession)
-consumer = outboxer.Consumer(Session, name="logapp")
-
-@consumer.handler(Ping)
-def handle(event: Ping) -> None:
-    pathlib.Path(os.environ["LOGAPP_MARK"]).write_text("started")
-    time.sleep(float(os.environ.get("LOGAPP_SLEEP", "0")))
-
-# Something to consume on the in-process broker of this process.
-with Session.begin() as session:
-    session.publish(Ping(1))
-transport = MemoryTransport(MemoryBroker.named("logapp"))
-transport.receiver(consumer.subscription())
-outboxer.Relay(engine, transport).run(once=True)
-"""
-
-DICT_CONFIG = """
-logging.config.dictConfig({
-    "version": 1,
-    "formatters": {"app": {"format": "APPFORMAT %(name)s %(message)s"}},
-    "handlers": {"err": {"class": "logging.StreamHandler", "formatter": "app"}},
-    "root": {"level": "INFO", "handlers": ["err"]},
-})
-"""
-
-
-@pytest.fixture
-def app_dir(tmp_path: Path) -> Callable[..., dict[str, str]]:
-    def write(logging_setup: str = "", sleep: float = 0.0) -> dict[str, str]:
-        (tmp_path / "logapp.py").write_text(
-            textwrap.dedent(APP).replace("{logging}", textwrap.dedent(logging_setup))
-        )
-        return {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(
-                filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])
-            ),
-            "LOGAPP_DB": f"sqlite:///{tmp_path / 'logapp.sqlite'}",
-            "LOGAPP_MARK": str(tmp_path / "mark"),
-            "LOGAPP_SLEEP": str(sleep),
-        }
-
-    return write
 
 
 def start(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen[str]:
@@ -92,17 +30,8 @@ def start(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen[s
     )
 
 
-def wait_for(condition: Callable[[], bool], seconds: float = 30.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
-
-
-def test_outboxer_inbox_keeps_the_applications_dict_config(
-    app_dir: Callable[..., dict[str, str]], tmp_path: Path
-) -> None:
-    env = app_dir(DICT_CONFIG)
+def test_outboxer_inbox_keeps_the_applications_dict_config(tmp_path: Path) -> None:
+    env = logapp_env(tmp_path, DICT_CONFIG)
     result = subprocess.run(
         [str(BIN / "outboxer-inbox"), "logapp:consumer", "--broker", "memory://logapp", "--once"],
         env=env,
@@ -117,10 +46,8 @@ def test_outboxer_inbox_keeps_the_applications_dict_config(
     assert "APPFORMAT outboxer.consumer consumer logapp started" in result.stderr, result.stderr
 
 
-def test_json_logs_are_one_object_per_line(
-    app_dir: Callable[..., dict[str, str]], tmp_path: Path
-) -> None:
-    env = app_dir()
+def test_json_logs_are_one_object_per_line(tmp_path: Path) -> None:
+    env = logapp_env(tmp_path)
     result = subprocess.run(
         [
             str(BIN / "outboxer-inbox"),
@@ -144,10 +71,8 @@ def test_json_logs_are_one_object_per_line(
     assert any("1 message," in r["message"] for r in records), records
 
 
-def test_a_second_ctrl_c_forces_the_exit(
-    app_dir: Callable[..., dict[str, str]], tmp_path: Path
-) -> None:
-    env = app_dir(sleep=120)
+def test_a_second_ctrl_c_forces_the_exit(tmp_path: Path) -> None:
+    env = logapp_env(tmp_path, sleep=120)
     process = start(
         [str(BIN / "outboxer-inbox"), "logapp:consumer", "--broker", "memory://logapp"],
         env,
@@ -168,27 +93,35 @@ def test_a_second_ctrl_c_forces_the_exit(
 
 
 def test_outboxer_inbox_waits_for_an_unreachable_broker_one_line_per_attempt(
-    app_dir: Callable[..., dict[str, str]], tmp_path: Path
+    tmp_path: Path,
 ) -> None:
-    env = app_dir()
+    env = logapp_env(tmp_path)
     broker = f"amqp://guest:guest@127.0.0.1:{closed_port()}/"
-    process = start(
-        [str(BIN / "outboxer-inbox"), "logapp:consumer", "--broker", broker], env, tmp_path
-    )
-    try:
-        time.sleep(4.0)  # three attempts, at about 0, 1 and 3 seconds
-        assert process.poll() is None, "outboxer-inbox gave up on the broker"
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=15) == 0
-        err = process.stderr.read() if process.stderr else ""
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    attempts = [line for line in err.splitlines() if "cannot reach the broker" in line]
-    assert len(attempts) >= 2, err
-    assert "(attempt 1; trying again in" in attempts[0]
-    assert "Traceback" not in err
+    log = tmp_path / "stderr.log"
+    with log.open("w") as err:
+        process = subprocess.Popen(
+            [str(BIN / "outboxer-inbox"), "logapp:consumer", "--broker", broker],
+            env=env,
+            cwd=tmp_path,
+            stderr=err,
+            text=True,
+        )
+
+        def attempts() -> list[str]:
+            return [line for line in log.read_text().splitlines() if "cannot reach" in line]
+
+        try:
+            wait_for(lambda: len(attempts()) >= 2, seconds=60)
+            assert process.poll() is None, "outboxer-inbox gave up on the broker"
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=15) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert "(attempt 1; trying again in" in attempts()[0]
+    assert "(attempt 2; trying again in" in attempts()[1]
+    assert "Traceback" not in log.read_text()
 
 
 @pytest.fixture

@@ -39,7 +39,7 @@ class Charge(Base):
     amount_cents: Mapped[int] = mapped_column(Integer)
 
 
-@outboxer.message("shop.order_placed", destination="shop.orders", key="customer")
+@outboxer.message("shop.order_placed", destination="shop-orders", key="customer")
 @dataclass
 class OrderPlaced:
     order_id: int

@@ -13,6 +13,7 @@ import click
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import sessionmaker
 
+from .. import heartbeat
 from ..consumer import Consumer, ConsumerStats
 from ..diagnosis import diagnose
 from ..errors import BrokerAccessDenied, BrokerUnavailable, OperatorError, TransportError
@@ -20,9 +21,9 @@ from ..secrets import mask_url
 from ..store import dead_letters as dead_letter_store
 from ..store import inbox as inbox_store
 from ..store.schema import require_tables
-from ..tracing import configure_from_env
 from ..transports import Transport, transport_from_url
 from .common import Duration, broker_option, console, db_option, make_engine, setting
+from .health import observability, service_options
 from .readiness import STARTUP_BACKOFF, Check, broker_check, wait_until
 from .shell import configure_logging, configure_logging_later, equip
 from .signals import graceful_stop
@@ -73,7 +74,16 @@ def load_consumer(target: str) -> Consumer:
     "--concurrency", default=4, type=click.IntRange(1, 1000), help="Messages processed at a time."
 )
 @setting("--once", is_flag=True, default=False, help="Process what is queued, then exit.")
-def main(target: str, broker_url: str, concurrency: int, once: bool) -> None:
+@service_options
+def main(
+    target: str,
+    broker_url: str,
+    concurrency: int,
+    once: bool,
+    health_port: tuple[str, int] | None,
+    metrics_port: tuple[str, int] | None,
+    liveness_timeout: float,
+) -> None:
     """Run the handlers of CONSUMER (PACKAGE.MODULE:ATTRIBUTE) on messages from the broker.
 
     CONSUMER (also OUTBOXER_INBOX_CONSUMER) names an outboxer.Consumer, or a function
@@ -86,7 +96,7 @@ def main(target: str, broker_url: str, concurrency: int, once: bool) -> None:
     consumer = load_consumer(target)
     configure_logging()
     transport = transport_from_url(broker_url)
-    shutdown_telemetry = configure_from_env(f"outboxer-inbox-{consumer.name}")
+    validate_names(consumer, transport)
     stopping = threading.Event()
 
     def stop() -> None:
@@ -100,17 +110,26 @@ def main(target: str, broker_url: str, concurrency: int, once: bool) -> None:
         concurrency,
         ", once" if once else "",
     )
+    checks = [broker_check(transport, broker_url)]
+    if not consumer.is_async:
+        checks.insert(0, consumer_database_check(consumer))
     try:
-        with graceful_stop(stop, "finishing the messages in progress"):
-            checks = [broker_check(transport, broker_url)]
-            if not consumer.is_async:
-                checks.insert(0, consumer_database_check(consumer))
+        with (
+            graceful_stop(stop, "finishing the messages in progress"),
+            observability(
+                f"outboxer-inbox-{consumer.name}",
+                health_port=health_port,
+                metrics_port=metrics_port,
+                liveness=lambda: heartbeat.seconds_since(loop_key(consumer)),
+                liveness_timeout=liveness_timeout,
+                checks=checks,
+            ),
+        ):
             stats = run_until_stopped(
                 consumer, transport, broker_url, concurrency, once, stopping, checks
             )
     finally:
         transport.close()
-        shutdown_telemetry()
     if stats is not None:
         log.info(
             "consumer %s: %s, %s processed, %s, %s, %s dead-lettered",
@@ -136,7 +155,12 @@ def run_until_stopped(
     subscribe, wait for it (one line per attempt) and run again, until stopped."""
     attempt = 0
     while True:
-        if not wait_until(checks or [], wait=not once, stop=stopping):
+        if not wait_until(
+            checks or [],
+            wait=not once,
+            stop=stopping,
+            tick=lambda: heartbeat.beat(loop_key(consumer)),
+        ):
             return None
         try:
             return consumer.run(transport, once=once, concurrency=concurrency)
@@ -149,9 +173,26 @@ def run_until_stopped(
             attempt += 1
             pause = STARTUP_BACKOFF.delay(attempt)
             log.warning("%s (attempt %d; trying again in %.1f s)", problem, attempt, pause)
+            heartbeat.beat(loop_key(consumer))  # waiting for the broker is not being stuck
             stopping.wait(pause)
             if stopping.is_set():
                 return None
+
+
+def loop_key(consumer: Consumer) -> str:
+    """The key the consumer's loop beats under (:mod:`outboxer.heartbeat`)."""
+    return f"consumer {consumer.name}"
+
+
+def validate_names(consumer: Consumer, transport: Transport) -> None:
+    """The consumer's name and its types' destinations are names this broker accepts
+    (:class:`~outboxer.errors.InvalidName` otherwise: exit 3, before anything is created)."""
+    subscription = consumer.subscription()
+    transport.validate_name(subscription.queue, f"consumer {consumer.name!r}: its name")
+    for destination, type_name in subscription.bindings:
+        transport.validate_name(
+            destination, f"consumer {consumer.name!r}: the destination of {type_name}"
+        )
 
 
 def consumer_database_check(consumer: Consumer) -> Check:

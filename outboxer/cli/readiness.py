@@ -85,14 +85,17 @@ def wait_until(
     wait: bool,
     stop: threading.Event,
     backoff: Backoff = STARTUP_BACKOFF,
+    tick: Callable[[], None] = lambda: None,
 ) -> bool:
     """Run ``checks`` until all pass (True) or ``stop`` is set (False).
 
     A permanent failure is raised at once; an unreachable dependency is raised too unless
     ``wait``, in which case it is logged (one line) and tried again after a backoff.
+    ``tick`` is called before each attempt (a heartbeat: waiting is not being stuck).
     """
     attempt = 0
     while not stop.is_set():
+        tick()
         try:
             for check in checks:
                 check()

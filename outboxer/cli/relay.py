@@ -8,13 +8,14 @@ import threading
 
 import click
 
+from .. import heartbeat
 from ..errors import BrokerUnavailable
 from ..relay import Relay, relay_engine
 from ..retry import Backoff
 from ..secrets import mask_url
-from ..tracing import configure_from_env
 from ..transports import transport_from_url
 from .common import broker_option, db_option, make_engine, setting
+from .health import observability, service_options
 from .readiness import broker_check, database_check, wait_until
 from .signals import graceful_stop
 from .text import plural
@@ -60,6 +61,7 @@ log = logging.getLogger("outboxer.relay")
 @setting("--name", default=None, help="This relay's name in leases and logs (default host:pid).")
 @setting("--listen/--no-listen", default=True, help="Use PostgreSQL LISTEN/NOTIFY to wake up.")
 @setting("--once", is_flag=True, default=False, help="Send what is due, then exit.")
+@service_options
 def relay(
     db_url: str,
     broker_url: str,
@@ -73,6 +75,9 @@ def relay(
     name: str | None,
     listen: bool,
     once: bool,
+    health_port: tuple[str, int] | None,
+    metrics_port: tuple[str, int] | None,
+    liveness_timeout: float,
 ) -> None:
     """Publish outbox rows to RabbitMQ or SQS, in order per key, with retries.
 
@@ -85,7 +90,6 @@ def relay(
         raise click.BadParameter("must be >= --retry-delay", param_hint="--max-retry-delay")
     engine = make_engine(db_url, factory=relay_engine)
     transport = transport_from_url(broker_url)
-    shutdown_telemetry = configure_from_env("outboxer-relay")
     worker = Relay(
         engine,
         transport,
@@ -113,16 +117,31 @@ def relay(
         max_attempts,
         ", once" if once else "",
     )
+    checks = [database_check(engine, db_url), broker_check(transport, broker_url)]
+    loop = f"relay {worker.name}"  # the key the relay's loop beats under (outboxer.heartbeat)
     try:
-        with graceful_stop(stop, "finishing the batch in flight"):
-            checks = [database_check(engine, db_url), broker_check(transport, broker_url)]
-            if not wait_until(checks, wait=not once, stop=stopping):
+        with (
+            graceful_stop(stop, "finishing the batch in flight"),
+            observability(
+                "outboxer-relay",
+                health_port=health_port,
+                metrics_port=metrics_port,
+                liveness=lambda: heartbeat.seconds_since(loop),
+                liveness_timeout=liveness_timeout,
+                checks=checks,
+            ),
+        ):
+            if not wait_until(
+                checks,
+                wait=not once,
+                stop=stopping,
+                tick=lambda: heartbeat.beat(loop),
+            ):
                 return
             stats = worker.run(once=once)
     finally:
         transport.close()
         engine.dispose()
-        shutdown_telemetry()
     log.info(
         "relay %s stopped: %s sent, %s retried, %s dead-lettered in %s",
         worker.name,

@@ -16,7 +16,7 @@ from concurrent.futures import Future
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from .. import instrumentation
+from .. import heartbeat, instrumentation
 from ..errors import OutboxerError
 from ..store import claims, settle
 from ..store import relay as relay_store
@@ -59,6 +59,7 @@ class Run:
         try:
             self._start()
             while not relay._stop.is_set():
+                heartbeat.beat(f"relay {relay.name}")  # liveness (--health-port)
                 self._collect(block=False)
                 self._check_liveness()
                 pause = relay.breaker.remaining(relay._clock())

@@ -17,6 +17,10 @@ from dataclasses import dataclass
 
 from ..instrumentation import TransportDescription
 from ..message import Envelope
+from .names import require_valid_name
+
+# TransportDescription.system -> the broker whose naming rules apply (outboxer.transports.names).
+_BROKERS = {"rabbitmq": "rabbitmq", "aws_sqs": "sqs"}
 
 __all__ = [
     "HELD_BACK",
@@ -183,6 +187,11 @@ class Transport(abc.ABC):
     def receiver(self, subscription: Subscription) -> Receiver:
         """Open ``subscription`` (declaring queues and bindings the broker needs)."""
         raise NotImplementedError(f"{type(self).__name__} cannot receive messages")
+
+    def validate_name(self, name: str, what: str = "name") -> None:
+        """Raise :class:`~outboxer.errors.InvalidName` if this broker would refuse ``name``
+        as a destination or consumer name (``what`` says which, for the message)."""
+        require_valid_name(_BROKERS.get(self.description.system, ""), name, what)
 
     def check(self) -> None:  # noqa: B027 - an in-process broker is always there
         """Connect once and authenticate, or raise the error that stopped it.

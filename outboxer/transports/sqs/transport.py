@@ -20,6 +20,7 @@ from ...instrumentation import TransportDescription
 from ...message import Envelope
 from ..base import Outcome, Receiver, SendResult, Subscription, Transport
 from ..lanes import Item, send_in_lanes
+from ..names import name_problem
 from .attributes import encode_attributes
 from .errors import error_code, result_for_error
 from .options import (
@@ -232,6 +233,10 @@ class SQSTransport(Transport):
         outage: SendResult | None = None
         for name in destinations:
             url = self._urls.get(name)
+            problem = name_problem("sqs", name) if url is None else None
+            if problem is not None:  # SQS would answer with an obscure error, or none
+                failed[name] = SendResult.rejected("invalid_name", problem)
+                continue
             if url is None:
                 if outage is not None:  # don't wait for a dead endpoint once per queue
                     failed[name] = outage

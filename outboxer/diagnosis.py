@@ -56,7 +56,7 @@ _CONNECT_WORDS = re.compile(
     r"connection refused|could not connect|can't connect|could not translate host name|"
     r"name or service not known|temporary failure in name resolution|timeout expired|"
     r"timed out|no route to host|network is unreachable|server closed the connection|"
-    r"connection reset|unable to open database file|is the server running",
+    r"connection reset|is the server running",
     re.IGNORECASE,
 )
 _AUTH_WORDS = re.compile(
@@ -136,6 +136,11 @@ def _database(error: BaseException, url: str | None) -> OperatorError | None:
         return DatabaseAccessDenied(
             f"the database refused the credentials for {where}: check the user and password "
             "in --db / OUTBOXER_DB"
+        )
+    if "unable to open database file" in text:
+        return DatabaseUnavailable(
+            f"cannot open the SQLite database file of {where}: does its directory exist, "
+            "and may this user write there?"
         )
     if sqlstate in _PG_CANNOT_CONNECT or code in _MY_CANNOT_CONNECT or _CONNECT_WORDS.search(text):
         return DatabaseUnavailable(

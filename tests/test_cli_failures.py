@@ -154,3 +154,23 @@ def test_a_password_in_a_query_parameter_is_masked_by_status_and_the_relay(
     for secret in ("hunter2", "t0k3n", "s3cr3t"):
         assert secret not in printed
     assert "starting" in relay.stderr or "started" in relay.stderr
+
+
+def test_mariadb_failures_are_named_too() -> None:
+    server = SERVERS["mariadb"]
+    require("mariadb", server.available, server.admin_url)
+    base = server.admin_url.rsplit("/", 1)[0]
+    missing = outboxer_cli("status", env={"OUTBOXER_DB": base + "/no_such_database_here"})
+    assert missing.returncode == 4 and "does not exist" in one_error_line(missing)
+    refused = outboxer_cli(
+        "status", env={"OUTBOXER_DB": base.replace("root@", "root:wrong-pw@") + "/test"}
+    )
+    assert refused.returncode == 5, refused.stderr
+    assert "wrong-pw" not in refused.stderr
+
+
+def test_a_sqlite_file_that_cannot_be_opened_is_named(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'no' / 'such' / 'dir.sqlite'}"
+    result = outboxer_cli("status", env={"OUTBOXER_DB": url})
+    assert result.returncode == 4
+    assert "cannot open the SQLite database file" in one_error_line(result)

@@ -3,14 +3,31 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+# The same tests against the lowest versions pyproject.toml declares (scripts/lowest_versions.py).
+LOWEST       := .venv-lowest
+LOWEST_STAMP := $(LOWEST)/.installed-stamp
+# A subset that exercises each pinned library: SQLAlchemy and Alembic on the three
+# databases, pika, boto3, the OpenTelemetry SDK, click and rich.
+LOWEST_TESTS ?= tests/test_publish.py tests/test_relay.py tests/test_consumer.py \
+	tests/test_migrations.py tests/test_transport_contract.py tests/test_tracing.py \
+	tests/test_cli_inbox.py tests/test_cli_environment.py tests/test_packaging.py::test_sync_use_needs_no_greenlet
 
-.PHONY: demo test lint typecheck pytest bench chaos services clean
+.PHONY: demo test lint typecheck pytest bench chaos pytest-lowest services clean
 
+# --upgrade-strategy eager: a rebuilt environment has the newest release of everything, so
+# `make test` runs on the latest versions here and on the lowest in $(LOWEST).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[dev]'
 	touch $(STAMP)
+
+$(LOWEST_STAMP): pyproject.toml scripts/lowest_versions.py $(STAMP)
+	test -x $(LOWEST)/bin/python || $(PYTHON) -m venv $(LOWEST)
+	$(BIN)/python scripts/lowest_versions.py > $(LOWEST)/constraints.txt
+	$(LOWEST)/bin/python -m pip install -q -c $(LOWEST)/constraints.txt -e '.[test]'
+	$(LOWEST)/bin/python scripts/lowest_versions.py --check
+	touch $(LOWEST_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/outboxer demo
@@ -29,7 +46,10 @@ typecheck: $(STAMP)
 pytest: $(STAMP) services
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-test: lint typecheck pytest
+pytest-lowest: $(LOWEST_STAMP) services
+	$(LOWEST)/bin/pytest -q -m "not disruptive and not slow" $(LOWEST_TESTS)
+
+test: lint typecheck pytest pytest-lowest
 
 bench: $(STAMP) services
 	$(BIN)/python -m bench $(BENCH_ARGS)
@@ -50,4 +70,4 @@ chaos: $(STAMP) services
 	exit $$status
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build dist
+	rm -rf $(VENV) $(LOWEST) .mypy_cache .pytest_cache .ruff_cache build dist

@@ -25,7 +25,6 @@ from .status import status
     context_settings={
         "help_option_names": ["-h", "--help"],
         "show_default": True,
-        "auto_envvar_prefix": ENV_PREFIX,
     }
 )
 @click.version_option(package_name="outboxer")
@@ -39,4 +38,4 @@ main.add_command(relay)
 main.add_command(dead_letter)
 main.add_command(status)
 main.add_command(inbox_group)
-equip(main)
+equip(main, ENV_PREFIX)

@@ -4,8 +4,9 @@ Where a value may come from the environment (docs/operations.md has the table):
 
 * ``--db`` and ``--broker`` from ``OUTBOXER_DB`` / ``OUTBOXER_BROKER``, shared by every
   command (:func:`db_option`, :func:`broker_option`);
-* a command's other settings from variables scoped to that command, named by click from
-  the command's path and the option: ``outboxer relay --batch-size`` from
+* a command's other settings from variables scoped to that command, named after the
+  command's path and the option (:func:`outboxer.cli.shell.equip`): ``outboxer relay
+  --batch-size`` from
   ``OUTBOXER_RELAY_BATCH_SIZE``, ``outboxer inbox prune --batch-size`` from
   ``OUTBOXER_INBOX_PRUNE_BATCH_SIZE``, ``outboxer-inbox --concurrency`` from
   ``OUTBOXER_INBOX_CONCURRENCY`` (:func:`setting`; ``--help`` shows each name);
@@ -30,8 +31,9 @@ from ..secrets import mask_url
 F = TypeVar("F", bound=Callable[..., Any])
 
 ENV_PREFIX = "OUTBOXER"
-"""click's ``auto_envvar_prefix`` of the ``outboxer`` command (``outboxer-inbox`` has
-``OUTBOXER_INBOX``)."""
+"""The variables of ``outboxer COMMAND --option`` are ``OUTBOXER_COMMAND_OPTION``."""
+INBOX_ENV_PREFIX = "OUTBOXER_INBOX"
+"""The variables of ``outboxer-inbox --option`` are ``OUTBOXER_INBOX_OPTION``."""
 
 # soft_wrap: messages are never broken across lines (they are read by scripts and tests).
 console = Console(soft_wrap=True)
@@ -52,7 +54,7 @@ def option(*param_decls: str, **attrs: Any) -> Callable[[F], F]:
 
 def setting(*param_decls: str, **attrs: Any) -> Callable[[F], F]:
     """A click option that may also come from the command's own ``OUTBOXER_<COMMAND>_<NAME>``
-    variable (shown in ``--help``)."""
+    variable (named by :func:`outboxer.cli.shell.equip`, shown in ``--help``)."""
     attrs.setdefault("allow_from_autoenv", True)
     attrs.setdefault("show_envvar", True)
     return click.option(*param_decls, **attrs)

@@ -22,7 +22,15 @@ from ..store import dead_letters as dead_letter_store
 from ..store import inbox as inbox_store
 from ..store.schema import require_tables
 from ..transports import Transport, transport_from_url
-from .common import Duration, broker_option, console, db_option, make_engine, setting
+from .common import (
+    INBOX_ENV_PREFIX,
+    Duration,
+    broker_option,
+    console,
+    db_option,
+    make_engine,
+    setting,
+)
 from .health import observability, service_options
 from .readiness import STARTUP_BACKOFF, Check, broker_check, wait_until
 from .shell import configure_logging, configure_logging_later, equip
@@ -65,7 +73,6 @@ def load_consumer(target: str) -> Consumer:
     context_settings={
         "help_option_names": ["-h", "--help"],
         "show_default": True,
-        "auto_envvar_prefix": "OUTBOXER_INBOX",
     }
 )
 @click.argument("target", metavar="CONSUMER", envvar="OUTBOXER_INBOX_CONSUMER")
@@ -260,4 +267,4 @@ def prune(
 
 
 configure_logging_later(main)
-equip(main)
+equip(main, INBOX_ENV_PREFIX)

@@ -109,7 +109,7 @@ def relay(
         worker.stop()
 
     log.info(
-        "relay %s starting: %s -> %s (batch %d, max attempts %d%s)",
+        "relay %s starting: %s -> %s (batch %d, max attempts %d%s); checking both",
         worker.name,
         mask_url(db_url),
         mask_url(broker_url),
@@ -138,6 +138,7 @@ def relay(
                 tick=lambda: heartbeat.beat(loop),
             ):
                 return
+            log.info("relay %s started", worker.name)
             stats = worker.run(once=once)
     finally:
         transport.close()

@@ -85,16 +85,23 @@ def configure_logging() -> None:
     logs.configure(*settings)
 
 
-def equip(command: click.Command) -> None:
-    """Give ``command`` and its subcommands the shared options and failure handling."""
+def equip(command: click.Command, prefix: str = "OUTBOXER") -> None:
+    """Give ``command`` and its subcommands the shared options and failure handling, and
+    name the variable of each setting after the command: ``OUTBOXER_RELAY_BATCH_SIZE``
+    (``prefix``, the command's path, the option's name)."""
     if isinstance(command, click.Group):
-        for sub in command.commands.values():
-            equip(sub)
+        for name, sub in command.commands.items():
+            equip(sub, f"{prefix}_{name.upper().replace('-', '_')}")
         return
     if getattr(command, _EQUIPPED, False) or command.callback is None:
         return
     setattr(command, _EQUIPPED, True)
     command.params.extend(_log_options())
+    for param in command.params:
+        # Settings (common.setting and the log options) read their command's variable;
+        # filters, confirmations and output choices (common.option) read none.
+        if isinstance(param, click.Option) and param.allow_from_autoenv and not param.envvar:
+            param.envvar = f"{prefix}_{(param.name or '').upper()}"
     command.callback = _wrap(command.callback, defer=getattr(command, _DEFER, False))
 
 

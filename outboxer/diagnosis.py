@@ -26,7 +26,7 @@ from .errors import (
 from .secrets import mask_url
 from .store.schema import tables_missing
 
-__all__ = ["causes", "diagnose"]
+__all__ = ["AWS_BAD_CREDENTIALS", "causes", "diagnose"]
 
 # PostgreSQL SQLSTATEs.
 _PG_AUTH = {"28P01", "28000"}  # invalid_password, invalid_authorization_specification
@@ -38,20 +38,21 @@ _MY_AUTH = {1044, 1045, 1698}
 _MY_NO_DATABASE = 1049
 _MY_NO_TABLE = 1146
 _MY_CANNOT_CONNECT = {2002, 2003, 2005, 2006, 2013}
-# botocore error codes that mean the credentials were refused.
-_AWS_AUTH = {
-    "InvalidClientTokenId",
-    "UnrecognizedClientException",
-    "SignatureDoesNotMatch",
-    "IncompleteSignature",
-    "InvalidSecurity",
-    "ExpiredToken",
-    "ExpiredTokenException",
-    "MissingAuthenticationToken",
-    "InvalidAccessKeyId",
-    "AccessDenied",
-    "AccessDeniedException",
-}
+AWS_BAD_CREDENTIALS = frozenset(
+    {
+        "InvalidClientTokenId",
+        "UnrecognizedClientException",
+        "SignatureDoesNotMatch",
+        "IncompleteSignature",
+        "InvalidSecurity",
+        "ExpiredToken",
+        "ExpiredTokenException",
+        "MissingAuthenticationToken",
+        "InvalidAccessKeyId",
+    }
+)
+"""AWS error codes that mean the credentials were refused (the SQS transport uses them too)."""
+_AWS_REFUSED = AWS_BAD_CREDENTIALS | {"AccessDenied", "AccessDeniedException"}
 _CONNECT_WORDS = re.compile(
     r"connection refused|could not connect|can't connect|could not translate host name|"
     r"name or service not known|temporary failure in name resolution|timeout expired|"
@@ -157,7 +158,7 @@ def _broker(error: BaseException, url: str | None) -> OperatorError | None:
     aws_code = ""
     if isinstance(response, dict):
         aws_code = str(response.get("Error", {}).get("Code", ""))
-    if name in ("ProbableAuthenticationError", "AuthenticationError") or aws_code in _AWS_AUTH:
+    if name in ("ProbableAuthenticationError", "AuthenticationError") or aws_code in _AWS_REFUSED:
         return BrokerAccessDenied(
             f"the broker refused the credentials for {where}: check the user and password "
             "in --broker / OUTBOXER_BROKER"

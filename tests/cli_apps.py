@@ -3,12 +3,19 @@ a consumer on the in-process broker, free ports, polling."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import subprocess
+import sys
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO, Any
+
+BIN = Path(sys.executable).parent
+"""Where this test run's ``outboxer`` and ``outboxer-inbox`` scripts are."""
 
 APP = """
 import logging.config, os, pathlib, time
@@ -82,3 +89,41 @@ def wait_for(condition: Callable[[], bool], seconds: float = 30.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.1)
+
+
+def inbox_once(
+    tmp_path: Path, env: dict[str, str], *options: str
+) -> subprocess.CompletedProcess[str]:
+    """``outboxer-inbox logapp:consumer --broker memory://logapp --once OPTIONS`` to the end."""
+    return subprocess.run(
+        [
+            str(BIN / "outboxer-inbox"),
+            "logapp:consumer",
+            "--broker",
+            "memory://logapp",
+            "--once",
+            *options,
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@contextlib.contextmanager
+def running(
+    args: list[str], env: dict[str, str], cwd: Path, stderr: IO[Any] | int = subprocess.PIPE
+) -> Iterator[subprocess.Popen[str]]:
+    """A long-running command; killed on the way out if the test left it running."""
+    process = subprocess.Popen(
+        args, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=stderr, text=True
+    )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -133,3 +133,15 @@ def test_every_command_takes_log_options_and_shows_only_scoped_variables(
         if never in shown:
             flag = never[2:].upper()
             assert f"{scope}{flag}" not in shown
+
+
+def test_counts_in_cli_output_take_the_right_plural(url_with_dead_letters: str) -> None:
+    env = {"OUTBOXER_DB": url_with_dead_letters}
+    one = CliRunner().invoke(
+        main, ["dead-letter", "purge", "--yes", "--consumer", "billing"], env=env
+    )
+    assert "deleted 1 dead letter\n" in one.output, one.output
+    rest = CliRunner().invoke(main, ["dead-letter", "purge", "--yes"], env=env)
+    assert "deleted 1 dead letter\n" in rest.output
+    none = CliRunner().invoke(main, ["inbox", "prune", "--older-than", "0"], env=env)
+    assert "deleted 0 inbox rows" in none.output

@@ -7,12 +7,15 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from sqlalchemy import create_engine
 
 import outboxer
+from outboxer.cli import main
 
 from .cli_apps import closed_port
 from .services import RABBITMQ_URL, SERVERS, port_open, require
@@ -20,7 +23,7 @@ from .services import RABBITMQ_URL, SERVERS, port_open, require
 OUTBOXER = [str(Path(sys.executable).parent / "outboxer")]
 
 
-def outboxer_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def as_process(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``outboxer ARGS`` as an operator would (a process: real exit code, real stderr)."""
     return subprocess.run(
         [*OUTBOXER, *args],
@@ -30,6 +33,21 @@ def outboxer_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Co
         timeout=120,
         check=False,
     )
+
+
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def outboxer_cli(*args: str, env: dict[str, str] | None = None) -> Ran:
+    """Run ``outboxer ARGS`` in this process (quicker; the exit code and output are the same)."""
+    result = CliRunner().invoke(main, list(args), env={"COLUMNS": "200", **(env or {})})
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return Ran(result.exit_code, result.stdout, result.stderr)
 
 
 @pytest.fixture
@@ -51,7 +69,7 @@ def sqlite_url(tmp_path: Path) -> str:
     return url
 
 
-def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+def one_error_line(result: Ran | subprocess.CompletedProcess[str]) -> str:
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
     assert len(errors) == 1, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
@@ -60,7 +78,7 @@ def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
 
 def test_status_on_an_unreachable_database_is_one_line_and_exit_4() -> None:
     url = f"postgresql+psycopg://postgres@127.0.0.1:{closed_port()}/app"
-    result = outboxer_cli("status", env={"OUTBOXER_DB": url})
+    result = as_process("status", env={"OUTBOXER_DB": url})
     assert result.returncode == 4, result.stderr
     assert "cannot reach the database" in one_error_line(result)
     assert len(result.stderr.splitlines()) == 1
@@ -68,7 +86,7 @@ def test_status_on_an_unreachable_database_is_one_line_and_exit_4() -> None:
 
 def test_the_traceback_appears_only_at_debug_level() -> None:
     url = f"postgresql+psycopg://postgres@127.0.0.1:{closed_port()}/app"
-    result = outboxer_cli("status", "--log-level", "debug", env={"OUTBOXER_DB": url})
+    result = as_process("status", "--log-level", "debug", env={"OUTBOXER_DB": url})
     assert result.returncode == 4
     assert "Traceback" in result.stderr and "OperationalError" in result.stderr
 
@@ -136,13 +154,14 @@ def test_an_invalid_url_exits_3_with_its_password_masked(sqlite_url: str) -> Non
 
 
 def test_a_password_in_a_query_parameter_is_masked_by_status_and_the_relay(
-    sqlite_url: str,
+    pg_url: str,
 ) -> None:
-    secret_db = sqlite_url + "?password=hunter2&token=t0k3n"
+    outboxer.create_all(create_engine(pg_url))
+    secret_db = pg_url + "?password=hunter2&sslmode=disable"  # libpq takes it; trust ignores it
     status = outboxer_cli("status", env={"OUTBOXER_DB": secret_db})
     assert status.returncode == 0, status.stderr
     assert "password=***" in status.stdout
-    relay = outboxer_cli(
+    relay = as_process(
         "relay",
         "--once",
         env={
@@ -150,10 +169,11 @@ def test_a_password_in_a_query_parameter_is_masked_by_status_and_the_relay(
             "OUTBOXER_BROKER": "memory://?aws_secret_access_key=s3cr3t",
         },
     )
+    assert relay.returncode == 0, relay.stderr
+    assert "relay" in relay.stderr and "started" in relay.stderr
     printed = status.stdout + status.stderr + relay.stdout + relay.stderr
-    for secret in ("hunter2", "t0k3n", "s3cr3t"):
+    for secret in ("hunter2", "s3cr3t"):
         assert secret not in printed
-    assert "starting" in relay.stderr or "started" in relay.stderr
 
 
 def test_mariadb_failures_are_named_too() -> None:

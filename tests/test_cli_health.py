@@ -8,7 +8,6 @@ import signal
 import socket
 import sqlite3
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -24,9 +23,7 @@ import outboxer
 from outboxer.cli import main
 from outboxer.cli.health import HealthServer
 
-from .cli_apps import closed_port, logapp_env, wait_for
-
-BIN = Path(sys.executable).parent
+from .cli_apps import BIN, closed_port, logapp_env, running, wait_for
 
 
 def get(port: int, path: str) -> tuple[int, str]:
@@ -56,24 +53,10 @@ def test_relay_serves_liveness_readiness_and_prometheus_metrics(tmp_path: Path) 
     path = tmp_path / "relay.sqlite"
     publish(f"sqlite:///{path}", 3)
     health, metrics = closed_port(), closed_port()
-    process = subprocess.Popen(
-        [
-            str(BIN / "outboxer"),
-            "relay",
-            "--broker",
-            "memory://health",
-            "--poll-interval",
-            "0.2",
-            "--health-port",
-            f"127.0.0.1:{health}",
-            "--metrics-port",
-            f"127.0.0.1:{metrics}",
-        ],
-        env={**os.environ, "OUTBOXER_DB": f"sqlite:///{path}"},
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    relay = [str(BIN / "outboxer"), "relay", "--broker", "memory://health", "--poll-interval"]
+    relay += ["0.2", "--health-port", f"127.0.0.1:{health}", "--metrics-port", str(metrics)]
+    env = {**os.environ, "OUTBOXER_DB": f"sqlite:///{path}"}
+    with running(relay, env, tmp_path, subprocess.DEVNULL) as process:
         wait_for(answers(health, "/live", 200))
         status, body = get(health, "/ready")
         assert (status, json.loads(body)) == (200, {"status": "ready"})
@@ -91,42 +74,19 @@ def test_relay_serves_liveness_readiness_and_prometheus_metrics(tmp_path: Path) 
         assert get(health, "/live")[0] == 200
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 def test_outboxer_inbox_serves_health_and_metrics(tmp_path: Path) -> None:
-    env = logapp_env(tmp_path)
     health, metrics = closed_port(), closed_port()
-    process = subprocess.Popen(
-        [
-            str(BIN / "outboxer-inbox"),
-            "logapp:consumer",
-            "--broker",
-            "memory://logapp",
-            "--health-port",
-            str(health),
-            "--metrics-port",
-            str(metrics),
-        ],
-        env=env,
-        cwd=tmp_path,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    inbox = [str(BIN / "outboxer-inbox"), "logapp:consumer", "--broker", "memory://logapp"]
+    inbox += ["--health-port", str(health), "--metrics-port", str(metrics)]
+    with running(inbox, logapp_env(tmp_path), tmp_path, subprocess.DEVNULL) as process:
         wait_for(answers(health, "/live", 200))
         assert get(health, "/ready")[0] == 200
         wait_for(lambda: "messaging_process_duration" in get(metrics, "/metrics")[1])
         assert get(health, "/nowhere")[0] == 404
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 def test_liveness_fails_when_the_loop_stops_turning() -> None:

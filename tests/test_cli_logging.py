@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,53 +16,19 @@ from sqlalchemy.orm import sessionmaker
 
 import outboxer
 
-from .cli_apps import DICT_CONFIG, closed_port, logapp_env, wait_for
+from .cli_apps import BIN, DICT_CONFIG, closed_port, inbox_once, logapp_env, running, wait_for
 from .services import SERVERS, require
-
-BIN = Path(sys.executable).parent
-
-
-def start(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        args, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
 
 
 def test_outboxer_inbox_keeps_the_applications_dict_config(tmp_path: Path) -> None:
-    env = logapp_env(tmp_path, DICT_CONFIG)
-    result = subprocess.run(
-        [str(BIN / "outboxer-inbox"), "logapp:consumer", "--broker", "memory://logapp", "--once"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = inbox_once(tmp_path, logapp_env(tmp_path, DICT_CONFIG))
     assert result.returncode == 0, result.stderr
     # outboxer's lines come out, in the application's format.
     assert "APPFORMAT outboxer.consumer consumer logapp started" in result.stderr, result.stderr
 
 
 def test_json_logs_are_one_object_per_line(tmp_path: Path) -> None:
-    env = logapp_env(tmp_path)
-    result = subprocess.run(
-        [
-            str(BIN / "outboxer-inbox"),
-            "logapp:consumer",
-            "--broker",
-            "memory://logapp",
-            "--once",
-            "--log-format",
-            "json",
-        ],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = inbox_once(tmp_path, logapp_env(tmp_path), "--log-format", "json")
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in result.stderr.splitlines()]
     assert {"time", "level", "logger", "message"} <= set(records[0])
@@ -73,12 +37,8 @@ def test_json_logs_are_one_object_per_line(tmp_path: Path) -> None:
 
 def test_a_second_ctrl_c_forces_the_exit(tmp_path: Path) -> None:
     env = logapp_env(tmp_path, sleep=120)
-    process = start(
-        [str(BIN / "outboxer-inbox"), "logapp:consumer", "--broker", "memory://logapp"],
-        env,
-        tmp_path,
-    )
-    try:
+    inbox = [str(BIN / "outboxer-inbox"), "logapp:consumer", "--broker", "memory://logapp"]
+    with running(inbox, env, tmp_path) as process:
         wait_for((tmp_path / "mark").exists)  # the handler is sleeping
         process.send_signal(signal.SIGINT)
         time.sleep(1.0)
@@ -86,39 +46,23 @@ def test_a_second_ctrl_c_forces_the_exit(tmp_path: Path) -> None:
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=15) == 130
         assert "exiting now" in (process.stderr.read() if process.stderr else "")
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 def test_outboxer_inbox_waits_for_an_unreachable_broker_one_line_per_attempt(
     tmp_path: Path,
 ) -> None:
-    env = logapp_env(tmp_path)
     broker = f"amqp://guest:guest@127.0.0.1:{closed_port()}/"
+    inbox = [str(BIN / "outboxer-inbox"), "logapp:consumer", "--broker", broker]
     log = tmp_path / "stderr.log"
-    with log.open("w") as err:
-        process = subprocess.Popen(
-            [str(BIN / "outboxer-inbox"), "logapp:consumer", "--broker", broker],
-            env=env,
-            cwd=tmp_path,
-            stderr=err,
-            text=True,
-        )
 
-        def attempts() -> list[str]:
-            return [line for line in log.read_text().splitlines() if "cannot reach" in line]
+    def attempts() -> list[str]:
+        return [line for line in log.read_text().splitlines() if "cannot reach" in line]
 
-        try:
-            wait_for(lambda: len(attempts()) >= 2, seconds=60)
-            assert process.poll() is None, "outboxer-inbox gave up on the broker"
-            process.send_signal(signal.SIGTERM)
-            assert process.wait(timeout=15) == 0
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+    with log.open("w") as err, running(inbox, logapp_env(tmp_path), tmp_path, err) as process:
+        wait_for(lambda: len(attempts()) >= 2, seconds=60)
+        assert process.poll() is None, "outboxer-inbox gave up on the broker"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
     assert "(attempt 1; trying again in" in attempts()[0]
     assert "(attempt 2; trying again in" in attempts()[1]
     assert "Traceback" not in log.read_text()
@@ -145,23 +89,10 @@ def test_a_multi_line_database_error_is_one_record(pg_app_url: str, tmp_path: Pa
     Session = sessionmaker(create_engine(pg_app_url), class_=outboxer.OutboxSession)
     with Session.begin() as session:
         session.publish({"n": 1}, type="logs.ping", destination="logs")
-    process = start(
-        [
-            str(BIN / "outboxer"),
-            "relay",
-            "--broker",
-            "memory://logs",
-            "--log-format",
-            "json",
-            "--poll-interval",
-            "0.2",
-            "--no-listen",
-        ],
-        {**os.environ, "OUTBOXER_DB": pg_app_url},
-        tmp_path,
-    )
+    relay = [str(BIN / "outboxer"), "relay", "--broker", "memory://logs", "--no-listen"]
+    relay += ["--log-format", "json", "--poll-interval", "0.2"]
     engine = create_engine(pg_app_url)
-    try:
+    with running(relay, {**os.environ, "OUTBOXER_DB": pg_app_url}, tmp_path) as process:
         # The loop is turning once the relay has sent the message published before it started.
         wait_for(lambda: backlog(engine) == 0)
         with engine.begin() as connection:  # the relay's next claim fails: UndefinedTable
@@ -170,11 +101,7 @@ def test_a_multi_line_database_error_is_one_record(pg_app_url: str, tmp_path: Pa
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
         err = process.stderr.read() if process.stderr else ""
-    finally:
-        engine.dispose()
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    engine.dispose()
     records = [json.loads(line) for line in err.splitlines()]  # every line is a record
     failures = [r for r in records if "UndefinedTable" in r.get("error", "")]
     assert failures, err

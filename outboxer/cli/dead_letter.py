@@ -18,6 +18,7 @@ from sqlalchemy.orm import sessionmaker
 from ..dead_letters import DeadLetter, DeadLetters
 from ..errors import DeadLetterNotFound, OutboxerError
 from .common import When, console, db_option, err_console, make_engine, option
+from .text import plural
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -196,7 +197,7 @@ def replay_all(db_url: str, keep: bool, yes: bool, **values: Any) -> None:
         replayed = dead.replay_all(
             **chosen, keep=keep, progress=lambda n: progress.advance(task, n)
         )
-    console.print(f"replayed {replayed} of {total} dead letters")
+    console.print(f"replayed {replayed} of {plural(total, 'dead letter')}")
     if replayed < total:
         err_console.print(
             f"{total - replayed} could not be replayed (no readable envelope); see 'show'"
@@ -234,7 +235,7 @@ def purge(db_url: str, yes: bool, **values: Any) -> None:
     with _progress() as progress:
         task = progress.add_task("deleting", total=total)
         deleted = dead.purge(**chosen, progress=lambda n: progress.advance(task, n))
-    console.print(f"deleted {deleted} dead letters")
+    console.print(f"deleted {plural(deleted, 'dead letter')}")
 
 
 def _get(dead: DeadLetters, dead_letter_id: int) -> DeadLetter:

@@ -18,6 +18,7 @@ from botocore.exceptions import (
     ConnectionError as BotoConnectionError,
 )
 
+from ...diagnosis import AWS_BAD_CREDENTIALS
 from ..base import SendResult
 
 # SQS's error codes, without the "AWS.SimpleQueueService." prefix of the query protocol.
@@ -43,19 +44,7 @@ _INVALID_REQUEST = frozenset(
         "ValidationException",
     }
 )
-_BAD_CREDENTIALS = frozenset(
-    {
-        "InvalidClientTokenId",
-        "UnrecognizedClientException",
-        "SignatureDoesNotMatch",
-        "IncompleteSignature",
-        "InvalidSecurity",
-        "ExpiredToken",
-        "ExpiredTokenException",
-        "MissingAuthenticationToken",
-        "InvalidAccessKeyId",
-    }
-)
+_BAD_CREDENTIALS = AWS_BAD_CREDENTIALS
 
 
 def error_code(exc: ClientError) -> str:

@@ -17,8 +17,8 @@ from sqlalchemy.orm import sessionmaker
 
 from ..dead_letters import DeadLetter, DeadLetters
 from ..errors import DeadLetterNotFound, OutboxerError
+from ..plan import plural
 from .common import When, console, db_option, err_console, make_engine, option
-from .text import plural
 
 F = TypeVar("F", bound=Callable[..., Any])
 

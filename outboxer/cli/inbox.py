@@ -17,6 +17,7 @@ from .. import heartbeat
 from ..consumer import Consumer, ConsumerStats
 from ..diagnosis import diagnose
 from ..errors import BrokerAccessDenied, BrokerUnavailable, OperatorError, TransportError
+from ..plan import plural
 from ..secrets import mask_url
 from ..store import dead_letters as dead_letter_store
 from ..store import inbox as inbox_store
@@ -35,7 +36,6 @@ from .health import observability, service_options
 from .readiness import STARTUP_BACKOFF, Check, broker_check, wait_until
 from .shell import configure_logging, configure_logging_later, equip
 from .signals import graceful_stop
-from .text import plural
 
 log = logging.getLogger("outboxer.consumer")
 

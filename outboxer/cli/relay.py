@@ -10,6 +10,7 @@ import click
 
 from .. import heartbeat
 from ..errors import BrokerUnavailable
+from ..plan import plural
 from ..relay import Relay, relay_engine
 from ..retry import Backoff
 from ..secrets import mask_url
@@ -18,7 +19,6 @@ from .common import broker_option, db_option, make_engine, setting
 from .health import observability, service_options
 from .readiness import broker_check, database_check, wait_until
 from .signals import graceful_stop
-from .text import plural
 
 log = logging.getLogger("outboxer.relay")
 

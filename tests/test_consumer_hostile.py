@@ -711,6 +711,7 @@ def test_outboxer_inbox_does_not_let_the_current_directory_shadow_installed_pack
         "from sqlalchemy import create_engine\n"
         "from sqlalchemy.orm import sessionmaker\n"
         "engine = create_engine('sqlite://')\n"
+        "outboxer.create_all(engine)\n"  # outboxer-inbox checks the tables at start
         "consumer = outboxer.Consumer(sessionmaker(engine, class_=outboxer.OutboxSession),"
         " name='stray')\n"
         "@consumer.handler('x.y', destination='z')\n"

@@ -17,12 +17,13 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from .. import heartbeat, instrumentation
-from ..errors import OutboxerError
+from ..diagnosis import diagnose
+from ..errors import TablesMissing
 from ..store import claims, settle
 from ..store import relay as relay_store
 from ..store.leases import LeaseScope, token
 from ..waiter import Waiter
-from .database import DatabaseThread, Outage, count, one_line
+from .database import DatabaseThread, Outage, count
 from .decide import Decisions, decide
 from .pipeline import Batch, Landed, Pipeline
 from .reports import BatchReport, RelayStats
@@ -319,11 +320,9 @@ class Run:
         return max(0.0, min(jittered, due))
 
     def _database_trouble(self, exc: Exception) -> None:
-        if _tables_missing(exc):
-            raise OutboxerError(
-                "the outboxer tables are missing: run `outboxer db upgrade --db URL` "
-                f"({one_line(exc)})"
-            ) from exc
+        diagnosis = diagnose(exc, db_url=self.relay.engine.url.render_as_string())
+        if isinstance(diagnosis, TablesMissing):
+            raise diagnosis from exc  # waiting would not bring the tables
         if self.once:
             raise exc
         self._wait(self.outage.failed(exc, self.relay.name))
@@ -354,10 +353,3 @@ def _with_dead_letter_span(dead: relay_store.DeadLetterRow) -> relay_store.DeadL
     attributes = {"outboxer.dead_letter.origin": "relay", "error.type": dead.error_type}
     with instrumentation.get().step("dead_letter", dead.claimed.envelope, attributes) as span:
         return replace(dead, trace=span.trace_headers())
-
-
-def _tables_missing(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    return "outboxer_" in text and (
-        "does not exist" in text or "doesn't exist" in text or "no such table" in text
-    )

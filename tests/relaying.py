@@ -41,6 +41,12 @@ class Target:
     receiver: Receiver
     cleanup: list[Callable[[], None]] = field(default_factory=list)
 
+    def close(self) -> None:
+        self.receiver.close()
+        self.transport.close()
+        for clean in self.cleanup:
+            clean()
+
     def collect(self, count: int, timeout: float = 60.0) -> list[Delivery]:
         """Receive until ``count`` messages arrived and nothing more comes for a moment."""
         got: list[Delivery] = []
@@ -96,20 +102,14 @@ def target(request: pytest.FixtureRequest) -> Iterator[Target]:
     else:
         made = sqs_target(request.getfixturevalue("moto_endpoint"), request.param == "sqs-fifo")
     yield made
-    made.receiver.close()
-    made.transport.close()
-    for clean in made.cleanup:
-        clean()
+    made.close()
 
 
 @pytest.fixture
 def rabbit() -> Iterator[Target]:
     made = rabbitmq_target()
     yield made
-    made.receiver.close()
-    made.transport.close()
-    for clean in made.cleanup:
-        clean()
+    made.close()
 
 
 def publish_sequence(

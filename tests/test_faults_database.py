@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import subprocess
 from collections import Counter
-from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import select
@@ -60,18 +59,6 @@ def reachable(engine: Engine) -> bool:
         return True
     except Exception:
         return False
-
-
-@pytest.fixture
-def rabbit() -> Iterator[Target]:
-    from .relaying import rabbitmq_target
-
-    made = rabbitmq_target()
-    yield made
-    made.receiver.close()
-    made.transport.close()
-    for clean in made.cleanup:
-        clean()
 
 
 def test_a_database_restart_mid_drain_loses_nothing_and_the_relay_carries_on(

@@ -18,6 +18,10 @@ import pika.exceptions
 from .ledger import Ledger
 
 log = logging.getLogger(__name__)
+# A collector reconnects every 0.5 s while a broker is down, and pika logs every failed
+# attempt at ERROR with its stack: hundreds of lines that bury a scenario's figures.
+for _noisy in ("pika.adapters.utils", "pika.adapters.blocking_connection"):
+    logging.getLogger(_noisy).setLevel(logging.CRITICAL)
 
 
 class RabbitCollector:

@@ -180,19 +180,42 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigurationError(message)
 
 
-def relay_engine(url: str, **kwargs: Any) -> Engine:
-    """An engine for a relay process: on PostgreSQL its commits do not wait for the disk.
+def relay_engine(url: str, *, network_timeout: float = 30.0, **kwargs: Any) -> Engine:
+    """An engine for a relay process: its commits do not wait for the disk, and a dead
+    network fails its calls instead of hanging them.
 
     The relay's own writes (leases, deletes of sent rows, retry times, dead-letter moves)
     need not survive a database crash: losing the last of them only makes the relay send
-    those messages again, which the inbox absorbs. ``synchronous_commit=off`` saves a
-    disk flush per claim and per settle. Set on the relay's own connections only, never
-    on an application's.
+    those messages again, which the inbox absorbs. On PostgreSQL (psycopg)
+    ``synchronous_commit=off`` saves a disk flush per claim and per settle. Set on the
+    relay's own connections only, never on an application's.
+
+    ``network_timeout`` bounds how long a call waits on a network that went silent (a
+    partition, a firewall that dropped the connection's state): TCP keepalives and
+    ``tcp_user_timeout`` on PostgreSQL, socket read and write timeouts on MariaDB/MySQL
+    (PyMySQL). The call then fails, and the relay treats it as database trouble and
+    reconnects. ``kwargs`` go to :func:`sqlalchemy.create_engine`; ``connect_args`` given
+    there win.
     """
     parsed = make_url(url)
-    if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() == "psycopg":
-        connect_args = dict(kwargs.pop("connect_args", {}))
-        options = connect_args.get("options", "")
-        connect_args["options"] = f"{options} -c synchronous_commit=off".strip()
+    backend, driver = parsed.get_backend_name(), parsed.get_driver_name()
+    connect_args: dict[str, Any] = {}
+    seconds = max(1, round(network_timeout))
+    if backend == "postgresql" and driver == "psycopg":
+        connect_args = {
+            "options": "-c synchronous_commit=off",
+            "keepalives": 1,
+            "keepalives_idle": max(1, seconds // 3),
+            "keepalives_interval": max(1, seconds // 6),
+            "keepalives_count": 3,
+            "tcp_user_timeout": seconds * 1000,
+        }
+    elif backend in ("mysql", "mariadb") and driver == "pymysql":
+        connect_args = {"read_timeout": seconds, "write_timeout": seconds}
+    given = dict(kwargs.pop("connect_args", {}))
+    if "options" in given and "options" in connect_args:
+        given["options"] = f"{given['options']} {connect_args['options']}"
+    connect_args.update(given)
+    if connect_args:
         kwargs["connect_args"] = connect_args
     return create_engine(parsed, **kwargs)

@@ -1,19 +1,34 @@
-"""What the AWS transports (``sqs://``, ``sns://``) share: their URLs and option checks.
+"""What the AWS transports (``sqs://``, ``sns://``) share: URLs, option checks, sessions.
 
 ``SCHEME://[KEY:SECRET@]?option=value&...``: no host or path (the endpoint and region are
 options), credentials percent-encoded in the user part, every other setting a query
-option of a known type.
+option of a known type. :func:`open_session` and :func:`client_config` build the boto3
+clients the same way for both: the region from the options or boto3's chain, two
+attempts per call, short connect timeouts.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from ..errors import ConfigurationError
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError
 
-__all__ = ["parse_url", "seconds", "whole_number"]
+from ..errors import ConfigurationError
+from ..instrumentation import TransportDescription
+
+__all__ = [
+    "client_config",
+    "describe",
+    "open_session",
+    "parse_url",
+    "seconds",
+    "whole_number",
+]
 
 
 def parse_url(url: str, scheme: str, options: Mapping[str, type]) -> dict[str, Any]:
@@ -75,3 +90,77 @@ def seconds(service: str, name: str, value: object) -> float:
             f"{service} option {name} must be a number of seconds above 0, got {value!r}"
         )
     return float(value)
+
+
+def open_session(
+    service: str,
+    *,
+    region: str | None,
+    endpoint_url: str | None,
+    aws_access_key_id: str | None,
+    aws_secret_access_key: str | None,
+    aws_session_token: str | None,
+    profile: str | None,
+) -> tuple[boto3.session.Session, str]:
+    """A boto3 session for ``service`` (``SQS``, ``SNS``) and the region its clients use.
+
+    The region is ``region``, else boto3's (``AWS_DEFAULT_REGION``, the profile), else
+    ``us-east-1`` for a local ``endpoint_url`` (moto signs with one too).
+    """
+    if endpoint_url is not None and not re.match(r"https?://[^/]", endpoint_url):
+        raise ConfigurationError(
+            f"{service} endpoint_url must be an http:// or https:// URL, got {endpoint_url!r}"
+        )
+    if (aws_access_key_id is None) != (aws_secret_access_key is None):
+        raise ConfigurationError(
+            f"{service} credentials need both an access key id and a secret access key"
+        )
+    try:
+        session = boto3.session.Session(
+            aws_access_key_id=aws_access_key_id,
+            aws_secret_access_key=aws_secret_access_key,
+            aws_session_token=aws_session_token,
+            region_name=region,
+            profile_name=profile,
+        )
+    except BotoCoreError as exc:  # an unknown profile
+        raise ConfigurationError(f"cannot set up the {service} client: {exc}") from exc
+    # Typed str, but None when no region is configured anywhere.
+    region = region or cast("str | None", session.region_name)
+    if region is None:
+        if endpoint_url is None:
+            scheme = service.lower()
+            raise ConfigurationError(
+                f"{service} needs a region: pass region=..., add ?region=... to the "
+                f"{scheme}:// URL, or set AWS_DEFAULT_REGION"
+            )
+        region = "us-east-1"  # a local endpoint (moto, LocalStack) still signs with one
+    return session, region
+
+
+def client_config(*, concurrency: int, connect_timeout: float, read_timeout: float) -> Config:
+    """The botocore configuration of a transport's clients: two attempts per call, so an
+    unreachable endpoint fails in seconds, and a connection per call in flight."""
+    return Config(
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        retries={"total_max_attempts": 2, "mode": "standard"},
+        max_pool_connections=concurrency + 2,
+        parameter_validation=False,  # entries are built by the transports, already valid
+    )
+
+
+def describe(
+    system: str, service: str, region: str, endpoint_url: str | None
+) -> TransportDescription:
+    """The transport's description for traces and metrics: ``system`` (``aws_sqs``,
+    ``aws_sns``), the region, and the server (the endpoint, or ``service.region`` at AWS)."""
+    attributes: dict[str, Any] = {"cloud.region": region}
+    server = urlsplit(endpoint_url) if endpoint_url else None
+    if server is not None and server.hostname:
+        attributes["server.address"] = server.hostname
+        if server.port:
+            attributes["server.port"] = server.port
+    else:
+        attributes["server.address"] = f"{service}.{region}.amazonaws.com"
+    return TransportDescription(system, attributes)

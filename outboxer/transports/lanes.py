@@ -9,25 +9,36 @@ all for one target (a queue URL, a topic ARN). When a keyed message is not sent 
 outage), later messages with its key in the same lane are held back
 (:func:`~outboxer.transports.base.held_back`), so no later message overtakes it.
 
-The transport prepares the :class:`Item` of each message and makes one batch call for a
-list of them (``call``, entry ids being their positions); this module decides what goes
-together and in which order, and reads the answers the same way for both services: a
-failed entry with ``SenderFault`` is REJECTED, any other failed entry RETRY; a whole call
-that raises gets ``call_failed``'s result for each of its messages, except that a call
-refused as invalid (REJECTED, but not ``unroutable``) is made again one entry per call, so
-only the bad message is REJECTED.
+:func:`send_batch` is a transport's whole ``send``: it resolves each destination once (a
+queue URL, a topic ARN; after one destination found the service unavailable, the rest are
+not tried), has the transport prepare the :class:`Item` of each message, and sends them
+in lanes. The transport makes one batch call for a list of items (``call``, entry ids
+being their positions); this module decides what goes together and in which order, and
+reads the answers the same way for both services: a failed entry with ``SenderFault`` is
+REJECTED, any other failed entry RETRY; a whole call that raises gets ``call_failed``'s
+result for each of its messages, except that a call refused as invalid (REJECTED, but not
+``unroutable``) is made again one entry per call, so only the bad message is REJECTED.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from ..message import Envelope
 from .base import Outcome, SendResult, held_back
 
-__all__ = ["MAX_ENTRIES", "UNROUTABLE", "Item", "chunks", "plan_lanes", "send_in_lanes"]
+__all__ = [
+    "MAX_ENTRIES",
+    "UNROUTABLE",
+    "Item",
+    "chunks",
+    "plan_lanes",
+    "send_batch",
+    "send_in_lanes",
+]
 
 MAX_ENTRIES = 10
 """Entries per batch call: SQS's SendMessageBatch and SNS's PublishBatch take ten."""
@@ -58,6 +69,54 @@ class Item(Generic[E]):
     key: str | None
     size: int
     entry: E
+
+
+def send_batch(
+    envelopes: Sequence[Envelope],
+    *,
+    service: str,
+    resolve: Callable[[str], str | SendResult],
+    prepare: Callable[[int, Envelope, str], Item[E] | SendResult],
+    concurrency: int,
+    max_bytes: int,
+    call: Call[E],
+    call_failed: CallFailed,
+    executor: Callable[[], ThreadPoolExecutor],
+) -> list[SendResult]:
+    """One result per envelope: ``resolve`` gives a destination's target (or the result of
+    every message for it), ``prepare`` a message's item for that target (or its result);
+    the items go out in lanes (:func:`send_in_lanes`)."""
+    results: Results = [None] * len(envelopes)
+    targets: dict[str, str | SendResult] = {}
+    outage: SendResult | None = None
+    items: list[Item[E]] = []
+    for index, envelope in enumerate(envelopes):
+        name = envelope.destination
+        target = targets.get(name)
+        if target is None:
+            # Don't wait for a dead endpoint once per destination.
+            target = outage if outage is not None else resolve(name)
+            targets[name] = target
+            if isinstance(target, SendResult) and target.outcome is Outcome.UNAVAILABLE:
+                outage = target
+        prepared = target if isinstance(target, SendResult) else prepare(index, envelope, target)
+        if isinstance(prepared, SendResult):
+            results[index] = prepared
+        else:
+            items.append(prepared)
+    send_in_lanes(
+        items,
+        results,
+        concurrency=concurrency,
+        max_bytes=max_bytes,
+        call=call,
+        call_failed=call_failed,
+        executor=executor,
+    )
+    return [
+        r if r is not None else SendResult.retry("no_result", f"{service} did not report on it")
+        for r in results
+    ]
 
 
 def send_in_lanes(

@@ -1,15 +1,62 @@
-"""Sending: the FIFO group and deduplication ids.
+"""Sending: one message as the AWS services take it (body, attributes, FIFO ids).
 
-How a batch is split into lanes and ``SendMessageBatch`` calls is
-:mod:`outboxer.transports.lanes`, shared with the SNS transport.
+SQS's ``SendMessageBatch`` and SNS's ``PublishBatch`` take the same text body, message
+attributes and FIFO ids (:func:`encode_message`, :func:`group_id`,
+:func:`deduplication_id`). How a batch is split into lanes and calls is
+:mod:`outboxer.transports.lanes`, shared with the SNS transport too.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from ... import wire
 from ...message import Envelope
+from ..base import SendResult
+from .attributes import encode_attributes
+
+if TYPE_CHECKING:
+    from mypy_boto3_sqs.type_defs import MessageAttributeValueTypeDef
+
+__all__ = ["Encoded", "deduplication_id", "encode_message", "group_id"]
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A message ready for a batch entry: its text, attributes, and size as AWS counts it."""
+
+    body: str
+    attributes: dict[str, MessageAttributeValueTypeDef]
+    size: int
+
+
+def encode_message(envelope: Envelope, limit: int, service: str) -> Encoded | SendResult:
+    """``envelope`` as ``service`` (``SQS``, ``SNS``) takes it, or why it cannot: a body
+    that is not UTF-8 text or is empty, or body and attributes over ``limit`` bytes."""
+    try:
+        body = envelope.payload.decode()
+    except UnicodeDecodeError as exc:
+        return SendResult.rejected(
+            "invalid_body",
+            f"{service} message bodies are text, and this payload is not UTF-8: {exc}",
+        )
+    if not body:
+        return SendResult.rejected(
+            "invalid_body", f"{service} does not accept an empty message body"
+        )
+    attributes, size = encode_attributes(wire.encode_headers(envelope))
+    size += len(envelope.payload)
+    if size > limit:
+        return SendResult.rejected(
+            "message_too_large",
+            f"the message is {size} bytes (body plus attributes); {service}'s limit is "
+            f"{limit} bytes: send a reference to the data instead",
+        )
+    return Encoded(body, attributes, size)
+
 
 _GROUP_ID = re.compile(r"[!-~]{1,128}")
 """What SQS accepts as a MessageGroupId: 1-128 printable ASCII characters, no spaces."""

@@ -3,25 +3,19 @@
 from __future__ import annotations
 
 import concurrent.futures
-import re
 import threading
 import weakref
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, cast
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Any
 
-import boto3
-from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, NoRegionError
+from botocore.exceptions import BotoCoreError, ClientError
 
-from ... import wire
-from ...errors import ConfigurationError, TransportError
-from ...instrumentation import TransportDescription
+from ...errors import TransportError
 from ...message import Envelope
-from ..base import Outcome, Receiver, SendResult, Subscription, Transport
-from ..lanes import Item, send_in_lanes
+from ..aws import client_config, describe, open_session
+from ..base import Receiver, SendResult, Subscription, Transport
+from ..lanes import Item, send_batch
 from ..names import name_problem
-from .attributes import encode_attributes
 from .errors import error_code, result_for_error
 from .options import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -32,7 +26,7 @@ from .options import (
     _positive_int,
 )
 from .receiver import _SQSReceiver, log
-from .sending import deduplication_id, group_id
+from .sending import deduplication_id, encode_message, group_id
 
 if TYPE_CHECKING:
     from mypy_boto3_sqs.client import SQSClient
@@ -88,60 +82,40 @@ class SQSTransport(Transport):
         )
         connect_timeout = _positive_float("connect_timeout", connect_timeout)
         read_timeout = _positive_float("read_timeout", read_timeout)
-        if endpoint_url is not None and not re.match(r"https?://[^/]", endpoint_url):
-            raise ConfigurationError(
-                f"SQS endpoint_url must be an http:// or https:// URL, got {endpoint_url!r}"
-            )
-        if (aws_access_key_id is None) != (aws_secret_access_key is None):
-            raise ConfigurationError(
-                "SQS credentials need both an access key id and a secret access key"
-            )
 
         self._owns_clients = client is None
         self._receive_client: SQSClient | None
         if client is None:
-            try:
-                session = boto3.session.Session(
-                    aws_access_key_id=aws_access_key_id,
-                    aws_secret_access_key=aws_secret_access_key,
-                    aws_session_token=aws_session_token,
-                    region_name=region,
-                    profile_name=profile,
-                )
-            except BotoCoreError as exc:  # an unknown profile
-                raise ConfigurationError(f"cannot set up the SQS client: {exc}") from exc
-            # Typed str, but None when no region is configured anywhere.
-            region = region or cast("str | None", session.region_name)
-            if region is None:
-                if endpoint_url is None:
-                    raise ConfigurationError(
-                        "SQS needs a region: pass region=..., add ?region=... to the sqs:// "
-                        "URL, or set AWS_DEFAULT_REGION"
-                    )
-                region = "us-east-1"  # a local endpoint (moto, LocalStack) still signs with one
-            pool = self.concurrency + 2
-            common: dict[str, Any] = {
-                "connect_timeout": connect_timeout,
-                "retries": {"total_max_attempts": 2, "mode": "standard"},
-                "max_pool_connections": pool,
-                "parameter_validation": False,  # entries are built here, already valid
-            }
-            try:
-                self._client = session.client(
-                    "sqs",
-                    region_name=region,
-                    endpoint_url=endpoint_url,
-                    config=Config(read_timeout=read_timeout, **common),
-                )
-                # Long polls hold a response for up to 20 s: a longer read timeout.
-                self._receive_client = session.client(
-                    "sqs",
-                    region_name=region,
-                    endpoint_url=endpoint_url,
-                    config=Config(read_timeout=read_timeout + MAX_WAIT_SECONDS, **common),
-                )
-            except NoRegionError as exc:  # pragma: no cover - region is always set above
-                raise ConfigurationError("SQS needs a region") from exc
+            session, region = open_session(
+                "SQS",
+                region=region,
+                endpoint_url=endpoint_url,
+                aws_access_key_id=aws_access_key_id,
+                aws_secret_access_key=aws_secret_access_key,
+                aws_session_token=aws_session_token,
+                profile=profile,
+            )
+            self._client = session.client(
+                "sqs",
+                region_name=region,
+                endpoint_url=endpoint_url,
+                config=client_config(
+                    concurrency=self.concurrency,
+                    connect_timeout=connect_timeout,
+                    read_timeout=read_timeout,
+                ),
+            )
+            # Long polls hold a response for up to 20 s: a longer read timeout.
+            self._receive_client = session.client(
+                "sqs",
+                region_name=region,
+                endpoint_url=endpoint_url,
+                config=client_config(
+                    concurrency=self.concurrency,
+                    connect_timeout=connect_timeout,
+                    read_timeout=read_timeout + MAX_WAIT_SECONDS,
+                ),
+            )
         else:
             self._client = client
             self._receive_client = None
@@ -149,16 +123,7 @@ class SQSTransport(Transport):
             endpoint_url = endpoint_url or client.meta.endpoint_url
         self.region = region
         self.endpoint_url = endpoint_url
-
-        attributes: dict[str, Any] = {"cloud.region": region}
-        server = urlsplit(endpoint_url) if endpoint_url else None
-        if server is not None and server.hostname:
-            attributes["server.address"] = server.hostname
-            if server.port:
-                attributes["server.port"] = server.port
-        else:
-            attributes["server.address"] = f"sqs.{region}.amazonaws.com"
-        self.description = TransportDescription("aws_sqs", attributes)
+        self.description = describe("aws_sqs", "sqs", region, endpoint_url)
 
         self._urls: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -194,69 +159,33 @@ class SQSTransport(Transport):
     def send(self, envelopes: Sequence[Envelope]) -> list[SendResult]:
         if self._closed:
             raise TransportError("the SQS transport is closed")
-        results: list[SendResult | None] = [None] * len(envelopes)
-        urls = self._resolve({e.destination for e in envelopes}, results, envelopes)
-        items: list[Item[SendMessageBatchRequestEntryTypeDef]] = []
-        limit = self._limit
-        for index, envelope in enumerate(envelopes):
-            if results[index] is not None:
-                continue
-            url = urls[envelope.destination]
-            prepared = self._prepare(index, envelope, url, limit)
-            if isinstance(prepared, SendResult):
-                results[index] = prepared
-            else:
-                items.append(prepared)
-        send_in_lanes(
-            items,
-            results,
+        return send_batch(
+            envelopes,
+            service="SQS",
+            resolve=self._resolve,
+            prepare=self._prepare,
             concurrency=self.concurrency,
             max_bytes=self._batch_bytes,
             call=self._batch_call,
             call_failed=self._batch_failed,
             executor=self._executor,
         )
-        return [
-            r if r is not None else SendResult.retry("no_result", "SQS did not report on it")
-            for r in results
-        ]
 
-    def _resolve(
-        self,
-        destinations: set[str],
-        results: list[SendResult | None],
-        envelopes: Sequence[Envelope],
-    ) -> dict[str, str]:
-        """Queue URLs by name; messages to a queue that cannot be resolved get a result."""
-        urls: dict[str, str] = {}
-        failed: dict[str, SendResult] = {}
-        outage: SendResult | None = None
-        for name in destinations:
-            url = self._urls.get(name)
-            problem = name_problem("sqs", name) if url is None else None
-            if problem is not None:  # SQS would answer with an obscure error, or none
-                failed[name] = SendResult.rejected("invalid_name", problem)
-                continue
-            if url is None:
-                if outage is not None:  # don't wait for a dead endpoint once per queue
-                    failed[name] = outage
-                    continue
-                try:
-                    url = self._client.get_queue_url(QueueName=name)["QueueUrl"]
-                except Exception as exc:
-                    result = self._queue_error(exc, name, "resolving the URL of")
-                    failed[name] = result
-                    if result.outcome is Outcome.UNAVAILABLE:
-                        outage = result
-                    continue
-                with self._lock:
-                    self._urls[name] = url
-            urls[name] = url
-        if failed:
-            for index, envelope in enumerate(envelopes):
-                if envelope.destination in failed:
-                    results[index] = failed[envelope.destination]
-        return urls
+    def _resolve(self, name: str) -> str | SendResult:
+        """The URL of queue ``name``, or the result of every message for it."""
+        url = self._urls.get(name)
+        if url is not None:
+            return url
+        problem = name_problem("sqs", name)
+        if problem is not None:  # SQS would answer with an obscure error, or none
+            return SendResult.rejected("invalid_name", problem)
+        try:
+            url = self._client.get_queue_url(QueueName=name)["QueueUrl"]
+        except Exception as exc:
+            return self._queue_error(exc, name, "resolving the URL of")
+        with self._lock:
+            self._urls[name] = url
+        return url
 
     def _queue_error(self, exc: BaseException, name: str, doing: str) -> SendResult:
         if isinstance(exc, ClientError) and error_code(exc) == "QueueDoesNotExist":
@@ -270,35 +199,22 @@ class SQSTransport(Transport):
         return result_for_error(exc, f"{doing} SQS queue {name!r}")
 
     def _prepare(
-        self, index: int, envelope: Envelope, url: str, limit: int
+        self, index: int, envelope: Envelope, url: str
     ) -> Item[SendMessageBatchRequestEntryTypeDef] | SendResult:
-        try:
-            body = envelope.payload.decode()
-        except UnicodeDecodeError as exc:
-            return SendResult.rejected(
-                "invalid_body", f"SQS message bodies are text, and this payload is not UTF-8: {exc}"
-            )
-        if not body:
-            return SendResult.rejected("invalid_body", "SQS does not accept an empty message body")
-        attributes, size = encode_attributes(wire.encode_headers(envelope))
-        size += len(envelope.payload)
-        if size > limit:
-            return SendResult.rejected(
-                "message_too_large",
-                f"the message is {size} bytes (body plus attributes); SQS's limit is {limit} "
-                "bytes: send a reference to the data instead",
-            )
+        encoded = encode_message(envelope, self._limit, "SQS")
+        if isinstance(encoded, SendResult):
+            return encoded
         entry: SendMessageBatchRequestEntryTypeDef = {
             "Id": "",
-            "MessageBody": body,
-            "MessageAttributes": attributes,
+            "MessageBody": encoded.body,
+            "MessageAttributes": encoded.attributes,
         }
         if envelope.destination.endswith(".fifo"):
             entry["MessageGroupId"] = group_id(envelope)
             entry["MessageDeduplicationId"] = deduplication_id(envelope)
         key = envelope.key
         group: object = index if key is None else (url, key)
-        return Item(index, url, group, key, size, entry)
+        return Item(index, url, group, key, encoded.size, entry)
 
     def _batch_call(
         self, chunk: list[Item[SendMessageBatchRequestEntryTypeDef]]

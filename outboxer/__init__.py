@@ -26,6 +26,7 @@ from .errors import (
 )
 from .handlers import Context
 from .ids import uuid7
+from .keys import FromBody, FromHeader, from_body, from_header
 from .message import Envelope, MessageType, message
 from .publishing import NO_KEY, NoKey
 from .relay import Relay, RelayStats, relay_engine
@@ -49,6 +50,8 @@ __all__ = [
     "DeadLetterNotFound",
     "DecodeError",
     "Envelope",
+    "FromBody",
+    "FromHeader",
     "InvalidHeaders",
     "MessageError",
     "MessageReport",
@@ -70,6 +73,8 @@ __all__ = [
     "create_all",
     "dead_letter",
     "drop_all",
+    "from_body",
+    "from_header",
     "inbox",
     "message",
     "metadata",

@@ -31,6 +31,7 @@ from sqlalchemy.engine import Connection
 from .errors import ConfigurationError
 from .handlers import HandlerRegistry, HandlerSpec, build_spec, factory_is_async
 from .instrumentation import TransportDescription
+from .keys import FromHeader
 from .processing import Processor
 from .reports import ConsumerStats, MessageReport
 from .retry import Retry
@@ -92,7 +93,7 @@ class Consumer:
         *,
         name: str | None = None,
         retry: Retry | None = None,
-        dedup_key: str | Callable[[Any], object] | None = None,
+        dedup_key: str | Callable[[Any], object] | FromHeader | None = None,
         destination: str | None = None,
     ) -> Callable[[F], F]:
         """Register a handler for ``message`` (a registered class, or a type name for dicts).
@@ -100,8 +101,9 @@ class Consumer:
         The handler gets the decoded event as its first argument; parameters named
         ``session`` (this handler's transaction) and ``context`` (a
         :class:`~outboxer.Context`) are passed by name. ``retry`` overrides the
-        consumer's policy; ``dedup_key`` (a field name or a function of the event) makes
-        the inbox deduplicate on a business key instead of the message id.
+        consumer's policy; ``dedup_key`` (a field name, a function of the event, or
+        :func:`outboxer.from_header` for a header's value) makes the inbox deduplicate
+        on a business key instead of the message id.
         ``destination`` says where messages of a dict type come from.
         """
 

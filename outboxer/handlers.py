@@ -17,6 +17,7 @@ from typing import Any
 from uuid import UUID
 
 from .errors import ConfigurationError
+from .keys import FromHeader
 from .message import Envelope, MessageType, message_type_for
 from .retry import Retry
 from .transports.base import Subscription
@@ -58,19 +59,20 @@ class HandlerSpec:
     """None when the handler takes plain dicts (registered by type name)."""
     destination: str
     retry: Retry
-    dedup_key: KeyFn | None = None
+    dedup_key: KeyFn | FromHeader | None = None
     is_async: bool = False
     wants_session: bool = False
     wants_context: bool = False
 
     def dedup_value(self, envelope: Envelope, event: Any) -> str:
-        """The inbox key of ``event``: the business key if one is set, else the message id."""
+        """The inbox key of ``event``: the business key if one is set (from the payload or a
+        header), else the message id."""
         fn = self.dedup_key
         if fn is None and self.message_type is not None:
             fn = self.message_type.dedup_key
         if fn is None:
             return str(envelope.message_id)
-        value = fn(event)
+        value = fn.value(envelope.headers) if isinstance(fn, FromHeader) else fn(event)
         if value is None:
             return str(envelope.message_id)
         return value if isinstance(value, str) else str(value)
@@ -143,7 +145,7 @@ def build_spec(
     message: type | str,
     name: str | None,
     retry: Retry | None,
-    dedup_key: str | KeyFn | None,
+    dedup_key: str | KeyFn | FromHeader | None,
     destination: str | None,
 ) -> HandlerSpec:
     """The :class:`HandlerSpec` of ``fn``, or the ConfigurationError that says what is wrong."""
@@ -188,7 +190,12 @@ def build_spec(
             f"given a {'async' if consumer_is_async else 'sync'} session factory; use {need}"
         )
     wants_session, wants_context = _check_signature(fn, handler_name)
-    key_fn: KeyFn | None
+    key_fn: KeyFn | FromHeader | None
+    if not (dedup_key is None or isinstance(dedup_key, (str, FromHeader)) or callable(dedup_key)):
+        raise ConfigurationError(
+            f"handler {handler_name!r}: dedup_key must be a field name, a function of the "
+            f"event or outboxer.from_header(name), got {dedup_key!r}"
+        )
     if isinstance(dedup_key, str):
         attribute = dedup_key
         key_fn = lambda event: (  # noqa: E731

@@ -22,6 +22,7 @@ from pydantic.errors import PydanticUndefinedAnnotation
 from pydantic_core import PydanticSerializationError, ValidationError, to_json
 
 from .errors import ConfigurationError, DecodeError, SerializationError, UnknownMessageType
+from .keys import FromHeader
 
 __all__ = [
     "CONTENT_TYPE_JSON",
@@ -49,8 +50,9 @@ class MessageType(Generic[T]):
     destination: str | None = None
     key: KeyFn | None = None
     """Default ordering key taken from the payload (an attribute name or a function)."""
-    dedup_key: KeyFn | None = None
-    """Business key handlers deduplicate on, instead of the message id."""
+    dedup_key: KeyFn | FromHeader | None = None
+    """Business key handlers deduplicate on, instead of the message id (from the payload,
+    or a header: :func:`outboxer.from_header`)."""
     _adapter: list[TypeAdapter[T]] = dataclasses.field(default_factory=list, repr=False)
 
     @property
@@ -88,7 +90,10 @@ class MessageType(Generic[T]):
         return None if self.key is None else _as_key(self.key(payload))
 
     def dedup_key_of(self, payload: object) -> str | None:
-        return None if self.dedup_key is None else _as_key(self.dedup_key(payload))
+        """The payload's business key; None when there is none, or it is a header's."""
+        if self.dedup_key is None or isinstance(self.dedup_key, FromHeader):
+            return None
+        return _as_key(self.dedup_key(payload))
 
 
 _registry_lock = threading.Lock()
@@ -100,7 +105,7 @@ def message(
     *,
     destination: str | None = None,
     key: str | KeyFn | None = None,
-    dedup_key: str | KeyFn | None = None,
+    dedup_key: str | KeyFn | FromHeader | None = None,
 ) -> Callable[[TypeT], TypeT]:
     """Register a dataclass or pydantic model as the message type ``name``.
 
@@ -108,7 +113,8 @@ def message(
     (a RabbitMQ exchange or an SQS queue). ``key`` gives the default ordering key: an
     attribute name or a function of the payload; messages with the same key reach the
     broker in commit order. ``dedup_key`` makes handlers deduplicate on a business key
-    (a webhook id, an order id) instead of the message id.
+    (a webhook id, an order id) instead of the message id: a field name, a function of
+    the payload, or :func:`outboxer.from_header` for a header's value.
 
     The class must be a dataclass or a pydantic model whose fields pydantic can
     serialize; anything else fails here, at import time, not at the first publish.
@@ -128,7 +134,11 @@ def message(
             cls=cls,
             destination=destination,
             key=_key_fn(key, cls, "key"),
-            dedup_key=_key_fn(dedup_key, cls, "dedup_key"),
+            dedup_key=(
+                dedup_key
+                if isinstance(dedup_key, FromHeader)
+                else _key_fn(dedup_key, cls, "dedup_key")
+            ),
         )
         # A forward reference defined later in the module: the adapter is built at first use.
         with contextlib.suppress(PydanticUndefinedAnnotation):

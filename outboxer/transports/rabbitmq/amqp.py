@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import struct
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any
 
 from pika import spec
 from pika.spec import BasicProperties
@@ -17,12 +17,13 @@ from pika.spec import BasicProperties
 from ... import wire
 from ...message import Envelope
 from ..base import SendResult
+from .frames import FrameTooLarge, encode_properties
 
 _SHORTSTR = 255
-_PERSISTENT: Literal[2] = 2
 
-# One message ready to publish: (index in the batch, exchange, routing key, body, properties).
-_Outgoing = tuple[int, str, str, bytes, BasicProperties]
+# One message ready to publish: (index in the batch, exchange, routing key, body, encoded
+# properties (:func:`.frames.encode_properties`), message id).
+_Outgoing = tuple[int, str, str, bytes, bytes, str]
 
 
 def _prepare(
@@ -64,17 +65,21 @@ def _prepare(
         content_type = None
     else:
         del headers[wire.CONTENT_TYPE]
-    properties = BasicProperties(
-        content_type=content_type,
-        delivery_mode=_PERSISTENT,
-        message_id=headers.pop(wire.MESSAGE_ID),
-        type=type_,
-        correlation_id=correlation_id,
-        timestamp=int(envelope.occurred_at.timestamp()),
-        app_id="outboxer",
-        headers=headers,
-    )
-    return (index, envelope.destination, type_, body, properties)
+    message_id = headers.pop(wire.MESSAGE_ID)
+    try:
+        properties = encode_properties(
+            content_type=content_type,
+            headers=headers,
+            correlation_id=correlation_id,
+            message_id=message_id,
+            timestamp=int(envelope.occurred_at.timestamp()),
+            type_=type_,
+        )
+    except (FrameTooLarge, struct.error, OverflowError) as exc:
+        return SendResult.rejected(
+            "invalid_message", f"the message cannot be encoded as AMQP: {exc}"
+        )
+    return (index, envelope.destination, type_, body, properties, message_id)
 
 
 def _utf8_over(text: str, limit: int) -> bool:

@@ -3,24 +3,20 @@
 pika objects are not thread-safe, so each transport owns one daemon thread running a
 ``SelectConnection`` ioloop that all of its connections share; other threads hand it work
 with :meth:`_IOThread.call`. Here too: the guard that keeps an exception in a callback from
-stopping the loop, the gathering of a batch's frames into a few socket writes, and the
-unwrapping of pika's error wrappers into what really failed.
+stopping the loop, and the unwrapping of pika's error wrappers into what really failed.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
-from pika.adapters.select_connection import IOLoop, SelectConnection
+from pika.adapters.select_connection import IOLoop
 
 log = logging.getLogger("outboxer.transports.rabbitmq")
-
-_WRITE_CHUNK = 256 * 1024
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -67,41 +63,6 @@ class _IOThread:
         self._thread.join(timeout)
         if not self._thread.is_alive():
             self.ioloop.close()
-
-
-@contextlib.contextmanager
-def _coalesced_writes(connection: SelectConnection) -> Iterator[None]:
-    """Hand the socket a few large writes instead of three small ones per message.
-
-    pika writes every frame (method, header, body) on its own, and with TCP_NODELAY each
-    becomes a packet: for a batch of small messages, half the time went to syscalls on
-    both ends. ``_adapter_emit_data`` is where frames leave pika; while the batch is
-    published they are gathered and written in chunks of up to ``_WRITE_CHUNK`` bytes,
-    in order. Without that hook (another pika version), frames go out one by one as usual.
-    """
-    emit = getattr(connection, "_adapter_emit_data", None)
-    if emit is None or "_adapter_emit_data" in vars(connection):
-        yield
-        return
-    pending: list[bytes] = []
-    size = 0
-
-    def gather(data: bytes) -> None:
-        nonlocal size
-        pending.append(data)
-        size += len(data)
-        if size >= _WRITE_CHUNK:
-            emit(b"".join(pending))
-            pending.clear()
-            size = 0
-
-    setattr(connection, "_adapter_emit_data", gather)  # noqa: B010 - an instance override
-    try:
-        yield
-    finally:
-        del connection._adapter_emit_data  # type: ignore[attr-defined]
-        if pending:
-            emit(b"".join(pending))
 
 
 def _cause(error: BaseException) -> tuple[str, str]:

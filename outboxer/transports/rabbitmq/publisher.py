@@ -8,6 +8,7 @@ on the I/O thread; :class:`_Batch` is what a ``send`` call hands it and waits on
 from __future__ import annotations
 
 import functools
+import struct
 import threading
 from collections import deque
 from concurrent.futures import Future
@@ -21,7 +22,10 @@ from pika.spec import Basic, BasicProperties
 
 from ..base import HELD_BACK, SendResult, unavailable_after
 from .amqp import _Outgoing
-from .ioloop import _cause, _coalesced_writes, _IOThread, _logged
+from .frames import FRAME_END, body_frames, header_frame, publish_frame
+from .ioloop import _cause, _IOThread, _logged
+
+_body_frame = struct.Struct(">BHI").pack
 
 _SENT = SendResult.sent()
 _NACKED = SendResult.retry(
@@ -170,24 +174,50 @@ class _Publisher:
         self._publish(batch)
 
     def _publish(self, batch: _Batch) -> None:
+        """Write the whole batch to the socket at once (see :mod:`.frames`)."""
         assert self._channel is not None and self._connection is not None
-        publish = self._channel.basic_publish
+        connection = self._connection
+        channel = self._channel.channel_number
+        max_body = getattr(connection, "_body_max_length", 0)
+        frame_max = connection.params.frame_max
         refused = batch.refused
         results = batch.results
         tag_index = batch.tag_index
-        with _coalesced_writes(self._connection):
-            for index, exchange, routing_key, body, properties in batch.outgoing:
-                if refused and exchange in refused:
-                    results[index] = refused[exchange]
-                    continue
-                try:
-                    publish(exchange, routing_key, body, properties, True)
-                except Exception as exc:  # marshalling failed: nothing of it was written
-                    results[index] = SendResult.rejected(
-                        "invalid_message", f"the message cannot be encoded as AMQP: {exc}"
-                    )
-                    continue
-                tag_index.append(index)
+        methods: dict[tuple[str, str], bytes] = {}
+        frames: list[bytes] = []
+        count = 0
+        for index, exchange, routing_key, body, properties, _id in batch.outgoing:
+            if refused and exchange in refused:
+                results[index] = refused[exchange]
+                continue
+            method = methods.get((exchange, routing_key))
+            if method is None:
+                method = methods[exchange, routing_key] = publish_frame(
+                    channel, exchange, routing_key
+                )
+            header = header_frame(channel, properties, len(body))
+            if len(header) > frame_max:
+                results[index] = SendResult.rejected(
+                    "message_too_large",
+                    f"the message's properties and headers are {len(header)} bytes; AMQP "
+                    f"carries them in one frame of at most {frame_max} bytes",
+                )
+                continue
+            frames.append(method)
+            frames.append(header)
+            if 0 < len(body) <= max_body:
+                frames.append(_body_frame(3, channel, len(body)) + body + FRAME_END)
+                count += 3
+            else:
+                bodies = body_frames(channel, body, max_body or frame_max - 8)
+                frames.extend(bodies)
+                count += 2 + len(bodies)
+            tag_index.append(index)
+        if frames:
+            data = b"".join(frames)
+            connection.bytes_sent += len(data)  # type: ignore[attr-defined]
+            connection.frames_sent += count  # type: ignore[attr-defined]
+            connection._adapter_emit_data(data)  # type: ignore[attr-defined]
         count = len(tag_index)
         batch.published = True
         batch.first_tag = self._next_tag
@@ -249,7 +279,7 @@ class _Publisher:
             return
         for batch in self._in_flight:
             if batch.by_message_id is None:
-                batch.by_message_id = {item[4].message_id: item[0] for item in batch.outgoing}
+                batch.by_message_id = {item[5]: item[0] for item in batch.outgoing}
             index = batch.by_message_id.get(properties.message_id)
             if index is not None:
                 break

@@ -174,7 +174,7 @@ def _broker(error: BaseException, url: str | None) -> OperatorError | None:
             "permissions on it, or fix the vhost in --broker / OUTBOXER_BROKER"
         )
     if name == "NoRegionError":
-        return InvalidURL(f"no AWS region for {where}: add ?region=... to the sqs:// URL")
+        return InvalidURL(f"no AWS region for {where}: add ?region=... to the sqs:// or sns:// URL")
     if name in (
         "AMQPConnectionError",
         "ConnectionClosed",

@@ -1,4 +1,4 @@
-"""The sqs BrokerCase and fixtures: moto's standalone server, started once per session.
+"""The sqs and sns BrokerCases and fixtures: moto's standalone server, started once per session.
 
 moto slows as a queue fills and allows one purge a minute, so every test uses fresh,
 small, uniquely named queues and never purges.
@@ -133,3 +133,36 @@ class SQSCase(BrokerCase):
 @pytest.fixture
 def sqs_case(moto_endpoint: str) -> SQSCase:
     return SQSCase(moto_endpoint)
+
+
+class SNSCase(SQSCase):
+    """SNS topics (created by the consumer that subscribes) and SQS queues, on moto."""
+
+    name = "sns"
+
+    def __init__(self, endpoint: str) -> None:
+        from outboxer.transports.sns import SNSTransport
+
+        self.endpoint = endpoint
+        self.transport = SNSTransport(endpoint_url=endpoint, region="us-east-1")
+
+    def new_destination(self) -> str:
+        return self.unique("topic")
+
+    def unroutable_destination(self) -> str:
+        return self.unique("no-subscriber")
+
+    def unreachable_transport(self) -> Transport:
+        from outboxer.transports.sns import SNSTransport
+
+        return SNSTransport(
+            endpoint_url=f"http://127.0.0.1:{free_port()}",
+            region="us-east-1",
+            connect_timeout=1.0,
+            read_timeout=2.0,
+        )
+
+
+@pytest.fixture
+def sns_case(moto_endpoint: str) -> SNSCase:
+    return SNSCase(moto_endpoint)

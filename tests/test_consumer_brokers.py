@@ -27,7 +27,7 @@ from outboxer.message import Envelope
 
 from .broker_cases import BrokerCase
 from .broker_rabbitmq import RabbitMQCase, rabbitmq_address
-from .broker_sqs import SQSCase
+from .broker_sqs import SNSCase, SQSCase
 from .models import Effect, OrderPlaced
 from .relaying import OUTBOXER, spawn, stop, wait_for
 from .services import RABBITMQ_URL, port_open, require
@@ -38,14 +38,16 @@ QUICK = outboxer.Retry(max_attempts=5, initial_delay=0.05, max_delay=0.05, jitte
 pytestmark = pytest.mark.parametrize("db_kind", ["postgresql", "sqlite"], indirect=True)
 
 
-@pytest.fixture(params=["rabbitmq", "sqs"])
+@pytest.fixture(params=["rabbitmq", "sqs", "sns"])
 def case(request: pytest.FixtureRequest) -> Iterator[BrokerCase]:
     made: BrokerCase
     if request.param == "rabbitmq":
         require("RabbitMQ", port_open(*rabbitmq_address()), "start: rabbitmq-server -detached")
         made = RabbitMQCase()
-    else:
+    elif request.param == "sqs":
         made = SQSCase(request.getfixturevalue("moto_endpoint"))
+    else:
+        made = SNSCase(request.getfixturevalue("moto_endpoint"))
     try:
         yield made
     finally:
@@ -278,9 +280,11 @@ def test_malformed_messages_off_the_wire_are_dead_lettered_and_the_consumer_cont
             occurred_at=datetime.now(timezone.utc),
         )
 
-    # On RabbitMQ a type nobody handles is not routed to the consumer's queue (it is the
-    # relay's unroutable dead letter); it arrives through the consumer's own exchange.
-    own = line.name if isinstance(line.case, RabbitMQCase) else line.destination
+    # On RabbitMQ and SNS a type nobody handles is not routed to the consumer's queue (it
+    # is the relay's unroutable dead letter, or SNS's filter drops it); it arrives through
+    # the consumer's own exchange or topic.
+    routed = isinstance(line.case, (RabbitMQCase, SNSCase))
+    own = line.name if routed else line.destination
     bad = [
         envelope(b"{not json"),
         envelope(b'{"order_id": "seven"}'),
@@ -326,7 +330,7 @@ def test_two_consumer_processes_on_one_queue_apply_each_effect_once(
     line: Line, db_url: str, case: BrokerCase
 ) -> None:
     if isinstance(case, SQSCase):
-        broker_url = f"sqs://?region=us-east-1&endpoint_url={case.endpoint}"
+        broker_url = f"{case.name}://?region=us-east-1&endpoint_url={case.endpoint}"
     else:
         broker_url = RABBITMQ_URL
     total = 200

@@ -17,7 +17,7 @@ from outboxer.transports import Delivery, Outcome, Receiver
 
 from .broker_cases import BrokerCase, MemoryCase
 
-CASES = ["memory", "rabbitmq", "sqs"]
+CASES = ["memory", "rabbitmq", "sqs", "sns"]
 
 
 @pytest.fixture(params=CASES)
@@ -27,7 +27,7 @@ def case(request: pytest.FixtureRequest) -> Iterator[BrokerCase]:
     elif request.param == "rabbitmq":
         made = request.getfixturevalue("rabbitmq_case")
     else:
-        made = request.getfixturevalue("sqs_case")
+        made = request.getfixturevalue(f"{request.param}_case")
     yield made
     made.close()
 

@@ -81,8 +81,8 @@ def broker_option() -> Callable[[F], F]:
         metavar="URL",
         envvar="OUTBOXER_BROKER",
         show_envvar=True,
-        help="amqp://..., sqs://?region=..., memory://. Pass credentials through "
-        "OUTBOXER_BROKER (or AWS_* variables), not the command line.",
+        help="amqp://..., sqs://?region=..., sns://?region=..., memory://. Pass credentials "
+        "through OUTBOXER_BROKER (or AWS_* variables), not the command line.",
     )
 
 

@@ -1,10 +1,12 @@
-"""Brokers behind one interface: RabbitMQ (pika), Amazon SQS (boto3), in-process memory.
+"""Brokers behind one interface: RabbitMQ (pika), Amazon SQS and SNS (boto3), in-process memory.
 
 ``transport_from_url`` picks one from a URL:
 
 * ``amqp://user:pass@host:5672/vhost`` (or ``amqps://``): RabbitMQ;
 * ``sqs://?region=eu-west-1&endpoint_url=http://127.0.0.1:4566``: SQS (credentials from
-  the usual boto3 sources, or ``sqs://KEY:SECRET@?region=...``);
+  the usual boto3 sources, or ``sqs://KEY:SECRET@?region=...``), point to point;
+* ``sns://?region=...`` (the same options): SNS topics for fan-out, each consumer's SQS
+  queue subscribed to the topics of the types it handles;
 * ``memory://`` or ``memory://name``: the in-process broker of that name.
 """
 
@@ -40,7 +42,7 @@ __all__ = [
     "transport_from_url",
 ]
 
-SCHEMES = ("amqp", "amqps", "sqs", "memory")
+SCHEMES = ("amqp", "amqps", "sqs", "sns", "memory")
 
 
 def transport_from_url(url: str, **options: Any) -> Transport:
@@ -75,6 +77,12 @@ def _transport_from_url(url: str, **options: Any) -> Transport:
         except ImportError as exc:
             raise ConfigurationError("SQS needs boto3: pip install 'outboxer[sqs]'") from exc
         return SQSTransport.from_url(url, **options)
+    if scheme == "sns":
+        try:
+            from .sns import SNSTransport
+        except ImportError as exc:
+            raise ConfigurationError("SNS needs boto3: pip install 'outboxer[sqs]'") from exc
+        return SNSTransport.from_url(url, **options)
     if scheme == "memory":
         parts = urlsplit(url)
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}

@@ -20,7 +20,7 @@ from ..message import Envelope
 from .names import require_valid_name
 
 # TransportDescription.system -> the broker whose naming rules apply (outboxer.transports.names).
-_BROKERS = {"rabbitmq": "rabbitmq", "aws_sqs": "sqs"}
+_BROKERS = {"rabbitmq": "rabbitmq", "aws_sqs": "sqs", "aws_sns": "sns"}
 
 __all__ = [
     "HELD_BACK",

@@ -11,6 +11,8 @@ as :class:`~outboxer.errors.InvalidName` (``Transport.validate_name``).
 * SQS: 1 to 80 characters, only ASCII letters, digits, ``-`` and ``_``; a FIFO queue's
   name ends in ``.fifo`` (counted in the 80). So ``shop.orders`` is refused: use
   ``shop-orders``.
+* SNS (``sns://``): the SQS rule, for a consumer's name becomes both a topic and a queue
+  (SNS topic names allow the same characters, up to 256).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ _SQS_NAME = re.compile(r"[A-Za-z0-9_-]+(\.fifo)?")
 
 
 def name_problem(broker: str, name: str) -> str | None:
-    """Why ``broker`` (``rabbitmq`` or ``sqs``; others accept anything) would refuse
+    """Why ``broker`` (``rabbitmq``, ``sqs`` or ``sns``; others accept anything) would refuse
     ``name``, with what to use instead; ``None`` when it is fine."""
     if not name or not name.strip():
         return "a destination or consumer name cannot be empty"
@@ -43,7 +45,9 @@ def name_problem(broker: str, name: str) -> str | None:
                 f"RabbitMQ reserves names starting with 'amq.' for itself; rename "
                 f"{_shown(name)} (e.g. {name[4:] or 'orders'!r})"
             )
-    if broker == "sqs" and (len(name) > SQS_MAX_CHARACTERS or not _SQS_NAME.fullmatch(name)):
+    if broker in ("sqs", "sns") and (
+        len(name) > SQS_MAX_CHARACTERS or not _SQS_NAME.fullmatch(name)
+    ):
         suggestion = re.sub(r"[^A-Za-z0-9_-]", "-", name.removesuffix(".fifo"))
         suggestion = suggestion[: SQS_MAX_CHARACTERS - 5 * name.endswith(".fifo")]
         suggestion += ".fifo" if name.endswith(".fifo") else ""

@@ -1,6 +1,8 @@
 """Error mapping: SQS's error codes, and the outcome of a call to SQS that failed.
 
-See the package docstring for which failure is REJECTED, RETRY or UNAVAILABLE.
+See the package docstring for which failure is REJECTED, RETRY or UNAVAILABLE. SNS's
+calls fail with the same kinds of errors (its own ``InvalidParameter`` among the invalid
+requests), so the SNS transport maps them here too.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ _GONE = frozenset(
 )
 _INVALID_REQUEST = frozenset(
     {
+        "InvalidParameter",  # SNS
         "InvalidParameterValue",
         "InvalidParameterValueException",
         "InvalidMessageContents",

@@ -11,7 +11,7 @@ MAX_BATCH_ENTRIES = 10
 MAX_WAIT_SECONDS = 20
 MAX_VISIBILITY_SECONDS = 12 * 3600
 
-_URL_OPTIONS = {
+URL_OPTIONS: dict[str, type] = {
     "region": str,
     "endpoint_url": str,
     "concurrency": int,
@@ -21,11 +21,12 @@ _URL_OPTIONS = {
     "visibility_timeout": int,
     "profile": str,
 }
+"""The ``sqs://`` URL's options and their types (the ``sns://`` URL takes the same)."""
 
 
 def _parse_url(url: str) -> dict[str, Any]:
     """The keyword arguments an ``sqs://`` URL gives :meth:`SQSTransport.from_url`."""
-    return parse_url(url, "sqs", _URL_OPTIONS)
+    return parse_url(url, "sqs", URL_OPTIONS)
 
 
 def _positive_int(name: str, value: object, low: int, high: int) -> int:

@@ -241,16 +241,26 @@ class SQSTransport(Transport):
     # Receiving ----------------------------------------------------------------------------
 
     def receiver(self, subscription: Subscription) -> Receiver:
+        return self.receive_from(subscription.destinations)
+
+    def receive_from(self, queues: Sequence[str]) -> Receiver:
+        """A receiver polling ``queues`` (created if missing)."""
         if self._closed:
             raise TransportError("the SQS transport is closed")
-        client = self._receive_client or self._client
-        queues = [(name, self._ensure_queue(client, name)) for name in subscription.destinations]
-        receiver = _SQSReceiver(client, queues, self.visibility_timeout)
+        client = self.queue_client
+        urls = [(name, self.ensure_queue(name)) for name in queues]
+        receiver = _SQSReceiver(client, urls, self.visibility_timeout)
         self._receivers.add(receiver)
         return receiver
 
-    def _ensure_queue(self, client: SQSClient, name: str) -> str:
+    @property
+    def queue_client(self) -> SQSClient:
+        """The client queues are created and polled with (long polls: a long read timeout)."""
+        return self._receive_client or self._client
+
+    def ensure_queue(self, name: str) -> str:
         """The URL of queue ``name``, created (FIFO if its name says so) when missing."""
+        client = self.queue_client
         try:
             try:
                 url = client.get_queue_url(QueueName=name)["QueueUrl"]

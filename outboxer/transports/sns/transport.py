@@ -1,0 +1,248 @@
+"""The transport: publishing to SNS topics, and receiving through subscribed SQS queues."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from ...errors import TransportError
+from ...message import Envelope
+from ..aws import client_config, describe, open_session, parse_url
+from ..base import Receiver, SendResult, Subscription, Transport
+from ..lanes import UNROUTABLE, Item, send_batch
+from ..names import name_problem
+from ..sqs import SQSTransport
+from ..sqs.errors import error_code, result_for_error
+from ..sqs.options import DEFAULT_MAX_MESSAGE_BYTES, URL_OPTIONS
+from ..sqs.sending import deduplication_id, encode_message, group_id
+from .topology import subscribe_queues, topic_arn
+
+__all__ = ["SNSTransport"]
+
+Entry = dict[str, Any]
+"""A ``PublishBatch`` entry (boto3's SNS types are not a dependency of outboxer)."""
+
+
+class SNSTransport(Transport):
+    """Publishes to SNS topics; receives from the consumer's SQS queue subscribed to them
+    (see the package docstring).
+
+    ``client`` is a ready boto3 SNS client, ``queues`` a ready :class:`SQSTransport` for
+    the consumer's queues; without them, both are built from the same options as
+    :class:`SQSTransport`'s (``region``, ``endpoint_url``, credentials or ``profile``,
+    timeouts), and ``concurrency`` calls are in flight at once. ``max_message_bytes`` is
+    the size limit of one message, body plus attributes (SNS's is 256 KiB).
+    """
+
+    def __init__(
+        self,
+        client: Any = None,
+        *,
+        queues: SQSTransport | None = None,
+        region: str | None = None,
+        endpoint_url: str | None = None,
+        concurrency: int = 8,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        connect_timeout: float = 3.0,
+        read_timeout: float = 30.0,
+        visibility_timeout: int | None = None,
+        aws_access_key_id: str | None = None,
+        aws_secret_access_key: str | None = None,
+        aws_session_token: str | None = None,
+        profile: str | None = None,
+    ) -> None:
+        # The queue side checks the shared options (concurrency, sizes, timeouts) first.
+        self._owns_queues = queues is None
+        self.queues = queues or SQSTransport(
+            region=region,
+            endpoint_url=endpoint_url,
+            concurrency=concurrency,
+            max_message_bytes=max_message_bytes,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            visibility_timeout=visibility_timeout,
+            aws_access_key_id=aws_access_key_id,
+            aws_secret_access_key=aws_secret_access_key,
+            aws_session_token=aws_session_token,
+            profile=profile,
+        )
+        self.concurrency = concurrency
+        self._limit = max_message_bytes
+        self.max_message_bytes = max_message_bytes
+        self._owns_client = client is None
+        if client is None:
+            session, region = open_session(
+                "SNS",
+                region=region,
+                endpoint_url=endpoint_url,
+                aws_access_key_id=aws_access_key_id,
+                aws_secret_access_key=aws_secret_access_key,
+                aws_session_token=aws_session_token,
+                profile=profile,
+            )
+            config = client_config(
+                concurrency=concurrency, connect_timeout=connect_timeout, read_timeout=read_timeout
+            )
+            client = session.client(
+                "sns", region_name=region, endpoint_url=endpoint_url, config=config
+            )
+        else:
+            region = region or client.meta.region_name
+            endpoint_url = endpoint_url or client.meta.endpoint_url
+        self._client = client
+        self.region: str = str(region)
+        self.endpoint_url = endpoint_url
+        self.description = describe("aws_sns", "sns", self.region, endpoint_url)
+        self._arns: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._closed = False
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> SNSTransport:
+        """``sns://?region=eu-west-1&endpoint_url=http://127.0.0.1:4566``: the options of
+        an ``sqs://`` URL (:meth:`SQSTransport.from_url`), for topics and queues alike."""
+        kwargs = parse_url(url, "sns", URL_OPTIONS)
+        kwargs.update(options)
+        return cls(**kwargs)
+
+    @property
+    def client(self) -> Any:
+        """The boto3 SNS client messages are published with."""
+        return self._client
+
+    def __repr__(self) -> str:
+        where = f", endpoint_url={self.endpoint_url!r}" if self.endpoint_url else ""
+        return f"SNSTransport(region={self.region!r}{where}, concurrency={self.concurrency})"
+
+    # Sending ------------------------------------------------------------------------------
+
+    def send(self, envelopes: Sequence[Envelope]) -> list[SendResult]:
+        if self._closed:
+            raise TransportError("the SNS transport is closed")
+        return send_batch(
+            envelopes,
+            service="SNS",
+            resolve=self._resolve,
+            prepare=self._prepare,
+            concurrency=self.concurrency,
+            max_bytes=max(self._limit, DEFAULT_MAX_MESSAGE_BYTES),
+            call=self._batch_call,
+            call_failed=self._batch_failed,
+            executor=self._executor,
+        )
+
+    def _resolve(self, name: str) -> str | SendResult:
+        """The ARN of topic ``name`` once it has a subscriber, or the result of every
+        message for it."""
+        arn = self._arns.get(name)
+        if arn is not None:
+            return arn
+        problem = name_problem("sns", name)
+        if problem is not None:
+            return SendResult.rejected("invalid_name", problem)
+        try:
+            arn = topic_arn(self._client, name)
+            subscribed = self._client.list_subscriptions_by_topic(TopicArn=arn)
+        except Exception as exc:
+            return self._topic_error(exc, name, "resolving")
+        if not subscribed.get("Subscriptions"):
+            return SendResult.rejected(
+                UNROUTABLE,
+                f"SNS topic {name!r} has no subscription, so SNS would drop the message: "
+                "start the consumers that handle its types (outboxer-inbox --broker sns://...)",
+            )
+        with self._lock:
+            self._arns[name] = arn
+        return arn
+
+    def _topic_error(self, exc: BaseException, name: str, doing: str) -> SendResult:
+        if isinstance(exc, ClientError) and error_code(exc) == "NotFound":
+            with self._lock:
+                self._arns.pop(name, None)
+            return SendResult.rejected(
+                UNROUTABLE,
+                f"SNS topic {name!r} does not exist (start the consumers that handle its "
+                f"types, or check the destination name and region {self.region})",
+            )
+        return result_for_error(exc, f"{doing} SNS topic {name!r}")
+
+    def _prepare(self, index: int, envelope: Envelope, arn: str) -> Item[Entry] | SendResult:
+        encoded = encode_message(envelope, self._limit, "SNS")
+        if isinstance(encoded, SendResult):
+            return encoded
+        entry: Entry = {
+            "Id": "",
+            "Message": encoded.body,
+            "MessageAttributes": encoded.attributes,
+        }
+        if envelope.destination.endswith(".fifo"):
+            entry["MessageGroupId"] = group_id(envelope)
+            entry["MessageDeduplicationId"] = deduplication_id(envelope)
+        key = envelope.key
+        group: object = index if key is None else (arn, key)
+        return Item(index, arn, group, key, encoded.size, entry)
+
+    def _batch_call(self, chunk: list[Item[Entry]]) -> Mapping[str, Any]:
+        entries = []
+        for position, item in enumerate(chunk):
+            item.entry["Id"] = str(position)
+            entries.append(item.entry)
+        response: Mapping[str, Any] = self._client.publish_batch(
+            TopicArn=chunk[0].target, PublishBatchRequestEntries=entries
+        )
+        return response
+
+    def _batch_failed(self, exc: BaseException, arn: str) -> SendResult:
+        return self._topic_error(exc, arn.rsplit(":", 1)[-1], "publishing to")
+
+    def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._lock:
+            if self._closed:
+                raise TransportError("the SNS transport is closed")
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=self.concurrency, thread_name_prefix="outboxer-sns"
+                )
+            return self._pool
+
+    # Receiving ----------------------------------------------------------------------------
+
+    def receiver(self, subscription: Subscription) -> Receiver:
+        """The consumer's queue(s), created and subscribed to the topics of its types and
+        to its own (see the package docstring); idempotent, so every start does it."""
+        if self._closed:
+            raise TransportError("the SNS transport is closed")
+        queues = subscribe_queues(self._client, self.queues, subscription)
+        return self.queues.receive_from(queues)
+
+    def check(self) -> None:
+        """One authenticated call to each service (ListTopics, ListQueues).
+
+        Refused permissions pass: the credentials were recognised.
+        """
+        try:
+            self._client.list_topics()
+        except ClientError as exc:
+            if error_code(exc) not in ("AuthorizationError", "AccessDenied"):
+                raise TransportError(f"SNS refused the check: {error_code(exc)}") from exc
+        except BotoCoreError as exc:
+            raise TransportError(f"cannot reach SNS: {type(exc).__name__}") from exc
+        self.queues.check()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+        if self._owns_queues:
+            self.queues.close()
+        if self._owns_client:
+            self._client.close()

@@ -16,6 +16,11 @@ BENCHES = {
     "latency": ("bench.relay", "run_latency", "Commit -> broker latency"),
     "aged": ("bench.aged", "run", "Relay throughput on an aged outbox table"),
     "consumer": ("bench.consumer", "run", "Consumer: inbox overhead"),
+    "consumer-batch": (
+        "bench.consumer_batch",
+        "run",
+        "Consumer: default outboxer-inbox (batching) over a hand-written pika consumer",
+    ),
     "tracing": ("bench.tracing", "run", "Tracing overhead on the relay"),
 }
 

@@ -54,7 +54,10 @@ class Consumer:
     ``session_factory`` makes the session each handler runs in: a ``sessionmaker`` of
     :class:`~outboxer.OutboxSession` for sync handlers, an ``async_sessionmaker`` of
     :class:`~outboxer.AsyncOutboxSession` for ``async def`` handlers. ``retry`` is the
-    default policy of its handlers. Inbox rows older than ``inbox_retention`` seconds
+    default policy of its handlers. A worker takes up to ``batch_size`` waiting
+    deliveries at once and runs those of one handler in one transaction, falling back to
+    one message at a time on any failure (:mod:`outboxer.batching`; 1 turns batching
+    off). Inbox rows older than ``inbox_retention`` seconds
     (default 7 days) are pruned by the running consumer, and dead letters older than
     ``dead_letter_retention`` when it is set.
     """
@@ -66,17 +69,21 @@ class Consumer:
         name: str,
         retry: Retry | None = None,
         prefetch: int = 50,
+        batch_size: int = 20,
         inbox_retention: float = 7 * 24 * 3600,
         dead_letter_retention: float | None = None,
     ) -> None:
         if not isinstance(name, str) or not name or len(name) > 200:
             raise ConfigurationError(f"a consumer needs a name of 1-200 characters, got {name!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigurationError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if retry is not None and not isinstance(retry, Retry):
             raise ConfigurationError(f"retry must be an outboxer.Retry, got {retry!r}")
         self.name = name
         self.session_factory = session_factory
         self.retry = retry or Retry()
         self.prefetch = prefetch
+        self.batch_size = batch_size
         self.inbox_retention = inbox_retention
         self.dead_letter_retention = dead_letter_retention
         self.is_async = factory_is_async(session_factory, name)
@@ -202,7 +209,13 @@ class Consumer:
         :meth:`run_async`.
         """
         options = RunOptions(
-            once, concurrency, idle_timeout, prune_interval, extend_after, extend_by
+            once,
+            concurrency,
+            idle_timeout,
+            prune_interval,
+            extend_after,
+            extend_by,
+            self.batch_size,
         )
         self._check_runnable(options)
         try:
@@ -248,7 +261,13 @@ class Consumer:
         if not self.is_async:
             raise ConfigurationError(f"consumer {self.name!r} has sync handlers: use run()")
         options = RunOptions(
-            once, concurrency, idle_timeout, prune_interval, extend_after, extend_by
+            once,
+            concurrency,
+            idle_timeout,
+            prune_interval,
+            extend_after,
+            extend_by,
+            self.batch_size,
         )
         self._check_runnable(options)
         return await self._run(transport, options)

@@ -27,12 +27,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from . import heartbeat
+from .batching import Batcher
 from .errors import TransportError
 from .processing import Processor
 from .redaction import error_text, printable
 from .reports import ConsumerStats, MessageReport
 from .retry import Backoff
-from .transports.base import Delivery, Receiver, Subscription, Transport
+from .transports.base import Delivery, Receiver, Subscription, Transport, acknowledge
 
 __all__ = ["RunOptions", "Runner", "StopSignal"]
 
@@ -91,6 +92,8 @@ class RunOptions:
     prune_interval: float = 300.0
     extend_after: float = 20.0
     extend_by: float = 60.0
+    batch_size: int = 1
+    """Deliveries a sync worker takes at once (see :mod:`outboxer.batching`)."""
 
 
 class Runner:
@@ -119,6 +122,9 @@ class Runner:
         self.totals = totals
         self.stats = ConsumerStats()
         self.window = max(options.concurrency * 2, subscription.prefetch)
+        self.batcher = Batcher(processor, transport.description)
+        self.pending: deque[Delivery] = deque()
+        """Received deliveries no sync worker has taken yet."""
         """Deliveries held at once: in progress, or waiting for a worker."""
         self.held: dict[Delivery, float] = {}
         """Each held delivery, and when it was received or last extended."""
@@ -210,9 +216,13 @@ class Runner:
             now = time.monotonic()
             for delivery in deliveries:
                 self.held[delivery] = now
-                if self.pool is not None:
-                    self.pool.submit(self._process, delivery)
-                else:
+            if self.pool is not None:
+                # All in the queue first, so that a worker can take a batch of them.
+                self.pending.extend(deliveries)
+                for _ in deliveries:
+                    self.pool.submit(self._work)
+            else:
+                for delivery in deliveries:
                     task = asyncio.create_task(self._handle(delivery))
                     self.tasks.add(task)
                     task.add_done_callback(self.tasks.discard)
@@ -233,19 +243,32 @@ class Runner:
             self.held.pop(delivery, None)
             self.room.set()
 
-    def _process(self, delivery: Delivery) -> None:
-        """A sync consumer's worker thread: process, settle, report back to the loop.
+    def _work(self) -> None:
+        """A sync consumer's worker thread: take up to ``batch_size`` waiting deliveries,
+        process and settle them, report back to the loop.
 
-        Outcomes go back through a queue that the loop takes in on each turn; the loop is
-        woken only while it waits for room (or drains): a wake-up per message would cost
-        more than the work of handing it over.
+        There is one call per delivery received; a call that finds the queue empty (an
+        earlier one took its delivery into a batch) returns at once. Outcomes go back
+        through a queue that the loop takes in on each turn; the loop is woken only while
+        it waits for room (or drains): a wake-up per message would cost more than the
+        work of handing it over.
         """
+        batch: list[Delivery] = []
+        with contextlib.suppress(IndexError):
+            while len(batch) < self.options.batch_size:
+                batch.append(self.pending.popleft())
+        if not batch:
+            return
+        outcomes: list[MessageReport | BaseException | None]
         if self.give_back:
-            _settle(delivery.release)  # never started
-            outcome: MessageReport | BaseException | None = None
+            for delivery in batch:
+                _settle(delivery.release)  # never started
+            outcomes = [None] * len(batch)
+        elif len(batch) == 1:
+            outcomes = [self._process_sync(batch[0])]
         else:
-            outcome = self._process_sync(delivery)
-        self.completed.append((delivery, outcome))
+            outcomes = list(self._process_batch(batch))
+        self.completed.extend(zip(batch, outcomes, strict=True))
         if not self.waiting or len(self.completed) < self.wake_after:
             return
         with self.wake_lock:
@@ -266,6 +289,16 @@ class Runner:
             if outcome is not None:
                 self._record(outcome)
         self.room.set()
+
+    def _process_batch(self, batch: list[Delivery]) -> list[MessageReport | BaseException]:
+        outcomes = self.batcher.process(batch)
+        pairs = list(zip(batch, outcomes, strict=True))
+        done = [d for d, outcome in pairs if isinstance(outcome, MessageReport)]
+        _settle(lambda: acknowledge(done))
+        for delivery, outcome in pairs:
+            if not isinstance(outcome, MessageReport):
+                _settle(delivery.release)
+        return outcomes
 
     def _process_sync(self, delivery: Delivery) -> MessageReport | BaseException:
         try:

@@ -6,6 +6,8 @@ Every function runs in the caller's transaction.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import cache
 from typing import Any
 from uuid import UUID
@@ -18,7 +20,14 @@ from ..tables import inbox
 from .clock import clock_params, db_now_plus, now
 from .compiled import Compiled
 
-__all__ = ["count_inbox", "prune_inbox", "record_inbox", "stored_key"]
+__all__ = [
+    "InboxRow",
+    "count_inbox",
+    "prune_inbox",
+    "record_inbox",
+    "record_inbox_many",
+    "stored_key",
+]
 
 _HASHED = "sha256:"
 _KEY_LIMIT = 255
@@ -77,6 +86,73 @@ def record_inbox(
         execution_options={"preserve_rowcount": True},
     )
     return result.rowcount == 1
+
+
+@dataclass(frozen=True)
+class InboxRow:
+    """One row for :func:`record_inbox_many`."""
+
+    handler: str
+    dedup_key: str
+    message_id: UUID
+    message_type: str
+
+
+def record_inbox_many(connection: Connection, rows: Sequence[InboxRow]) -> list[bool]:
+    """Insert ``rows`` in one statement, in the caller's transaction; per row, whether it
+    was inserted (False: it was already there).
+
+    The rows must have distinct ``(handler, stored_key(dedup_key))``. They are inserted in
+    key order, so two batches that share keys wait for each other instead of deadlocking
+    (mostly: a deadlock the database still detects is an error, and the caller falls
+    back). Rows locked by a concurrent transaction make this wait, as in
+    :func:`record_inbox`.
+    """
+    if not rows:
+        return []
+    dialect = connection.dialect
+    keys = [(row.handler, stored_key(row.dedup_key)) for row in rows]
+    order = sorted(range(len(rows)), key=lambda i: keys[i])
+    plan = _insert_many(dialect, len(rows))
+    values: dict[str, Any] = dict(clock_params(dialect.name))
+    for position, index in enumerate(order):
+        row = rows[index]
+        values[f"handler_{position}"] = keys[index][0]
+        values[f"dedup_key_{position}"] = keys[index][1]
+        values[f"message_id_{position}"] = row.message_id
+        values[f"message_type_{position}"] = row.message_type[:255]
+    returned = connection.exec_driver_sql(plan.sql, plan.parameters(values)).all()
+    inserted = {(handler, _text(key)) for handler, key in returned}
+    return [key in inserted for key in keys]
+
+
+def _text(value: object) -> str:
+    # MariaDB's binary key column returns bytes.
+    return value.decode("utf-8") if isinstance(value, (bytes, bytearray)) else str(value)
+
+
+@cache
+def _insert_many(dialect: Dialect, count: int) -> Compiled:
+    """Compiled once per dialect and row count (a batch holds at most a few hundred)."""
+    name = dialect.name
+    # Typed bind parameters: in a multi-row VALUES, only the first row's would be.
+    columns = ("handler", "dedup_key", "message_id", "message_type")
+    rows = [
+        {
+            **{c: bindparam(f"{c}_{i}", type_=inbox.c[c].type) for c in columns},
+            "processed_at": now(name),
+        }
+        for i in range(count)
+    ]
+    stmt: Any
+    if name == "postgresql":
+        stmt = postgresql.insert(inbox).values(rows).on_conflict_do_nothing()
+    elif name in ("mysql", "mariadb"):
+        stmt = mysql.insert(inbox).values(rows).prefix_with("IGNORE")
+    else:
+        stmt = sqlite.insert(inbox).values(rows).on_conflict_do_nothing()
+    stmt = stmt.returning(inbox.c.handler, inbox.c.dedup_key)
+    return Compiled.of(stmt, dialect)
 
 
 @cache

@@ -31,6 +31,7 @@ __all__ = [
     "Subscription",
     "Transport",
     "TransportDescription",
+    "acknowledge",
     "held_back",
     "unavailable_after",
 ]
@@ -128,6 +129,22 @@ class Delivery(abc.ABC):
 
     def extend(self, seconds: float) -> None:  # noqa: B027 - optional for brokers without it
         """Keep it invisible to other consumers ``seconds`` longer (slow handlers on SQS)."""
+
+    @classmethod
+    def ack_many(cls, deliveries: Sequence[Delivery]) -> None:
+        """Acknowledge ``deliveries`` (all of this class) together, where the broker can
+        (SQS: ``DeleteMessageBatch``); by default one :meth:`ack` each."""
+        for delivery in deliveries:
+            delivery.ack()
+
+
+def acknowledge(deliveries: Sequence[Delivery]) -> None:
+    """Acknowledge ``deliveries`` with as few broker calls as their brokers allow."""
+    kinds: dict[type[Delivery], list[Delivery]] = {}
+    for delivery in deliveries:
+        kinds.setdefault(type(delivery), []).append(delivery)
+    for kind, group in kinds.items():
+        kind.ack_many(group)
 
 
 class Receiver(abc.ABC):

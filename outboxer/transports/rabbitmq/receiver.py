@@ -315,9 +315,12 @@ class _RabbitReceiver(Receiver):
                 f"{table[UNDECODABLE_TABLE]} on queue {self._subscription.queue!r}"
             )
         with self._cond:
-            if generation != self._generation or self._state != _OPEN:
+            if generation != self._generation:
                 return
+            # Unacknowledged even when dropped here: a multiple-ack must not cover it.
             self._unacked.add(tag)
+            if self._state != _OPEN:
+                return
             self._buffer.append(
                 (generation, tag, method.exchange or "", bool(method.redelivered), properties, body)
             )
@@ -356,16 +359,20 @@ class _RabbitReceiver(Receiver):
         generation = self._generation
         settles = self._settles
         unacked = self._unacked
+        acks: list[int] = []
         while settles:
             gen, tag, requeue = settles.popleft()
             if not usable or gen != generation or tag not in unacked:
                 continue  # the broker redelivers what a lost channel had unacked
             assert channel is not None
-            unacked.discard(tag)
             if requeue:
+                unacked.discard(tag)
                 channel.basic_nack(tag, requeue=True)
             else:
-                channel.basic_ack(tag)
+                acks.append(tag)
+        if acks:
+            assert channel is not None
+            _ack_tags(channel, unacked, acks)
 
     def _shutdown_connection(self, done: threading.Event) -> None:
         self._shutdown = done
@@ -376,6 +383,22 @@ class _RabbitReceiver(Receiver):
             done.set()
             return
         connection.close()
+
+
+def _ack_tags(channel: Channel, unacked: set[int], tags: list[int]) -> None:
+    """Acknowledge ``tags`` (all in ``unacked``): one multiple-ack for the longest run of
+    them that leaves no other unacknowledged tag below it, then one ack each."""
+    chosen = set(tags)
+    others = unacked - chosen
+    below = min(others) if others else None
+    covered = [tag for tag in tags if below is None or tag < below]
+    if len(covered) > 1:
+        channel.basic_ack(max(covered), multiple=True)
+        unacked.difference_update(covered)
+        chosen.difference_update(covered)
+    for tag in sorted(chosen):
+        unacked.discard(tag)
+        channel.basic_ack(tag)
 
 
 def _declare_exchange(channel: Channel, name: str, k: Callable[[Any], None]) -> None:

@@ -6,12 +6,13 @@ See the package docstring: one poll in flight per queue, and settling never rais
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import itertools
 import logging
 import math
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -55,6 +56,18 @@ class _SQSDelivery(Delivery):
         with self._lock:
             if not self._settled:
                 self._settled = self._call("release", lambda: self._set_visibility(0))
+
+    @classmethod
+    def ack_many(cls, deliveries: Sequence[Delivery]) -> None:
+        """``DeleteMessageBatch`` per queue, ten at a time; what it cannot delete is
+        deleted one by one (which knows a message that is already gone)."""
+        queues: dict[tuple[int, str], list[_SQSDelivery]] = {}
+        for delivery in deliveries:
+            assert isinstance(delivery, _SQSDelivery)
+            queues.setdefault((id(delivery._client), delivery._url), []).append(delivery)
+        for group in queues.values():
+            for start in range(0, len(group), MAX_BATCH_ENTRIES):
+                _delete_batch(group[start : start + MAX_BATCH_ENTRIES])
 
     def extend(self, seconds: float) -> None:
         timeout = min(MAX_VISIBILITY_SECONDS, max(0, math.ceil(seconds)))
@@ -190,6 +203,30 @@ class _SQSReceiver(Receiver):
             future.add_done_callback(_release_all)
         if self._pool is not None:
             self._pool.shutdown(wait=False)
+
+
+def _delete_batch(deliveries: list[_SQSDelivery]) -> None:
+    with contextlib.ExitStack() as locks:
+        for delivery in deliveries:
+            locks.enter_context(delivery._lock)
+        waiting = {str(i): d for i, d in enumerate(deliveries) if not d._settled}
+        if not waiting:
+            return
+        first = next(iter(waiting.values()))
+        try:
+            response = first._client.delete_message_batch(
+                QueueUrl=first._url,
+                Entries=[{"Id": i, "ReceiptHandle": d._receipt} for i, d in waiting.items()],
+            )
+            deleted = [entry["Id"] for entry in response.get("Successful", ())]
+        except Exception as exc:
+            log.debug("DeleteMessageBatch on %s failed (%s); one at a time", first._url, exc)
+            deleted = []
+        for key in deleted:
+            if key in waiting:
+                waiting.pop(key)._settled = True
+        for delivery in waiting.values():
+            delivery._settled = delivery._call("delete", delivery._delete)
 
 
 def _release_all(future: concurrent.futures.Future[list[Delivery]]) -> None:

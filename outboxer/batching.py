@@ -1,0 +1,271 @@
+"""Batching: several deliveries for one handler in one transaction, one commit.
+
+A worker that takes several deliveries at once hands them to :meth:`Batcher.process`.
+The deliveries that can share a transaction are grouped by handler; each group runs as
+one transaction: one multi-row inbox insert (rows already there are duplicates, skipped),
+the handler once per new message, one commit. The runner then acknowledges the group at
+once (one multiple-ack on RabbitMQ, ``DeleteMessageBatch`` on SQS).
+
+Everything else goes through the one-message path of :mod:`outboxer.processing`, as
+without batching: a delivery the intake rejects, a message for several handlers, a
+retry or replay addressed to one handler, an async or non-transactional handler, and
+the second of two deliveries with one inbox key.
+
+When a group fails (a handler raises, the insert or the commit fails), its transaction
+is rolled back and every message of it goes through the one-message path, so isolation,
+retries and dead letters are exactly those of one message at a time. The handler run
+that raised counts as that message's run: its error is fed to the message's retry plan
+as the first run's result, so a batch failure spends no extra attempt and runs no extra
+handler. The other messages of the group run their handlers once more (their first run
+was rolled back): a handler's effects outside its transaction may repeat, as they may
+on any redelivery.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.exc import PendingRollbackError
+
+from . import instrumentation
+from .handlers import HandlerSpec
+from .instrumentation import HandlerOutcome, TransportDescription
+from .intake import Prepared, prepare
+from .plan import RunResult
+from .processing import Processor, _attempt, _guarded, _Run, _Write
+from .publishing import handling
+from .redaction import redact
+from .reports import MessageReport
+from .store import inbox as inbox_store
+from .transports.base import Delivery
+
+__all__ = ["Batcher", "batchable"]
+
+log = logging.getLogger("outboxer.consumer")
+
+Outcome = MessageReport | BaseException
+"""Per delivery: its report (acknowledge it) or the error (give it back)."""
+
+
+def batchable(spec: HandlerSpec) -> bool:
+    """Whether ``spec`` may share a transaction with other messages: a sync handler that
+    runs in outboxer's transaction."""
+    return not spec.is_async and getattr(spec, "transactional", True) is not False
+
+
+@dataclass
+class _Item:
+    index: int
+    delivery: Delivery
+    prepared: Prepared
+    spec: HandlerSpec
+    row: inbox_store.InboxRow
+    outcome: str = HandlerOutcome.PROCESSED
+    duration: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """A group's transaction failed; ``item`` is the message whose handler raised, if any."""
+
+    error: BaseException
+    item: _Item | None
+
+
+class Batcher:
+    """Processes a worker's deliveries, batched per handler where it is safe."""
+
+    def __init__(self, processor: Processor, transport: TransportDescription) -> None:
+        self.processor = processor
+        self.transport = transport
+
+    def process(self, deliveries: Sequence[Delivery]) -> list[Outcome]:
+        """Process ``deliveries``; one outcome per delivery, in order.
+
+        A :class:`KeyboardInterrupt` or :class:`SystemExit` from a handler is the outcome
+        of every delivery not yet settled by then (a stop: they go back to the broker).
+        """
+        results: list[Outcome | None] = [None] * len(deliveries)
+        alone: list[int] = []
+        groups: dict[str, list[_Item]] = {}
+        keys: set[tuple[str, str]] = set()
+        if len(deliveries) > 1:
+            for index, delivery in enumerate(deliveries):
+                item = self._item(index, delivery)
+                if item is None or (item.spec.id, item.row.dedup_key) in keys:
+                    alone.append(index)
+                    continue
+                keys.add((item.spec.id, item.row.dedup_key))
+                groups.setdefault(item.spec.id, []).append(item)
+        else:
+            alone = list(range(len(deliveries)))
+        known: dict[int, RunResult] = {}
+        try:
+            for items in groups.values():
+                if len(items) == 1:
+                    alone.append(items[0].index)
+                    continue
+                failed = self._run_group(items)
+                if failed is None:
+                    for item in items:
+                        envelope = item.prepared.envelope
+                        report = {item.spec.name: item.outcome}
+                        results[item.index] = MessageReport(str(envelope.message_id), report)
+                    continue
+                alone.extend(item.index for item in items)
+                if failed.item is not None:
+                    known[failed.item.index] = RunResult(
+                        HandlerOutcome.FAILED, redact(failed.error)
+                    )
+            for index in sorted(alone):
+                results[index] = self._one(deliveries[index], known.get(index))
+        except (KeyboardInterrupt, SystemExit) as stop:
+            return [stop if result is None else result for result in results]
+        done = [result for result in results if result is not None]
+        assert len(done) == len(deliveries)
+        return done
+
+    # One group in one transaction ------------------------------------------------------
+
+    def _item(self, index: int, delivery: Delivery) -> _Item | None:
+        """The delivery as a member of its handler's group, or None: it goes alone."""
+        processor = self.processor
+        prepared = prepare(
+            delivery.body,
+            delivery.headers,
+            delivery.destination,
+            processor.name,
+            processor.registry,
+        )
+        if not isinstance(prepared, Prepared) or len(prepared.handlers) != 1:
+            return None
+        envelope = prepared.envelope
+        spec = prepared.handlers[0]
+        if envelope.handler is not None or not batchable(spec):
+            return None
+        try:
+            key = spec.dedup_value(envelope, prepared.events[spec.id])
+        except Exception:
+            return None  # the one-message path makes it the handler's failure
+        row = inbox_store.InboxRow(spec.id, key, envelope.message_id, envelope.type)
+        return _Item(index, delivery, prepared, spec, row)
+
+    def _run_group(self, items: list[_Item]) -> _Failed | None:
+        """Run ``items`` (one handler) in one transaction; None once it has committed."""
+        processor = self.processor
+        tracer = instrumentation.get()
+        spec = items[0].spec
+        current: _Item | None = None
+        try:
+            with processor.session_factory() as session, session.begin():
+                fresh = inbox_store.record_inbox_many(
+                    session.connection(), [item.row for item in items]
+                )
+                for item, new in zip(items, fresh, strict=True):
+                    envelope = item.prepared.envelope
+                    attempt = item.prepared.first_attempt
+                    started = time.perf_counter()
+                    failure: BaseException | None = None
+                    with (
+                        tracer.process(self.transport, envelope, processor.name),
+                        tracer.handler(envelope, spec.id, attempt) as span,
+                    ):
+                        span.set_attribute("outboxer.batch.size", len(items))
+                        if new:
+                            current = item
+                            failure = self._run_handler(item, session)
+                        else:
+                            item.outcome = HandlerOutcome.DUPLICATE
+                        if failure is None:
+                            span.set_attribute("outboxer.handler.outcome", item.outcome)
+                    if failure is not None:
+                        raise failure
+                    item.duration = time.perf_counter() - started
+                current = None
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:
+            if isinstance(exc, PendingRollbackError):
+                current = None  # an earlier handler broke the session: nobody to blame
+            log.debug("a batch of %d for %s failed; one at a time", len(items), spec.id)
+            return _Failed(exc, current)
+        for item in items:
+            tracer.handler_done(spec.id, item.outcome, item.duration)
+        return None
+
+    def _run_handler(self, item: _Item, session: Any) -> BaseException | None:
+        """Run the handler on ``item``; its exception is returned (raised outside the
+        spans, so that a batch's rolled-back run does not read as a failed message)."""
+        spec, prepared = item.spec, item.prepared
+        envelope = prepared.envelope
+        event = prepared.events[spec.id]
+        context = spec.context(
+            envelope, self.processor.name, prepared.first_attempt, item.delivery.redelivered
+        )
+        try:
+            with handling(envelope), _guarded(session, spec):
+                spec.fn(event, **spec.arguments(event, session, context))
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:
+            return exc
+        return None
+
+    # One message at a time --------------------------------------------------------------
+
+    def _one(self, delivery: Delivery, first: RunResult | None) -> Outcome:
+        """The one-message path; ``first`` is the result of its handler's first run,
+        when a failed batch ran it already."""
+        try:
+            if first is None:
+                return self.processor.process(
+                    delivery.body,
+                    delivery.headers,
+                    delivery.destination,
+                    delivery.redelivered,
+                    self.transport,
+                )
+            return self._drive(
+                self.processor.steps(
+                    delivery.body,
+                    delivery.headers,
+                    delivery.destination,
+                    delivery.redelivered,
+                    self.transport,
+                ),
+                first,
+            )
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:
+            return exc
+
+    def _drive(
+        self, steps: Generator[_Run | _Write, Any, MessageReport], first: RunResult | None
+    ) -> MessageReport:
+        """:meth:`Processor.process`, with the first handler run's result given (keep the
+        two loops alike)."""
+        processor = self.processor
+        request = next(steps)
+        while True:
+            try:
+                if isinstance(request, _Run):
+                    if first is not None:
+                        result: Any = first
+                        first = None
+                    else:
+                        result = processor._run_sync(request)
+                else:
+                    result = _attempt(processor.transaction_sync, request.job)
+            except BaseException as exc:
+                steps.throw(exc)
+                raise
+            try:
+                request = steps.send(result)
+            except StopIteration as done:
+                report: MessageReport = done.value
+                return report

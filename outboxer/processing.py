@@ -55,7 +55,7 @@ from .store import dead_letters as dead_letter_store
 from .store import inbox as inbox_store
 from .store.dead_letters import NewDeadLetter
 
-__all__ = ["Processor", "lost_database"]
+__all__ = ["Processor", "lost_database", "no_connection"]
 
 log = logging.getLogger("outboxer.consumer")
 
@@ -70,6 +70,13 @@ def lost_database(error: BaseException) -> bool:
     """The database connection went away (restart, failover, network): an outage, not a
     handler failure. SQLAlchemy marks those errors ``connection_invalidated``."""
     return isinstance(error, DBAPIError) and error.connection_invalidated
+
+
+def no_connection(error: BaseException) -> bool:
+    """No connection could be opened (refused, "the database system is starting up", too
+    many clients): the database is down, and nothing was sent to it. SQLAlchemy raises
+    those with no statement."""
+    return isinstance(error, DBAPIError) and error.statement is None
 
 
 @dataclass(frozen=True)
@@ -303,15 +310,19 @@ class Processor:
 
         A job the database refuses falls back to the next. A lost connection is tried
         once more first (a database restart passes; a message that breaks the connection,
-        one larger than the server's packet limit, breaks it again). When the last job
-        fails too, the database is down: that error is raised, and the delivery goes back.
+        one larger than the server's packet limit, breaks it again). A database that
+        cannot be connected to refused nothing: its error is raised at once, and the
+        delivery goes back (falling back then would dead-letter the message for an outage
+        once the server is back). When the last job fails too, that error is raised.
         """
         for index, job in enumerate(jobs):
             error: Exception | None = yield _Write(job)
-            if error is not None and lost_database(error):
+            if error is not None and lost_database(error) and not no_connection(error):
                 error = yield _Write(job)
             if error is None:
                 return index
+            if no_connection(error):
+                raise error  # the database is down, not refusing this row: give it back
             if index == len(jobs) - 1:
                 raise error
             _log_fallback(error)
@@ -323,16 +334,19 @@ class Processor:
         envelope, spec = run.prepared.envelope, run.spec
         event = run.prepared.events[spec.id]
         context = spec.context(envelope, self.name, run.attempt, run.redelivered)
+        connected = False
         try:
             with self.session_factory() as session, session.begin():
-                if not inbox_store.record_inbox(session.connection(), **run.inbox_row(event)):
+                connection = session.connection()
+                connected = True
+                if not inbox_store.record_inbox(connection, **run.inbox_row(event)):
                     return RunResult(HandlerOutcome.DUPLICATE)
                 with handling(envelope), _guarded(session, spec):
                     spec.fn(event, **spec.arguments(event, session, context))
         except (KeyboardInterrupt, SystemExit):
             raise  # a shutdown signal: the runner stops and gives the delivery back
         except BaseException as exc:
-            if lost_database(exc):
+            if lost_database(exc) or (not connected and no_connection(exc)):
                 raise  # not the handler's fault: give the delivery back, spend no attempt
             return RunResult(HandlerOutcome.FAILED, redact(exc))
         return RunResult(HandlerOutcome.PROCESSED)
@@ -342,8 +356,11 @@ class Processor:
         event = run.prepared.events[spec.id]
         context = spec.context(envelope, self.name, run.attempt, run.redelivered)
         row = run.inbox_row(event)
+        connected = False
         try:
             async with self.session_factory() as session, session.begin():
+                await session.connection()
+                connected = True
                 recorded = await session.run_sync(
                     lambda s: inbox_store.record_inbox(s.connection(), **row)
                 )
@@ -358,7 +375,7 @@ class Processor:
                 raise  # the task is cancelled (shutdown), not failed
             return RunResult(HandlerOutcome.FAILED, exc)
         except BaseException as exc:
-            if lost_database(exc):
+            if lost_database(exc) or (not connected and no_connection(exc)):
                 raise
             return RunResult(HandlerOutcome.FAILED, redact(exc))
         return RunResult(HandlerOutcome.PROCESSED)

@@ -89,15 +89,19 @@ def test_a_database_restart_under_a_consumer_applies_each_effect_once(
     # restart is retried through the outbox).
     relay = start_relay(db_url, RABBITMQ_URL, "--poll-interval", "0.2")
     consumer = spawn(command, env=env)
+    handled = False
     try:
         wait_for(lambda: reserved(line) > 200, 60, "the consumer to start")
         restart_postgresql()
         wait_for(lambda: reachable(line.engine), 60, "PostgreSQL to come back")
         wait_for(lambda: reserved(line) >= total, 240, "every message to be handled")
+        handled = True
     finally:
         # SIGTERM lets the messages in progress finish, so what is counted below is final.
         log = stop(consumer)
-        stop(relay)
+        relay_log = stop(relay)
+        if not handled:  # what the processes saw, for the failure report
+            print(f"\n--- outboxer-inbox ---\n{log[-8000:]}\n--- relay ---\n{relay_log[-4000:]}")
     assert_each_order_reserved_once(line, total)
     assert "giving it back" in log, "the consumer should have seen the restart"
     print(f"\ndatabase restart under a consumer: {total} orders, each reserved once")

@@ -24,6 +24,7 @@ from .errors import (
     TransportError,
     UnknownMessageType,
 )
+from .failures import ErrorChannel, Failure
 from .handlers import Context
 from .ids import uuid7
 from .keys import FromBody, FromHeader, from_body, from_header
@@ -50,6 +51,8 @@ __all__ = [
     "DeadLetterNotFound",
     "DecodeError",
     "Envelope",
+    "ErrorChannel",
+    "Failure",
     "FromBody",
     "FromHeader",
     "InvalidHeaders",

@@ -28,7 +28,9 @@ from typing import Any, TypeVar
 
 from sqlalchemy.engine import Connection
 
+from .checks import check_number
 from .errors import ConfigurationError
+from .failures import ErrorChannel, OnFailure, channel_for
 from .handlers import HandlerRegistry, HandlerSpec, build_spec, factory_is_async
 from .instrumentation import TransportDescription
 from .keys import FromHeader
@@ -72,6 +74,7 @@ class Consumer:
         batch_size: int = 20,
         inbox_retention: float = 7 * 24 * 3600,
         dead_letter_retention: float | None = None,
+        on_failure: OnFailure = None,
     ) -> None:
         if not isinstance(name, str) or not name or len(name) > 200:
             raise ConfigurationError(f"a consumer needs a name of 1-200 characters, got {name!r}")
@@ -79,6 +82,10 @@ class Consumer:
             raise ConfigurationError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if retry is not None and not isinstance(retry, Retry):
             raise ConfigurationError(f"retry must be an outboxer.Retry, got {retry!r}")
+        check_number("prefetch", prefetch, whole=True, minimum=1)
+        check_number("inbox_retention", inbox_retention, positive=True)
+        if dead_letter_retention is not None:
+            check_number("dead_letter_retention", dead_letter_retention, positive=True)
         self.name = name
         self.session_factory = session_factory
         self.retry = retry or Retry()
@@ -88,6 +95,13 @@ class Consumer:
         self.dead_letter_retention = dead_letter_retention
         self.is_async = factory_is_async(session_factory, name)
         self.registry = HandlerRegistry(name)
+        self.error_channels: dict[str, ErrorChannel] = {}
+        """Channels registered with :meth:`error_channel`, by name."""
+        if not isinstance(on_failure, str):
+            # A name is resolved when a handler uses it (it is registered after this).
+            channel_for(on_failure, {}, where=f"consumer {name!r}", is_async=self.is_async)
+        self.on_failure = on_failure
+        """The error channel of handlers that name none (:mod:`outboxer.failures`)."""
         self.stats = ConsumerStats()
         """Totals of every run of this consumer."""
         self._stop = StopSignal()
@@ -102,6 +116,7 @@ class Consumer:
         retry: Retry | None = None,
         dedup_key: str | Callable[[Any], object] | FromHeader | None = None,
         destination: str | None = None,
+        on_failure: OnFailure = None,
     ) -> Callable[[F], F]:
         """Register a handler for ``message`` (a registered class, or a type name for dicts).
 
@@ -111,7 +126,9 @@ class Consumer:
         consumer's policy; ``dedup_key`` (a field name, a function of the event, or
         :func:`outboxer.from_header` for a header's value) makes the inbox deduplicate
         on a business key instead of the message id.
-        ``destination`` says where messages of a dict type come from.
+        ``destination`` says where messages of a dict type come from. ``on_failure`` (a
+        function, an :class:`~outboxer.ErrorChannel` or a channel's name) runs when the
+        handler gives up, instead of the consumer's (:mod:`outboxer.failures`).
         """
 
         def register(fn: F) -> F:
@@ -126,7 +143,34 @@ class Consumer:
                 dedup_key,
                 destination,
             )
+            where = f"consumer {self.name!r}, handler {spec.name!r}"
+            spec.error_channel = channel_for(
+                on_failure if on_failure is not None else self.on_failure,
+                self.error_channels,
+                where=where,
+                is_async=self.is_async,
+            )
             self.registry.add(spec)
+            return fn
+
+        return register
+
+    def error_channel(self, name: str, *, dead_letter: bool = True) -> Callable[[F], F]:
+        """Register a named error channel: handlers (or the consumer) then pass
+        ``on_failure=name``. ``dead_letter=False`` runs it instead of the dead-letter store
+        (see :class:`~outboxer.ErrorChannel`). Register it above the handlers that use it.
+        """
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError(f"an error channel needs a name, got {name!r}")
+        if name in self.error_channels:
+            raise ConfigurationError(
+                f"consumer {self.name!r} already has an error channel named {name!r}"
+            )
+
+        def register(fn: F) -> F:
+            channel = ErrorChannel(fn, dead_letter=dead_letter, name=name)
+            channel_for(channel, {}, where=f"consumer {self.name!r}", is_async=self.is_async)
+            self.error_channels[name] = channel
             return fn
 
         return register
@@ -139,6 +183,17 @@ class Consumer:
     def subscription(self) -> Subscription:
         """The queue and bindings this consumer needs from a broker."""
         return self.registry.subscription(self.name, self.prefetch)
+
+    def check_names(self, transport: Transport) -> None:
+        """Raise :class:`~outboxer.errors.InvalidName` if ``transport``'s broker would refuse
+        this consumer's name or one of its destinations (say an SQS queue name with a dot).
+        :meth:`run` checks this before it creates anything."""
+        subscription = self.subscription()
+        transport.validate_name(subscription.queue, f"consumer {self.name!r}: its name")
+        for destination, type_name in subscription.bindings:
+            transport.validate_name(
+                destination, f"consumer {self.name!r}: the destination of {type_name}"
+            )
 
     # Processing one message -----------------------------------------------------------
 
@@ -274,12 +329,17 @@ class Consumer:
 
     def _check_runnable(self, options: RunOptions) -> None:
         if not self.registry:
-            raise ConfigurationError(f"consumer {self.name!r} has no handlers")
-        if options.concurrency < 1:
-            raise ConfigurationError(f"concurrency must be >= 1, got {options.concurrency}")
+            raise ConfigurationError(
+                f"consumer {self.name!r} has no handlers: register one with "
+                "@consumer.handler(MessageType) before running it"
+            )
+        check_number("concurrency", options.concurrency, whole=True, minimum=1)
+        for option in ("idle_timeout", "prune_interval", "extend_after", "extend_by"):
+            check_number(option, getattr(options, option), positive=True)
         self._stop.clear()
 
     async def _run(self, transport: Transport, options: RunOptions) -> ConsumerStats:
+        self.check_names(transport)
         runner = Runner(
             self.name,
             self._processor(),

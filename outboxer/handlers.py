@@ -13,7 +13,7 @@ import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from .errors import ConfigurationError
@@ -21,6 +21,9 @@ from .keys import FromHeader
 from .message import Envelope, MessageType, message_type_for
 from .retry import Retry
 from .transports.base import Subscription
+
+if TYPE_CHECKING:  # failures imports the plan, which imports this module
+    from .failures import ErrorChannel
 
 __all__ = ["Context", "HandlerRegistry", "HandlerSpec", "build_spec", "factory_is_async"]
 
@@ -63,6 +66,8 @@ class HandlerSpec:
     is_async: bool = False
     wants_session: bool = False
     wants_context: bool = False
+    error_channel: ErrorChannel | None = None
+    """Runs when this handler gives up (:mod:`outboxer.failures`); None: dead letter only."""
 
     def dedup_value(self, envelope: Envelope, event: Any) -> str:
         """The inbox key of ``event``: the business key if one is set (from the payload or a

@@ -48,6 +48,8 @@ class HandlerOutcome:
     FAILED = "failed"
     RETRY_SCHEDULED = "retry_scheduled"
     DEAD_LETTERED = "dead_lettered"
+    ERROR_CHANNEL = "error_channel"
+    """Gave up, and an error channel with ``dead_letter=False`` took the message."""
     SKIPPED = "skipped"
 
 

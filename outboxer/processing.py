@@ -24,7 +24,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Generator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, TypeVar
 
@@ -32,7 +32,8 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
 from . import instrumentation, store
-from .errors import HandlerSessionError
+from .failures import Failure, RunChannel, channel_steps
+from .guard import guarded
 from .handlers import HandlerRegistry, HandlerSpec
 from .instrumentation import HandlerOutcome, TransportDescription
 from .intake import Prepared, Rejected, prepare
@@ -108,6 +109,9 @@ class _Write:
     job: Job
 
 
+_Request = _Run | _Write | RunChannel
+
+
 class Processor:
     """Runs a consumer's handlers on one message: :meth:`process` or :meth:`process_async`."""
 
@@ -135,6 +139,8 @@ class Processor:
             try:
                 if isinstance(request, _Run):
                     result: Any = self._run_sync(request)
+                elif isinstance(request, RunChannel):
+                    result = request.run_sync(self.session_factory)
                 else:
                     result = _attempt(self.transaction_sync, request.job)
             except BaseException as exc:
@@ -161,6 +167,8 @@ class Processor:
             try:
                 if isinstance(request, _Run):
                     result: Any = await self._run_async(request)
+                elif isinstance(request, RunChannel):
+                    result = await request.run_async(self.session_factory)
                 else:
                     try:
                         await self.transaction_async(request.job)
@@ -185,7 +193,7 @@ class Processor:
         destination: str,
         redelivered: bool,
         transport: TransportDescription,
-    ) -> Generator[_Run | _Write, Any, MessageReport]:
+    ) -> Generator[_Request, Any, MessageReport]:
         """Everything processing one message does; yields I/O requests, returns the report."""
         prepared = prepare(body, headers, destination, self.name, self.registry)
         if isinstance(prepared, Rejected):
@@ -204,7 +212,7 @@ class Processor:
 
     def _handler_steps(
         self, spec: HandlerSpec, prepared: Prepared, redelivered: bool, outcomes: dict[str, str]
-    ) -> Generator[_Run | _Write, Any, None]:
+    ) -> Generator[_Request, Any, None]:
         tracer = instrumentation.get()
         envelope = prepared.envelope
         plan = handler_plan(spec.retry, prepared.first_attempt)
@@ -226,12 +234,13 @@ class Processor:
                 elif isinstance(step, GiveUp):
                     label = yield from self._give_up(spec, prepared, step)
                     step = _advance(plan, None, outcomes, spec)
+                    outcomes[spec.name] = label
                 span.set_attribute("outboxer.handler.outcome", label)
             tracer.handler_done(spec.id, label, time.perf_counter() - started)
 
     def _schedule_retry(
         self, spec: HandlerSpec, prepared: Prepared, step: ScheduleRetry
-    ) -> Generator[_Run | _Write, Any, str]:
+    ) -> Generator[_Request, Any, str]:
         tracer = instrumentation.get()
         envelope = prepared.envelope
         with tracer.step("retry", envelope, {"outboxer.handler": spec.id}) as span:
@@ -265,12 +274,30 @@ class Processor:
 
     def _give_up(
         self, spec: HandlerSpec, prepared: Prepared, step: GiveUp
-    ) -> Generator[_Run | _Write, Any, str]:
+    ) -> Generator[_Request, Any, str]:
         tracer = instrumentation.get()
         envelope = prepared.envelope
         attributes = {"outboxer.handler": spec.id, "error.type": error_type_name(step.error)}
         with tracer.step("dead_letter", envelope, attributes) as span:
             row = handler_dead_letter(envelope, spec, self.name, step, span.trace_headers())
+            channel = spec.error_channel
+            if channel is not None:
+                span.set_attribute("outboxer.error_channel", channel.name)
+                event = prepared.events[spec.id]
+                failure = Failure(
+                    event, envelope, step.error, step.attempt, self.name, spec.name, step.reason
+                )
+                inbox = _Run(spec, prepared, step.attempt, False).inbox_row(event)
+                handled, note = yield from channel_steps(
+                    channel,
+                    failure,
+                    spec.id,
+                    dead_letter=partial(dead_letter_store.insert_dead_letters, rows=[row]),
+                    inbox=partial(inbox_store.record_inbox, **inbox),
+                )
+                if handled is not None:
+                    return handled
+                row = replace(row, error_message=f"{row.error_message}; {note}")
             yield from self._park(row, envelope.destination)
         log.warning(
             "handler %s gave up on message %s after %s (%s): %s",
@@ -282,7 +309,7 @@ class Processor:
         )
         return HandlerOutcome.DEAD_LETTERED
 
-    def _park(self, row: NewDeadLetter, destination: str) -> Generator[_Run | _Write, Any, int]:
+    def _park(self, row: NewDeadLetter, destination: str) -> Generator[_Request, Any, int]:
         """Write ``row``; if the database refuses it, a quarantine row in its place."""
         return (yield from self._first_written(*self._park_jobs(row, destination)))
 
@@ -305,7 +332,7 @@ class Processor:
             partial(dead_letter_store.insert_dead_letters, rows=[last_resort]),
         )
 
-    def _first_written(self, *jobs: Job) -> Generator[_Run | _Write, Any, int]:
+    def _first_written(self, *jobs: Job) -> Generator[_Request, Any, int]:
         """Write the first of ``jobs`` the database takes; returns its index.
 
         A job the database refuses falls back to the next. A lost connection is tried
@@ -341,7 +368,7 @@ class Processor:
                 connected = True
                 if not inbox_store.record_inbox(connection, **run.inbox_row(event)):
                     return RunResult(HandlerOutcome.DUPLICATE)
-                with handling(envelope), _guarded(session, spec):
+                with handling(envelope), guarded(session, spec):
                     spec.fn(event, **spec.arguments(event, session, context))
         except (KeyboardInterrupt, SystemExit):
             raise  # a shutdown signal: the runner stops and gives the delivery back
@@ -366,7 +393,7 @@ class Processor:
                 )
                 if not recorded:
                     return RunResult(HandlerOutcome.DUPLICATE)
-                with handling(envelope), _guarded(session.sync_session, spec):
+                with handling(envelope), guarded(session.sync_session, spec):
                     await spec.fn(event, **spec.arguments(event, session, context))
         except (KeyboardInterrupt, SystemExit):
             raise
@@ -390,39 +417,6 @@ class Processor:
         async with self.session_factory() as session, session.begin():
             result: T = await session.run_sync(lambda s: fn(s.connection()))
             return result
-
-
-class _guarded:
-    """While the handler runs, its session refuses ``commit()`` and ``rollback()``."""
-
-    def __init__(self, session: Any, spec: HandlerSpec) -> None:
-        self.session = session
-        self.spec = spec
-
-    def __enter__(self) -> None:
-        handler = self.spec.id
-
-        def commit() -> None:
-            raise HandlerSessionError(
-                f"handler {handler} called session.commit(): outboxer commits the handler's "
-                "session, with its inbox row, when the handler returns; remove the commit "
-                "(use session.flush() to send the writes early)"
-            )
-
-        def rollback() -> None:
-            raise HandlerSessionError(
-                f"handler {handler} called session.rollback(): raise an exception instead "
-                "(the run is rolled back and retried), or use session.begin_nested() for a "
-                "part that may fail on its own"
-            )
-
-        # Instance attributes: they shadow the methods for this session only.
-        setattr(self.session, "commit", commit)  # noqa: B010
-        setattr(self.session, "rollback", rollback)  # noqa: B010
-
-    def __exit__(self, *exc: object) -> None:
-        vars(self.session).pop("commit", None)
-        vars(self.session).pop("rollback", None)
 
 
 def _attempt(transaction: Callable[[Job], Any], job: Job) -> Exception | None:

@@ -29,6 +29,8 @@ class ConsumerStats:
     duplicates: int = 0
     retries_scheduled: int = 0
     dead_lettered: int = 0
+    error_channel: int = 0
+    """Handlers that gave up on a message an error channel took instead of the dead letters."""
     rejected: int = 0
     failed_deliveries: int = 0
     """Deliveries given back to the broker because bookkeeping failed (e.g. database down)."""
@@ -47,3 +49,5 @@ class ConsumerStats:
                 self.retries_scheduled += 1
             elif outcome == HandlerOutcome.DEAD_LETTERED:
                 self.dead_lettered += 1
+            elif outcome == HandlerOutcome.ERROR_CHANNEL:
+                self.error_channel += 1

@@ -34,6 +34,12 @@ class Backoff:
     jitter: float = 0.1
 
     def __post_init__(self) -> None:
+        for name in ("initial", "multiplier", "max_delay", "jitter"):
+            value = getattr(self, name)
+            _check(
+                isinstance(value, (int, float)) and not isinstance(value, bool),
+                f"{name} must be a number of seconds or a factor, got {value!r}",
+            )
         _check(self.initial > 0 and math.isfinite(self.initial), "initial delay must be > 0")
         _check(self.multiplier >= 1, "multiplier must be >= 1")
         _check(self.max_delay >= self.initial, "max_delay must be >= the initial delay")
@@ -64,36 +70,93 @@ class Decision:
     """For GIVE_UP: ``non_retryable`` or ``exhausted``."""
 
 
-@dataclass(frozen=True)
+_DEFAULT_MAX_ATTEMPTS = 3
+
+
+@dataclass(frozen=True, init=False)
 class Retry:
     """A handler's retry policy.
 
-    ``max_attempts`` counts every run of the handler, the first included. After a
-    failure, the first ``instant`` retries run at once, in process; later ones travel
-    through the outbox after ``initial_delay * multiplier**k`` seconds (jittered by
-    ``jitter``, each capped at ``max_delay``). Only exceptions that are instances of
+    ``max_attempts`` counts every run of the handler, the first included;
+    ``max_retries`` is the alternative that counts only the runs after the first (as
+    Ecotone's ``maxAttempts`` and Celery's ``max_retries`` do): ``max_retries=2`` is
+    ``max_attempts=3``. Give one of them, not both (the default is ``max_attempts=3``).
+    After a failure, the first ``instant`` retries run at once, in process; later ones
+    travel through the outbox after ``initial_delay * multiplier**k`` seconds (jittered
+    by ``jitter``, each capped at ``max_delay``). Only exceptions that are instances of
     ``retry_on`` are retried; any other goes straight to the dead letter table.
     """
 
-    max_attempts: int = 3
-    initial_delay: float = 1.0
-    multiplier: float = 2.0
-    max_delay: float = 300.0
-    jitter: float = 0.1
-    retry_on: tuple[type[BaseException], ...] = (Exception,)
-    instant: int = 0
+    max_attempts: int
+    initial_delay: float
+    multiplier: float
+    max_delay: float
+    jitter: float
+    retry_on: tuple[type[BaseException], ...]
+    instant: int
     _backoff: Backoff = field(init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
+    def __init__(
+        self,
+        max_attempts: int | None = None,
+        initial_delay: float = 1.0,
+        multiplier: float = 2.0,
+        max_delay: float = 300.0,
+        jitter: float = 0.1,
+        retry_on: tuple[type[BaseException], ...] | type[BaseException] = (Exception,),
+        instant: int = 0,
+        *,
+        max_retries: int | None = None,
+    ) -> None:
+        if max_attempts is not None and max_retries is not None:
+            raise RetryConfigError(
+                f"Retry(max_attempts={max_attempts!r}, max_retries={max_retries!r}): give one "
+                "of them (max_attempts counts every run, max_retries the runs after the "
+                "first; max_retries=N is max_attempts=N+1)"
+            )
+        if max_retries is not None:
+            _check(
+                _whole(max_retries) and max_retries >= 0,
+                f"max_retries must be a whole number >= 0 (it counts the runs after the "
+                f"first), got {max_retries!r}",
+            )
+            max_attempts = max_retries + 1
+        elif max_attempts is None:
+            max_attempts = _DEFAULT_MAX_ATTEMPTS
+        values = {
+            "max_attempts": max_attempts,
+            "initial_delay": initial_delay,
+            "multiplier": multiplier,
+            "max_delay": max_delay,
+            "jitter": jitter,
+            "retry_on": retry_on,
+            "instant": instant,
+        }
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+        self._validate(counted_as="max_retries" if max_retries is not None else "max_attempts")
+
+    @property
+    def max_retries(self) -> int:
+        """The runs allowed after the first: ``max_attempts - 1``."""
+        return self.max_attempts - 1
+
+    def _validate(self, counted_as: str) -> None:
         _check(
-            isinstance(self.max_attempts, int) and self.max_attempts >= 1,
-            f"max_attempts must be a whole number >= 1 (it counts the first run), "
-            f"got {self.max_attempts!r}",
+            _whole(self.max_attempts) and self.max_attempts >= 1,
+            f"max_attempts must be a whole number >= 1 (it counts the first run; "
+            f"max_retries=0 is the same as max_attempts=1), got {self.max_attempts!r}",
         )
         _check(
-            isinstance(self.instant, int) and self.instant >= 0,
+            _whole(self.instant) and self.instant >= 0,
             f"instant must be a whole number >= 0, got {self.instant!r}",
         )
+        if counted_as == "max_retries":
+            _check(
+                self.instant <= self.max_retries,
+                f"instant={self.instant} retries need max_retries >= {self.instant}, "
+                f"got {self.max_retries}",
+            )
         _check(
             self.instant < self.max_attempts,
             f"instant={self.instant} retries need max_attempts >= {self.instant + 1} "
@@ -108,6 +171,12 @@ class Retry:
             and all(isinstance(t, type) and issubclass(t, BaseException) for t in retry_on),
             f"retry_on must be exception classes, got {self.retry_on!r}",
         )
+        for name in ("initial_delay", "multiplier", "max_delay", "jitter"):
+            value = getattr(self, name)
+            _check(
+                isinstance(value, (int, float)) and not isinstance(value, bool),
+                f"{name} must be a number, got {value!r}",
+            )
         try:
             backoff = Backoff(self.initial_delay, self.multiplier, self.max_delay, self.jitter)
         except RetryConfigError as exc:
@@ -161,6 +230,10 @@ class CircuitBreaker:
     @property
     def is_open(self) -> bool:
         return self.failures > 0
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check(condition: bool, message: str) -> None:

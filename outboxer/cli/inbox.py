@@ -194,12 +194,7 @@ def loop_key(consumer: Consumer) -> str:
 def validate_names(consumer: Consumer, transport: Transport) -> None:
     """The consumer's name and its types' destinations are names this broker accepts
     (:class:`~outboxer.errors.InvalidName` otherwise: exit 3, before anything is created)."""
-    subscription = consumer.subscription()
-    transport.validate_name(subscription.queue, f"consumer {consumer.name!r}: its name")
-    for destination, type_name in subscription.bindings:
-        transport.validate_name(
-            destination, f"consumer {consumer.name!r}: the destination of {type_name}"
-        )
+    consumer.check_names(transport)
 
 
 def consumer_database_check(consumer: Consumer) -> Check:

@@ -26,6 +26,7 @@ from sqlalchemy import create_engine
 from sqlalchemy.engine import Connection, Engine, make_url
 
 from .. import instrumentation
+from ..checks import check_number
 from ..errors import ConfigurationError
 from ..retry import Backoff, CircuitBreaker
 from ..store import relay as relay_store
@@ -74,14 +75,21 @@ class Relay:
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
     ) -> None:
-        _require(batch_size >= 1, f"batch_size must be >= 1, got {batch_size}")
-        _require(max_attempts >= 1, f"max_attempts must be >= 1, got {max_attempts}")
+        check_number("batch_size", batch_size, whole=True, minimum=1)
+        check_number("max_attempts", max_attempts, whole=True, minimum=1)
+        check_number("unroutable_attempts", unroutable_attempts, whole=True, minimum=1)
+        for setting, seconds in (
+            ("lease", lease),
+            ("poll_interval", poll_interval),
+            ("prune_interval", prune_interval),
+        ):
+            check_number(setting, seconds, positive=True)
+        if retention is not None:
+            check_number("retention", retention, minimum=0)
         _require(
-            unroutable_attempts >= 1, f"unroutable_attempts must be >= 1, got {unroutable_attempts}"
-        )
-        _require(lease > 0 and poll_interval > 0, "lease and poll_interval must be > 0 seconds")
-        _require(
-            retention is None or retention >= 0, f"retention must be >= 0 seconds, got {retention}"
+            isinstance(backoff, Backoff),
+            f"backoff must be an outboxer.Backoff(initial, multiplier, max_delay, jitter), "
+            f"got {backoff!r}",
         )
         _require(
             destinations is None or (bool(destinations) and not isinstance(destinations, str)),

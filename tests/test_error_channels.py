@@ -210,7 +210,7 @@ def test_error_channel_mistakes_raise_at_registration(Session: SessionFactory) -
 
     async def async_alert(failure: outboxer.Failure) -> None: ...
 
-    with pytest.raises(outboxer.ConfigurationError, match="async def.*make it 'def'"):
+    with pytest.raises(outboxer.ConfigurationError, match=r"async def.*make it 'def'"):
         outboxer.Consumer(Session, name="x", on_failure=async_alert)
     with pytest.raises(outboxer.ConfigurationError, match="outboxer cannot supply"):
         outboxer.ErrorChannel(lambda failure, pager: None)

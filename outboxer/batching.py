@@ -25,18 +25,19 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.exc import PendingRollbackError
 
 from . import instrumentation
+from .guard import guarded
 from .handlers import HandlerSpec
 from .instrumentation import HandlerOutcome, TransportDescription
 from .intake import Prepared, prepare
 from .plan import RunResult
-from .processing import Processor, _attempt, _guarded, _Run, _Write
+from .processing import Processor
 from .publishing import handling
 from .redaction import redact
 from .reports import MessageReport
@@ -207,7 +208,7 @@ class Batcher:
             envelope, self.processor.name, prepared.first_attempt, item.delivery.redelivered
         )
         try:
-            with handling(envelope), _guarded(session, spec):
+            with handling(envelope), guarded(session, spec):
                 spec.fn(event, **spec.arguments(event, session, context))
         except (KeyboardInterrupt, SystemExit):
             raise
@@ -221,51 +222,15 @@ class Batcher:
         """The one-message path; ``first`` is the result of its handler's first run,
         when a failed batch ran it already."""
         try:
-            if first is None:
-                return self.processor.process(
-                    delivery.body,
-                    delivery.headers,
-                    delivery.destination,
-                    delivery.redelivered,
-                    self.transport,
-                )
-            return self._drive(
-                self.processor.steps(
-                    delivery.body,
-                    delivery.headers,
-                    delivery.destination,
-                    delivery.redelivered,
-                    self.transport,
-                ),
+            return self.processor.process(
+                delivery.body,
+                delivery.headers,
+                delivery.destination,
+                delivery.redelivered,
+                self.transport,
                 first,
             )
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as exc:
             return exc
-
-    def _drive(
-        self, steps: Generator[_Run | _Write, Any, MessageReport], first: RunResult | None
-    ) -> MessageReport:
-        """:meth:`Processor.process`, with the first handler run's result given (keep the
-        two loops alike)."""
-        processor = self.processor
-        request = next(steps)
-        while True:
-            try:
-                if isinstance(request, _Run):
-                    if first is not None:
-                        result: Any = first
-                        first = None
-                    else:
-                        result = processor._run_sync(request)
-                else:
-                    result = _attempt(processor.transaction_sync, request.job)
-            except BaseException as exc:
-                steps.throw(exc)
-                raise
-            try:
-                request = steps.send(result)
-            except StopIteration as done:
-                report: MessageReport = done.value
-                return report

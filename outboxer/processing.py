@@ -131,14 +131,19 @@ class Processor:
         destination: str,
         redelivered: bool,
         transport: TransportDescription,
+        first: RunResult | None = None,
     ) -> MessageReport:
-        """Carry out :meth:`steps` with sync sessions."""
+        """Carry out :meth:`steps` with sync sessions. ``first``: the result of the first
+        handler run, when it happened already (a failed batch ran it)."""
         steps = self.steps(body, headers, destination, redelivered, transport)
         request = next(steps)
         while True:
             try:
-                if isinstance(request, _Run):
-                    result: Any = self._run_sync(request)
+                if isinstance(request, _Run) and first is not None:
+                    result: Any = first
+                    first = None
+                elif isinstance(request, _Run):
+                    result = self._run_sync(request)
                 elif isinstance(request, RunChannel):
                     result = request.run_sync(self.session_factory)
                 else:

@@ -9,7 +9,9 @@ runs (:mod:`outboxer.store.liveness`). Every ``interval`` seconds it
   rows, so it starts again under a new id (its batches in flight keep their tokens);
 * refreshes its heartbeat, and the list of relays that are registered but hold no lock:
   their leases are free at once, instead of after ``lease`` seconds;
-* forgets relays dead for longer than a lease (none of their leases can be left).
+* forgets relays dead for longer than a lease (none of their leases can be left);
+* counts the live relays and its rank among them, so that relays share the keys
+  (:attr:`Liveness.share`).
 """
 
 from __future__ import annotations
@@ -38,12 +40,19 @@ class Liveness:
         self.relay_id = _new_id()
         self._connection: Connection | None = None
         self._dead: tuple[str, ...] = ()
+        self._share: tuple[int, int] | None = None
         self._lock = threading.Lock()
 
     @property
     def dead(self) -> tuple[str, ...]:
         """Ids of relays whose leases are free because they are gone."""
         return self._dead
+
+    @property
+    def share(self) -> tuple[int, int] | None:
+        """(this relay's rank, the number of live relays) when several relays run, else None:
+        each relay prefers the keys of its own share (see :mod:`outboxer.store.claims`)."""
+        return self._share
 
     def start(self) -> None:
         """Register and take the lock (under a fresh id if this one is taken)."""
@@ -87,6 +96,8 @@ class Liveness:
             if new:
                 log.info("relays gone, their leases are free: %s", ", ".join(new))
         self._dead = tuple(dead)
+        live = sorted({*liveness_store.registered(connection), self.relay_id} - set(dead))
+        self._share = (live.index(self.relay_id), len(live)) if len(live) > 1 else None
 
     def stop(self) -> None:
         """Deregister and drop the lock."""

@@ -134,6 +134,7 @@ class Run:
             in_flight=in_flight,
             dead=relay.liveness.dead,
             destinations=relay.destinations,
+            share=relay.liveness.share,
         )
         started = time.perf_counter()
         with relay.connect() as connection:

@@ -9,7 +9,12 @@ Claiming (see docs/relay.md, "Ordering", for the reasoning):
    long as they are due and free: a key's run is taken as one piece, and stops before the
    first row that must wait.
 3. **Lease**: ``locked_by``/``locked_until`` on everything taken, under the batch's token.
-4. **Parking**, when the window held fewer heads than wanted: a key whose earliest pending
+4. **Sharing**, when several relays run: each looks first for heads among the keys of its
+   own share (:func:`~outboxer.store.leases.in_share`), then, finding none, among all.
+   Without it a key stays with the relay that first took it: that relay's rows in flight
+   hold the key back for every other relay, and its next claim takes the key's next rows.
+   The share only narrows where a claim looks; the rules above keep the order.
+5. **Parking**, when the window held fewer heads than wanted: a key whose earliest pending
    row is not due (a delay, a backoff) cannot send any of its later rows before that row,
    so those rows get its due time. They leave the due window, which therefore never fills
    up with rows that cannot go, and other keys keep moving. A key whose earliest pending
@@ -35,7 +40,7 @@ from sqlalchemy.engine import Connection
 
 from ..tables import outbox
 from .clock import clock_params, later, now
-from .leases import LeaseScope, for_destinations, free, holds_back, is_in
+from .leases import LeaseScope, for_destinations, free, holds_back, in_share, is_in
 from .relay import SENT_COLUMNS, Claimed, claimed_from_row
 
 __all__ = ["autocommit", "claim_batch"]
@@ -57,7 +62,26 @@ def claim_batch(
     (PostgreSQL: every step is one atomic statement, so none is needed at all).
     """
     name = connection.dialect.name
-    sql = _statements(name, scope.destinations is not None)
+    if scope.share is not None and name != "sqlite":
+        # Several relays: take the keys of this relay's share first, so that a key does
+        # not stick to the relay that happened to take it first. Nothing there: any key.
+        shared = _claim(connection, name, scope, True, limit, lease_seconds, owner, window)
+        if shared:
+            return shared
+    return _claim(connection, name, scope, False, limit, lease_seconds, owner, window)
+
+
+def _claim(
+    connection: Connection,
+    name: str,
+    scope: LeaseScope,
+    shared: bool,
+    limit: int,
+    lease_seconds: float,
+    owner: str,
+    window: int | None,
+) -> list[Claimed]:
+    sql = _statements(name, scope.destinations is not None, shared)
     params = {**scope.params(), **clock_params(name, lease=lease_seconds)}
     params["owner"] = owner
     params["window"] = params["scan"] = window or max(4 * limit, 1000)
@@ -226,7 +250,7 @@ class _Statements:
 
 
 @cache
-def _statements(name: str, filtered: bool) -> _Statements:
+def _statements(name: str, filtered: bool, shared: bool = False) -> _Statements:
     current = now(name)
     due = outbox.c.available_at <= current
     ready = and_(due, free(name))
@@ -252,7 +276,7 @@ def _statements(name: str, filtered: bool) -> _Statements:
         )
     prefix = (
         select(outbox.c.id, outbox.c.message_key, outbox.c.available_at)
-        .where(ready)
+        .where(and_(ready, in_share(name)) if shared else ready)
         .order_by(outbox.c.available_at, outbox.c.id)
         .limit(bindparam("scan", type_=BigInteger()))
         .subquery("s")

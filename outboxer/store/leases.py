@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import String, and_, any_, bindparam, func, or_
+from sqlalchemy import Integer, String, and_, any_, bindparam, case, func, or_
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -35,6 +35,7 @@ __all__ = [
     "LeaseScope",
     "free",
     "holds_back",
+    "in_share",
     "is_in",
     "relay_of",
     "token",
@@ -66,6 +67,8 @@ class LeaseScope:
     """Ids of relays known to be dead: their leases are free."""
     destinations: Sequence[str] | None = None
     """Only rows for these destinations (None: all)."""
+    share: tuple[int, int] | None = None
+    """(rank, count): prefer the keys whose hash modulo ``count`` is ``rank`` (None: all)."""
 
     def params(self) -> dict[str, Any]:
         return {
@@ -73,6 +76,8 @@ class LeaseScope:
             "in_flight": list(self.in_flight),
             "dead": list(self.dead),
             "destinations": list(self.destinations or ()),
+            "share_rank": self.share[0] if self.share else 0,
+            "share_count": self.share[1] if self.share else 1,
         }
 
 
@@ -104,6 +109,21 @@ def holds_back(dialect: str, table: Any) -> ColumnElement[bool]:
     """A pending row of ``table`` (an alias of the outbox) holds back later rows of its key:
     every pending row does, except the claiming relay's own rows in flight."""
     return or_(table.c.locked_by.is_(None), ~is_in(dialect, table.c.locked_by, "in_flight"))
+
+
+def in_share(dialect: str, table: Any = outbox) -> ColumnElement[bool]:
+    """The row belongs to the claiming relay's share: its key's hash (a keyless row: its id)
+    modulo ``share_count`` is ``share_rank``. Every relay computes the same hash in the
+    database, so the shares of live relays that agree on their count do not overlap."""
+    count = bindparam("share_count", type_=Integer())
+    rank = bindparam("share_rank", type_=Integer())
+    if dialect == "postgresql":
+        hashed: Any = func.hashtext(table.c.message_key).op("&")(0x7FFFFFFF)
+    else:
+        hashed = func.crc32(table.c.message_key)
+    return case(
+        (table.c.message_key.is_(None), table.c.id % count == rank), else_=hashed % count == rank
+    )
 
 
 def for_destinations(dialect: str, table: Any = outbox) -> ColumnElement[bool]:

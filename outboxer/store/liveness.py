@@ -20,7 +20,15 @@ from sqlalchemy.engine import Connection
 from ..tables import relays
 from .clock import db_now, db_now_plus
 
-__all__ = ["dead_relays", "deregister", "forget", "heartbeat", "lock", "register"]
+__all__ = [
+    "dead_relays",
+    "deregister",
+    "forget",
+    "heartbeat",
+    "lock",
+    "register",
+    "registered",
+]
 
 _PG_NAMESPACE = 0x6F627831
 """First key of outboxer's two-key advisory locks ('obx1'); the second comes from the id."""
@@ -78,6 +86,12 @@ def forget(connection: Connection, relay_ids: list[str]) -> None:
     if relay_ids:
         with connection.begin():
             connection.execute(delete(relays).where(relays.c.relay_id.in_(relay_ids)))
+
+
+def registered(connection: Connection) -> list[str]:
+    """The ids of every registered relay, alive or not."""
+    with connection.begin():
+        return list(connection.execute(select(relays.c.relay_id)).scalars())
 
 
 def dead_relays(connection: Connection, me: str) -> dict[str, datetime]:

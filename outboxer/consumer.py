@@ -117,6 +117,7 @@ class Consumer:
         dedup_key: str | Callable[[Any], object] | FromHeader | None = None,
         destination: str | None = None,
         on_failure: OnFailure = None,
+        transactional: bool = True,
     ) -> Callable[[F], F]:
         """Register a handler for ``message`` (a registered class, or a type name for dicts).
 
@@ -129,7 +130,12 @@ class Consumer:
         ``destination`` says where messages of a dict type come from. ``on_failure`` (a
         function, an :class:`~outboxer.ErrorChannel` or a channel's name) runs when the
         handler gives up, instead of the consumer's (:mod:`outboxer.failures`).
+        ``transactional=False`` runs the handler outside any database transaction and
+        writes its inbox row after it returns (:mod:`outboxer.untransacted`): a crash in
+        between repeats the call, so pass ``context.message_id`` as its idempotency key.
         """
+        if not isinstance(transactional, bool):
+            raise ConfigurationError(f"transactional must be True or False, got {transactional!r}")
 
         def register(fn: F) -> F:
             spec = build_spec(
@@ -150,6 +156,7 @@ class Consumer:
                 where=where,
                 is_async=self.is_async,
             )
+            spec.transactional = transactional
             self.registry.add(spec)
             return fn
 

@@ -68,6 +68,9 @@ class HandlerSpec:
     wants_context: bool = False
     error_channel: ErrorChannel | None = None
     """Runs when this handler gives up (:mod:`outboxer.failures`); None: dead letter only."""
+    transactional: bool = True
+    """False: the handler runs outside any transaction, its inbox row written after it
+    returns (:mod:`outboxer.untransacted`)."""
 
     def dedup_value(self, envelope: Envelope, event: Any) -> str:
         """The inbox key of ``event``: the business key if one is set (from the payload or a

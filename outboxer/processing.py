@@ -55,6 +55,7 @@ from .reports import MessageReport
 from .store import dead_letters as dead_letter_store
 from .store import inbox as inbox_store
 from .store.dead_letters import NewDeadLetter
+from .untransacted import run_untransacted_async, run_untransacted_sync
 
 __all__ = ["Processor", "lost_database", "no_connection"]
 
@@ -368,6 +369,10 @@ class Processor:
         context = spec.context(envelope, self.name, run.attempt, run.redelivered)
         connected = False
         try:
+            if not spec.transactional:
+                return run_untransacted_sync(
+                    self.session_factory, spec, event, context, envelope, run.inbox_row(event)
+                )
             with self.session_factory() as session, session.begin():
                 connection = session.connection()
                 connected = True
@@ -390,6 +395,10 @@ class Processor:
         row = run.inbox_row(event)
         connected = False
         try:
+            if not spec.transactional:
+                return await run_untransacted_async(
+                    self.session_factory, spec, event, context, envelope, row
+                )
             async with self.session_factory() as session, session.begin():
                 await session.connection()
                 connected = True

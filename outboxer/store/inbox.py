@@ -155,6 +155,17 @@ def _insert_many(dialect: Dialect, count: int) -> Compiled:
     return Compiled.of(stmt, dialect)
 
 
+def inbox_has(connection: Connection, *, handler: str, dedup_key: str) -> bool:
+    """Whether ``handler`` has an inbox row for ``dedup_key`` (a handler without a
+    transaction looks before it runs; :func:`record_inbox` writes the row after)."""
+    found = connection.execute(
+        select(inbox.c.handler).where(
+            inbox.c.handler == handler, inbox.c.dedup_key == stored_key(dedup_key)
+        )
+    ).first()
+    return found is not None
+
+
 @cache
 def _insert_if_absent(dialect: Dialect) -> Compiled:
     """Compiled once per dialect: this runs once per handler per message."""

@@ -7,8 +7,8 @@ publisher confirms, so the broker holds them all before the clock starts), then 
 contestant drains it; the clock stops when the database holds every handler row
 (committed, polled every 10 ms). Contestants alternate order from round to round:
 
-* ``hand-written``: pika ``BlockingConnection``, ``basic_consume`` with the consumer's
-  prefetch, per message: ``json.loads``, one ``Session.begin()`` with the handler's
+* ``hand-written``: pika ``BlockingConnection``, ``basic_consume`` with the prefetch
+  outboxer uses, per message: ``json.loads``, one ``Session.begin()`` with the handler's
   INSERT, commit, ``basic_ack``;
 * ``outboxer``: ``Consumer.run(concurrency=4)``, the settings ``outboxer-inbox`` runs
   with by default (batching on, ``batch_size`` 20);
@@ -143,7 +143,7 @@ def run(rounds: int = 7, messages: int = 3000) -> list[Figure]:
         transport = outboxer.transport_from_url(RABBITMQ_URL)
         transport.receiver(default.subscription()).close()  # the queue and its bindings
         contestants: dict[str, Callable[[int], float]] = {
-            "hand-written": lambda n: hand_written(engine, name, n, default.prefetch),
+            "hand-written": lambda n: hand_written(engine, name, n, default.prefetch_for(4)),
             **{
                 label: (lambda n, c=consumer: with_outboxer(c, transport, engine, n))
                 for label, consumer in consumers.items()

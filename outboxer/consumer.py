@@ -48,6 +48,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 _NO_TRANSPORT = TransportDescription("none")
 _PRUNE_BATCH = 1000
+_DEFAULT_PREFETCH = 50
 
 
 class Consumer:
@@ -59,7 +60,9 @@ class Consumer:
     default policy of its handlers. A worker takes up to ``batch_size`` waiting
     deliveries at once and runs those of one handler in one transaction, falling back to
     one message at a time on any failure (:mod:`outboxer.batching`; 1 turns batching
-    off). Inbox rows older than ``inbox_retention`` seconds
+    off). ``prefetch`` is how many deliveries a run holds at once (received, in
+    progress or waiting for a worker); by default 50, or two batches per worker when that
+    is more (``2 * concurrency * batch_size``). Inbox rows older than ``inbox_retention`` seconds
     (default 7 days) are pruned by the running consumer, and dead letters older than
     ``dead_letter_retention`` when it is set.
     """
@@ -70,7 +73,7 @@ class Consumer:
         *,
         name: str,
         retry: Retry | None = None,
-        prefetch: int = 50,
+        prefetch: int | None = None,
         batch_size: int = 20,
         inbox_retention: float = 7 * 24 * 3600,
         dead_letter_retention: float | None = None,
@@ -187,9 +190,15 @@ class Consumer:
         """The registered handlers."""
         return self.registry.all()
 
-    def subscription(self) -> Subscription:
+    def subscription(self, concurrency: int = 1) -> Subscription:
         """The queue and bindings this consumer needs from a broker."""
-        return self.registry.subscription(self.name, self.prefetch)
+        return self.registry.subscription(self.name, self.prefetch_for(concurrency))
+
+    def prefetch_for(self, concurrency: int) -> int:
+        """The deliveries a run with ``concurrency`` workers holds at once."""
+        if self.prefetch is not None:
+            return self.prefetch
+        return max(_DEFAULT_PREFETCH, 2 * concurrency * self.batch_size)
 
     def check_names(self, transport: Transport) -> None:
         """Raise :class:`~outboxer.errors.InvalidName` if ``transport``'s broker would refuse
@@ -352,7 +361,7 @@ class Consumer:
             self._processor(),
             self.is_async,
             transport,
-            self.subscription(),
+            self.subscription(options.concurrency),
             options,
             self._stop,
             self.prune_async if self.is_async else self._prune_in_thread,

@@ -9,6 +9,7 @@ DeleteMessageBatch on SQS), and a batch redelivered after a crash before its ack
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -182,6 +183,26 @@ def test_duplicates_in_and_across_batches_have_each_effect_once(line: Line) -> N
     assert (stats.messages, stats.processed, stats.duplicates) == (8, 2, 6)
     assert line.calls == {0: 1, 1: 1, 2: 1, 3: 1, 9: 1}
     assert line.effects() == {**{str(i): 1 for i in (0, 1, 2, 3, 9)}, "refund-7": 1}
+
+
+def test_what_a_handler_publishes_in_a_batch_is_caused_by_its_own_message(
+    engine: Engine, Session: Any
+) -> None:
+    line = Line(engine, Session, batch_size=20)
+
+    @line.consumer.handler(OrderPlaced)
+    def reserve(event: OrderPlaced, session: outboxer.OutboxSession) -> None:
+        session.publish(RefundRequested(order_id=event.order_id))
+
+    sent = [envelope_of(OrderPlaced(order_id=i)) for i in range(6)]
+    line.inject(*sent)
+    line.commits = 0
+    assert line.consume().processed == 6
+    assert line.commits == 1
+    with engine.connect() as conn:
+        rows = conn.execute(select(outboxer.outbox.c.payload, outboxer.outbox.c.causation_id))
+        caused = {json.loads(payload)["order_id"]: cause for payload, cause in rows}
+    assert caused == {i: str(envelope.message_id) for i, envelope in enumerate(sent)}
 
 
 def test_a_handler_that_raises_keyboardinterrupt_in_a_batch_stops_and_gives_back(

@@ -27,6 +27,7 @@ from .options import (
 )
 from .receiver import _SQSReceiver, log
 from .sending import deduplication_id, encode_message, group_id
+from .sharing import shared_queues, sharing_warning
 
 if TYPE_CHECKING:
     from mypy_boto3_sqs.client import SQSClient
@@ -130,6 +131,7 @@ class SQSTransport(Transport):
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._closed = False
         self._receivers: weakref.WeakSet[_SQSReceiver] = weakref.WeakSet()
+        self._warned: set[tuple[str, str]] = set()
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> SQSTransport:
@@ -241,7 +243,21 @@ class SQSTransport(Transport):
     # Receiving ----------------------------------------------------------------------------
 
     def receiver(self, subscription: Subscription) -> Receiver:
-        return self.receive_from(subscription.destinations)
+        """The consumer's queue and its types' destination queues (created if missing).
+
+        A destination queue another consumer reads too gets one warning per process
+        (:mod:`outboxer.transports.sqs.sharing`): they would split its messages.
+        """
+        receiver = self.receive_from(subscription.destinations)
+        consumer = subscription.queue
+        others = [name for name in subscription.destinations if name != consumer]
+        queues = [
+            (name, self._urls[name]) for name in others if (consumer, name) not in self._warned
+        ]
+        for name, readers in shared_queues(self.queue_client, consumer, queues).items():
+            self._warned.add((consumer, name))
+            log.warning("%s", sharing_warning(consumer, name, readers))
+        return receiver
 
     def receive_from(self, queues: Sequence[str]) -> Receiver:
         """A receiver polling ``queues`` (created if missing)."""

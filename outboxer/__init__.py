@@ -30,7 +30,7 @@ from .ids import uuid7
 from .keys import FromBody, FromHeader, from_body, from_header
 from .message import Envelope, MessageType, message
 from .publishing import NO_KEY, NoKey
-from .relay import Relay, RelayStats, relay_engine
+from .relay import Relay, RelayStats, SendFailure, relay_engine
 from .retry import Backoff, Retry
 from .session import AsyncOutboxSession, OutboxMixin, OutboxSession, publish
 from .tables import create_all, dead_letter, drop_all, inbox, metadata, outbox, sent
@@ -70,6 +70,7 @@ __all__ = [
     "RelayStats",
     "Retry",
     "RetryConfigError",
+    "SendFailure",
     "SerializationError",
     "TransportError",
     "UnknownMessageType",

@@ -34,6 +34,7 @@ from ..store.dead_letters import count_dead_letters
 from ..transports.base import Transport
 from ..waiter import Waiter, make_waiter
 from .decide import DEFAULT_BACKOFF, SendPolicy
+from .failures import SendFailure, check_callback, notify
 from .liveness import Liveness
 from .reports import RelayStats
 from .runner import Run
@@ -53,7 +54,9 @@ class Relay:
     ``poll_interval`` is the idle polling period (jittered) when no PostgreSQL notification
     arrives; ``retention`` keeps sent rows that many seconds instead of deleting them at
     once; ``destinations`` limits the relay to rows for those destinations (a consumer's
-    own relay for its retries and replays).
+    own relay for its retries and replays); ``on_failure(failure, session=...)`` is called
+    with a :class:`~outboxer.SendFailure` for each message dead-lettered, after the dead
+    letter is stored (alerting, compensations; see :mod:`outboxer.relay.failures`).
     """
 
     def __init__(
@@ -72,6 +75,7 @@ class Relay:
         prune_interval: float = 60.0,
         destinations: Sequence[str] | None = None,
         unroutable_attempts: int = 5,
+        on_failure: Callable[..., Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
     ) -> None:
@@ -95,6 +99,8 @@ class Relay:
             destinations is None or (bool(destinations) and not isinstance(destinations, str)),
             f"destinations must be a non-empty list of names, got {destinations!r}",
         )
+        self._failure_session = check_callback(on_failure)
+        self.on_failure = on_failure
         self.engine = engine
         self.transport = transport
         self.batch_size = batch_size
@@ -115,6 +121,11 @@ class Relay:
         self._waiter: Waiter | None = None
         self._last_prune = float("-inf")
         self._observing = False
+
+    def notify_failures(self, failures: list[SendFailure]) -> None:
+        """Call ``on_failure`` for messages just dead-lettered (the runner's callback)."""
+        if self.on_failure is not None and failures:
+            notify(self.on_failure, self._failure_session, self.engine, failures)
 
     @property
     def max_attempts(self) -> int:

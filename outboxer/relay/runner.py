@@ -25,6 +25,7 @@ from ..store.leases import LeaseScope, token
 from ..waiter import Waiter
 from .database import DatabaseThread, Outage, count
 from .decide import Decisions, decide
+from .failures import SendFailure
 from .pipeline import Batch, Landed, Pipeline
 from .reports import BatchReport, RelayStats
 
@@ -231,6 +232,12 @@ class Run:
                 dead.error_type,
                 dead.error,
             )
+        relay.notify_failures(
+            [
+                SendFailure(d.claimed.envelope, d.error_type, d.error, d.attempts)
+                for d in decisions.dead
+            ]
+        )
         if decisions.unroutable_retries:
             log.warning(
                 "%s could not be routed (no queue is bound for it yet: start its consumer); "

@@ -1,0 +1,116 @@
+"""The relay's error channel: ``Relay(..., on_failure=...)`` for messages it gives up on.
+
+    def page_on_call(failure: outboxer.SendFailure) -> None:
+        sentry_sdk.capture_message(f"undeliverable {failure.message_type}: {failure.error}")
+
+    outboxer.Relay(engine, transport, on_failure=page_on_call)
+
+The callback runs after the dead letter is committed, once per message, in the relay's
+own thread; with a ``session`` parameter it gets an outbox session of its own, whose
+transaction commits when it returns, so it can record the failure or publish a
+compensating message. Unlike a handler's error channel it cannot replace the dead
+letter: once the outbox row is gone the dead letter is the message's only copy, and its
+replay (after the broker or the destination is fixed) is how it still gets out. A
+callback that raises is logged and changes nothing else: the relay carries on.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+from sqlalchemy.engine import Engine
+
+from ..errors import ConfigurationError
+from ..message import Envelope
+from ..redaction import printable
+from ..session import OutboxSession
+
+__all__ = ["SendFailure", "check_callback", "notify"]
+
+log = logging.getLogger("outboxer.relay")
+
+
+@dataclass(frozen=True)
+class SendFailure:
+    """A message the relay dead-lettered: what ``Relay(on_failure=...)`` is given."""
+
+    envelope: Envelope
+    error_type: str
+    """``unroutable``, a broker's refusal, ``too_large``..."""
+    error: str
+    attempts: int
+    """How many sends failed."""
+
+    @property
+    def message_id(self) -> UUID:
+        return self.envelope.message_id
+
+    @property
+    def message_type(self) -> str:
+        return self.envelope.type
+
+    @property
+    def destination(self) -> str:
+        return self.envelope.destination
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self.envelope.headers
+
+
+def check_callback(on_failure: Callable[..., Any] | None) -> bool:
+    """ConfigurationError unless ``on_failure`` is None or a plain function taking the
+    failure (and optionally ``session``); returns whether it wants a session."""
+    if on_failure is None:
+        return False
+    if not callable(on_failure) or inspect.iscoroutinefunction(on_failure):
+        raise ConfigurationError(
+            f"Relay(on_failure=...) takes a plain function "
+            f"def on_failure(failure: outboxer.SendFailure, session) -> None, got {on_failure!r}"
+        )
+    try:
+        parameters = list(inspect.signature(on_failure).parameters.values())
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(f"cannot inspect Relay(on_failure={on_failure!r}): {exc}") from exc
+    needed = [
+        p
+        for p in parameters[1:]
+        if p.default is inspect.Parameter.empty
+        and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        and p.name != "session"
+    ]
+    if not parameters or needed:
+        raise ConfigurationError(
+            "Relay(on_failure=...) is called as on_failure(failure) or "
+            "on_failure(failure, session=...); "
+            f"{getattr(on_failure, '__name__', on_failure)!r} cannot be"
+        )
+    return any(p.name == "session" or p.kind is p.VAR_KEYWORD for p in parameters[1:])
+
+
+def notify(
+    on_failure: Callable[..., Any],
+    wants_session: bool,
+    engine: Engine,
+    failures: list[SendFailure],
+) -> None:
+    """Call ``on_failure`` for each of ``failures`` (dead letters already committed)."""
+    for failure in failures:
+        try:
+            if wants_session:
+                with OutboxSession(engine) as session, session.begin():
+                    on_failure(failure, session=session)
+            else:
+                on_failure(failure)
+        except Exception as exc:
+            log.error(
+                "the relay's on_failure raised on message %s (dead-lettered all the same): %s: %s",
+                failure.message_id,
+                type(exc).__name__,
+                printable(str(exc)),
+            )

@@ -85,7 +85,8 @@ class Consumer:
             raise ConfigurationError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if retry is not None and not isinstance(retry, Retry):
             raise ConfigurationError(f"retry must be an outboxer.Retry, got {retry!r}")
-        check_number("prefetch", prefetch, whole=True, minimum=1)
+        if prefetch is not None:
+            check_number("prefetch", prefetch, whole=True, minimum=1)
         check_number("inbox_retention", inbox_retention, positive=True)
         if dead_letter_retention is not None:
             check_number("dead_letter_retention", dead_letter_retention, positive=True)

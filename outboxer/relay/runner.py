@@ -32,12 +32,16 @@ from .reports import BatchReport, RelayStats
 if TYPE_CHECKING:
     from .relay import Relay
 
-__all__ = ["LIVENESS_INTERVAL", "Run"]
+__all__ = ["LIVENESS_INTERVAL", "PIPELINE_DEPTH", "Run"]
 
 log = logging.getLogger("outboxer.relay")
 
 LIVENESS_INTERVAL = 1.0
 """How often a relay checks its own lock and looks for dead relays."""
+
+PIPELINE_DEPTH = 4
+"""Batches on the wire at most (while the broker answers): the broker persists and
+confirms one while the next ones are published, and the database thread claims ahead."""
 
 
 class Run:
@@ -89,7 +93,7 @@ class Run:
                 self.pipeline.send(batch)
                 if not relay.breaker.is_open:  # while probing a broker, one batch at a time
                     self._prefetch()
-                while len(self.pipeline) >= (1 if relay.breaker.is_open else 2):
+                while len(self.pipeline) >= (1 if relay.breaker.is_open else PIPELINE_DEPTH):
                     self._land()
         finally:
             self._shut_down()

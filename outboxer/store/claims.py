@@ -92,7 +92,8 @@ def _claim(
         rows = _take(connection, sql, params, heads, limit) if heads else []
         if len(rows) < limit:
             rows += _second_look(connection, sql, params, rows, limit - len(rows))
-    claimed = [claimed_from_row(row) for row in rows]
+    seen: dict[str, Any] = {}
+    claimed = [claimed_from_row(row, seen) for row in rows]
     claimed.sort(key=lambda c: c.id)
     return claimed
 

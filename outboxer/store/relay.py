@@ -129,8 +129,12 @@ def backlog(connection: Connection) -> Backlog:
     return Backlog(int(count), int(due), max(0.0, age), int(leased))
 
 
-def claimed_from_row(row: Any) -> Claimed:
-    """A claimed row (:data:`SENT_COLUMNS`) as a :class:`Claimed`."""
+def claimed_from_row(row: Any, headers_seen: dict[str, Mapping[str, str]] | None = None) -> Claimed:
+    """A claimed row (:data:`SENT_COLUMNS`) as a :class:`Claimed`.
+
+    ``headers_seen`` maps header JSON already decoded in this batch to its map: the rows of
+    a batch mostly carry the same few header sets, and decoding each once saves a
+    ``json.loads`` per row. The maps are shared between envelopes and never modified."""
     (
         row_id,
         message_id,
@@ -159,7 +163,7 @@ def claimed_from_row(row: Any) -> Claimed:
         key=key,
         correlation_id=correlation_id,
         causation_id=causation_id,
-        headers=json.loads(headers) if headers else {},
+        headers=_decode_headers(headers, headers_seen) if headers else {},
         traceparent=traceparent,
         tracestate=tracestate,
         content_type=content_type,
@@ -168,3 +172,13 @@ def claimed_from_row(row: Any) -> Claimed:
         outbox_id=row_id,
     )
     return Claimed(row_id, envelope, attempts, first_failed_at)
+
+
+def _decode_headers(text: str, seen: dict[str, Mapping[str, str]] | None) -> Mapping[str, str]:
+    if seen is None:
+        decoded: Mapping[str, str] = json.loads(text)
+        return decoded
+    known = seen.get(text)
+    if known is None:
+        known = seen[text] = json.loads(text)
+    return known

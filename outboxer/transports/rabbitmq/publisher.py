@@ -83,7 +83,7 @@ class _Publisher:
         setup_timeout: float,
         confirm_timeout: float,
         where: str,
-        max_in_flight: int = 2,
+        max_in_flight: int = 4,
     ) -> None:
         self._params = parameters
         self._io = io

@@ -1,4 +1,5 @@
-"""examples/shop, run the way examples/README.md tells users to, on PostgreSQL and RabbitMQ."""
+"""examples/shop, run the way examples/README.md tells users to: on PostgreSQL with RabbitMQ,
+and with SNS and SQS (moto)."""
 
 from __future__ import annotations
 
@@ -67,8 +68,61 @@ def test_the_shop_example_places_relays_and_charges_each_order_once(db_url: str)
             admin.close()
         engine = create_engine(db_url)
         with engine.begin() as conn:
-            conn.execute(text("DROP TABLE IF EXISTS shop_charges"))
-            conn.execute(text("DROP TABLE IF EXISTS shop_orders"))
+            for table in ("shop_charges", "shop_audit", "shop_orders"):
+                conn.execute(text(f"DROP TABLE IF EXISTS {table}"))
+        engine.dispose()
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql"], indirect=True)
+def test_the_shop_on_sns_gives_billing_and_audit_every_order_and_shows_the_topology(
+    db_url: str, moto_endpoint: str
+) -> None:
+    """examples/README.md's "Fan-out on AWS": both consumers, one relay, sns://."""
+    suffix = uuid.uuid4().hex[:8]
+    billing, audit = f"shop-billing-{suffix}", f"shop-audit-{suffix}"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(EXAMPLES),
+        "SHOP_DB": db_url,
+        "SHOP_CONSUMER": billing,
+        "SHOP_AUDIT": audit,
+        "OUTBOXER_DB": db_url,
+        "OUTBOXER_BROKER": f"sns://?region=us-east-1&endpoint_url={moto_endpoint}",
+    }
+
+    def run(*command: str) -> str:
+        done = subprocess.run(
+            command, check=False, env=env, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, f"{command} failed:\n{done.stdout}\n{done.stderr}"
+        return done.stdout + done.stderr
+
+    inbox = str(BIN / "outboxer-inbox")
+    try:
+        assert run(sys.executable, "-m", "shop.place_orders", "3").count("waits in") == 3
+        # Each consumer creates its queue and subscribes it to the shop-orders topic.
+        run(inbox, "shop.app:billing", "--once")
+        run(inbox, "shop.app:audit", "--once")
+        topology = run(sys.executable, "-m", "shop.topology")
+        assert "SNS topic shop-orders\n" in topology
+        for queue in (billing, audit):
+            assert f"  -> SQS queue {queue} (shop.order_placed; raw delivery true)" in topology
+            assert f"SNS topic {queue}\n  -> SQS queue {queue} (every type;" in topology
+            assert f"SQS queue {queue} accepts messages from SNS topics " in topology
+        assert "3 sent" in run(str(BIN / "outboxer"), "relay", "--once")
+        assert run(inbox, "shop.app:billing", "--once").count("receipt for order") == 3
+        run(inbox, "shop.app:audit", "--once")
+        engine = create_engine(db_url)
+        with engine.connect() as conn:
+            charged = conn.execute(text("SELECT count(*) FROM shop_charges")).scalar()
+            audited = conn.execute(text("SELECT count(*) FROM shop_audit")).scalar()
+        engine.dispose()
+        assert (charged, audited) == (3, 3)
+    finally:
+        engine = create_engine(db_url)
+        with engine.begin() as conn:
+            for table in ("shop_charges", "shop_audit", "shop_orders"):
+                conn.execute(text(f"DROP TABLE IF EXISTS {table}"))
         engine.dispose()
 
 

@@ -3,7 +3,12 @@
 Configuration comes from the environment:
 
 - ``SHOP_DB``: a SQLAlchemy URL (default: the compose file's PostgreSQL).
-- ``SHOP_CONSUMER``: the consumer's (and its queue's) name (default ``shop-billing``).
+- ``SHOP_CONSUMER``: the billing consumer's (and its queue's) name (default ``shop-billing``).
+- ``SHOP_AUDIT``: the audit consumer's name (default ``shop-audit``).
+
+Two consumers handle ``OrderPlaced``: ``billing`` charges the card, ``audit`` records the
+order. Each gets every order: on RabbitMQ each has its queue bound to the exchange, on AWS
+(``sns://``) each has its SQS queue subscribed to the ``shop-orders`` topic.
 """
 
 from __future__ import annotations
@@ -31,6 +36,12 @@ class Order(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     customer: Mapped[str] = mapped_column(String(200))
     amount_cents: Mapped[int] = mapped_column(Integer)
+
+
+class AuditEntry(Base):
+    __tablename__ = "shop_audit"
+    order_id: Mapped[int] = mapped_column(ForeignKey("shop_orders.id"), primary_key=True)
+    customer: Mapped[str] = mapped_column(String(200))
 
 
 class Charge(Base):
@@ -82,3 +93,12 @@ def charge_card(event: OrderPlaced, session: outboxer.OutboxSession) -> None:
 def send_receipt(event: OrderPlaced) -> None:
     """Retried on its own if it fails; charge_card does not run again."""
     log.info("receipt for order %d sent to %s", event.order_id, event.customer)
+
+
+audit = outboxer.Consumer(Session, name=os.environ.get("SHOP_AUDIT", "shop-audit"))
+
+
+@audit.handler(OrderPlaced)
+def record_order(event: OrderPlaced, session: outboxer.OutboxSession) -> None:
+    """The audit trail: one entry per order, whatever billing does with it."""
+    session.add(AuditEntry(order_id=event.order_id, customer=event.customer))

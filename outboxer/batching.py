@@ -13,12 +13,13 @@ the second of two deliveries with one inbox key.
 
 When a group fails (a handler raises, the insert or the commit fails), its transaction
 is rolled back and every message of it goes through the one-message path, so isolation,
-retries and dead letters are exactly those of one message at a time. The handler run
-that raised counts as that message's run: its error is fed to the message's retry plan
-as the first run's result, so a batch failure spends no extra attempt and runs no extra
-handler. The other messages of the group run their handlers once more (their first run
-was rolled back): a handler's effects outside its transaction may repeat, as they may
-on any redelivery.
+retries and dead letters are exactly those of one message at a time. When a handler
+raised an error of its own (not a database error, which may come from another message's
+writes flushed late, or from an outage), that run counts as its message's first: the
+error is fed to the message's retry plan as the first run's result, so the failure
+spends no extra attempt and runs the handler no extra time. Every other message of the
+group runs its handler once more (its first run was rolled back): a handler's effects
+outside its transaction may repeat, as they may on any redelivery.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy.exc import PendingRollbackError
+from sqlalchemy.exc import SQLAlchemyError
 
 from . import instrumentation
 from .guard import guarded
@@ -37,7 +38,7 @@ from .handlers import HandlerSpec
 from .instrumentation import HandlerOutcome, TransportDescription
 from .intake import Prepared, prepare
 from .plan import RunResult
-from .processing import Processor
+from .processing import Processor, lost_database
 from .publishing import handling
 from .redaction import redact
 from .reports import MessageReport
@@ -55,7 +56,7 @@ Outcome = MessageReport | BaseException
 def batchable(spec: HandlerSpec) -> bool:
     """Whether ``spec`` may share a transaction with other messages: a sync handler that
     runs in outboxer's transaction."""
-    return not spec.is_async and getattr(spec, "transactional", True) is not False
+    return not spec.is_async and spec.transactional
 
 
 @dataclass
@@ -190,8 +191,10 @@ class Batcher:
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as exc:
-            if isinstance(exc, PendingRollbackError):
-                current = None  # an earlier handler broke the session: nobody to blame
+            if isinstance(exc, SQLAlchemyError) or lost_database(exc):
+                # A database error may come from an earlier handler's writes (flushed
+                # late, or a session it broke), or from an outage: nobody to blame.
+                current = None
             log.debug("a batch of %d for %s failed; one at a time", len(items), spec.id)
             return _Failed(exc, current)
         for item in items:

@@ -81,12 +81,11 @@ class Consumer:
     ) -> None:
         if not isinstance(name, str) or not name or len(name) > 200:
             raise ConfigurationError(f"a consumer needs a name of 1-200 characters, got {name!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigurationError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if retry is not None and not isinstance(retry, Retry):
             raise ConfigurationError(f"retry must be an outboxer.Retry, got {retry!r}")
         if prefetch is not None:
             check_number("prefetch", prefetch, whole=True, minimum=1)
+        check_number("batch_size", batch_size, whole=True, minimum=1)
         check_number("inbox_retention", inbox_retention, positive=True)
         if dead_letter_retention is not None:
             check_number("dead_letter_retention", dead_letter_retention, positive=True)

@@ -33,7 +33,7 @@ from outboxer.transports.rabbitmq.receiver import _ack_tags
 from .broker_cases import BrokerCase
 from .broker_rabbitmq import RabbitMQCase, rabbitmq_address
 from .broker_sqs import SQSCase
-from .models import Effect, OrderPlaced
+from .models import Effect, Order, OrderPlaced
 from .services import port_open, require
 from .test_consumer import RefundRequested
 
@@ -160,6 +160,26 @@ def test_a_poison_message_in_a_batch_is_retried_and_dead_lettered_as_alone(
     # other messages again, one at a time: their handlers run at most twice).
     assert line.effects() == {str(i): 1 for i in range(10) if i != POISON}
     assert all(line.calls[i] in (1, 2) for i in range(10) if i != POISON)
+    assert line.consume().messages == 0
+
+
+def test_a_write_that_fails_late_is_blamed_on_its_own_message(line: Line) -> None:
+    """Message 5 inserts order 1 again; its INSERT is sent only when message 6's handler
+    autoflushes. The failure is message 5's (dead-lettered), never message 6's."""
+
+    @line.consumer.handler(OrderPlaced, retry=outboxer.Retry(max_attempts=1))
+    def reserve(event: OrderPlaced, session: Session) -> None:
+        line.calls[event.order_id] += 1
+        session.get(Order, event.order_id + 100)  # autoflushes the previous message's rows
+        session.add(Order(id=1 if event.order_id == POISON else event.order_id))
+        session.add(Effect(handler="reserve", message_key=str(event.order_id)))
+
+    line.inject(*(envelope_of(OrderPlaced(order_id=i)) for i in range(1, 10)))
+    line.deliver(until=lambda: bool(line.dead()))
+    [dead] = line.dead()
+    assert json.loads(dead.payload)["order_id"] == POISON
+    assert dead.attempts == 1
+    assert line.effects() == {str(i): 1 for i in range(1, 10) if i != POISON}
     assert line.consume().messages == 0
 
 

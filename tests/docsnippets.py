@@ -14,8 +14,9 @@ The convention (also in docs/index.md and the team notes):
   command ending in ``&``) are long-running: they are started in the background, the page
   goes on once they log that they started, and they are stopped when the page ends.
   ``pip install`` lines are not run (the tests run the checkout's own package).
-* Database and broker URLs (``postgresql+psycopg://...``, ``amqp://...``, ``sqs://...``) are
-  replaced with a fresh database, a RabbitMQ virtual host and the moto SQS server of the test.
+* Database and broker URLs (``postgresql+psycopg://...``, ``amqp://...``, ``sqs://...``,
+  ``sns://...``) are replaced with a fresh database, a RabbitMQ virtual host and the moto
+  server (SQS and SNS) of the test.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ BIN = Path(sys.executable).parent
 
 POSTGRESQL_URL = re.compile(r"postgresql(?:\+\w+)?://[^\s\"'`)<>]+")
 AMQP_URL = re.compile(r"amqp://[^\s\"'`)<>]+")
-SQS_URL = re.compile(r"sqs://[^\s\"'`)<>]*")
+SQS_URL = re.compile(r"(?P<scheme>sqs|sns)://[^\s\"'`)<>]*")
 
 # What the test checks after a page ran, in the page's namespace, before its background
 # processes stop: what a reader would see happen.
@@ -95,6 +95,7 @@ class Services:
         return f"{RABBITMQ_URL.rstrip('/')}/{quote(vhost, safe='')}"
 
     def sqs(self) -> str:
+        """The moto server's SQS URL (an ``sns://`` URL becomes the same, as ``sns://``)."""
         assert self.sqs_endpoint is not None
         return f"sqs://?region=us-east-1&endpoint_url={self.sqs_endpoint}"
 
@@ -108,9 +109,12 @@ class Services:
 
 
 def rewrite(code: str, urls: dict[str, str]) -> str:
-    for pattern, key in ((POSTGRESQL_URL, "db"), (AMQP_URL, "amqp"), (SQS_URL, "sqs")):
+    for pattern, key in ((POSTGRESQL_URL, "db"), (AMQP_URL, "amqp")):
         if key in urls:
             code = pattern.sub(urls[key], code)
+    if "sqs" in urls:
+        rest = urls["sqs"].removeprefix("sqs")
+        code = SQS_URL.sub(lambda found: found["scheme"] + rest, code)
     return code
 
 

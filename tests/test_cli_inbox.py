@@ -83,6 +83,23 @@ def test_outboxer_inbox_runs_a_consumer_named_by_module_path(app: tuple[str, obj
     assert sorted(json.loads(d.payload)["order_id"] for d in letters) == [1, 3]
 
 
+def test_outboxer_inbox_batch_size_overrides_the_consumers(
+    app: tuple[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, module = app
+    run_app(url, module, "cli-batch", range(1, 9))
+    monkeypatch.setenv("OUTBOXER_INBOX_BATCH_SIZE", "3")
+    result = CliRunner().invoke(
+        inbox_main, ["cliapp_module:consumer", "--broker", "memory://cli-batch", "--once"]
+    )
+    assert result.exit_code == 0, result.output
+    assert module.consumer.batch_size == 3  # type: ignore[attr-defined]
+    assert sorted(module.handled) == list(range(1, 9))  # type: ignore[attr-defined]
+    result = CliRunner().invoke(inbox_main, ["cliapp_module:consumer", "--batch-size", "0"])
+    assert result.exit_code == 2
+    assert "--batch-size" in result.output
+
+
 def test_outboxer_inbox_explains_a_bad_consumer_path() -> None:
     result = CliRunner().invoke(inbox_main, ["no_such_module:consumer", "--broker", "memory://"])
     assert result.exit_code == 2

@@ -80,12 +80,20 @@ def load_consumer(target: str) -> Consumer:
 @setting(
     "--concurrency", default=4, type=click.IntRange(1, 1000), help="Messages processed at a time."
 )
+@setting(
+    "--batch-size",
+    default=None,
+    type=click.IntRange(1, 10000),
+    help="Deliveries a worker runs in one transaction per handler (1: no batching); "
+    "default: the consumer's batch_size (20).",
+)
 @setting("--once", is_flag=True, default=False, help="Process what is queued, then exit.")
 @service_options
 def main(
     target: str,
     broker_url: str,
     concurrency: int,
+    batch_size: int | None,
     once: bool,
     health_port: tuple[str, int] | None,
     metrics_port: tuple[str, int] | None,
@@ -101,6 +109,8 @@ def main(
     exits at once.
     """
     consumer = load_consumer(target)
+    if batch_size is not None:
+        consumer.batch_size = batch_size
     configure_logging()
     transport = transport_from_url(broker_url)
     validate_names(consumer, transport)
@@ -111,10 +121,11 @@ def main(
         consumer.stop()
 
     log.info(
-        "consumer %s starting on %s (concurrency %d%s)",
+        "consumer %s starting on %s (concurrency %d, batches of up to %d%s)",
         consumer.name,
         mask_url(broker_url),
         concurrency,
+        consumer.batch_size,
         ", once" if once else "",
     )
     checks = [broker_check(transport, broker_url)]

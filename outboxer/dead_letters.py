@@ -45,6 +45,11 @@ class DeadLetters:
     """The dead-letter table, through ``session_factory`` (a sync ``sessionmaker``)."""
 
     def __init__(self, session_factory: Callable[[], Session]) -> None:
+        if not callable(session_factory):
+            raise ConfigurationError(
+                "DeadLetters needs a session factory (sessionmaker(engine)), got "
+                f"{session_factory!r}"
+            )
         self.session_factory = session_factory
 
     def list(

@@ -164,6 +164,11 @@ def build_spec(
         raise ConfigurationError(
             f"handler {handler_name!r}: retry must be an outboxer.Retry, got {retry!r}"
         )
+    if destination is not None and (not isinstance(destination, str) or not destination):
+        raise ConfigurationError(
+            f"handler {handler_name!r}: destination must be a name (a non-empty string), "
+            f"got {destination!r}"
+        )
     if isinstance(message, str):
         message_type = None
         type_name = message
@@ -262,6 +267,11 @@ def factory_is_async(factory: Callable[[], Any], name: str) -> bool:
     from .async_support import AsyncSession
     from .session import AsyncOutboxSession, OutboxMixin
 
+    if not callable(factory):
+        raise ConfigurationError(
+            f"consumer {name!r}: session_factory must be a sessionmaker or async_sessionmaker "
+            f"(sessionmaker(engine, class_=outboxer.OutboxSession)), got {factory!r}"
+        )
     cls = getattr(factory, "class_", None)
     if not isinstance(cls, type):
         probe = factory()

@@ -81,6 +81,26 @@ def test_an_impossible_run_option_is_refused_before_anything_runs(
         consumer.run(MemoryTransport(MemoryBroker()), once=True, **options)
 
 
+def test_wrong_kinds_of_arguments_are_configuration_errors(
+    Session: sessionmaker[outboxer.OutboxSession],
+) -> None:
+    engine = create_engine("sqlite://")
+    transport = MemoryTransport(MemoryBroker())
+    with pytest.raises(outboxer.ConfigurationError, match="needs a SQLAlchemy Engine"):
+        outboxer.Relay("sqlite://", transport)  # type: ignore[arg-type]
+    with pytest.raises(outboxer.ConfigurationError, match="needs a transport"):
+        outboxer.Relay(engine, "amqp://localhost")  # type: ignore[arg-type]
+    with pytest.raises(outboxer.ConfigurationError, match="session_factory must be"):
+        outboxer.Consumer(engine, name="billing")  # type: ignore[arg-type]
+    with pytest.raises(outboxer.ConfigurationError, match="needs a session factory"):
+        outboxer.DeadLetters(engine)  # type: ignore[arg-type]
+    with pytest.raises(outboxer.ConfigurationError, match="a broker URL is a string"):
+        outboxer.transport_from_url(None)  # type: ignore[arg-type]
+    consumer = outboxer.Consumer(Session, name="billing")
+    with pytest.raises(outboxer.ConfigurationError, match="destination must be a name"):
+        consumer.handler("stock.reserved", destination=5)(lambda event: None)  # type: ignore[arg-type]
+
+
 def test_a_consumer_name_the_broker_would_refuse_stops_run_before_it_starts(
     Session: sessionmaker[outboxer.OutboxSession], monkeypatch: pytest.MonkeyPatch
 ) -> None:

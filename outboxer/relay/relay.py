@@ -79,6 +79,15 @@ class Relay:
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
     ) -> None:
+        _require(
+            isinstance(engine, Engine),
+            f"Relay needs a SQLAlchemy Engine (outboxer.relay_engine(url)), got {engine!r}",
+        )
+        _require(
+            isinstance(transport, Transport),
+            "Relay needs a transport (outboxer.transport_from_url('amqp://...')), "
+            f"got {transport!r}",
+        )
         check_number("batch_size", batch_size, whole=True, minimum=1)
         check_number("max_attempts", max_attempts, whole=True, minimum=1)
         check_number("unroutable_attempts", unroutable_attempts, whole=True, minimum=1)

@@ -51,6 +51,11 @@ def transport_from_url(url: str, **options: Any) -> Transport:
     A URL that cannot be used raises :class:`~outboxer.errors.ConfigurationError`
     (:class:`~outboxer.errors.InvalidURL` when it cannot be parsed), its secrets masked.
     """
+    if not isinstance(url, str):
+        raise InvalidURL(
+            "a broker URL is a string such as 'amqp://user:pass@host:5672/', got "
+            f"{type(url).__name__}"
+        )
     try:
         return _transport_from_url(url, **options)
     except ValueError:  # urlsplit on a broken host or port, int() on an option...

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
 from typing import Any
 
 import pytest
@@ -15,6 +18,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
 
 import outboxer
+from outboxer.message import Envelope
 from outboxer.retry import Backoff
 from outboxer.store import claims, settle
 from outboxer.store import relay as relay_store
@@ -363,3 +367,41 @@ def test_outage_pauses_stay_within_their_caps_whatever_the_jitter() -> None:
         for rand in (0.0, 0.5, 1.0):
             assert DATABASE_BACKOFF.delay(n, lambda r=rand: r) <= 10.0
             assert breaker.backoff.delay(n, lambda r=rand: r) <= 4.0
+
+
+def test_a_claimed_row_is_the_envelope_its_fields_make() -> None:
+    """claimed_from_row builds envelopes without Envelope's __init__: every field is set."""
+    row = (
+        7,
+        uuid.UUID("0190a5a0-0000-7000-8000-000000000001"),
+        "t",
+        "d",
+        memoryview(b"{}"),
+        datetime(2026, 1, 1, tzinfo=timezone.utc),
+        "k",
+        None,
+        "c",
+        '{"a": "b"}',
+        None,
+        None,
+        "application/json",
+        None,
+        1,
+        0,
+        None,
+    )
+    claimed = relay_store.claimed_from_row(row, {})
+    expected = Envelope(
+        message_id=row[1],
+        type="t",
+        destination="d",
+        payload=b"{}",
+        occurred_at=row[5],
+        key="k",
+        causation_id="c",
+        headers={"a": "b"},
+        outbox_id=7,
+    )
+    assert claimed.envelope == expected
+    assert set(vars(claimed.envelope)) == {f.name for f in dataclasses.fields(Envelope)}
+    assert (claimed.id, claimed.attempts, claimed.first_failed_at) == (7, 0, None)

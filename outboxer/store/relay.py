@@ -154,7 +154,11 @@ def claimed_from_row(row: Any, headers_seen: dict[str, Mapping[str, str]] | None
         attempts,
         first_failed_at,
     ) = row
-    envelope = Envelope(
+    # Envelope(...) less its frozen dataclass __init__ (an object.__setattr__ per field):
+    # the same instance, built at half the cost, a thousand times per batch.
+    # tests/test_relay.py checks that every field is set.
+    envelope = _new_envelope(Envelope)
+    envelope.__dict__.update(
         message_id=message_id,
         type=message_type,
         destination=destination,
@@ -172,6 +176,9 @@ def claimed_from_row(row: Any, headers_seen: dict[str, Mapping[str, str]] | None
         outbox_id=row_id,
     )
     return Claimed(row_id, envelope, attempts, first_failed_at)
+
+
+_new_envelope = object.__new__
 
 
 def _decode_headers(text: str, seen: dict[str, Mapping[str, str]] | None) -> Mapping[str, str]:

@@ -145,8 +145,8 @@ class RabbitMQTransport(Transport):
     ) -> Future[list[SendResult]]:
         """Hand the batch to the I/O thread and return at once.
 
-        Up to two batches are on the wire together: the next is published while the
-        broker is still confirming the previous one (RabbitMQ spends most of a batch's
+        Up to four batches are on the wire together: the next is published while the
+        broker is still confirming the previous ones (RabbitMQ spends most of a batch's
         time persisting and confirming), on the same channel, so the broker receives them
         in order. A batch chained ``after`` one that lost the connection fails with it.
         """

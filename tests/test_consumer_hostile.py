@@ -719,7 +719,8 @@ def test_outboxer_inbox_does_not_let_the_current_directory_shadow_installed_pack
     )
     inbox = Path(sys.executable).parent / "outboxer-inbox"
     result = subprocess.run(
-        [str(inbox), "straycheck:consumer", "--broker", "memory://", "--once"],
+        # --no-relay: a relay thread cannot see an in-memory SQLite database.
+        [str(inbox), "straycheck:consumer", "--broker", "memory://", "--once", "--no-relay"],
         cwd=tmp_path,
         check=False,
         capture_output=True,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import socket
 import sys
 import threading
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from ..consumer import Consumer, ConsumerStats
 from ..diagnosis import diagnose
 from ..errors import BrokerAccessDenied, BrokerUnavailable, OperatorError, TransportError
 from ..plan import plural
+from ..relay.embedded import OwnRelay, consumer_engine
 from ..secrets import mask_url
 from ..store import dead_letters as dead_letter_store
 from ..store import inbox as inbox_store
@@ -88,6 +90,12 @@ def load_consumer(target: str) -> Consumer:
     "default: the consumer's batch_size (20).",
 )
 @setting("--once", is_flag=True, default=False, help="Process what is queued, then exit.")
+@setting(
+    "--relay/--no-relay",
+    default=True,
+    help="Also send this consumer's delayed retries and dead-letter replays (outbox rows "
+    "addressed to it). --no-relay when an 'outboxer relay' runs on its database.",
+)
 @service_options
 def main(
     target: str,
@@ -95,6 +103,7 @@ def main(
     concurrency: int,
     batch_size: int | None,
     once: bool,
+    relay: bool,
     health_port: tuple[str, int] | None,
     metrics_port: tuple[str, int] | None,
     liveness_timeout: float,
@@ -105,8 +114,9 @@ def main(
     returning one. The application module is imported first, so its own logging
     configuration wins. At start the database (outboxer's tables) and the broker are
     checked; an unreachable broker is waited for, with backoff (with --once: exit 7).
-    SIGTERM or SIGINT stops receiving and finishes the messages in progress; a second one
-    exits at once.
+    Unless --no-relay, a relay thread sends the outbox rows addressed to this consumer
+    (its delayed retries and dead-letter replays), and nothing else. SIGTERM or SIGINT
+    stops receiving and finishes the messages in progress; a second one exits at once.
     """
     consumer = load_consumer(target)
     if batch_size is not None:
@@ -115,18 +125,22 @@ def main(
     transport = transport_from_url(broker_url)
     validate_names(consumer, transport)
     stopping = threading.Event()
+    own = own_relay(consumer, broker_url, on_crash=lambda _exc: stop()) if relay else None
 
     def stop() -> None:
         stopping.set()
         consumer.stop()
+        if own is not None:
+            own.relay.stop()
 
     log.info(
-        "consumer %s starting on %s (concurrency %d, batches of up to %d%s)",
+        "consumer %s starting on %s (concurrency %d, batches of up to %d%s%s)",
         consumer.name,
         mask_url(broker_url),
         concurrency,
         consumer.batch_size,
         ", once" if once else "",
+        "" if relay else ", no relay",
     )
     checks = [broker_check(transport, broker_url)]
     if not consumer.is_async:
@@ -138,16 +152,30 @@ def main(
                 f"outboxer-inbox-{consumer.name}",
                 health_port=health_port,
                 metrics_port=metrics_port,
-                liveness=lambda: heartbeat.seconds_since(loop_key(consumer)),
+                liveness=lambda: _oldest_beat(consumer, own),
                 liveness_timeout=liveness_timeout,
                 checks=checks,
             ),
         ):
             stats = run_until_stopped(
-                consumer, transport, broker_url, concurrency, once, stopping, checks
+                consumer,
+                transport,
+                broker_url,
+                concurrency,
+                once,
+                stopping,
+                checks,
+                ready=own.start if own is not None and not once else None,
             )
+            if own is not None and once and stats is not None:
+                own.run_once()  # what is due now: a delayed retry waits for the next run
     finally:
         transport.close()
+        if own is not None:
+            own.stop()
+            own.relay.transport.close()
+    if own is not None and own.error is not None:
+        raise own.error  # the consumer stopped because its relay did
     if stats is not None:
         log.info(
             "consumer %s: %s, %s processed, %s, %s, %s dead-lettered",
@@ -168,9 +196,11 @@ def run_until_stopped(
     once: bool,
     stopping: threading.Event,
     checks: list[Check] | None = None,
+    ready: Callable[[], None] | None = None,
 ) -> ConsumerStats | None:
     """Check, then run ``consumer``; if the broker goes away before the consumer could
-    subscribe, wait for it (one line per attempt) and run again, until stopped."""
+    subscribe, wait for it (one line per attempt) and run again, until stopped. ``ready``
+    is called once the checks pass, before each run (the consumer's own relay starts)."""
     attempt = 0
     while True:
         if not wait_until(
@@ -180,6 +210,8 @@ def run_until_stopped(
             tick=lambda: heartbeat.beat(loop_key(consumer)),
         ):
             return None
+        if ready is not None:
+            ready()
         try:
             return consumer.run(transport, once=once, concurrency=concurrency)
         except TransportError as exc:
@@ -195,6 +227,31 @@ def run_until_stopped(
             stopping.wait(pause)
             if stopping.is_set():
                 return None
+
+
+def own_relay(
+    consumer: Consumer, broker_url: str, on_crash: Callable[[BaseException], None]
+) -> OwnRelay:
+    """The relay of the rows addressed to ``consumer``, on its database, with a transport
+    of its own (see :mod:`outboxer.relay.embedded`)."""
+    engine, created = consumer_engine(consumer.session_factory)
+    return OwnRelay(
+        engine,
+        transport_from_url(broker_url),
+        consumer.name,
+        on_crash=on_crash,
+        dispose=created,
+        name=f"{consumer.name}@{socket.gethostname()}:{os.getpid()}",
+    )
+
+
+def _oldest_beat(consumer: Consumer, own: OwnRelay | None) -> float | None:
+    """Seconds since the slower of the consumer's loop and its relay's loop last turned."""
+    ages = [heartbeat.seconds_since(loop_key(consumer))]
+    if own is not None and own.error is None:
+        ages.append(heartbeat.seconds_since(f"relay {own.name}"))
+    known = [age for age in ages if age is not None]
+    return max(known) if known else None
 
 
 def loop_key(consumer: Consumer) -> str:

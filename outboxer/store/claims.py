@@ -91,7 +91,8 @@ def _claim(
         heads = [_Head(r.id, r.message_key) for r in connection.execute(sql.heads, params)]
         rows = _take(connection, sql, params, heads, limit) if heads else []
         if len(rows) < limit:
-            rows += _second_look(connection, sql, params, rows, limit - len(rows))
+            mine = None if scope.destinations is None else set(scope.destinations)
+            rows += _second_look(connection, sql, params, rows, limit - len(rows), mine)
     seen: dict[str, Any] = {}
     claimed = [claimed_from_row(row, seen) for row in rows]
     claimed.sort(key=lambda c: c.id)
@@ -114,13 +115,16 @@ def _second_look(
     params: dict[str, Any],
     taken: list[Any],
     budget: int,
+    mine: set[str] | None,
 ) -> list[Any]:
     """With room to spare, deal with the window's keys that have no head in it.
 
     A key whose earliest pending row is not due has its later rows parked; one whose
-    earliest row is due and free but outside the window has it taken as a head; the keys
-    held by other relays, and those just taken, are left out of a second, deeper look at
-    the due rows, so that a long run of rows this relay cannot take never hides the rest.
+    earliest row is due and free but outside the window has it taken as a head, if it goes
+    to one of this relay's destinations (``mine``; None: all); the keys held by other relays
+    or waiting for another destination's row, and those just taken, are left out of a
+    second, deeper look at the due rows, so that a long run of rows this relay cannot take
+    never hides the rest.
     """
     blocked = connection.execute(sql.blocked, params).all()
     parked = [
@@ -130,12 +134,16 @@ def _second_look(
         connection.execute(sql.park, parked)
     taken_keys = {row.message_key for row in taken if row.message_key is not None}
     taken_ids = {row.id for row in taken}
+
+    def takeable(b: Any) -> bool:
+        return bool(b.free) and (mine is None or b.destination in mine)
+
     late = [
         _Head(b.id, b.message_key)
         for b in blocked
-        if b.due and b.free and b.id not in taken_ids and b.message_key not in taken_keys
+        if b.due and takeable(b) and b.id not in taken_ids and b.message_key not in taken_keys
     ]
-    elsewhere = {b.message_key for b in blocked if b.due and not b.free}
+    elsewhere = {b.message_key for b in blocked if b.due and not takeable(b)}
     if not (parked or late or elsewhere):
         return []
     deeper = {
@@ -366,7 +374,7 @@ def _heads(name: str, window: Any) -> Any:
 
 def _blocked(name: str, window: Any) -> Any:
     """For each key of the window whose first row there is not its head: the row that
-    holds it back, whether that row is due, and whether it is free."""
+    holds it back, its destination, whether it is due, and whether it is free."""
     ranked = _ranked(window)
     firsts = (
         select(
@@ -382,6 +390,7 @@ def _blocked(name: str, window: Any) -> Any:
         select(
             b.c.id,
             b.c.message_key,
+            b.c.destination,
             b.c.available_at,
             (b.c.available_at <= current).label("due"),
             free(name, b).label("free"),

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from click.testing import CliRunner
+from sqlalchemy import create_engine, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 import outboxer
+from outboxer.cli import main
 from outboxer.retry import Backoff
 from outboxer.testing import MemoryBroker, MemoryTransport
 from outboxer.transports import SendResult
 
+from . import relay_alerts
 from .broker_rabbitmq import RabbitMQCase, rabbitmq_address
 from .models import OrderPlaced
 from .services import port_open, require
@@ -116,3 +120,34 @@ def test_an_unroutable_message_on_rabbitmq_reaches_on_failure(
         assert [(f.error_type, f.destination) for f in failures] == [("unroutable", destination)]
     finally:
         case.close()
+
+
+def test_outboxer_relay_on_failure_names_the_callback(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'app.sqlite'}"
+    engine = create_engine(url)
+    outboxer.create_all(engine)
+    publish(sessionmaker(engine, class_=outboxer.OutboxSession), OrderPlaced(order_id=1))
+    engine.dispose()
+    MemoryBroker.named("cli-on-failure").fail_next(
+        1, SendResult.rejected("too_large", "message too large")
+    )
+    relay_alerts.received.clear()
+    command = ["relay", "--broker", "memory://cli-on-failure", "--once"]
+    result = CliRunner().invoke(
+        main,
+        [*command, "--on-failure", "tests.relay_alerts:undeliverable"],
+        env={"OUTBOXER_DB": url},
+    )
+    assert result.exit_code == 0, result.output
+    assert [(f.error_type, f.message_type) for f in relay_alerts.received] == [
+        ("too_large", "test.order_placed")
+    ]
+    for target, problem in (
+        ("tests.relay_alerts:not_a_function", "is int, not a function"),
+        ("tests.relay_alerts", "is not PACKAGE.MODULE:ATTRIBUTE"),
+        ("tests.no_such_module:f", "cannot import 'tests.no_such_module'"),
+    ):
+        result = CliRunner().invoke(
+            main, [*command, "--on-failure", target], env={"OUTBOXER_DB": url}
+        )
+        assert result.exit_code == 2 and problem in result.output, result.output

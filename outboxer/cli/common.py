@@ -16,6 +16,9 @@ Where a value may come from the environment (docs/operations.md has the table):
 
 from __future__ import annotations
 
+import importlib
+import os
+import sys
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -84,6 +87,30 @@ def broker_option() -> Callable[[F], F]:
         help="amqp://..., sqs://?region=..., sns://?region=..., memory://. Pass credentials "
         "through OUTBOXER_BROKER (or AWS_* variables), not the command line.",
     )
+
+
+def import_target(target: str, param_hint: str, example: str) -> Any:
+    """Import ``package.module:attribute`` and return the attribute (None when missing);
+    click's BadParameter, naming ``param_hint``, when it is not of that form or the module
+    cannot be imported."""
+    module_name, _, attribute = target.partition(":")
+    if not module_name or not attribute:
+        raise click.BadParameter(
+            f"{target!r} is not PACKAGE.MODULE:ATTRIBUTE (for example {example})",
+            param_hint=param_hint,
+        )
+    # The current directory goes last: the application's module is found there, but a
+    # stray file (a pika.py, a json.py) never replaces an installed package.
+    here = os.getcwd()
+    if here not in sys.path and "" not in sys.path and "." not in sys.path:
+        sys.path.append(here)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise click.BadParameter(
+            f"cannot import {module_name!r}: {exc}", param_hint=param_hint
+        ) from exc
+    return getattr(module, attribute, None)
 
 
 def make_engine(url: str, factory: Callable[..., Engine] = create_engine, **kwargs: Any) -> Engine:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import socket
-import sys
 import threading
 from collections.abc import Callable
 
@@ -31,6 +29,7 @@ from .common import (
     broker_option,
     console,
     db_option,
+    import_target,
     make_engine,
     setting,
 )
@@ -44,24 +43,7 @@ log = logging.getLogger("outboxer.consumer")
 
 def load_consumer(target: str) -> Consumer:
     """Import ``package.module:attribute`` and return the Consumer it names."""
-    module_name, _, attribute = target.partition(":")
-    if not module_name or not attribute:
-        raise click.BadParameter(
-            f"{target!r} is not PACKAGE.MODULE:ATTRIBUTE (for example myapp.consumers:billing)",
-            param_hint="CONSUMER",
-        )
-    # The current directory goes last: the application's module is found there, but a
-    # stray file (a pika.py, a json.py) never replaces an installed package.
-    here = os.getcwd()
-    if here not in sys.path and "" not in sys.path and "." not in sys.path:
-        sys.path.append(here)
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise click.BadParameter(
-            f"cannot import {module_name!r}: {exc}", param_hint="CONSUMER"
-        ) from exc
-    obj = getattr(module, attribute, None)
+    obj = import_target(target, "CONSUMER", "myapp.consumers:billing")
     if callable(obj) and not isinstance(obj, Consumer):
         obj = obj()
     if not isinstance(obj, Consumer):

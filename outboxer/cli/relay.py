@@ -15,7 +15,7 @@ from ..relay import Relay, relay_engine
 from ..retry import Backoff
 from ..secrets import mask_url
 from ..transports import transport_from_url
-from .common import broker_option, db_option, make_engine, setting
+from .common import broker_option, db_option, import_target, make_engine, setting
 from .health import observability, service_options
 from .readiness import broker_check, database_check, wait_until
 from .signals import graceful_stop
@@ -60,6 +60,12 @@ log = logging.getLogger("outboxer.relay")
 )
 @setting("--name", default=None, help="This relay's name in leases and logs (default host:pid).")
 @setting("--listen/--no-listen", default=True, help="Use PostgreSQL LISTEN/NOTIFY to wake up.")
+@setting(
+    "--on-failure",
+    default=None,
+    metavar="PKG.MODULE:FUNCTION",
+    help="Called with each message the relay dead-letters (alerting): see docs/error-channels.md.",
+)
 @setting("--once", is_flag=True, default=False, help="Send what is due, then exit.")
 @service_options
 def relay(
@@ -74,6 +80,7 @@ def relay(
     retention: float | None,
     name: str | None,
     listen: bool,
+    on_failure: str | None,
     once: bool,
     health_port: tuple[str, int] | None,
     metrics_port: tuple[str, int] | None,
@@ -88,6 +95,14 @@ def relay(
     """
     if max_retry_delay < retry_delay:
         raise click.BadParameter("must be >= --retry-delay", param_hint="--max-retry-delay")
+    callback = None
+    if on_failure is not None:
+        callback = import_target(on_failure, "--on-failure", "myapp.alerts:undeliverable")
+        if not callable(callback):
+            raise click.BadParameter(
+                f"{on_failure} is {type(callback).__name__}, not a function",
+                param_hint="--on-failure",
+            )
     engine = make_engine(db_url, factory=relay_engine)
     transport = transport_from_url(broker_url)
     worker = Relay(
@@ -101,6 +116,7 @@ def relay(
         retention=retention,
         listen=listen,
         name=name,
+        on_failure=callback,
     )
     stopping = threading.Event()
 

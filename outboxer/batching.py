@@ -36,7 +36,7 @@ from . import instrumentation
 from .guard import guarded
 from .handlers import HandlerSpec
 from .instrumentation import HandlerOutcome, TransportDescription
-from .intake import Prepared, prepare
+from .intake import Prepared
 from .plan import RunResult
 from .processing import Processor, lost_database
 from .publishing import handling
@@ -136,13 +136,7 @@ class Batcher:
     def _item(self, index: int, delivery: Delivery) -> _Item | None:
         """The delivery as a member of its handler's group, or None: it goes alone."""
         processor = self.processor
-        prepared = prepare(
-            delivery.body,
-            delivery.headers,
-            delivery.destination,
-            processor.name,
-            processor.registry,
-        )
+        prepared = processor.intake(delivery.body, delivery.headers, delivery.destination)
         if not isinstance(prepared, Prepared) or len(prepared.handlers) != 1:
             return None
         envelope = prepared.envelope

@@ -28,12 +28,13 @@ from typing import Any, TypeVar
 
 from sqlalchemy.engine import Connection
 
+from .adapters import build_adapter
 from .checks import check_number
 from .errors import ConfigurationError
 from .failures import ErrorChannel, OnFailure, channel_for
 from .handlers import HandlerRegistry, HandlerSpec, build_spec, factory_is_async
 from .instrumentation import TransportDescription
-from .keys import FromHeader
+from .keys import FromBody, FromHeader
 from .processing import Processor
 from .reports import ConsumerStats, MessageReport
 from .retry import Retry
@@ -185,6 +186,61 @@ class Consumer:
 
         return register
 
+    def adapter(
+        self,
+        message: type | str,
+        *,
+        queue: str | None = None,
+        exchange: str | None = None,
+        routing_key: str = "#",
+        message_id: FromHeader | FromBody | None = None,
+        name: str | None = None,
+        retry: Retry | None = None,
+        dedup_key: str | Callable[[Any], object] | FromHeader | None = None,
+        on_failure: OnFailure = None,
+        transactional: bool = True,
+    ) -> Callable[[F], F]:
+        """Register an inbound adapter: a handler for plain messages another system sends.
+
+        It reads ``queue`` (RabbitMQ or SQS), or, on RabbitMQ, a queue of its own (named
+        ``queue``, by default ``<consumer>.<handler>``) bound to ``exchange`` with
+        ``routing_key``. Each message's body is decoded as ``message`` (a registered class,
+        or a type name for dicts). ``message_id`` says where its id is: the broker's own
+        (the default: AMQP ``message_id``, SQS ``MessageId``), ``outboxer.from_header(...)``
+        or ``outboxer.from_body(...)``. ``retry`` may hold instant retries only (the
+        default: the consumer's instant retries); see :mod:`outboxer.adapters`. The other
+        options are :meth:`handler`'s.
+        """
+        if not isinstance(transactional, bool):
+            raise ConfigurationError(f"transactional must be True or False, got {transactional!r}")
+
+        def register(fn: F) -> F:
+            spec = build_adapter(
+                self.name,
+                self.retry,
+                self.is_async,
+                fn,
+                message,
+                queue=queue,
+                exchange=exchange,
+                routing_key=routing_key,
+                message_id=message_id,
+                name=name,
+                retry=retry,
+                dedup_key=dedup_key,
+            )
+            spec.error_channel = channel_for(
+                on_failure if on_failure is not None else self.on_failure,
+                self.error_channels,
+                where=f"consumer {self.name!r}, adapter {spec.name!r}",
+                is_async=self.is_async,
+            )
+            spec.transactional = transactional
+            self.registry.add(spec)
+            return fn
+
+        return register
+
     @property
     def handlers(self) -> list[HandlerSpec]:
         """The registered handlers."""
@@ -210,6 +266,8 @@ class Consumer:
             transport.validate_name(
                 destination, f"consumer {self.name!r}: the destination of {type_name}"
             )
+        for source in subscription.sources:
+            transport.validate_name(source.queue, f"consumer {self.name!r}: an adapter's queue")
 
     # Processing one message -----------------------------------------------------------
 

@@ -13,7 +13,8 @@ unless ``include_replayed=True``). Where it goes depends on where it failed:
   a fresh attempt count; the other handlers of the message do not run again;
 * ``relay``: to its original destination;
 * ``consumer`` (it could not be used): back to the consumer, for all its handlers, once
-  the code can handle it; a message with no readable envelope cannot be replayed.
+  the code can handle it (for an inbound adapter's message, to that adapter alone); a
+  message with no readable envelope (or, from an adapter, no id) cannot be replayed.
 """
 
 from __future__ import annotations
@@ -255,6 +256,8 @@ def replay_envelope(letter: DeadLetter) -> Envelope:
         destination, handler = letter.consumer, f"{letter.consumer}:{letter.handler}"
     elif letter.origin == "consumer":
         destination, handler = letter.consumer or letter.destination or "", None
+        if letter.consumer and letter.handler:  # an inbound adapter's: back to it alone
+            handler = f"{letter.consumer}:{letter.handler}"
     else:
         destination, handler = letter.destination or "", letter.handler
     if not destination:

@@ -17,15 +17,22 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from .errors import ConfigurationError
-from .keys import FromHeader
+from .keys import FromBody, FromHeader
 from .message import Envelope, MessageType, message_type_for
 from .retry import Retry
-from .transports.base import Subscription
+from .transports.base import Source, Subscription
 
 if TYPE_CHECKING:  # failures imports the plan, which imports this module
     from .failures import ErrorChannel
 
-__all__ = ["Context", "HandlerRegistry", "HandlerSpec", "build_spec", "factory_is_async"]
+__all__ = [
+    "Context",
+    "HandlerRegistry",
+    "HandlerSpec",
+    "Inbound",
+    "build_spec",
+    "factory_is_async",
+]
 
 KeyFn = Callable[[Any], object]
 
@@ -46,6 +53,15 @@ class Context:
     occurred_at: datetime
     key: str | None
     redelivered: bool = False
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """Where an inbound adapter's messages come from, and where their ids are."""
+
+    source: Source
+    message_id: FromHeader | FromBody | None = None
+    """None: the broker's own id (AMQP ``message_id``, SQS ``MessageId``)."""
 
 
 @dataclass
@@ -71,6 +87,8 @@ class HandlerSpec:
     transactional: bool = True
     """False: the handler runs outside any transaction, its inbox row written after it
     returns (:mod:`outboxer.untransacted`)."""
+    inbound: Inbound | None = None
+    """Set for an inbound adapter (:mod:`outboxer.adapters`): it reads its own queue."""
 
     def dedup_value(self, envelope: Envelope, event: Any) -> str:
         """The inbox key of ``event``: the business key if one is set (from the payload or a
@@ -119,7 +137,10 @@ class HandlerRegistry:
     def __init__(self, consumer: str) -> None:
         self.consumer = consumer
         self.by_type: dict[str, list[HandlerSpec]] = {}
+        """Handlers of outboxer's messages, by type (adapters are not among them)."""
         self.by_id: dict[str, HandlerSpec] = {}
+        self.by_source: dict[str, HandlerSpec] = {}
+        """Inbound adapters, by the queue they read."""
 
     def add(self, spec: HandlerSpec) -> None:
         if spec.id in self.by_id:
@@ -127,8 +148,39 @@ class HandlerRegistry:
                 f"consumer {self.consumer!r} already has a handler named {spec.name!r}; pass "
                 "name=... to tell them apart (the name keys the inbox and retries)"
             )
+        if spec.inbound is not None:
+            self._check_source(spec, spec.inbound.source.queue)
+            self.by_source[spec.inbound.source.queue] = spec
+        else:
+            taken = self.by_source.get(spec.destination)
+            if taken is not None:
+                raise ConfigurationError(
+                    f"handler {spec.name!r} of consumer {self.consumer!r} reads destination "
+                    f"{spec.destination!r}, which is the queue of adapter {taken.name!r}; an "
+                    "adapter's queue carries other systems' messages only"
+                )
+            self.by_type.setdefault(spec.type_name, []).append(spec)
         self.by_id[spec.id] = spec
-        self.by_type.setdefault(spec.type_name, []).append(spec)
+
+    def _check_source(self, spec: HandlerSpec, queue: str) -> None:
+        taken = self.by_source.get(queue)
+        if taken is not None:
+            raise ConfigurationError(
+                f"consumer {self.consumer!r}: adapters {taken.name!r} and {spec.name!r} both "
+                f"read queue {queue!r}; give each adapter a queue of its own"
+            )
+        if queue == self.consumer or any(
+            queue == other.destination for specs in self.by_type.values() for other in specs
+        ):
+            raise ConfigurationError(
+                f"adapter {spec.name!r} of consumer {self.consumer!r} reads {queue!r}, which "
+                "carries outboxer's own messages to this consumer; give the adapter a queue "
+                "of its own"
+            )
+
+    def adapter_for(self, destination: str) -> HandlerSpec | None:
+        """The inbound adapter whose queue ``destination`` is, if any."""
+        return self.by_source.get(destination) if self.by_source else None
 
     def __bool__(self) -> bool:
         return bool(self.by_id)
@@ -140,9 +192,10 @@ class HandlerRegistry:
         """The queue and bindings these handlers need from a broker."""
         bindings: list[tuple[str, str]] = []
         for spec in self.by_id.values():
-            if (spec.destination, spec.type_name) not in bindings:
+            if spec.inbound is None and (spec.destination, spec.type_name) not in bindings:
                 bindings.append((spec.destination, spec.type_name))
-        return Subscription(queue=queue, bindings=bindings, prefetch=prefetch)
+        sources = [spec.inbound.source for spec in self.by_source.values() if spec.inbound]
+        return Subscription(queue=queue, bindings=bindings, prefetch=prefetch, sources=sources)
 
 
 def build_spec(

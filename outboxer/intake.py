@@ -21,7 +21,7 @@ from .handlers import HandlerRegistry, HandlerSpec
 from .message import Envelope, registered_type
 from .store.dead_letters import NewDeadLetter
 
-__all__ = ["Prepared", "Rejected", "malformed_dead_letter", "prepare"]
+__all__ = ["Prepared", "Rejected", "malformed_dead_letter", "one_line", "prepare"]
 
 
 @dataclass
@@ -51,8 +51,10 @@ def malformed_dead_letter(
     error_type: str,
     error: str,
     envelope: Envelope | None = None,
+    handler: str | None = None,
 ) -> NewDeadLetter:
-    """A message the consumer could not use at all (origin ``consumer``)."""
+    """A message the consumer could not use at all (origin ``consumer``); ``handler`` names
+    the one handler it was for, when it was for one (a replay then goes to it alone)."""
     return NewDeadLetter(
         origin="consumer",
         envelope=envelope,
@@ -63,6 +65,7 @@ def malformed_dead_letter(
         error_type=error_type,
         error_message=error,
         attempts=1,
+        handler=handler,
     )
 
 
@@ -75,9 +78,11 @@ def prepare(
 ) -> Prepared | Rejected:
     """Decode the envelope and the payload for each handler; any problem is a Rejected."""
 
-    def reject(error_type: str, reason: str, envelope: Envelope | None = None) -> Rejected:
+    def reject(
+        error_type: str, reason: str, envelope: Envelope | None = None, handler: str | None = None
+    ) -> Rejected:
         letter = malformed_dead_letter(
-            body, headers, destination, consumer, error_type, reason, envelope
+            body, headers, destination, consumer, error_type, reason, envelope, handler
         )
         return Rejected(letter, reason)
 
@@ -86,7 +91,7 @@ def prepare(
     except DecodeError as exc:
         return reject("malformed_envelope", str(exc))
     except Exception as exc:  # nothing a delivery carries may raise out of the intake
-        return reject("malformed_envelope", f"the envelope cannot be read: {_one_line(exc)}")
+        return reject("malformed_envelope", f"the envelope cannot be read: {one_line(exc)}")
     if envelope.handler is not None:
         target = registry.by_id.get(envelope.handler)
         if target is None:
@@ -118,6 +123,8 @@ def prepare(
         )
     events: dict[str, Any] = {}
     decoded: dict[int, Any] = {}
+    # A retry or replay that cannot be decoded stays addressed to its one handler.
+    addressed = targets[0].name if envelope.handler is not None else None
     for handler in targets:
         key = 0 if handler.message_type is None else id(handler.message_type)
         try:
@@ -127,9 +134,10 @@ def prepare(
                 else:
                     decoded[key] = handler.message_type.decode(envelope.payload)
         except DecodeError as exc:
-            return reject("payload_mismatch", str(exc), envelope)
+            return reject("payload_mismatch", str(exc), envelope, addressed)
         except Exception as exc:  # not JSON, nested too deep, not UTF-8...
-            return reject("payload_mismatch", f"payload is not JSON: {_one_line(exc)}", envelope)
+            problem = f"payload is not JSON: {one_line(exc)}"
+            return reject("payload_mismatch", problem, envelope, addressed)
         events[handler.id] = decoded[key]
     first = 1
     if envelope.handler is not None:
@@ -138,7 +146,7 @@ def prepare(
     return Prepared(envelope, targets, events, first)
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     text = str(exc).strip()
     line = text.splitlines()[0] if text else ""
     return f"{type(exc).__name__}: {line[:300]}" if line else type(exc).__name__

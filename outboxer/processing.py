@@ -32,6 +32,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
 from . import instrumentation, store
+from .adapters import take_in
 from .failures import Failure, RunChannel, channel_steps
 from .guard import guarded
 from .handlers import HandlerRegistry, HandlerSpec
@@ -192,6 +193,17 @@ class Processor:
 
     # Everything processing does --------------------------------------------------------
 
+    def intake(
+        self, body: bytes, headers: Mapping[str, str], destination: str
+    ) -> Prepared | Rejected:
+        """The delivery decoded and matched to its handlers: an inbound adapter's plain
+        message (:func:`~outboxer.adapters.take_in`), or one of outboxer's
+        (:func:`~outboxer.intake.prepare`)."""
+        adapter = self.registry.adapter_for(destination)
+        if adapter is not None:
+            return take_in(body, headers, destination, self.name, adapter)
+        return prepare(body, headers, destination, self.name, self.registry)
+
     def steps(
         self,
         body: bytes,
@@ -201,7 +213,7 @@ class Processor:
         transport: TransportDescription,
     ) -> Generator[_Request, Any, MessageReport]:
         """Everything processing one message does; yields I/O requests, returns the report."""
-        prepared = prepare(body, headers, destination, self.name, self.registry)
+        prepared = self.intake(body, headers, destination)
         if isinstance(prepared, Rejected):
             yield from self._park(prepared.dead_letter, destination)
             log.warning(

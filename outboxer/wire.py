@@ -17,6 +17,7 @@ from .message import CONTENT_TYPE_JSON, Envelope
 
 __all__ = [
     "ATTEMPT",
+    "BROKER_MESSAGE_ID",
     "CAUSATION_ID",
     "CONTENT_TYPE",
     "CORRELATION_ID",
@@ -97,6 +98,10 @@ def user_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """The application's own headers in a canonical map (everything not reserved)."""
     return {k: v for k, v in headers.items() if k not in RESERVED}
 
+
+BROKER_MESSAGE_ID = "x-outboxer-broker-message-id"
+"""Set by a receiver on a delivery from an inbound adapter's queue: the broker's own id of
+the message (AMQP ``message_id``, SQS ``MessageId``); a sender cannot set it."""
 
 UNDECODABLE = "x-outboxer-undecodable"
 """Set by a receiver on a delivery whose metadata the broker client could not decode (the

@@ -28,6 +28,7 @@ __all__ = [
     "Outcome",
     "Receiver",
     "SendResult",
+    "Source",
     "Subscription",
     "Transport",
     "TransportDescription",
@@ -85,6 +86,22 @@ class SendResult:
 
 
 @dataclass(frozen=True)
+class Source:
+    """A queue of messages outboxer did not publish, read by an inbound adapter.
+
+    Without ``exchange``, ``queue`` is consumed as it is: another system owns it (on
+    RabbitMQ it must exist; on SQS it is created when missing). With ``exchange`` (RabbitMQ
+    only), the consumer declares ``queue`` itself and binds it to that exchange with
+    ``routing_key``. Deliveries from a source name ``queue`` as their destination and carry
+    the broker's own message id in :data:`outboxer.wire.BROKER_MESSAGE_ID`.
+    """
+
+    queue: str
+    exchange: str | None = None
+    routing_key: str = "#"
+
+
+@dataclass(frozen=True)
 class Subscription:
     """What a consumer wants delivered to its queue.
 
@@ -92,12 +109,13 @@ class Subscription:
     on RabbitMQ the queue is bound to exchange ``destination`` with routing key ``type``
     (``#`` for every type); on SQS the consumer polls queue ``destination``. The consumer
     always also receives what is sent to the destination named after itself (its retries
-    and replays).
+    and replays). ``sources`` are the queues of its inbound adapters, read beside its own.
     """
 
     queue: str
     bindings: Sequence[tuple[str, str]] = ()
     prefetch: int = 50
+    sources: Sequence[Source] = ()
 
     @property
     def destinations(self) -> list[str]:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
+from uuid import uuid4
 
 from .. import wire
 from ..instrumentation import TransportDescription
@@ -28,6 +29,8 @@ class _Item:
     body: bytes
     headers: Mapping[str, str]
     destination: str
+    broker_id: str = field(default_factory=lambda: str(uuid4()))
+    """The broker's own message id (what SQS calls MessageId), kept across redeliveries."""
 
 
 class _Queue:
@@ -99,6 +102,12 @@ class MemoryBroker:
             q = self._queues.setdefault(subscription.queue, _Queue(subscription.queue))
             q.bindings.add((subscription.queue, "#"))
             q.bindings.update(subscription.bindings)
+            for source in subscription.sources:
+                # An adapter's queue takes raw messages (inject); an exchange and routing
+                # key bind it like any queue.
+                q = self._queues.setdefault(source.queue, _Queue(source.queue))
+                if source.exchange is not None:
+                    q.bindings.add((source.exchange, source.routing_key))
 
     def publish(self, envelopes: Sequence[Envelope]) -> list[SendResult]:
         """Accept or refuse each message, in order; once a message of a key is refused, the
@@ -142,15 +151,29 @@ class MemoryBroker:
         self.published.append(envelope)
         return SendResult.sent(str(envelope.message_id))
 
-    def _take(self, queue: str, max_messages: int, timeout: float) -> list[_MemoryDelivery]:
+    def _take(
+        self, queues: Sequence[str], max_messages: int, timeout: float, sources: frozenset[str]
+    ) -> list[_MemoryDelivery]:
+        """Up to ``max_messages`` from ``queues``, the first ones first; deliveries from
+        ``sources`` (adapters' queues) carry the broker's message id."""
         with self._cond:
-            q = self._queues[queue]
-            if not q.ready:
-                self._cond.wait_for(lambda: bool(q.ready), timeout=timeout)
+            held = [self._queues[name] for name in queues]
+            if not any(q.ready for q in held):
+                self._cond.wait_for(lambda: any(q.ready for q in held), timeout=timeout)
             taken: list[_MemoryDelivery] = []
-            while q.ready and len(taken) < max_messages:
-                item = q.ready.popleft()
-                taken.append(_MemoryDelivery(self, q, item, id(item) in q.redelivered))
+            for q in held:
+                while q.ready and len(taken) < max_messages:
+                    item = q.ready.popleft()
+                    delivery = _MemoryDelivery(self, q, item, id(item) in q.redelivered)
+                    if q.name in sources:
+                        delivery.destination = q.name
+                        delivery.headers = {
+                            **{
+                                k: v for k, v in item.headers.items() if k != wire.BROKER_MESSAGE_ID
+                            },
+                            wire.BROKER_MESSAGE_ID: item.broker_id,
+                        }
+                    taken.append(delivery)
             return taken
 
     def _requeue(self, q: _Queue, item: _Item) -> None:
@@ -167,7 +190,7 @@ class _MemoryDelivery(Delivery):
         self._item = item
         self._settled = False
         self.body = item.body
-        self.headers = item.headers
+        self.headers: Mapping[str, str] = item.headers
         self.destination = item.destination
         self.redelivered = redelivered
 
@@ -183,11 +206,12 @@ class _MemoryDelivery(Delivery):
 class _MemoryReceiver(Receiver):
     def __init__(self, broker: MemoryBroker, subscription: Subscription) -> None:
         self._broker = broker
-        self._queue = subscription.queue
+        self._sources = frozenset(source.queue for source in subscription.sources)
+        self._queues = [subscription.queue, *sorted(self._sources)]
         broker.declare(subscription)
 
     def receive(self, max_messages: int, timeout: float) -> list[Delivery]:
-        return list(self._broker._take(self._queue, max_messages, timeout))
+        return list(self._broker._take(self._queues, max_messages, timeout, self._sources))
 
     def close(self) -> None:
         pass

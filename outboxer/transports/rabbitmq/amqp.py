@@ -137,6 +137,16 @@ def canonical_headers(properties: BasicProperties) -> dict[str, str]:
     return headers
 
 
+def source_headers(properties: BasicProperties) -> dict[str, str]:
+    """:func:`canonical_headers` of a delivery from an inbound adapter's queue, with the
+    AMQP ``message_id`` property (the only one) as the broker's message id."""
+    headers = canonical_headers(properties)
+    headers.pop(wire.BROKER_MESSAGE_ID, None)  # a header table cannot forge it
+    if properties.message_id:
+        headers[wire.BROKER_MESSAGE_ID] = _text(properties.message_id)
+    return headers
+
+
 class TolerantProperties(BasicProperties):
     """pika's BasicProperties, except that a header table pika cannot decode does not
     take the connection down.

@@ -23,7 +23,12 @@ from pika.spec import Basic, BasicProperties
 from ... import wire
 from ...errors import TransportError
 from ..base import Delivery, Receiver, Subscription
-from .amqp import UNDECODABLE_TABLE, canonical_headers, install_tolerant_properties
+from .amqp import (
+    UNDECODABLE_TABLE,
+    canonical_headers,
+    install_tolerant_properties,
+    source_headers,
+)
 from .ioloop import _cause, _IOThread, _logged, log
 
 # A delivery whose header table pika cannot decode must not drop the connection.
@@ -32,9 +37,10 @@ install_tolerant_properties()
 if TYPE_CHECKING:
     from .transport import RabbitMQTransport
 
-# A delivery waiting in a receiver's buffer:
-# (connection generation, delivery tag, exchange, redelivered, properties, body).
-_Incoming = tuple[int, int, str, bool, BasicProperties, bytes]
+# A delivery waiting in a receiver's buffer: (connection generation, delivery tag,
+# destination, redelivered, properties, body, whether it came from an adapter's queue).
+# The destination is the exchange it was published to, or the adapter's queue.
+_Incoming = tuple[int, int, str, bool, BasicProperties, bytes, bool]
 
 # One asynchronous AMQP call of a set-up sequence, given the continuation to reply to.
 _Step = Callable[[Callable[[Any], None]], object]
@@ -44,14 +50,15 @@ _IDLE, _CONNECTING, _OPEN, _FAILED, _CLOSED = "idle", "connecting", "open", "fai
 
 class _RabbitDelivery(Delivery):
     def __init__(self, receiver: _RabbitReceiver, incoming: _Incoming) -> None:
-        generation, tag, exchange, redelivered, properties, body = incoming
+        generation, tag, destination, redelivered, properties, body, from_source = incoming
         self._receiver = receiver
         self._generation = generation
         self._tag = tag
         self._settled = False
         self.body = body
-        self.headers: Mapping[str, str] = canonical_headers(properties)
-        self.destination = exchange
+        read = source_headers if from_source else canonical_headers
+        self.headers: Mapping[str, str] = read(properties)
+        self.destination = destination
         self.redelivered = redelivered
 
     def __repr__(self) -> str:
@@ -282,14 +289,36 @@ class _RabbitReceiver(Receiver):
                     functools.partial(_declare_exchange, channel, destination),
                 )
             steps.append(functools.partial(_bind, channel, queue, destination, type_))
+        source_arguments = {k: v for k, v in arguments.items() if k == "x-queue-type"}
+        for source in sub.sources:
+            if source.exchange is not None:
+                # The adapter's own queue, bound to another system's exchange (not declared
+                # here: that system owns it, and binding to a missing one says so).
+                steps += [
+                    functools.partial(
+                        _declare_queue, channel, source.queue, source_arguments or None
+                    ),
+                    functools.partial(
+                        _bind, channel, source.queue, source.exchange, source.routing_key
+                    ),
+                ]
         steps.append(lambda k: channel.basic_qos(prefetch_count=sub.prefetch, callback=k))
         steps.append(
             lambda k: channel.basic_consume(
                 queue,
-                functools.partial(self._on_message, generation),
+                functools.partial(self._on_message, generation, None),
                 callback=k,
             )
         )
+        for source in sub.sources:
+            steps.append(
+                functools.partial(
+                    _consume,
+                    channel,
+                    source.queue,
+                    functools.partial(self._on_message, generation, source.queue),
+                )
+            )
         channel.add_on_cancel_callback(functools.partial(self._on_cancelled, generation))
         _run_steps(steps, functools.partial(self._set_state, generation, _OPEN))
 
@@ -297,6 +326,7 @@ class _RabbitReceiver(Receiver):
     def _on_message(
         self,
         generation: int,
+        source: str | None,
         channel: Channel,
         method: Basic.Deliver,
         properties: BasicProperties,
@@ -319,10 +349,14 @@ class _RabbitReceiver(Receiver):
                 return
             # Unacknowledged even when dropped here: a multiple-ack must not cover it.
             self._unacked.add(tag)
-            if self._state != _OPEN:
+            # Kept while connecting too: the first queue's consumer gets messages while the
+            # others (adapters' queues) are still being set up.
+            if self._state not in (_OPEN, _CONNECTING):
                 return
+            destination = source if source is not None else method.exchange or ""
+            redelivered = bool(method.redelivered)
             self._buffer.append(
-                (generation, tag, method.exchange or "", bool(method.redelivered), properties, body)
+                (generation, tag, destination, redelivered, properties, body, source is not None)
             )
             self._cond.notify()
 
@@ -407,6 +441,18 @@ def _declare_exchange(channel: Channel, name: str, k: Callable[[Any], None]) -> 
 
 def _bind(channel: Channel, queue: str, exchange: str, key: str, k: Callable[[Any], None]) -> None:
     channel.queue_bind(queue, exchange, key, callback=k)
+
+
+def _declare_queue(
+    channel: Channel, queue: str, arguments: dict[str, object] | None, k: Callable[[Any], None]
+) -> None:
+    channel.queue_declare(queue, durable=True, arguments=arguments, callback=k)
+
+
+def _consume(
+    channel: Channel, queue: str, on_message: Callable[..., None], k: Callable[[Any], None]
+) -> None:
+    channel.basic_consume(queue, on_message, callback=k)
 
 
 def _run_steps(steps: list[_Step], done: Callable[[], None]) -> None:

@@ -19,6 +19,7 @@ from ..sqs import SQSTransport
 from ..sqs.errors import error_code, result_for_error
 from ..sqs.options import DEFAULT_MAX_MESSAGE_BYTES, URL_OPTIONS
 from ..sqs.sending import deduplication_id, encode_message, group_id
+from ..sqs.transport import adapter_queues
 from .topology import subscribe_queues, topic_arn
 
 __all__ = ["SNSTransport"]
@@ -218,7 +219,7 @@ class SNSTransport(Transport):
         if self._closed:
             raise TransportError("the SNS transport is closed")
         queues = subscribe_queues(self._client, self.queues, subscription)
-        return self.queues.receive_from(queues)
+        return self.queues.receive_from(queues, adapter_queues(subscription))
 
     def check(self) -> None:
         """One authenticated call to each service (ListTopics, ListQueues).

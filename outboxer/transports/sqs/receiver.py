@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from ... import wire
 from ...errors import TransportError
 from ..base import Delivery, Receiver
 from .attributes import decode_attributes
@@ -39,7 +40,7 @@ class _SQSDelivery(Delivery):
         self._settled = False
         self.message_id = message.get("MessageId", "")
         self.body = message.get("Body", "").encode("utf-8", "surrogatepass")
-        self.headers = decode_attributes(message.get("MessageAttributes", {}))
+        self.headers: dict[str, str] = decode_attributes(message.get("MessageAttributes", {}))
         self.destination = queue
         count = message.get("Attributes", {}).get("ApproximateReceiveCount", "1")
         self.redelivered = count.isdigit() and int(count) > 1
@@ -107,10 +108,15 @@ class _SQSReceiver(Receiver):
     """Long polls; with several queues, one poll in flight per queue (see the docstring)."""
 
     def __init__(
-        self, client: SQSClient, queues: list[tuple[str, str]], visibility_timeout: int | None
+        self,
+        client: SQSClient,
+        queues: list[tuple[str, str]],
+        visibility_timeout: int | None,
+        sources: frozenset[str] = frozenset(),
     ) -> None:
         self._client = client
         self._queues = queues
+        self._sources = sources
         self._visibility = visibility_timeout
         read_timeout = getattr(client.meta.config, "read_timeout", None) or 60
         self._max_wait = max(0, min(MAX_WAIT_SECONDS, int(read_timeout) - 2))
@@ -140,7 +146,13 @@ class _SQSReceiver(Receiver):
             response = self._client.receive_message(**request)
         except (ClientError, BotoCoreError) as exc:
             raise TransportError(f"receiving from SQS queue {name!r} failed: {exc}") from exc
-        return [_SQSDelivery(self._client, name, url, m) for m in response.get("Messages", ())]
+        deliveries = [
+            _SQSDelivery(self._client, name, url, m) for m in response.get("Messages", ())
+        ]
+        if name in self._sources:
+            for delivery in deliveries:  # an inbound adapter's: it takes the broker's id
+                delivery.headers[wire.BROKER_MESSAGE_ID] = delivery.message_id
+        return list(deliveries)
 
     def receive(self, max_messages: int, timeout: float) -> list[Delivery]:
         if max_messages < 1:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from ...errors import TransportError
+from ...errors import ConfigurationError, TransportError
 from ...message import Envelope
 from ..aws import client_config, describe, open_session
 from ..base import Receiver, SendResult, Subscription, Transport
@@ -248,7 +248,7 @@ class SQSTransport(Transport):
         A destination queue another consumer reads too gets one warning per process
         (:mod:`outboxer.transports.sqs.sharing`): they would split its messages.
         """
-        receiver = self.receive_from(subscription.destinations)
+        receiver = self.receive_from(subscription.destinations, adapter_queues(subscription))
         consumer = subscription.queue
         others = [name for name in subscription.destinations if name != consumer]
         queues = [
@@ -259,13 +259,14 @@ class SQSTransport(Transport):
             log.warning("%s", sharing_warning(consumer, name, readers))
         return receiver
 
-    def receive_from(self, queues: Sequence[str]) -> Receiver:
-        """A receiver polling ``queues`` (created if missing)."""
+    def receive_from(self, queues: Sequence[str], sources: Sequence[str] = ()) -> Receiver:
+        """A receiver polling ``queues`` and the inbound adapters' queues ``sources`` (all
+        created if missing); deliveries from ``sources`` carry their ``MessageId``."""
         if self._closed:
             raise TransportError("the SQS transport is closed")
         client = self.queue_client
         urls = [(name, self.ensure_queue(name)) for name in queues]
-        receiver = _SQSReceiver(client, urls, self.visibility_timeout)
+        receiver = _SQSReceiver(client, urls, self.visibility_timeout, frozenset(sources))
         self._receivers.add(receiver)
         return receiver
 
@@ -323,3 +324,23 @@ class SQSTransport(Transport):
             self._client.close()
             if self._receive_client is not None:
                 self._receive_client.close()
+
+
+def adapter_queues(subscription: Subscription) -> list[str]:
+    """The queues of ``subscription``'s inbound adapters; ConfigurationError for one that SQS
+    cannot serve (an exchange, or a queue that is also one of the consumer's destinations)."""
+    names = subscription.destinations
+    queues: list[str] = []
+    for source in subscription.sources:
+        if source.exchange is not None:
+            raise ConfigurationError(
+                f"inbound adapter on exchange {source.exchange!r}: SQS has no exchanges; "
+                "on SQS an adapter reads a queue (queue=...)"
+            )
+        if source.queue in names:
+            raise ConfigurationError(
+                f"inbound adapter queue {source.queue!r} is also a destination of "
+                f"consumer {subscription.queue!r}: give the adapter a queue of its own"
+            )
+        queues.append(source.queue)
+    return queues

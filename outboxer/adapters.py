@@ -112,7 +112,7 @@ def _instant_only(retry: Retry) -> Retry:
     """The consumer's policy without its delayed retries (an adapter's default)."""
     if retry.max_attempts <= retry.instant + 1:
         return retry
-    return dataclasses.replace(retry, max_attempts=retry.instant + 1)
+    return Retry(max_attempts=retry.instant + 1, retry_on=retry.retry_on, instant=retry.instant)
 
 
 def take_in(

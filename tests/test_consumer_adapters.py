@@ -172,12 +172,14 @@ def test_an_adapters_failure_is_dead_lettered_and_replays_back_to_it(
     line: Line, outside: Outside
 ) -> None:
     broken = {"yes": True}
+    failures: list[outboxer.Failure] = []
 
     @line.consumer.adapter(
         PaymentReceived,
         queue=outside.queue,
         message_id=outboxer.from_header("X-Webhook-Id"),
         retry=outboxer.Retry(max_attempts=2, instant=1),
+        on_failure=failures.append,  # the error channel, before the dead letter
     )
     def record(event: PaymentReceived, session: Session) -> None:
         line.calls["record"] += 1
@@ -194,6 +196,12 @@ def test_an_adapters_failure_is_dead_lettered_and_replays_back_to_it(
     assert letter.message_id == message_id_of("wh-7")
     assert letter.headers["x-webhook-id"] == "wh-7"
     assert line.pending() == 0  # no delayed retry went through the outbox
+    [failure] = failures
+    assert (failure.handler, failure.attempts, failure.event) == (
+        "record",
+        2,
+        PaymentReceived("p-7", 100),
+    )
 
     broken["yes"] = False
     outboxer.DeadLetters(line.Session).replay(letter.id)

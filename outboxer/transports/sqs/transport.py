@@ -265,7 +265,7 @@ class SQSTransport(Transport):
         if self._closed:
             raise TransportError("the SQS transport is closed")
         client = self.queue_client
-        urls = [(name, self.ensure_queue(name)) for name in queues]
+        urls = [(name, self.ensure_queue(name)) for name in [*queues, *sources]]
         receiver = _SQSReceiver(client, urls, self.visibility_timeout, frozenset(sources))
         self._receivers.add(receiver)
         return receiver

@@ -24,7 +24,7 @@ from .errors import (
     TransportError,
     UnknownMessageType,
 )
-from .failures import ErrorChannel, Failure
+from .failures import ErrorChannel, Failure, set_default_on_failure
 from .handlers import Context
 from .ids import uuid7
 from .keys import FromBody, FromHeader, from_body, from_header
@@ -86,6 +86,7 @@ __all__ = [
     "publish",
     "relay_engine",
     "sent",
+    "set_default_on_failure",
     "transport_from_url",
     "uuid7",
 ]

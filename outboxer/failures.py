@@ -9,8 +9,9 @@
     @consumer.handler(OrderPlaced, on_failure=outboxer.ErrorChannel(refund, dead_letter=False))
     def charge(event, session): ...
 
-A handler's ``on_failure`` wins over its consumer's; without either, a failure goes to
-the dead-letter table alone. ``on_failure`` is a function, an :class:`ErrorChannel`, or
+A handler's ``on_failure`` wins over its consumer's, which wins over the process-wide
+default (:func:`set_default_on_failure`); without any, a failure goes to the dead-letter
+table alone. ``on_failure`` is a function, an :class:`ErrorChannel`, or
 the name of a channel registered with ``@consumer.error_channel("name")`` (a name that
 is not registered yet raises at the handler's registration).
 
@@ -48,6 +49,8 @@ __all__ = [
     "channel_for",
     "RunChannel",
     "channel_steps",
+    "default_channel",
+    "set_default_on_failure",
 ]
 
 log = logging.getLogger("outboxer.consumer")
@@ -136,6 +139,40 @@ def as_channel(on_failure: Callable[..., Any] | ErrorChannel, name: str = "") ->
     if isinstance(on_failure, ErrorChannel):
         return on_failure
     return ErrorChannel(on_failure, name=name)
+
+
+_default: list[ErrorChannel] = []
+"""The process-wide default channel, when one is set (a list: no ``global`` statement)."""
+
+
+def set_default_on_failure(on_failure: Callable[..., Any] | ErrorChannel | None) -> None:
+    """Set the error channel of every handler whose handler and consumer name none, in
+    every consumer of this process (Ecotone's default error channel); None removes it.
+
+    It must be a plain ``def`` (it serves sync and async consumers alike: an async
+    consumer calls it with the sync side of its session). Typical use: report every
+    give-up to Sentry once, at start-up. It applies from the next give-up on.
+    """
+    if on_failure is None:
+        _default.clear()
+        return
+    if not (isinstance(on_failure, ErrorChannel) or callable(on_failure)):
+        raise ConfigurationError(
+            "set_default_on_failure takes a function or an outboxer.ErrorChannel, got "
+            f"{on_failure!r}"
+        )
+    channel = as_channel(on_failure)
+    if channel.is_async:
+        raise ConfigurationError(
+            f"the default error channel {channel.name!r} serves sync and async consumers: "
+            "make it a plain def (give async consumers an async one with on_failure=...)"
+        )
+    _default[:] = [channel]
+
+
+def default_channel() -> ErrorChannel | None:
+    """The channel set by :func:`set_default_on_failure`, if any."""
+    return _default[0] if _default else None
 
 
 def channel_for(
@@ -228,8 +265,7 @@ class RunChannel:
         in_callback = True
         try:
             with session_factory() as session, session.begin():
-                with handling(self.failure.envelope):
-                    self.channel.callback(self.failure, **self._arguments(session))
+                self._call_sync(session)
                 in_callback = False
                 self.then(session.connection())
         except (KeyboardInterrupt, SystemExit):
@@ -244,8 +280,11 @@ class RunChannel:
         then = self.then
         try:
             async with session_factory() as session, session.begin():
-                with handling(self.failure.envelope):
-                    await self.channel.callback(self.failure, **self._arguments(session))
+                if self.channel.is_async:
+                    with handling(self.failure.envelope):
+                        await self.channel.callback(self.failure, **self._arguments(session))
+                else:  # the process-wide default: a plain def, given the sync session
+                    await session.run_sync(self._call_sync)
                 in_callback = False
                 await session.run_sync(lambda s: then(s.connection()))
         except (KeyboardInterrupt, SystemExit, asyncio.CancelledError):
@@ -253,6 +292,10 @@ class RunChannel:
         except BaseException as exc:
             return ChannelResult(redact(exc), in_callback)
         return ChannelResult()
+
+    def _call_sync(self, session: Any) -> None:
+        with handling(self.failure.envelope):
+            self.channel.callback(self.failure, **self._arguments(session))
 
     def _arguments(self, session: Any) -> dict[str, Any]:
         return {"session": session} if self.channel.wants_session else {}

@@ -33,7 +33,7 @@ from sqlalchemy.exc import DBAPIError
 
 from . import instrumentation, store
 from .adapters import take_in
-from .failures import Failure, RunChannel, channel_steps
+from .failures import Failure, RunChannel, channel_steps, default_channel
 from .guard import guarded
 from .handlers import HandlerRegistry, HandlerSpec
 from .instrumentation import HandlerOutcome, TransportDescription
@@ -298,7 +298,7 @@ class Processor:
         attributes = {"outboxer.handler": spec.id, "error.type": error_type_name(step.error)}
         with tracer.step("dead_letter", envelope, attributes) as span:
             row = handler_dead_letter(envelope, spec, self.name, step, span.trace_headers())
-            channel = spec.error_channel
+            channel = spec.error_channel or default_channel()
             if channel is not None:
                 span.set_attribute("outboxer.error_channel", channel.name)
                 event = prepared.events[spec.id]

@@ -137,3 +137,31 @@ async def test_an_async_handler_without_a_transaction_runs_once(
     assert calls == [False, False]
     assert table(engine, Effect.handler) == ["send_receipt", "send_receipt"]
     assert len(table(engine, outboxer.inbox.c.handler)) == 2
+
+
+async def test_the_plain_default_channel_serves_an_async_consumer(
+    engine: Engine,
+    Session: sessionmaker[outboxer.OutboxSession],
+    AsyncSession: async_sessionmaker[outboxer.AsyncOutboxSession],
+) -> None:
+    def report(failure: outboxer.Failure, session: outboxer.OutboxSession) -> None:
+        session.publish(PaymentFailed(order_id=failure.event.order_id, reason="reported"))
+
+    released: list[int] = []
+    consumer = outboxer.Consumer(AsyncSession, name="async-default", retry=ONCE)
+
+    @consumer.handler(OrderPlaced)
+    async def charge(event: OrderPlaced) -> None:
+        raise ConnectionError("declined")
+
+    @consumer.handler(PaymentFailed)
+    async def release(event: PaymentFailed) -> None:
+        released.append(event.order_id)
+
+    outboxer.set_default_on_failure(report)
+    try:
+        await deliver(engine, Session, consumer, OrderPlaced(order_id=9))
+    finally:
+        outboxer.set_default_on_failure(None)
+    assert released == [9]
+    assert table(engine, outboxer.dead_letter.c.handler) == ["charge"]

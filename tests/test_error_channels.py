@@ -3,6 +3,7 @@ the dead-letter store; their own transaction; compensating messages; their own f
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -226,3 +227,49 @@ def test_error_channel_mistakes_raise_at_registration(Session: SessionFactory) -
 
     with pytest.raises(outboxer.ConfigurationError, match="already has an error channel"):
         consumer.error_channel("alerts")(alerts)
+
+
+@pytest.fixture
+def default_channel() -> Iterator[list[outboxer.Failure]]:
+    """A process-wide default channel for one test, removed after it."""
+    seen: list[outboxer.Failure] = []
+
+    def report(failure: outboxer.Failure, session: Session) -> None:
+        seen.append(failure)
+        session.add(Effect(handler="default", message_key=failure.handler))
+
+    outboxer.set_default_on_failure(report)
+    try:
+        yield seen
+    finally:
+        outboxer.set_default_on_failure(None)
+
+
+def test_the_process_wide_default_serves_handlers_that_name_no_channel(
+    h: Harness, default_channel: list[outboxer.Failure]
+) -> None:
+    own: list[str] = []
+
+    @h.consumer.handler(OrderPlaced, retry=ONCE)
+    def charge(event: OrderPlaced) -> None:
+        raise ConnectionError("down")
+
+    @h.consumer.handler(OrderPlaced, retry=ONCE, on_failure=lambda f: own.append(f.handler))
+    def ship(event: OrderPlaced) -> None:
+        raise ConnectionError("down")
+
+    h.publish(OrderPlaced(order_id=1))
+    h.deliver()
+    assert [f.handler for f in default_channel] == ["charge"]
+    assert own == ["ship"]
+    assert h.effects() == {"default": 1}  # in the channel's transaction
+    assert len(h.dead()) == 2
+
+
+def test_the_default_must_be_a_plain_function(db_kind: str) -> None:
+    async def report(failure: outboxer.Failure) -> None: ...
+
+    with pytest.raises(outboxer.ConfigurationError, match="make it a plain def"):
+        outboxer.set_default_on_failure(report)
+    with pytest.raises(outboxer.ConfigurationError, match="takes a function"):
+        outboxer.set_default_on_failure("alerts")  # type: ignore[arg-type]

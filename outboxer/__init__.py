@@ -32,6 +32,7 @@ from .message import Envelope, MessageType, message
 from .publishing import NO_KEY, NoKey
 from .relay import Relay, RelayStats, SendFailure, relay_engine
 from .retry import Backoff, Retry
+from .scheduling import Tick
 from .session import AsyncOutboxSession, OutboxMixin, OutboxSession, publish
 from .tables import create_all, dead_letter, drop_all, inbox, metadata, outbox, sent
 from .transports import transport_from_url
@@ -72,6 +73,7 @@ __all__ = [
     "RetryConfigError",
     "SendFailure",
     "SerializationError",
+    "Tick",
     "TransportError",
     "UnknownMessageType",
     "create_all",

@@ -24,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Mapping
+from dataclasses import replace
+from datetime import timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy.engine import Connection
@@ -39,6 +41,7 @@ from .processing import Processor
 from .reports import ConsumerStats, MessageReport
 from .retry import Retry
 from .runner import Runner, RunOptions, StopSignal
+from .scheduling import Scheduled, Scheduler, build_scheduled
 from .store import dead_letters as dead_letter_store
 from .store import inbox as inbox_store
 from .transports.base import Subscription, Transport
@@ -106,6 +109,8 @@ class Consumer:
             channel_for(on_failure, {}, where=f"consumer {name!r}", is_async=self.is_async)
         self.on_failure = on_failure
         """The error channel of handlers that name none (:mod:`outboxer.failures`)."""
+        self.schedules: list[Scheduled] = []
+        """Handlers registered with :meth:`scheduled`."""
         self.stats = ConsumerStats()
         """Totals of every run of this consumer."""
         self._stop = StopSignal()
@@ -162,6 +167,47 @@ class Consumer:
             )
             spec.transactional = transactional
             self.registry.add(spec)
+            return fn
+
+        return register
+
+    def scheduled(
+        self,
+        every: timedelta | float,
+        *,
+        name: str | None = None,
+        retry: Retry | None = None,
+        on_failure: OnFailure = None,
+        lease: timedelta | float | None = None,
+    ) -> Callable[[F], F]:
+        """Register a function to run every ``every`` (a timedelta or seconds) while the
+        consumer runs, once per tick across all its replicas (:mod:`outboxer.scheduling`).
+
+        Parameters named ``session`` (the run's transaction: what it publishes goes through
+        the outbox) and ``context`` (an :class:`~outboxer.Tick`) are passed by name.
+        ``retry`` allows instant retries only (default: none); ``on_failure`` runs when a
+        tick gives up. ``lease`` (default ``every``) bounds how long a replica that died in
+        a run keeps the others from running the next tick.
+        """
+
+        def register(fn: F) -> F:
+            spec = build_scheduled(
+                self.name,
+                fn,
+                every=every,
+                name=name,
+                retry=retry,
+                lease=lease,
+                consumer_is_async=self.is_async,
+                taken={s.name for s in self.schedules},
+            )
+            channel = channel_for(
+                on_failure if on_failure is not None else self.on_failure,
+                self.error_channels,
+                where=f"consumer {self.name!r}, scheduled handler {spec.name!r}",
+                is_async=False,
+            )
+            self.schedules.append(replace(spec, channel=channel))
             return fn
 
         return register
@@ -402,7 +448,7 @@ class Consumer:
         return await self._run(transport, options)
 
     def _check_runnable(self, options: RunOptions) -> None:
-        if not self.registry:
+        if not self.registry and not self.schedules:
             raise ConfigurationError(
                 f"consumer {self.name!r} has no handlers: register one with "
                 "@consumer.handler(MessageType) before running it"
@@ -425,7 +471,14 @@ class Consumer:
             self.prune_async if self.is_async else self._prune_in_thread,
             self.stats,
         )
-        return await runner.run()
+        if not self.schedules:
+            return await runner.run()
+        scheduler = Scheduler(self.schedules, self.session_factory)
+        ticking = asyncio.create_task(scheduler.keep_running(self._stop, once=options.once))
+        try:
+            return await runner.run()
+        finally:
+            await ticking  # a run in progress finishes; the stop ends the loop
 
     def stop(self) -> None:
         """Stop receiving, finish the messages in progress, return from :meth:`run`.

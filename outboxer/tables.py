@@ -207,6 +207,20 @@ relays = Table(
 )
 """Running relays (see docs/relay.md, "A relay that dies")."""
 
+schedules = Table(
+    "outboxer_schedule",
+    metadata,
+    # A scheduled handler (consumer:handler): the last tick a replica claimed, and the
+    # lease of the run in progress (see store.schedule).
+    Column("name", String(255), primary_key=True),
+    Column("last_tick", BigInteger, nullable=False),
+    Column("locked_by", String(64), nullable=True),
+    Column("locked_until", UTCDateTime(), nullable=True),
+    Column("ran_at", UTCDateTime(), nullable=True),
+    **MYSQL_TABLE_OPTIONS,
+)
+"""Scheduled handlers' ticks: one replica runs each (see docs/consumers.md, "Scheduled")."""
+
 inbox = Table(
     "outboxer_inbox",
     metadata,

@@ -1,0 +1,78 @@
+"""SQL for scheduled handlers: one row per scheduled handler, claimed once per tick.
+
+A tick is a slot of the schedule on the database clock: tick ``n`` of a handler run every
+``every`` seconds starts at ``n * every`` seconds after the Unix epoch. The replica whose
+conditional ``UPDATE`` moves ``last_tick`` up to the current tick runs it; every other
+replica's update of that tick matches no row. The same update takes a lease
+(``locked_by``/``locked_until``) that the runner gives back when the run ends, so a run
+longer than the interval is not overlapped by the next tick, and a replica that died in a
+run holds the schedule only until the lease expires.
+"""
+
+from __future__ import annotations
+
+import math
+
+from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
+
+from ..tables import schedules
+from .clock import clock_params, later, now, read_db_now
+
+__all__ = ["claim_tick", "ensure_schedule", "release_tick"]
+
+
+def ensure_schedule(connection: Connection, name: str) -> None:
+    """Create the row of scheduled handler ``name`` if it does not exist (any replica may
+    race to create it; the loser's insert is ignored). Commits."""
+    with connection.begin():
+        exists = connection.execute(
+            select(schedules.c.name).where(schedules.c.name == name)
+        ).first()
+    if exists is not None:
+        return
+    try:
+        with connection.begin():
+            connection.execute(insert(schedules).values(name=name, last_tick=-1))
+    except IntegrityError:  # another replica created it meanwhile
+        pass
+
+
+def claim_tick(
+    connection: Connection, *, name: str, every: float, owner: str, lease: float
+) -> int | None:
+    """Claim the current tick of ``name`` for ``owner`` (a lease of ``lease`` seconds);
+    the tick's number, or None when another replica has it or a run still holds the lease.
+    Commits."""
+    dialect = connection.dialect.name
+    with connection.begin():
+        current = read_db_now(connection)
+        tick = math.floor(current.timestamp() / every)
+        params = clock_params(dialect, lease=lease)
+        claimed = connection.execute(
+            update(schedules)
+            .where(
+                schedules.c.name == name,
+                schedules.c.last_tick < tick,
+                or_(schedules.c.locked_until.is_(None), schedules.c.locked_until < now(dialect)),
+            )
+            .values(
+                last_tick=tick,
+                locked_by=owner,
+                locked_until=later(dialect, "lease"),
+                ran_at=now(dialect),
+            ),
+            params,
+        )
+    return tick if claimed.rowcount == 1 else None
+
+
+def release_tick(connection: Connection, *, name: str, owner: str) -> None:
+    """Give the lease back after a run. Commits."""
+    with connection.begin():
+        connection.execute(
+            update(schedules)
+            .where(and_(schedules.c.name == name, schedules.c.locked_by == owner))
+            .values(locked_by=None, locked_until=None)
+        )

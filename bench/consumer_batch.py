@@ -18,6 +18,7 @@ contestant drains it; the clock stops when the database holds every handler row
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 import uuid
@@ -149,6 +150,7 @@ def run(rounds: int = 7, messages: int = 3000) -> list[Figure]:
                 for label, consumer in consumers.items()
             },
         }
+        calibration = [_commits_per_second(engine)]
         rates: dict[str, list[float]] = {label: [] for label in contestants}
         ratios: list[float] = []
         unbatched: list[float] = []
@@ -170,11 +172,16 @@ def run(rounds: int = 7, messages: int = 3000) -> list[Figure]:
                     f"  round {i + 1}: "
                     + ", ".join(f"{label} {rates[label][-1]:,.0f}/s" for label in labels)
                 )
+            calibration.append(_commits_per_second(engine))
         finally:
             transport.close()
             engine.dispose()
     ratio = median(ratios)
     detail = ", ".join(f"{label} {median(r):,.0f} msg/s" for label, r in rates.items())
+    detail += (
+        f"; one-row commits/s on one connection before/after: {calibration[0]:,.0f}/"
+        f"{calibration[1]:,.0f}, load average {os.getloadavg()[0]:.1f}"
+    )
     return [
         Figure(
             "outboxer-inbox (default) / hand-written pika consumer, no inbox",
@@ -195,6 +202,19 @@ def run(rounds: int = 7, messages: int = 3000) -> list[Figure]:
             unbatched,
         ),
     ]
+
+
+def _commits_per_second(engine: Engine, seconds: float = 1.0) -> float:
+    """Calibration: one-row INSERT + COMMIT round trips per second on one connection."""
+    with engine.connect() as conn:
+        count, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            conn.execute(BatchCharge.__table__.insert().values(order_id=-1))
+            conn.commit()
+            count += 1
+        conn.execute(text(f"TRUNCATE {BatchCharge.__tablename__}"))
+        conn.commit()
+        return count / (time.perf_counter() - started)
 
 
 def _load(transport: object, engine: Engine, n: int) -> None:

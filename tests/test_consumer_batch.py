@@ -377,3 +377,29 @@ def test_acknowledge_groups_deliveries_by_class() -> None:
 
     acknowledge([One("a"), Many("b"), One("c"), Many("d")])
     assert acked == ["a", "c", "b+d"]
+
+
+def test_sqs_deletes_a_batch_in_calls_of_ten(sqs_case: SQSCase) -> None:
+    import boto3
+
+    destination = sqs_case.new_destination()
+    receiver = sqs_case.subscribe(destination)
+    sqs_case.transport.send([envelope_of(OrderPlaced(order_id=i), destination) for i in range(25)])
+    deliveries = _receive(receiver, 25)
+    deliveries[0].ack()  # already settled: left out of the batch
+    client = deliveries[0]._client  # type: ignore[attr-defined]
+    calls: Counter[str] = Counter()
+    for operation in ("DeleteMessage", "DeleteMessageBatch"):
+        client.meta.events.register(
+            f"before-call.sqs.{operation}",
+            lambda operation=operation, **_: calls.update([operation]),
+        )
+    acknowledge(deliveries)
+    acknowledge(deliveries[:5])  # settled: nothing more is sent
+    assert calls == {"DeleteMessageBatch": 3}
+    sqs = boto3.client("sqs", endpoint_url=sqs_case.endpoint, region_name="us-east-1")
+    url = sqs.get_queue_url(QueueName=destination)["QueueUrl"]
+    names = ["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
+    attributes = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=names)["Attributes"]
+    assert [attributes[name] for name in names] == ["0", "0"]
+    receiver.close()

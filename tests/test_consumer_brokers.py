@@ -29,7 +29,7 @@ from .broker_cases import BrokerCase
 from .broker_rabbitmq import RabbitMQCase, rabbitmq_address
 from .broker_sqs import SNSCase, SQSCase
 from .models import Effect, OrderPlaced
-from .relaying import OUTBOXER, spawn, stop, wait_for
+from .relaying import OUTBOXER, output, spawn, stop, wait_for
 from .services import RABBITMQ_URL, port_open, require
 
 SessionFactory = sessionmaker[outboxer.OutboxSession]
@@ -339,6 +339,11 @@ def test_two_consumer_processes_on_one_queue_apply_each_effect_once(
     line.send_twice()  # every message twice: both processes race for the duplicates
     workers = [spawn(command, env=env) for _ in range(2)]
     try:
+        # Both running before either is stopped: a batching consumer may take every order
+        # before the other has imported its modules, and a SIGTERM then kills that one.
+        wait_for(
+            lambda: all(" started" in output(worker) for worker in workers), 120, "both to start"
+        )
         wait_for(lambda: line.effects()["reserve"] >= total, 120, "every order to be reserved")
         wait_for(lambda: line.pending() == 0, 30, "the outbox to stay empty")
     finally:

@@ -30,7 +30,7 @@ from typing import Any
 from sqlalchemy.engine import Connection, Engine
 
 from .errors import ConfigurationError
-from .failures import ErrorChannel, Failure, RunChannel
+from .failures import ErrorChannel, Failure, RunChannel, default_channel
 from .ids import uuid7
 from .message import Envelope
 from .redaction import error_text, printable, redact
@@ -256,7 +256,8 @@ class Scheduler:
             type(error).__name__,
             printable(error_text(error)),
         )
-        if spec.channel is None:
+        channel = spec.channel or default_channel()
+        if channel is None:
             return
         envelope = Envelope(
             message_id=uuid7(),
@@ -268,13 +269,13 @@ class Scheduler:
             attempt=tick.attempt,
         )
         failure = Failure(tick, envelope, error, tick.attempt, spec.consumer, spec.name, reason)
-        result = RunChannel(spec.channel, failure, lambda _connection: None).run_sync(
+        result = RunChannel(channel, failure, lambda _connection: None).run_sync(
             self.session_factory
         )
         if result.error is not None:
             log.error(
                 "error channel %s of scheduled handler %s raised: %s",
-                spec.channel.name,
+                channel.name,
                 spec.id,
                 printable(error_text(result.error)),
             )

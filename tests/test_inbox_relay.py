@@ -205,3 +205,27 @@ def test_outboxer_inbox_on_an_unshared_in_memory_database_asks_for_no_relay(
         check=False,
     )
     assert accepted.returncode == 0, accepted.stderr[-2000:]
+
+
+def test_the_consumers_relay_gets_an_engine_of_its_own_with_a_sync_driver(
+    tmp_path: Path,
+) -> None:
+    from sqlalchemy import create_engine
+    from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+    from sqlalchemy.pool import StaticPool
+
+    from outboxer.relay.embedded import consumer_engine
+
+    url = f"sqlite:///{tmp_path / 'app.sqlite'}"
+    app = create_engine(url)
+    engine, created = consumer_engine(sessionmaker(app, class_=outboxer.OutboxSession))
+    assert created and engine is not app and str(engine.url) == url
+    async_app = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'app.sqlite'}")
+    engine, created = consumer_engine(async_sessionmaker(async_app))
+    assert created and engine.url.drivername == "sqlite+pysqlite"
+    assert engine.url.database == str(tmp_path / "app.sqlite")
+    pg = create_async_engine("postgresql+psycopg://app@db.invalid/app")
+    engine, _ = consumer_engine(async_sessionmaker(pg))
+    assert engine.url.drivername == "postgresql+psycopg" and not engine.dialect.is_async
+    shared = create_engine("sqlite://", poolclass=StaticPool)
+    assert consumer_engine(sessionmaker(shared)) == (shared, False)

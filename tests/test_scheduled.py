@@ -126,6 +126,24 @@ def test_the_consumers_error_channel_serves_its_scheduled_handlers(Session: Sess
     assert seen == ["broken"]
 
 
+def test_the_process_wide_default_error_channel_serves_scheduled_handlers_last(
+    Session: SessionFactory,
+) -> None:
+    seen: list[str] = []
+    consumer = outboxer.Consumer(Session, name="reports")
+
+    @consumer.scheduled(every=YEARS)
+    def broken() -> None:
+        raise ValueError("no")
+
+    outboxer.set_default_on_failure(lambda failure: seen.append(failure.handler))
+    try:
+        Scheduler(consumer.schedules, Session).run_due()
+    finally:
+        outboxer.set_default_on_failure(None)
+    assert seen == ["broken"]
+
+
 @pytest.mark.parametrize("db_kind", ["sqlite"], indirect=True)
 def test_impossible_scheduled_handlers_are_refused_at_registration(
     Session: SessionFactory,

@@ -20,7 +20,7 @@ from outboxer.scheduling import Scheduler
 
 from .broker_rabbitmq import RabbitMQCase, rabbitmq_address
 from .models import Effect
-from .relaying import OUTBOXER, spawn, stop, wait_for
+from .relaying import OUTBOXER, output, spawn, stop, wait_for
 from .services import RABBITMQ_URL, port_open, require
 
 SessionFactory = sessionmaker[outboxer.OutboxSession]
@@ -205,7 +205,12 @@ def test_a_scheduled_handler_runs_once_per_tick_with_two_outboxer_inbox_processe
             return Counter(rows.scalars())
 
     try:
-        wait_for(lambda: len(ticks()) >= 6, 120, "six ticks")
+        # Both running before either is stopped (a SIGTERM while importing kills a process).
+        wait_for(
+            lambda: all(" started" in output(worker) for worker in workers), 120, "both to start"
+        )
+        first = len(ticks())
+        wait_for(lambda: len(ticks()) >= first + 5, 120, "five ticks with both running")
     finally:
         logs = [stop(worker) for worker in workers]
         case.close()

@@ -8,9 +8,11 @@ consumer keeps going.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pika
@@ -26,7 +28,8 @@ from .broker_cases import BrokerCase
 from .broker_rabbitmq import RabbitMQCase, rabbitmq_address
 from .broker_sqs import SQSCase
 from .models import Effect
-from .services import port_open, require
+from .relaying import OUTBOXER, spawn, stop, wait_for
+from .services import RABBITMQ_URL, port_open, require
 from .test_consumer_brokers import Line
 
 SessionFactory = sessionmaker[outboxer.OutboxSession]
@@ -368,3 +371,52 @@ def test_an_adapters_unusable_message_stays_addressed_to_it_through_replays(
         "payload_mismatch",
     )
     assert again.message_id == letter.message_id and again.id != letter.id
+
+
+@pytest.mark.slow
+def test_outboxer_inbox_runs_an_adapter_through_hostile_input_a_failure_and_its_replay(
+    line: Line, outside: Outside, case: BrokerCase, db_url: str, tmp_path: Path
+) -> None:
+    if isinstance(case, SQSCase):
+        broker_url = f"sqs://?region=us-east-1&endpoint_url={case.endpoint}"
+    else:
+        broker_url = RABBITMQ_URL
+    fixed = tmp_path / "fixed"
+    env = {
+        **os.environ,
+        "APP_DB": db_url,
+        "APP_CONSUMER": line.name,
+        "APP_QUEUE": outside.queue,
+        "APP_FIXED": str(fixed),
+        "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+    }
+    inbox = str(Path(OUTBOXER).parent / "outboxer-inbox")
+    process = spawn([inbox, "tests.adapter_app:consumer", "--broker", broker_url], env=env)
+    try:
+        outside.publish(payment("p-1"))  # no id
+        outside.publish(b"{not json", headers={"x-webhook-id": "wh-2"})
+        outside.publish(b'{"payment_id": 3}', headers={"x-webhook-id": "wh-3"})
+        outside.publish(b"[" * 100_000, headers={"x-webhook-id": "wh-4"})
+        outside.publish(payment("p-5", -100), headers={"x-webhook-id": "wh-5"})  # it fails
+        outside.publish(payment("p-6"), headers={"x-webhook-id": "wh-6"})
+        wait_for(
+            lambda: line.effects()["record"] == 1 and len(line.dead()) == 5,
+            60,
+            "the good payment, and five dead letters",
+        )
+        [failed] = [d for d in line.dead() if d.origin == "handler"]
+        assert failed.handler == "record" and "negative amount" in failed.error_message
+        fixed.touch()  # the fix is deployed
+        outboxer.DeadLetters(line.Session).replay(failed.id)
+        # outboxer-inbox's own relay sends the replay back to its queue, to the adapter.
+        wait_for(lambda: line.effects()["record"] == 2, 60, "the replayed payment")
+        assert process.poll() is None, "outboxer-inbox exited"
+    finally:
+        log = stop(process)
+    assert sorted(d.error_type for d in line.dead()) == [
+        "missing_message_id",
+        "payload_mismatch",
+        "payload_mismatch",
+        "payload_mismatch",
+    ]
+    assert "Traceback" not in log

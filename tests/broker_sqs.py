@@ -102,10 +102,15 @@ class SQSCase(BrokerCase):
     name = "sqs"
 
     def __init__(self, endpoint: str) -> None:
-        from outboxer.transports.sqs import SQSTransport
-
         self.endpoint = endpoint
-        self.transport = SQSTransport(endpoint_url=endpoint, region="us-east-1")
+        self.transport = self.make(endpoint)
+
+    def make(self, endpoint: str, **options: float) -> Transport:
+        """This case's transport (the URL scheme is the case's name) on ``endpoint``."""
+        import outboxer
+
+        url = f"{self.name}://?region=us-east-1&endpoint_url={endpoint}"
+        return outboxer.transport_from_url(url, **options)
 
     def new_destination(self) -> str:
         import boto3
@@ -120,14 +125,8 @@ class SQSCase(BrokerCase):
         return self.unique("no-such-queue")
 
     def unreachable_transport(self) -> Transport:
-        from outboxer.transports.sqs import SQSTransport
-
-        return SQSTransport(
-            endpoint_url=f"http://127.0.0.1:{free_port()}",
-            region="us-east-1",
-            connect_timeout=1.0,
-            read_timeout=2.0,
-        )
+        endpoint = f"http://127.0.0.1:{free_port()}"
+        return self.make(endpoint, connect_timeout=1.0, read_timeout=2.0)
 
 
 @pytest.fixture
@@ -140,27 +139,11 @@ class SNSCase(SQSCase):
 
     name = "sns"
 
-    def __init__(self, endpoint: str) -> None:
-        from outboxer.transports.sns import SNSTransport
-
-        self.endpoint = endpoint
-        self.transport = SNSTransport(endpoint_url=endpoint, region="us-east-1")
-
     def new_destination(self) -> str:
         return self.unique("topic")
 
     def unroutable_destination(self) -> str:
         return self.unique("no-subscriber")
-
-    def unreachable_transport(self) -> Transport:
-        from outboxer.transports.sns import SNSTransport
-
-        return SNSTransport(
-            endpoint_url=f"http://127.0.0.1:{free_port()}",
-            region="us-east-1",
-            connect_timeout=1.0,
-            read_timeout=2.0,
-        )
 
 
 @pytest.fixture

@@ -2,33 +2,27 @@
 
 from __future__ import annotations
 
-import concurrent.futures
-import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
 from ...errors import TransportError
-from ...message import Envelope
-from ..aws import client_config, describe, open_session, parse_url
-from ..base import Receiver, SendResult, Subscription, Transport
-from ..lanes import UNROUTABLE, Item, send_batch
+from ..aws import client_config, describe, open_session, parse_url, whole_number
+from ..base import Receiver, SendResult, Subscription
+from ..lanes import UNROUTABLE, Item
 from ..names import name_problem
 from ..sqs import SQSTransport
+from ..sqs.batch import BatchTransport, Entry
 from ..sqs.errors import error_code, result_for_error
 from ..sqs.options import DEFAULT_MAX_MESSAGE_BYTES, URL_OPTIONS
-from ..sqs.sending import deduplication_id, encode_message, group_id
 from ..sqs.transport import adapter_queues
 from .topology import subscribe_queues, topic_arn
 
 __all__ = ["SNSTransport"]
 
-Entry = dict[str, Any]
-"""A ``PublishBatch`` entry (boto3's SNS types are not a dependency of outboxer)."""
 
-
-class SNSTransport(Transport):
+class SNSTransport(BatchTransport):
     """Publishes to SNS topics; receives from the consumer's SQS queue subscribed to them
     (see the package docstring).
 
@@ -38,6 +32,9 @@ class SNSTransport(Transport):
     timeouts), and ``concurrency`` calls are in flight at once. ``max_message_bytes`` is
     the size limit of one message, body plus attributes (SNS's is 256 KiB).
     """
+
+    service = "SNS"
+    body_field = "Message"
 
     def __init__(
         self,
@@ -71,9 +68,10 @@ class SNSTransport(Transport):
             aws_session_token=aws_session_token,
             profile=profile,
         )
-        self.concurrency = concurrency
-        self._limit = max_message_bytes
-        self.max_message_bytes = max_message_bytes
+        self._start(
+            whole_number("SNS", "concurrency", concurrency, 1, 256),
+            whole_number("SNS", "max_message_bytes", max_message_bytes, 1024, 1024 * 1024),
+        )
         self._owns_client = client is None
         if client is None:
             session, region = open_session(
@@ -99,9 +97,6 @@ class SNSTransport(Transport):
         self.endpoint_url = endpoint_url
         self.description = describe("aws_sns", "sns", self.region, endpoint_url)
         self._arns: dict[str, str] = {}
-        self._lock = threading.Lock()
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._closed = False
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> SNSTransport:
@@ -116,26 +111,7 @@ class SNSTransport(Transport):
         """The boto3 SNS client messages are published with."""
         return self._client
 
-    def __repr__(self) -> str:
-        where = f", endpoint_url={self.endpoint_url!r}" if self.endpoint_url else ""
-        return f"SNSTransport(region={self.region!r}{where}, concurrency={self.concurrency})"
-
     # Sending ------------------------------------------------------------------------------
-
-    def send(self, envelopes: Sequence[Envelope]) -> list[SendResult]:
-        if self._closed:
-            raise TransportError("the SNS transport is closed")
-        return send_batch(
-            envelopes,
-            service="SNS",
-            resolve=self._resolve,
-            prepare=self._prepare,
-            concurrency=self.concurrency,
-            max_bytes=max(self._limit, DEFAULT_MAX_MESSAGE_BYTES),
-            call=self._batch_call,
-            call_failed=self._batch_failed,
-            executor=self._executor,
-        )
 
     def _resolve(self, name: str) -> str | SendResult:
         """The ARN of topic ``name`` once it has a subscriber, or the result of every
@@ -172,44 +148,14 @@ class SNSTransport(Transport):
             )
         return result_for_error(exc, f"{doing} SNS topic {name!r}")
 
-    def _prepare(self, index: int, envelope: Envelope, arn: str) -> Item[Entry] | SendResult:
-        encoded = encode_message(envelope, self._limit, "SNS")
-        if isinstance(encoded, SendResult):
-            return encoded
-        entry: Entry = {
-            "Id": "",
-            "Message": encoded.body,
-            "MessageAttributes": encoded.attributes,
-        }
-        if envelope.destination.endswith(".fifo"):
-            entry["MessageGroupId"] = group_id(envelope)
-            entry["MessageDeduplicationId"] = deduplication_id(envelope)
-        key = envelope.key
-        group: object = index if key is None else (arn, key)
-        return Item(index, arn, group, key, encoded.size, entry)
-
     def _batch_call(self, chunk: list[Item[Entry]]) -> Mapping[str, Any]:
-        entries = []
-        for position, item in enumerate(chunk):
-            item.entry["Id"] = str(position)
-            entries.append(item.entry)
         response: Mapping[str, Any] = self._client.publish_batch(
-            TopicArn=chunk[0].target, PublishBatchRequestEntries=entries
+            TopicArn=chunk[0].target, PublishBatchRequestEntries=self._entries(chunk)
         )
         return response
 
     def _batch_failed(self, exc: BaseException, arn: str) -> SendResult:
         return self._topic_error(exc, arn.rsplit(":", 1)[-1], "publishing to")
-
-    def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
-        with self._lock:
-            if self._closed:
-                raise TransportError("the SNS transport is closed")
-            if self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(
-                    max_workers=self.concurrency, thread_name_prefix="outboxer-sns"
-                )
-            return self._pool
 
     # Receiving ----------------------------------------------------------------------------
 
@@ -236,13 +182,8 @@ class SNSTransport(Transport):
         self.queues.check()
 
     def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True)
+        if not self._stop_sending():
+            return
         if self._owns_queues:
             self.queues.close()
         if self._owns_client:

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import concurrent.futures
-import threading
 import weakref
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from botocore.exceptions import BotoCoreError, ClientError
 
 from ...errors import ConfigurationError, TransportError
-from ...message import Envelope
 from ..aws import client_config, describe, open_session
-from ..base import Receiver, SendResult, Subscription, Transport
-from ..lanes import Item, send_batch
+from ..base import Receiver, SendResult, Subscription
+from ..lanes import Item
 from ..names import name_problem
+from .batch import BatchTransport, Entry
 from .errors import error_code, result_for_error
 from .options import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -26,7 +24,6 @@ from .options import (
     _positive_int,
 )
 from .receiver import _SQSReceiver, log
-from .sending import deduplication_id, encode_message, group_id
 from .sharing import shared_queues, sharing_warning
 
 if TYPE_CHECKING:
@@ -40,7 +37,7 @@ if TYPE_CHECKING:
 __all__ = ["SQSTransport"]
 
 
-class SQSTransport(Transport):
+class SQSTransport(BatchTransport):
     """Sends to and receives from Amazon SQS queues (see the package docstring).
 
     ``client`` is a ready boto3 SQS client; without one, a client is built from
@@ -53,6 +50,9 @@ class SQSTransport(Transport):
     1 MiB where supported).
     ``visibility_timeout`` overrides the queue's for received messages.
     """
+
+    service = "SQS"
+    body_field = "MessageBody"
 
     def __init__(
         self,
@@ -70,12 +70,11 @@ class SQSTransport(Transport):
         aws_session_token: str | None = None,
         profile: str | None = None,
     ) -> None:
-        self.concurrency = _positive_int("concurrency", concurrency, 1, 256)
-        self.max_message_bytes = _positive_int(
-            "max_message_bytes", max_message_bytes, 1024, 1024 * 1024
+        concurrency = _positive_int("concurrency", concurrency, 1, 256)
+        self._start(
+            concurrency,
+            _positive_int("max_message_bytes", max_message_bytes, 1024, 1024 * 1024),
         )
-        self._limit = self.max_message_bytes
-        self._batch_bytes = max(self._limit, DEFAULT_MAX_MESSAGE_BYTES)
         self.visibility_timeout = (
             None
             if visibility_timeout is None
@@ -96,27 +95,20 @@ class SQSTransport(Transport):
                 aws_session_token=aws_session_token,
                 profile=profile,
             )
-            self._client = session.client(
-                "sqs",
-                region_name=region,
-                endpoint_url=endpoint_url,
-                config=client_config(
+
+            def make_client(read_timeout: float) -> SQSClient:
+                config = client_config(
                     concurrency=self.concurrency,
                     connect_timeout=connect_timeout,
                     read_timeout=read_timeout,
-                ),
-            )
+                )
+                return session.client(
+                    "sqs", region_name=region, endpoint_url=endpoint_url, config=config
+                )
+
+            self._client = make_client(read_timeout)
             # Long polls hold a response for up to 20 s: a longer read timeout.
-            self._receive_client = session.client(
-                "sqs",
-                region_name=region,
-                endpoint_url=endpoint_url,
-                config=client_config(
-                    concurrency=self.concurrency,
-                    connect_timeout=connect_timeout,
-                    read_timeout=read_timeout + MAX_WAIT_SECONDS,
-                ),
-            )
+            self._receive_client = make_client(read_timeout + MAX_WAIT_SECONDS)
         else:
             self._client = client
             self._receive_client = None
@@ -127,9 +119,6 @@ class SQSTransport(Transport):
         self.description = describe("aws_sqs", "sqs", region, endpoint_url)
 
         self._urls: dict[str, str] = {}
-        self._lock = threading.Lock()
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._closed = False
         self._receivers: weakref.WeakSet[_SQSReceiver] = weakref.WeakSet()
         self._warned: set[tuple[str, str]] = set()
 
@@ -152,26 +141,7 @@ class SQSTransport(Transport):
         """The boto3 client messages are sent with."""
         return self._client
 
-    def __repr__(self) -> str:
-        where = f", endpoint_url={self.endpoint_url!r}" if self.endpoint_url else ""
-        return f"SQSTransport(region={self.region!r}{where}, concurrency={self.concurrency})"
-
     # Sending ------------------------------------------------------------------------------
-
-    def send(self, envelopes: Sequence[Envelope]) -> list[SendResult]:
-        if self._closed:
-            raise TransportError("the SQS transport is closed")
-        return send_batch(
-            envelopes,
-            service="SQS",
-            resolve=self._resolve,
-            prepare=self._prepare,
-            concurrency=self.concurrency,
-            max_bytes=self._batch_bytes,
-            call=self._batch_call,
-            call_failed=self._batch_failed,
-            executor=self._executor,
-        )
 
     def _resolve(self, name: str) -> str | SendResult:
         """The URL of queue ``name``, or the result of every message for it."""
@@ -200,45 +170,12 @@ class SQSTransport(Transport):
             )
         return result_for_error(exc, f"{doing} SQS queue {name!r}")
 
-    def _prepare(
-        self, index: int, envelope: Envelope, url: str
-    ) -> Item[SendMessageBatchRequestEntryTypeDef] | SendResult:
-        encoded = encode_message(envelope, self._limit, "SQS")
-        if isinstance(encoded, SendResult):
-            return encoded
-        entry: SendMessageBatchRequestEntryTypeDef = {
-            "Id": "",
-            "MessageBody": encoded.body,
-            "MessageAttributes": encoded.attributes,
-        }
-        if envelope.destination.endswith(".fifo"):
-            entry["MessageGroupId"] = group_id(envelope)
-            entry["MessageDeduplicationId"] = deduplication_id(envelope)
-        key = envelope.key
-        group: object = index if key is None else (url, key)
-        return Item(index, url, group, key, encoded.size, entry)
-
-    def _batch_call(
-        self, chunk: list[Item[SendMessageBatchRequestEntryTypeDef]]
-    ) -> SendMessageBatchResultTypeDef:
-        entries = []
-        for position, item in enumerate(chunk):
-            item.entry["Id"] = str(position)
-            entries.append(item.entry)
+    def _batch_call(self, chunk: list[Item[Entry]]) -> SendMessageBatchResultTypeDef:
+        entries = cast("list[SendMessageBatchRequestEntryTypeDef]", self._entries(chunk))
         return self._client.send_message_batch(QueueUrl=chunk[0].target, Entries=entries)
 
     def _batch_failed(self, exc: BaseException, url: str) -> SendResult:
         return self._queue_error(exc, url.rsplit("/", 1)[-1], "sending to")
-
-    def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
-        with self._lock:
-            if self._closed:
-                raise TransportError("the SQS transport is closed")
-            if self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(
-                    max_workers=self.concurrency, thread_name_prefix="outboxer-sqs"
-                )
-            return self._pool
 
     # Receiving ----------------------------------------------------------------------------
 
@@ -311,15 +248,10 @@ class SQSTransport(Transport):
             raise TransportError(f"cannot reach SQS: {type(exc).__name__}") from exc
 
     def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            pool, self._pool = self._pool, None
+        if not self._stop_sending():
+            return
         for receiver in list(self._receivers):
             receiver.close()
-        if pool is not None:
-            pool.shutdown(wait=True)
         if self._owns_clients:
             self._client.close()
             if self._receive_client is not None:

@@ -118,3 +118,36 @@ async def test_async_handler_that_always_fails_is_dead_lettered(
         "charge",
         "ValueError",
     )
+
+
+async def test_an_async_adapter_takes_plain_messages_once_and_its_replay_comes_back(
+    engine: Engine,
+    Session: sessionmaker[outboxer.OutboxSession],
+    AsyncSession: async_sessionmaker[outboxer.AsyncOutboxSession],
+) -> None:
+    broker = MemoryBroker()
+    transport = MemoryTransport(broker)
+    consumer = outboxer.Consumer(AsyncSession, name="async-webhooks")
+    broken = {"yes": True}
+
+    @consumer.adapter(
+        "test.webhook", queue="async-hooks", message_id=outboxer.from_header("x-webhook-id")
+    )
+    async def hook(event: dict[str, object], session: outboxer.AsyncOutboxSession) -> None:
+        if event["n"] == 2 and broken["yes"]:
+            raise ValueError("not yet")
+        session.add(Effect(handler="hook", message_key=str(event["n"])))
+
+    transport.receiver(consumer.subscription())
+    for n, webhook in ((1, "w1"), (1, "w1"), (2, "w2")):
+        broker.inject("async-hooks", f'{{"n": {n}}}'.encode(), {"x-webhook-id": webhook})
+    stats = await consumer.run_async(transport, once=True, idle_timeout=0.05)
+    assert (stats.processed, stats.duplicates, stats.dead_lettered) == (1, 1, 1)
+    dead = outboxer.DeadLetters(Session)
+    [letter] = dead.list()
+    assert letter.handler == "hook"
+    broken["yes"] = False
+    dead.replay(letter.id)
+    await asyncio.to_thread(outboxer.Relay(engine, transport).run, once=True)
+    await consumer.run_async(transport, once=True, idle_timeout=0.05)
+    assert effects(engine) == {"hook": 2}

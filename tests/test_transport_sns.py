@@ -172,6 +172,28 @@ def test_a_topic_nobody_subscribed_to_is_unroutable_until_a_consumer_subscribes(
         receiver.close()
 
 
+def test_a_type_no_subscription_takes_is_unroutable_until_a_consumer_takes_it(
+    transport: SNSTransport,
+) -> None:
+    topic = unique("orders")
+    placed = transport.receiver(Subscription(unique("billing"), [(topic, "shop.order_placed")]))
+    try:
+        cancelled = envelope(topic, 1, type="shop.order_cancelled")
+        results = transport.send([envelope(topic, 0), cancelled])
+        assert [r.outcome for r in results] == [Outcome.SENT, Outcome.REJECTED]
+        assert results[1].error_type == "unroutable"
+        assert "takes type 'shop.order_cancelled'" in (results[1].error or "")
+        every = transport.receiver(Subscription(unique("audit"), [(topic, "#")]))
+        try:
+            assert transport.send([cancelled])[0].outcome is Outcome.SENT
+            assert numbers(every, 1) == [1]
+        finally:
+            every.close()
+        assert numbers(placed, 1) == [0]
+    finally:
+        placed.close()
+
+
 def test_the_topology_is_set_up_once_and_follows_the_handlers_at_restart(
     transport: SNSTransport, aws: tuple[Any, Any]
 ) -> None:

@@ -24,9 +24,11 @@ on FIFO topics keep the SQS transport's ids: ``MessageGroupId`` is the key and
 Sending works like SQS's (:mod:`outboxer.transports.lanes`): ``PublishBatch`` calls of
 ten, on parallel lanes, a key's messages in order on one lane, the same error mapping. A
 topic is resolved once with ``CreateTopic`` (idempotent: it returns the ARN of the topic
-of that name); a topic that has no subscription yet would drop the message, so it is
-REJECTED as ``unroutable`` (the relay retries it a few times: the consumer may still be
-starting).
+of that name), and the types its subscriptions' filters take are read with it (once per
+topic, again after a miss). SNS drops a message no subscription takes, so a topic without
+subscriptions, or a type none of them takes, is REJECTED as ``unroutable``, as RabbitMQ
+returns a message no queue is bound for (the relay retries it a few times: the consumer
+may still be starting).
 """
 
 from __future__ import annotations

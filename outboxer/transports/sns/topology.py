@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +32,15 @@ from ..base import Subscription
 if TYPE_CHECKING:
     from ..sqs import SQSTransport
 
-__all__ = ["POLICY_SID", "Route", "allow_topics", "plan_routes", "subscribe_queues", "topic_arn"]
+__all__ = [
+    "POLICY_SID",
+    "Route",
+    "allow_topics",
+    "plan_routes",
+    "subscribe_queues",
+    "subscribed_types",
+    "topic_arn",
+]
 
 log = logging.getLogger(__name__)
 
@@ -184,15 +192,42 @@ def _same(name: str, current: str | None, wanted: str) -> bool:
         return False
 
 
+def subscribed_types(sns: Any, topic_arn: str) -> frozenset[str] | None:
+    """The message types the subscriptions to ``topic_arn`` take: None when one takes
+    every type (no filter on ``outboxer-type``, or a filter outboxer cannot read), empty
+    when there is no subscription (SNS would drop what is published)."""
+    types: set[str] = set()
+    for subscription in _subscriptions(sns, topic_arn):
+        arn = subscription.get("SubscriptionArn", "")
+        if subscription.get("Protocol") != "sqs" or not arn.startswith("arn:"):
+            return None  # pending confirmation, or not a queue: assume it takes everything
+        attributes = sns.get_subscription_attributes(SubscriptionArn=arn)["Attributes"]
+        try:
+            policy = json.loads(attributes.get("FilterPolicy") or NO_FILTER)
+        except ValueError:
+            return None
+        taken = policy.get(wire.TYPE) if isinstance(policy, dict) else None
+        if set(policy) != {wire.TYPE} or not isinstance(taken, list):
+            return None
+        types.update(t for t in taken if isinstance(t, str))
+    return frozenset(types)
+
+
 def _find_subscription(sns: Any, topic_arn: str, queue_arn: str) -> str | None:
     """The ARN of the subscription of ``queue_arn`` to ``topic_arn``, if there is one."""
+    for found in _subscriptions(sns, topic_arn):
+        if found.get("Protocol") == "sqs" and found.get("Endpoint") == queue_arn:
+            return str(found["SubscriptionArn"])
+    return None
+
+
+def _subscriptions(sns: Any, topic_arn: str) -> Iterator[dict[str, Any]]:
+    """Every subscription to ``topic_arn`` (ListSubscriptionsByTopic, page by page)."""
     request: dict[str, Any] = {"TopicArn": topic_arn}
     while True:
         page = sns.list_subscriptions_by_topic(**request)
-        for found in page.get("Subscriptions", ()):
-            if found.get("Protocol") == "sqs" and found.get("Endpoint") == queue_arn:
-                return str(found["SubscriptionArn"])
+        yield from page.get("Subscriptions", ())
         token = page.get("NextToken")
         if not token:
-            return None
+            return
         request["NextToken"] = token

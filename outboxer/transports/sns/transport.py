@@ -8,6 +8,7 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from ...errors import TransportError
+from ...message import Envelope
 from ..aws import client_config, describe, open_session, parse_url, whole_number
 from ..base import Receiver, SendResult, Subscription
 from ..lanes import UNROUTABLE, Item
@@ -17,7 +18,7 @@ from ..sqs.batch import BatchTransport, Entry
 from ..sqs.errors import error_code, result_for_error
 from ..sqs.options import DEFAULT_MAX_MESSAGE_BYTES, URL_OPTIONS
 from ..sqs.transport import adapter_queues
-from .topology import subscribe_queues, topic_arn
+from .topology import subscribe_queues, subscribed_types, topic_arn
 
 __all__ = ["SNSTransport"]
 
@@ -97,6 +98,8 @@ class SNSTransport(BatchTransport):
         self.endpoint_url = endpoint_url
         self.description = describe("aws_sns", "sns", self.region, endpoint_url)
         self._arns: dict[str, str] = {}
+        self._types: dict[str, frozenset[str] | None] = {}
+        """The types each resolved topic's subscriptions take (None: every type)."""
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> SNSTransport:
@@ -115,7 +118,7 @@ class SNSTransport(BatchTransport):
 
     def _resolve(self, name: str) -> str | SendResult:
         """The ARN of topic ``name`` once it has a subscriber, or the result of every
-        message for it."""
+        message for it. The types its subscriptions take are read at the same time."""
         arn = self._arns.get(name)
         if arn is not None:
             return arn
@@ -124,10 +127,10 @@ class SNSTransport(BatchTransport):
             return SendResult.rejected("invalid_name", problem)
         try:
             arn = topic_arn(self._client, name)
-            subscribed = self._client.list_subscriptions_by_topic(TopicArn=arn)
+            types = subscribed_types(self._client, arn)
         except Exception as exc:
             return self._topic_error(exc, name, "resolving")
-        if not subscribed.get("Subscriptions"):
+        if types is not None and not types:
             return SendResult.rejected(
                 UNROUTABLE,
                 f"SNS topic {name!r} has no subscription, so SNS would drop the message: "
@@ -135,7 +138,22 @@ class SNSTransport(BatchTransport):
             )
         with self._lock:
             self._arns[name] = arn
+            self._types[arn] = types
         return arn
+
+    def _prepare(self, index: int, envelope: Envelope, arn: str) -> Item[Entry] | SendResult:
+        types = self._types.get(arn)
+        if types is not None and envelope.type not in types:
+            # Read the subscriptions again next time: the consumer may be starting.
+            with self._lock:
+                self._arns.pop(envelope.destination, None)
+            return SendResult.rejected(
+                UNROUTABLE,
+                f"no subscription to SNS topic {envelope.destination!r} takes type "
+                f"{envelope.type!r}, so SNS would drop the message: start the consumers "
+                "that handle it (outboxer-inbox --broker sns://...)",
+            )
+        return super()._prepare(index, envelope, arn)
 
     def _topic_error(self, exc: BaseException, name: str, doing: str) -> SendResult:
         if isinstance(exc, ClientError) and error_code(exc) == "NotFound":

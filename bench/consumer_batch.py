@@ -5,7 +5,8 @@ RabbitMQ, same run (target >= 1.5x).
 Every round loads the same queue with the same messages (outboxer's envelope, sent with
 publisher confirms, so the broker holds them all before the clock starts), then one
 contestant drains it; the clock stops when the database holds every handler row
-(committed, polled every 10 ms). Contestants alternate order from round to round:
+(committed, polled every 10 ms). Contestants alternate order from round to round, and
+everything runs twice: with durable commits, and with ``synchronous_commit=off``:
 
 * ``hand-written``: pika ``BlockingConnection``, ``basic_consume`` with the prefetch
   outboxer uses, per message: ``json.loads``, one ``Session.begin()`` with the handler's
@@ -124,67 +125,89 @@ def with_outboxer(consumer: outboxer.Consumer, transport: object, engine: Engine
 
 
 def run(rounds: int = 7, messages: int = 3000) -> list[Figure]:
+    """Both commit regimes: durable commits (the default), then ``synchronous_commit=off``
+    on every connection of every contestant (a commit without the WAL flush wait), since
+    which one dominates decides how much batching commits saves."""
+    figures: list[Figure] = []
     with fresh_postgres() as url:
-        engine = engine_for(url)
-        outboxer.create_all(engine)
-        _Base.metadata.create_all(engine)
-        Session = sessionmaker(engine, class_=outboxer.OutboxSession)
-        name = f"bench-batch-{uuid.uuid4().hex[:6]}"
-        consumers = {}
-        for label, size in (("outboxer", None), ("outboxer, no batching", 1)):
-            options = {} if size is None else {"batch_size": size}
-            consumer = outboxer.Consumer(Session, name=name, **options)  # type: ignore[arg-type]
+        for fast in (False, True):
+            figures += _measure(url, fast, rounds, messages)
+    return figures
 
-            @consumer.handler(InvoiceDue)
-            def charge(event: InvoiceDue, session: Session) -> None:
-                session.add(BatchCharge(order_id=event.order_id))
 
-            consumers[label] = consumer
-        default = consumers["outboxer"]
-        transport = outboxer.transport_from_url(RABBITMQ_URL)
-        transport.receiver(default.subscription()).close()  # the queue and its bindings
-        contestants: dict[str, Callable[[int], float]] = {
-            "hand-written": lambda n: hand_written(engine, name, n, default.prefetch_for(4)),
-            **{
-                label: (lambda n, c=consumer: with_outboxer(c, transport, engine, n))
-                for label, consumer in consumers.items()
-            },
-        }
-        calibration = [_commits_per_second(engine)]
-        rates: dict[str, list[float]] = {label: [] for label in contestants}
-        ratios: list[float] = []
-        unbatched: list[float] = []
-        try:
-            for measure in contestants.values():  # connections, caches, plans
-                _load(transport, engine, 300)
-                measure(300)
-            labels = list(contestants)
-            for i in range(rounds):
-                order = labels[i % len(labels) :] + labels[: i % len(labels)]
-                elapsed = {}
-                for label in order:
-                    _load(transport, engine, messages)
-                    elapsed[label] = contestants[label](messages)
-                    rates[label].append(messages / elapsed[label])
-                ratios.append(elapsed["hand-written"] / elapsed["outboxer"])
-                unbatched.append(elapsed["hand-written"] / elapsed["outboxer, no batching"])
-                console.print(
-                    f"  round {i + 1}: "
-                    + ", ".join(f"{label} {rates[label][-1]:,.0f}/s" for label in labels)
-                )
-            calibration.append(_commits_per_second(engine))
-        finally:
-            transport.close()
-            engine.dispose()
+def _measure(url: str, fast: bool, rounds: int, messages: int) -> list[Figure]:
+    options = {"connect_args": {"options": "-c synchronous_commit=off"}} if fast else {}
+    regime = "synchronous_commit=off" if fast else "durable commits"
+    engine = engine_for(url, **options)
+    outboxer.create_all(engine)
+    _Base.metadata.create_all(engine)
+    Session = sessionmaker(engine, class_=outboxer.OutboxSession)
+    name = f"bench-batch-{uuid.uuid4().hex[:6]}"
+    consumers = {}
+    for label, size in (("outboxer", None), ("outboxer, no batching", 1)):
+        settings = {} if size is None else {"batch_size": size}
+        consumer = outboxer.Consumer(Session, name=name, **settings)  # type: ignore[arg-type]
+
+        @consumer.handler(InvoiceDue)
+        def charge(event: InvoiceDue, session: Session) -> None:
+            session.add(BatchCharge(order_id=event.order_id))
+
+        consumers[label] = consumer
+    default = consumers["outboxer"]
+    transport = outboxer.transport_from_url(RABBITMQ_URL)
+    transport.receiver(default.subscription()).close()  # the queue and its bindings
+    contestants: dict[str, Callable[[int], float]] = {
+        "hand-written": lambda n: hand_written(engine, name, n, default.prefetch_for(4)),
+        **{
+            label: (lambda n, c=consumer: with_outboxer(c, transport, engine, n))
+            for label, consumer in consumers.items()
+        },
+    }
+    console.print(f"  [bold]{regime}[/]")
+    calibration = [_commits_per_second(engine)]
+    rates: dict[str, list[float]] = {label: [] for label in contestants}
+    cpu: dict[str, tuple[list[float], list[float]]] = {label: ([], []) for label in contestants}
+    ratios: list[float] = []
+    unbatched: list[float] = []
+    try:
+        for measure in contestants.values():  # connections, caches, plans
+            _load(transport, engine, 300)
+            measure(300)
+        labels = list(contestants)
+        for i in range(rounds):
+            order = labels[i % len(labels) :] + labels[: i % len(labels)]
+            elapsed = {}
+            for label in order:
+                _load(transport, engine, messages)
+                before = _cpu(engine)
+                elapsed[label] = contestants[label](messages)
+                after = _cpu(engine)
+                rates[label].append(messages / elapsed[label])
+                for side in (0, 1):
+                    cpu[label][side].append((after[side] - before[side]) / messages * 1000)
+            ratios.append(elapsed["hand-written"] / elapsed["outboxer"])
+            unbatched.append(elapsed["hand-written"] / elapsed["outboxer, no batching"])
+            console.print(
+                f"  round {i + 1}: "
+                + ", ".join(f"{label} {rates[label][-1]:,.0f}/s" for label in labels)
+            )
+        calibration.append(_commits_per_second(engine))
+    finally:
+        transport.close()
+        engine.dispose()
     ratio = median(ratios)
     detail = ", ".join(f"{label} {median(r):,.0f} msg/s" for label, r in rates.items())
+    detail += "; CPU ms per message (this process + PostgreSQL): " + ", ".join(
+        f"{label} {median(c[0]):.2f} + {median(c[1]):.2f}" for label, c in cpu.items()
+    )
     detail += (
-        f"; one-row commits/s on one connection before/after: {calibration[0]:,.0f}/"
-        f"{calibration[1]:,.0f}, load average {os.getloadavg()[0]:.1f}"
+        f"; ratios {min(ratios):.2f}-{max(ratios):.2f}x; one-row commits/s on one "
+        f"connection before/after: {calibration[0]:,.0f}/{calibration[1]:,.0f}, load "
+        f"average {os.getloadavg()[0]:.1f}"
     )
     return [
         Figure(
-            "outboxer-inbox (default) / hand-written pika consumer, no inbox",
+            f"outboxer-inbox (default) / hand-written pika consumer, no inbox ({regime})",
             ratio,
             "x",
             f">= {TARGET}x",
@@ -193,7 +216,7 @@ def run(rounds: int = 7, messages: int = 3000) -> list[Figure]:
             ratios,
         ),
         Figure(
-            "the same without batching (batch_size=1) / hand-written",
+            f"the same without batching (batch_size=1) / hand-written ({regime})",
             median(unbatched),
             "x",
             "",
@@ -202,6 +225,24 @@ def run(rounds: int = 7, messages: int = 3000) -> list[Figure]:
             unbatched,
         ),
     ]
+
+
+def _cpu(engine: Engine) -> tuple[float, float]:
+    """CPU seconds used so far by this process and by the PostgreSQL backends of the
+    bench database (from /proc: the server runs on this machine; 0 where unreadable)."""
+    with engine.connect() as conn:
+        pids = conn.execute(
+            text("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
+        ).scalars()
+        server = 0.0
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            server += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return time.process_time(), server
 
 
 def _commits_per_second(engine: Engine, seconds: float = 1.0) -> float:

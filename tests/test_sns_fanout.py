@@ -4,10 +4,14 @@ plain SQS queue they split them, and are warned at start-up."""
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -19,9 +23,10 @@ from outboxer.transports import Transport
 
 from .models import Effect, OrderPlaced
 
-pytestmark = pytest.mark.parametrize("db_kind", ["postgresql", "sqlite"], indirect=True)
+DATABASES = pytest.mark.parametrize("db_kind", ["postgresql", "sqlite"], indirect=True)
 
 ORDERS = 6
+BIN = Path(sys.executable).parent
 
 
 def unique(prefix: str) -> str:
@@ -75,6 +80,7 @@ def run_until(
             consumer.run(transport, once=True, idle_timeout=0.5)
 
 
+@DATABASES
 @pytest.mark.parametrize("fifo", [False, True], ids=["standard", "fifo"])
 def test_two_consumers_through_sns_each_process_every_message(
     engine: Engine,
@@ -100,6 +106,7 @@ def test_two_consumers_through_sns_each_process_every_message(
     )
 
 
+@DATABASES
 def test_consumers_sharing_a_plain_sqs_queue_split_it_and_are_warned_once(
     engine: Engine,
     Session: sessionmaker[outboxer.OutboxSession],
@@ -124,3 +131,65 @@ def test_consumers_sharing_a_plain_sqs_queue_split_it_and_are_warned_once(
     run_until(sqs, [billing, audit], lambda: sum(effects(engine).values()) == ORDERS)
     # Point to point: each order went to one of them (which is what the warning is about).
     assert effects(engine)["billing"] + effects(engine)["audit"] == ORDERS
+
+
+SHARING_APP = """
+import os
+from dataclasses import dataclass
+from sqlalchemy import create_engine
+from sqlalchemy.orm import sessionmaker
+import outboxer
+
+@outboxer.message("sharing.order_placed", destination=os.environ["SHARING_QUEUE"])
+@dataclass
+class OrderPlaced:
+    order_id: int
+
+engine = create_engine(os.environ["SHARING_DB"])
+outboxer.create_all(engine)
+Session = sessionmaker(engine, class_=outboxer.OutboxSession)
+billing = outboxer.Consumer(Session, name=os.environ["SHARING_QUEUE"] + "-billing")
+audit = outboxer.Consumer(Session, name=os.environ["SHARING_QUEUE"] + "-audit")
+
+@billing.handler(OrderPlaced)
+def charge(event: OrderPlaced) -> None:
+    pass
+
+@audit.handler(OrderPlaced)
+def record(event: OrderPlaced) -> None:
+    pass
+"""
+
+
+def test_outboxer_inbox_warns_at_start_up_that_consumers_share_a_plain_sqs_queue(
+    tmp_path: Path, moto_endpoint: str
+) -> None:
+    (tmp_path / "sharing_app.py").write_text(SHARING_APP)
+    queue = unique("orders")
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(tmp_path),
+        "SHARING_QUEUE": queue,
+        "SHARING_DB": f"sqlite:///{tmp_path / 'app.sqlite'}",
+        "OUTBOXER_BROKER": f"sqs://?region=us-east-1&endpoint_url={moto_endpoint}",
+    }
+
+    def start(consumer: str) -> str:
+        done = subprocess.run(
+            [str(BIN / "outboxer-inbox"), f"sharing_app:{consumer}", "--once"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout + done.stderr
+
+    assert "sns://" not in start("billing")
+    for _ in range(2):  # at each start-up, once
+        lines = [line for line in start("audit").splitlines() if "sns://" in line]
+        assert len(lines) == 1, lines
+        assert f"consumer '{queue}-audit' reads SQS queue '{queue}'" in lines[0]
+        assert f"which consumer '{queue}-billing' also reads" in lines[0]
+        assert "WARNING" in lines[0]

@@ -82,7 +82,9 @@ def test_unroutable_and_oversize_messages_are_dead_lettered_while_the_others_are
         session.publish({"n": 3, "big": big}, type="test.big", destination=target.destination)
         session.publish({"n": 4}, type="test.ok", destination=target.destination)
     # An unroutable message is retried a few times first (the consumer may be starting).
-    stats = outboxer.Relay(engine, transport, unroutable_attempts=1).run(once=True)
+    failures: list[outboxer.SendFailure] = []
+    relay = outboxer.Relay(engine, transport, unroutable_attempts=1, on_failure=failures.append)
+    stats = relay.run(once=True)
     if transport is not target.transport:
         transport.close()
     assert (stats.sent, stats.dead_lettered) == (2, 2)
@@ -91,6 +93,11 @@ def test_unroutable_and_oversize_messages_are_dead_lettered_while_the_others_are
     assert nowhere in letters["test.lost"].error_message
     assert letters["test.big"].error_type == "message_too_large"
     assert letters["test.big"].origin == "relay" and letters["test.big"].attempts == 1
+    # The relay's error channel got each of them, after its dead letter was stored.
+    assert sorted((f.message_type, f.error_type) for f in failures) == [
+        ("test.big", "message_too_large"),
+        ("test.lost", "unroutable"),
+    ]
     assert sorted(p["n"] for p in payloads(target.collect(2))) == [1, 4]
     assert outbox_count(engine) == 0
 

@@ -301,6 +301,42 @@ def test_failed_calls_map_to_outcomes_as_on_sqs(
     assert fake.calls == (3 if error_type == "InvalidParameter" else 1)
 
 
+class OneFailure(FailingSNS):
+    """PublishBatch succeeds except for the entry at ``position`` of the first call."""
+
+    def __init__(self, position: int) -> None:
+        super().__init__(RuntimeError("unused"))
+        self.position = position
+        self.published: list[int] = []
+
+    def publish_batch(self, **request: Any) -> dict[str, Any]:
+        self.calls += 1
+        ok, failed = [], []
+        for entry in request["PublishBatchRequestEntries"]:
+            if self.calls == 1 and entry["Id"] == str(self.position):
+                failed.append({"Id": entry["Id"], "Code": "InternalError", "SenderFault": False})
+            else:
+                self.published.append(json.loads(entry["Message"])["n"])
+                ok.append({"Id": entry["Id"], "MessageId": f"m{len(self.published)}"})
+        return {"Successful": ok, "Failed": failed}
+
+
+def test_a_keys_later_messages_wait_behind_one_that_failed(moto_endpoint: str) -> None:
+    fake = OneFailure(position=9)
+    transport = SNSTransport(fake, endpoint_url=moto_endpoint, region="us-east-1")
+    try:
+        batch = [envelope("orders.fifo", n, key="customer-1") for n in range(12)]
+        batch.append(envelope("orders.fifo", 12, key="customer-2"))
+        results = transport.send(batch)
+    finally:
+        transport.close()
+    assert [r.outcome for r in results[:9]] == [Outcome.SENT] * 9
+    assert (results[9].outcome, results[9].error_type) == (Outcome.RETRY, "InternalError")
+    assert [(r.outcome, r.error_type) for r in results[10:12]] == [(Outcome.RETRY, "held_back")] * 2
+    assert results[12].outcome is Outcome.SENT  # another key does not wait
+    assert sorted(fake.published) == [*range(9), 12]
+
+
 def test_the_sns_url_takes_the_sqs_options_and_refuses_others(moto_endpoint: str) -> None:
     url = f"sns://?region=eu-west-1&endpoint_url={moto_endpoint}&concurrency=3"
     with outboxer.transport_from_url(url) as transport:

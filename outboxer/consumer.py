@@ -186,8 +186,8 @@ class Consumer:
         Parameters named ``session`` (the run's transaction: what it publishes goes through
         the outbox) and ``context`` (an :class:`~outboxer.Tick`) are passed by name.
         ``retry`` allows instant retries only (default: none); ``on_failure`` runs when a
-        tick gives up. ``lease`` (default ``every``) bounds how long a replica that died in
-        a run keeps the others from running the next tick.
+        tick gives up. ``lease`` (default 60 s; renewed while a run lasts) bounds how long
+        a replica that died in a run keeps the others from running the next tick.
         """
 
         def register(fn: F) -> F:

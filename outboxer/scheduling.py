@@ -33,14 +33,19 @@ from .errors import ConfigurationError
 from .failures import ErrorChannel, Failure, RunChannel, default_channel
 from .ids import uuid7
 from .message import Envelope
+from .plan import plural
 from .redaction import error_text, printable, redact
 from .retry import Retry, Verdict
 from .runner import OUTAGE_BACKOFF, StopSignal
 from .store import schedule as schedule_store
 
-__all__ = ["SCHEDULED_TYPE", "Scheduled", "Scheduler", "Tick", "build_scheduled"]
+__all__ = ["DEFAULT_LEASE", "SCHEDULED_TYPE", "Scheduled", "Scheduler", "Tick", "build_scheduled"]
 
 log = logging.getLogger("outboxer.consumer")
+
+DEFAULT_LEASE = 60.0
+"""Seconds a replica that died in a run keeps the others from running the handler (a
+live replica renews its lease while the run lasts)."""
 
 SCHEDULED_TYPE = "outboxer.scheduled"
 """The message type an error channel sees for a scheduled run that gave up."""
@@ -117,7 +122,7 @@ def build_scheduled(
             "send back later, and the next tick comes anyway); use "
             f"Retry(max_attempts={retry.max_attempts}, instant={retry.max_attempts - 1})"
         )
-    held = seconds if lease is None else _seconds(lease, f"{where}: lease")
+    held = DEFAULT_LEASE if lease is None else _seconds(lease, f"{where}: lease")
     if held <= 0:
         raise ConfigurationError(f"{where}: lease must be more than 0 seconds, got {lease!r}")
     wants = _parameters(fn, where)
@@ -170,7 +175,7 @@ class Scheduler:
         database outage is logged and waited out; a run in progress finishes on stop."""
         while not stop.is_set():
             try:
-                pause = await asyncio.to_thread(self.run_due)
+                pause = await self._run_due_keeping_leases()
                 self._outages = 0
             except Exception as exc:
                 self._outages += 1
@@ -186,6 +191,29 @@ class Scheduler:
             if once:
                 return
             await stop.sleep(min(pause, 1.0))
+
+    async def _run_due_keeping_leases(self) -> float:
+        """:meth:`run_due` in a thread; meanwhile the leases of the runs in progress are
+        renewed every third of their length, so a long run is not overlapped."""
+        running = asyncio.ensure_future(asyncio.to_thread(self.run_due))
+        interval = min(spec.lease for spec in self.scheduled) / 3
+        while True:
+            done, _ = await asyncio.wait({running}, timeout=interval)
+            if done:
+                return running.result()
+            try:
+                await asyncio.to_thread(self.renew_leases)
+            except Exception:  # the run's own end meets the same trouble and reports it
+                log.debug("could not renew the leases of scheduled runs", exc_info=True)
+
+    def renew_leases(self) -> None:
+        """Extend the leases this replica holds (its runs in progress)."""
+        engine = self._engine_for_ticks()
+        with engine.connect() as connection:
+            for spec in self.scheduled:
+                schedule_store.renew_lease(
+                    connection, name=spec.id, owner=self.owner, lease=spec.lease
+                )
 
     def run_due(self) -> float:
         """Run every tick that is due and not claimed elsewhere; the seconds until the
@@ -247,11 +275,10 @@ class Scheduler:
 
     def _give_up(self, spec: Scheduled, tick: Tick, error: BaseException, reason: str) -> None:
         log.error(
-            "scheduled handler %s gave up on tick %d after %d attempt%s (%s): %s: %s",
+            "scheduled handler %s gave up on tick %d after %s (%s): %s: %s",
             spec.id,
             tick.number,
-            tick.attempt,
-            "" if tick.attempt == 1 else "s",
+            plural(tick.attempt, "attempt"),
             reason,
             type(error).__name__,
             printable(error_text(error)),

@@ -3,7 +3,10 @@ what they publish going through the outbox, and the refusals at registration."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
+import time
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
@@ -16,6 +19,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
 import outboxer
+from outboxer.runner import StopSignal
 from outboxer.scheduling import Scheduler
 
 from .broker_rabbitmq import RabbitMQCase, rabbitmq_address
@@ -56,6 +60,39 @@ def test_two_replicas_run_a_tick_once_and_the_next_tick_again(
     for replica in replicas:
         replica.run_due()
     assert len(ticks) == 2 and ticks[0] == ticks[1]
+
+
+def test_a_run_longer_than_its_lease_renews_it_so_no_tick_starts_beside_it(
+    Session: SessionFactory,
+) -> None:
+    consumer = outboxer.Consumer(Session, name="reports")
+    running, release = threading.Event(), threading.Event()
+    starts: list[int] = []
+
+    @consumer.scheduled(every=0.3, lease=0.6)
+    def slow(context: outboxer.Tick) -> None:
+        starts.append(context.number)
+        running.set()
+        release.wait(15)
+
+    first, second = (Scheduler(consumer.schedules, Session) for _ in range(2))
+    stop = StopSignal()
+    thread = threading.Thread(target=lambda: asyncio.run(first.keep_running(stop)))
+    thread.start()
+    try:
+        assert running.wait(30)
+        # Several ticks and several lease lengths go by while the first run lasts.
+        watch_until = time.monotonic() + 2.5
+        while time.monotonic() < watch_until:
+            second.run_due()
+            time.sleep(0.1)
+        assert len(starts) == 1
+    finally:
+        release.set()
+        stop.set()
+        thread.join(30)
+    second.run_due()  # the lease is given back with the run: the current tick goes
+    assert len(starts) >= 2
 
 
 def test_a_scheduled_run_publishes_through_the_outbox_with_its_commit(

@@ -4,9 +4,9 @@ A tick is a slot of the schedule on the database clock: tick ``n`` of a handler 
 ``every`` seconds starts at ``n * every`` seconds after the Unix epoch. The replica whose
 conditional ``UPDATE`` moves ``last_tick`` up to the current tick runs it; every other
 replica's update of that tick matches no row. The same update takes a lease
-(``locked_by``/``locked_until``) that the runner gives back when the run ends, so a run
-longer than the interval is not overlapped by the next tick, and a replica that died in a
-run holds the schedule only until the lease expires.
+(``locked_by``/``locked_until``), renewed while the run lasts and given back when it ends,
+so a run longer than the interval is not overlapped by the next tick, and a replica that
+died in a run holds the schedule only until the lease expires.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from ..tables import schedules
 from .clock import clock_params, later, now, read_db_now
 
-__all__ = ["claim_tick", "ensure_schedule", "release_tick"]
+__all__ = ["claim_tick", "ensure_schedule", "release_tick", "renew_lease"]
 
 
 def ensure_schedule(connection: Connection, name: str) -> None:
@@ -75,4 +75,17 @@ def release_tick(connection: Connection, *, name: str, owner: str) -> None:
             update(schedules)
             .where(and_(schedules.c.name == name, schedules.c.locked_by == owner))
             .values(locked_by=None, locked_until=None)
+        )
+
+
+def renew_lease(connection: Connection, *, name: str, owner: str, lease: float) -> None:
+    """Extend ``owner``'s lease on ``name`` (if it holds one) to ``lease`` seconds from now.
+    Commits."""
+    dialect = connection.dialect.name
+    with connection.begin():
+        connection.execute(
+            update(schedules)
+            .where(and_(schedules.c.name == name, schedules.c.locked_by == owner))
+            .values(locked_until=later(dialect, "lease")),
+            clock_params(dialect, lease=lease),
         )

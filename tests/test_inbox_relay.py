@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -229,3 +230,73 @@ def test_the_consumers_relay_gets_an_engine_of_its_own_with_a_sync_driver(
     assert engine.url.drivername == "postgresql+psycopg" and not engine.dialect.is_async
     shared = create_engine("sqlite://", poolclass=StaticPool)
     assert consumer_engine(sessionmaker(shared)) == (shared, False)
+
+
+ASYNC_APP = """
+import os
+from dataclasses import dataclass
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.pool import NullPool
+import outboxer
+
+@outboxer.message("asyncapp.ping", destination="asyncapp-pings")
+@dataclass
+class Ping:
+    n: int
+
+engine = create_async_engine(os.environ["ASYNCAPP_DB"], poolclass=NullPool)
+Session = async_sessionmaker(engine, class_=outboxer.AsyncOutboxSession)
+consumer = outboxer.Consumer(
+    Session,
+    name="asyncapp",
+    retry=outboxer.Retry(max_attempts=2, initial_delay=0.001, max_delay=0.001, jitter=0.0),
+)
+attempts = []
+
+@consumer.handler(Ping)
+async def handle(event: Ping, context: outboxer.Context) -> None:
+    attempts.append(context.attempt)
+    if context.attempt == 1:
+        raise ConnectionError("later, please")
+"""
+
+
+@pytest.mark.parametrize("relay", [True, False], ids=["own-relay", "no-relay"])
+def test_outboxer_inbox_once_sends_an_async_consumers_due_retries_at_the_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, relay: bool
+) -> None:
+    """With --once the consumer's relay sends what is due when the queue is done, so the
+    next --once run processes the retry (here on an async consumer's SQLite file)."""
+    from sqlalchemy import create_engine
+
+    from outboxer.cli.inbox import main as inbox_main
+    from outboxer.testing import MemoryBroker, MemoryTransport
+
+    path = tmp_path / "asyncapp.sqlite"
+    engine = create_engine(f"sqlite:///{path}")
+    outboxer.create_all(engine)
+    (tmp_path / "asyncapp_module.py").write_text(ASYNC_APP)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("ASYNCAPP_DB", f"sqlite+aiosqlite:///{path}")
+    import asyncapp_module  # type: ignore[import-not-found]
+
+    broker_name = f"asyncapp-{relay}"
+    transport = MemoryTransport(MemoryBroker.named(broker_name))
+    transport.receiver(asyncapp_module.consumer.subscription()).close()
+    with sessionmaker(engine, class_=outboxer.OutboxSession).begin() as session:
+        session.publish(asyncapp_module.Ping(1))
+    outboxer.Relay(engine, transport).run(once=True)
+    options = ["--broker", f"memory://{broker_name}", "--once", *([] if relay else ["--no-relay"])]
+    try:
+        for _ in range(2):
+            result = CliRunner().invoke(inbox_main, ["asyncapp_module:consumer", *options])
+            assert result.exit_code == 0, result.output
+    finally:
+        sys.modules.pop("asyncapp_module", None)
+    with engine.connect() as conn:
+        pending = conn.execute(select(outboxer.outbox.c.destination)).scalars().all()
+    if relay:
+        assert asyncapp_module.attempts == [1, 2] and pending == []
+    else:
+        assert asyncapp_module.attempts == [1] and pending == ["asyncapp"]
+    engine.dispose()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
@@ -95,3 +96,27 @@ def test_a_consumer_relay_never_takes_a_due_row_of_another_destination_as_a_late
     assert sent(broker) == []
     assert outboxer.Relay(engine, carrier).run(once=True).sent == 2
     assert sent(broker) == [("orders", 1), ("billing", 2)]
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql", "mariadb"], indirect=True)
+def test_consumer_relays_take_no_share_of_the_keys_from_the_full_relays(
+    engine: Engine,
+) -> None:
+    """Relays share the keys by counting the live relays. A consumer's relay would never
+    claim the keys of a share, so the full relays leave it out of their count."""
+    _, carrier = transport()
+    full = [outboxer.Relay(engine, carrier) for _ in range(2)]
+    limited = [outboxer.Relay(engine, carrier, destinations=["billing"]) for _ in range(2)]
+    relays = [*full, *limited]
+    try:
+        for _ in range(2):  # the second round sees everyone registered
+            for relay in relays:
+                relay.liveness.check()
+        assert sorted(r.liveness.share or (-1, 0) for r in full) == [(0, 2), (1, 2)]
+        assert [r.liveness.share for r in limited] == [None, None]
+        full[1].liveness.stop()
+        full[0].liveness.check()
+        assert full[0].liveness.share is None  # alone among the full relays: every key
+    finally:
+        for relay in relays:
+            relay.liveness.stop()

@@ -12,6 +12,11 @@ runs (:mod:`outboxer.store.liveness`). Every ``interval`` seconds it
 * forgets relays dead for longer than a lease (none of their leases can be left);
 * counts the live relays and its rank among them, so that relays share the keys
   (:attr:`Liveness.share`).
+
+A relay limited to destinations (a consumer's own, :mod:`outboxer.relay.embedded`) takes
+no share, and the others leave it out of their count: it would never claim the keys of a
+share, which would then wait until the share's relay had nothing else to send. Its id
+ends with ``x`` (not a hexadecimal digit) so that every relay can tell it apart.
 """
 
 from __future__ import annotations
@@ -33,11 +38,13 @@ log = logging.getLogger("outboxer.relay")
 class Liveness:
     """Registration, the liveness lock and the list of dead relays, for one relay."""
 
-    def __init__(self, engine: Engine, name: str, lease: float) -> None:
+    def __init__(self, engine: Engine, name: str, lease: float, *, limited: bool = False) -> None:
         self.engine = engine
         self.name = name
         self.lease = lease
-        self.relay_id = _new_id()
+        self.limited = limited
+        """This relay sends some destinations only: it takes no share of the keys."""
+        self.relay_id = _new_id(limited)
         self._connection: Connection | None = None
         self._dead: tuple[str, ...] = ()
         self._share: tuple[int, int] | None = None
@@ -61,7 +68,7 @@ class Liveness:
             connection = self.engine.connect()
             try:
                 while not liveness_store.lock(connection, self.relay_id):
-                    self.relay_id = _new_id()  # 32 random bits collided: draw again
+                    self.relay_id = _new_id(self.limited)  # 32 random bits collided: draw again
                 liveness_store.register(connection, self.relay_id, self.name)
             except BaseException:
                 connection.close()
@@ -74,7 +81,7 @@ class Liveness:
             connection = self._connection
         if connection is not None and not _alive(connection):
             old = self.relay_id
-            self.relay_id = _new_id()
+            self.relay_id = _new_id(self.limited)
             self._close()
             log.warning(
                 "relay %s lost its database session (and with it its liveness lock); "
@@ -97,7 +104,11 @@ class Liveness:
                 log.info("relays gone, their leases are free: %s", ", ".join(new))
         self._dead = tuple(dead)
         live = sorted({*liveness_store.registered(connection), self.relay_id} - set(dead))
-        self._share = (live.index(self.relay_id), len(live)) if len(live) > 1 else None
+        sharing = [relay for relay in live if not _is_limited(relay)]
+        if self.limited or len(sharing) < 2:
+            self._share = None
+        else:
+            self._share = (sharing.index(self.relay_id), len(sharing))
 
     def stop(self) -> None:
         """Deregister and drop the lock."""
@@ -128,5 +139,14 @@ def _alive(connection: Connection) -> bool:
     return True
 
 
-def _new_id() -> str:
-    return secrets.token_hex(RELAY_ID_LENGTH // 2)
+_LIMITED = "x"
+"""The last character of a limited relay's id (a full relay's id is hexadecimal)."""
+
+
+def _new_id(limited: bool = False) -> str:
+    drawn = secrets.token_hex(RELAY_ID_LENGTH // 2)
+    return drawn[:-1] + _LIMITED if limited else drawn
+
+
+def _is_limited(relay_id: str) -> bool:
+    return relay_id.endswith(_LIMITED)

@@ -121,7 +121,7 @@ class Relay:
         self.prune_interval = prune_interval
         self.destinations = list(destinations) if destinations is not None else None
         self.name = (name or f"{socket.gethostname()}:{os.getpid()}")[:255]
-        self.liveness = Liveness(engine, self.name, lease)
+        self.liveness = Liveness(engine, self.name, lease, limited=destinations is not None)
         self.stats = RelayStats()
         self.breaker = CircuitBreaker()
         self._clock = clock

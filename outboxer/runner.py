@@ -291,7 +291,14 @@ class Runner:
         self.room.set()
 
     def _process_batch(self, batch: list[Delivery]) -> list[MessageReport | BaseException]:
-        outcomes = self.batcher.process(batch)
+        outcomes: list[MessageReport | BaseException]
+        try:
+            outcomes = self.batcher.process(batch)
+        except BaseException as exc:
+            # Never a delivery left unsettled (the run would wait for it forever): back to
+            # the broker; what was committed is a duplicate when it comes again.
+            log.exception("consumer %s: processing a batch failed", self.name)
+            outcomes = [exc] * len(batch)
         pairs = list(zip(batch, outcomes, strict=True))
         done = [d for d, outcome in pairs if isinstance(outcome, MessageReport)]
         _settle(lambda: acknowledge(done))

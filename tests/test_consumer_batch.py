@@ -403,3 +403,27 @@ def test_sqs_deletes_a_batch_in_calls_of_ten(sqs_case: SQSCase) -> None:
     attributes = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=names)["Attributes"]
     assert [attributes[name] for name in names] == ["0", "0"]
     receiver.close()
+
+
+def test_a_batch_that_breaks_unexpectedly_goes_back_to_the_broker(
+    engine: Engine, Session: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    line = Line(engine, Session, batch_size=20)
+
+    @line.consumer.handler(OrderPlaced)
+    def reserve(event: OrderPlaced, session: Session) -> None:
+        session.add(Effect(handler="reserve", message_key=str(event.order_id)))
+
+    broken = {"yes": True}
+    process = Batcher.process
+
+    def breaks_once(self: Batcher, deliveries: Any) -> Any:
+        if broken.pop("yes", False):
+            raise RuntimeError("a bug in batching")
+        return process(self, deliveries)
+
+    monkeypatch.setattr(Batcher, "process", breaks_once)
+    line.inject(*(envelope_of(OrderPlaced(order_id=i)) for i in range(5)))
+    stats = line.consume()
+    assert (stats.failed_deliveries, stats.processed) == (5, 5)
+    assert line.effects() == {str(i): 1 for i in range(5)}

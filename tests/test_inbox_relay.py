@@ -3,7 +3,7 @@
 Both are outbox rows in the consumer's database, addressed to the consumer. With only
 ``outboxer-inbox`` running (no ``outboxer relay`` anywhere) they must still arrive; the
 consumer's own relay sends nothing addressed elsewhere; ``--no-relay`` (or
-``OUTBOXER_INBOX_RELAY=false``) leaves them to a separate relay.
+``OUTBOXER_INBOX_RELAY=false``) leaves them to a separate relay. On RabbitMQ, SQS and SNS.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from outboxer.cli import main as outboxer_main
 
 from .broker_cases import BrokerCase
 from .broker_rabbitmq import RabbitMQCase, rabbitmq_address
-from .broker_sqs import SQSCase
+from .broker_sqs import SNSCase, SQSCase
 from .models import Effect, OrderPlaced
 from .relaying import OUTBOXER, spawn, stop, wait_for
 from .services import RABBITMQ_URL, port_open, require
@@ -37,14 +37,16 @@ SessionFactory = sessionmaker[outboxer.OutboxSession]
 ON_POSTGRESQL = pytest.mark.parametrize("db_kind", ["postgresql"], indirect=True)
 
 
-@pytest.fixture(params=["rabbitmq", "sqs"])
+@pytest.fixture(params=["rabbitmq", "sqs", "sns"])
 def case(request: pytest.FixtureRequest) -> Iterator[BrokerCase]:
     made: BrokerCase
     if request.param == "rabbitmq":
         require("RabbitMQ", port_open(*rabbitmq_address()), "start: rabbitmq-server -detached")
         made = RabbitMQCase()
-    else:
+    elif request.param == "sqs":
         made = SQSCase(request.getfixturevalue("moto_endpoint"))
+    else:
+        made = SNSCase(request.getfixturevalue("moto_endpoint"))
     try:
         yield made
     finally:
@@ -68,8 +70,8 @@ class Service:
             case.exchanges.append(self.name)
             self.broker_url = RABBITMQ_URL
         else:
-            assert isinstance(case, SQSCase)
-            self.broker_url = f"sqs://?region=us-east-1&endpoint_url={case.endpoint}"
+            assert isinstance(case, SQSCase)  # or SNSCase: topics, and queues subscribed
+            self.broker_url = f"{case.name}://?region=us-east-1&endpoint_url={case.endpoint}"
         self.fixed = tmp_path / "fixed"
         self.db_url = db_url
         consumer = outboxer.Consumer(self.Session, name=self.name)

@@ -28,7 +28,10 @@ def _rss_mb() -> float:
         return int(statm.read().split()[1]) * 4096 / 1e6
 
 
-def run(messages: int = 1_000_000, warm_up: int = 10_000) -> list[Figure]:
+def run(messages: int = 1_000_000, warm_up: int = 10_000, quick: bool = False) -> list[Figure]:
+    if quick:
+        messages = 100_000
+
     class BulkSession(outboxer.OutboxSession):
         outboxer_collector = False
         outboxer_notify = False

@@ -9,6 +9,7 @@ the first message.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -264,6 +265,15 @@ def build_spec(
         )
     if isinstance(dedup_key, str):
         attribute = dedup_key
+        if message_type is not None:
+            fields = _field_names(message_type.cls)
+            if fields is not None and attribute not in fields:
+                raise ConfigurationError(
+                    f"handler {handler_name!r}: dedup_key={attribute!r}, but "
+                    f"{message_type.cls.__qualname__} has no field {attribute!r} (fields: "
+                    f"{', '.join(sorted(fields)) or 'none'}); name one of them, or pass a "
+                    "function of the event"
+                )
         key_fn = lambda event: (  # noqa: E731
             event.get(attribute) if isinstance(event, Mapping) else getattr(event, attribute)
         )
@@ -282,6 +292,14 @@ def build_spec(
         wants_session=wants_session,
         wants_context=wants_context,
     )
+
+
+def _field_names(cls: type) -> set[str] | None:
+    """The fields of a dataclass or pydantic model; None for another kind of class."""
+    if dataclasses.is_dataclass(cls):
+        return {f.name for f in dataclasses.fields(cls)}
+    fields = getattr(cls, "model_fields", None)
+    return set(fields) if isinstance(fields, Mapping) else None
 
 
 def _check_signature(fn: Callable[..., Any], name: str) -> tuple[bool, bool]:

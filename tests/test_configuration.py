@@ -97,6 +97,8 @@ def test_wrong_kinds_of_arguments_are_configuration_errors(
     with pytest.raises(outboxer.ConfigurationError, match="a broker URL is a string"):
         outboxer.transport_from_url(None)  # type: ignore[arg-type]
     consumer = outboxer.Consumer(Session, name="billing")
+    with pytest.raises(outboxer.ConfigurationError, match=r"OrderPlaced has no field 'orderid'"):
+        consumer.handler(OrderPlaced, dedup_key="orderid")(lambda event: None)
     with pytest.raises(outboxer.ConfigurationError, match="destination must be a name"):
         consumer.handler("stock.reserved", destination=5)(lambda event: None)  # type: ignore[arg-type]
 

@@ -15,20 +15,18 @@ outcome is committed.
 This module is the facade. The parts, one idea each: :mod:`outboxer.handlers`
 (registration), :mod:`outboxer.intake` (decoding and matching a delivery),
 :mod:`outboxer.plan` (the retry plan of one handler), :mod:`outboxer.processing`
-(carrying a message through its handlers), :mod:`outboxer.runner` (the delivery loop)
-and :mod:`outboxer.reports`.
+(carrying a message through its handlers), :mod:`outboxer.running` and
+:mod:`outboxer.runner` (a run against a broker, the delivery loop),
+:mod:`outboxer.retention` and :mod:`outboxer.reports`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any, TypeVar
-
-from sqlalchemy.engine import Connection
 
 from .adapters import build_adapter
 from .checks import check_number
@@ -39,11 +37,11 @@ from .instrumentation import TransportDescription
 from .keys import FromBody, FromHeader
 from .processing import Processor
 from .reports import ConsumerStats, MessageReport
+from .retention import Retention
 from .retry import Retry
-from .runner import Runner, RunOptions, StopSignal
-from .scheduling import Scheduled, Scheduler, build_scheduled
-from .store import dead_letters as dead_letter_store
-from .store import inbox as inbox_store
+from .runner import RunOptions, StopSignal
+from .running import check_runnable, consume, run_blocking
+from .scheduling import Scheduled, build_scheduled
 from .transports.base import Subscription, Transport
 
 __all__ = ["Consumer", "ConsumerStats", "MessageReport"]
@@ -51,7 +49,6 @@ __all__ = ["Consumer", "ConsumerStats", "MessageReport"]
 F = TypeVar("F", bound=Callable[..., Any])
 
 _NO_TRANSPORT = TransportDescription("none")
-_PRUNE_BATCH = 1000
 _DEFAULT_PREFETCH = 50
 
 
@@ -113,7 +110,8 @@ class Consumer:
         """Handlers registered with :meth:`scheduled`."""
         self.stats = ConsumerStats()
         """Totals of every run of this consumer."""
-        self._stop = StopSignal()
+        self.stop_signal = StopSignal()
+        """Set by :meth:`stop`; the run in progress and its scheduler watch it."""
 
     # Registration ---------------------------------------------------------------------
 
@@ -317,7 +315,8 @@ class Consumer:
 
     # Processing one message -----------------------------------------------------------
 
-    def _processor(self) -> Processor:
+    def processor(self) -> Processor:
+        """What carries one message through this consumer's handlers."""
         # self.retry may be changed after construction (tests do): read it at each call.
         return Processor(self.name, self.registry, self.session_factory)
 
@@ -341,7 +340,7 @@ class Consumer:
             raise ConfigurationError(
                 f"consumer {self.name!r} has async handlers: await consumer.process_async(...)"
             )
-        return self._processor().process(body, headers, destination, redelivered, transport)
+        return self.processor().process(body, headers, destination, redelivered, transport)
 
     async def process_async(
         self,
@@ -355,11 +354,11 @@ class Consumer:
         """:meth:`process` for consumers with ``async def`` handlers."""
         if not self.is_async:
             raise ConfigurationError(f"consumer {self.name!r} has sync handlers: use process()")
-        return await self._processor().process_async(
+        return await self.processor().process_async(
             body, headers, destination, redelivered, transport
         )
 
-    # Running against a broker -----------------------------------------------------------
+    # Running against a broker (outboxer.running) ----------------------------------------
 
     def run(
         self,
@@ -392,33 +391,8 @@ class Consumer:
             extend_by,
             self.batch_size,
         )
-        self._check_runnable(options)
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return asyncio.run(self._run(transport, options))
-        if self.is_async:
-            raise ConfigurationError(
-                f"consumer {self.name!r} has async handlers and an event loop is running "
-                "here: use 'await consumer.run_async(transport, ...)' in that loop"
-            )
-        # A sync consumer called from inside an event loop (a notebook): its own loop, in
-        # a thread of its own.
-        result: list[ConsumerStats] = []
-        errors: list[BaseException] = []
-
-        def target() -> None:
-            try:
-                result.append(asyncio.run(self._run(transport, options)))
-            except BaseException as exc:
-                errors.append(exc)
-
-        thread = threading.Thread(target=target, name=f"outboxer-{self.name}-loop")
-        thread.start()
-        thread.join()
-        if errors:
-            raise errors[0]
-        return result[0]
+        self._start(options)
+        return run_blocking(self, lambda: consume(self, transport, options))
 
     async def run_async(
         self,
@@ -444,91 +418,35 @@ class Consumer:
             extend_by,
             self.batch_size,
         )
-        self._check_runnable(options)
-        return await self._run(transport, options)
+        self._start(options)
+        return await consume(self, transport, options)
 
-    def _check_runnable(self, options: RunOptions) -> None:
-        if not self.registry and not self.schedules:
-            raise ConfigurationError(
-                f"consumer {self.name!r} has no handlers: register one with "
-                "@consumer.handler(MessageType) before running it"
-            )
-        check_number("concurrency", options.concurrency, whole=True, minimum=1)
-        for option in ("idle_timeout", "prune_interval", "extend_after", "extend_by"):
-            check_number(option, getattr(options, option), positive=True)
-        self._stop.clear()
-
-    async def _run(self, transport: Transport, options: RunOptions) -> ConsumerStats:
-        self.check_names(transport)
-        runner = Runner(
-            self.name,
-            self._processor(),
-            self.is_async,
-            transport,
-            self.subscription(options.concurrency),
-            options,
-            self._stop,
-            self.prune_async if self.is_async else self._prune_in_thread,
-            self.stats,
-        )
-        if not self.schedules:
-            return await runner.run()
-        scheduler = Scheduler(self.schedules, self.session_factory)
-        ticking = asyncio.create_task(scheduler.keep_running(self._stop, once=options.once))
-        try:
-            return await runner.run()
-        finally:
-            await ticking  # a run in progress finishes; the stop ends the loop
+    def _start(self, options: RunOptions) -> None:
+        check_runnable(self, options)
+        self.stop_signal.clear()
 
     def stop(self) -> None:
         """Stop receiving, finish the messages in progress, return from :meth:`run`.
 
         Safe from any thread (a signal handler, another task)."""
-        self._stop.set()
+        self.stop_signal.set()
 
-    # Retention ------------------------------------------------------------------------
+    # Retention (outboxer.retention) ----------------------------------------------------
+
+    def _retention(self) -> Retention:
+        return Retention(self.inbox_retention, self.dead_letter_retention, self.stop_signal.is_set)
 
     def prune(self) -> tuple[int, int]:
         """Delete old inbox rows (and old dead letters if a retention is set), in small
         batches; returns (inbox rows, dead letters) deleted. Sync consumers only."""
         if self.is_async:
             raise ConfigurationError("prune() needs a sync session factory; use prune_async()")
-        processor = self._processor()
-        counts = [0, 0]
-        for index, batch in enumerate(self._prune_jobs()):
-            while not self._stop.is_set():
-                pruned = processor.transaction_sync(batch)
-                counts[index] += pruned
-                if pruned < _PRUNE_BATCH:
-                    break
-        return counts[0], counts[1]
+        return self._retention().prune(self.processor().transaction_sync)
 
     async def prune_async(self) -> tuple[int, int]:
         """:meth:`prune` for consumers with async handlers."""
-        processor = self._processor()
-        counts = [0, 0]
-        for index, batch in enumerate(self._prune_jobs()):
-            while not self._stop.is_set():
-                pruned = await processor.transaction_async(batch)
-                counts[index] += pruned
-                if pruned < _PRUNE_BATCH:
-                    break
-        return counts[0], counts[1]
+        return await self._retention().prune_async(self.processor().transaction_async)
 
-    async def _prune_in_thread(self) -> tuple[int, int]:
+    async def prune_in_thread(self) -> tuple[int, int]:
+        """:meth:`prune` of a sync consumer, off the event loop."""
         return await asyncio.to_thread(self.prune)
-
-    def _prune_jobs(self) -> list[Callable[[Connection], int]]:
-        jobs: list[Callable[[Connection], int]] = [
-            lambda c: inbox_store.prune_inbox(
-                c, older_than=self.inbox_retention, limit=_PRUNE_BATCH
-            )
-        ]
-        retention = self.dead_letter_retention
-        if retention is not None:
-            jobs.append(
-                lambda c: dead_letter_store.prune_dead_letters(
-                    c, older_than=retention, limit=_PRUNE_BATCH
-                )
-            )
-        return jobs

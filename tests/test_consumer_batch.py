@@ -318,7 +318,7 @@ def test_a_batch_redelivered_after_a_crash_before_its_ack_has_its_effects_once(
     case.transport.send([envelope_of(OrderPlaced(order_id=i), destination) for i in range(8)])
     receiver = case.transport.receiver(consumer.subscription())
     deliveries = _receive(receiver, 8)
-    outcomes = Batcher(consumer._processor(), case.transport.description).process(deliveries)
+    outcomes = Batcher(consumer.processor(), case.transport.description).process(deliveries)
     assert all(isinstance(o, outboxer.MessageReport) for o in outcomes)
     receiver.close()  # the crash: committed, never acknowledged
     for delivery in deliveries:

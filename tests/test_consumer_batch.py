@@ -9,6 +9,7 @@ DeleteMessageBatch on SQS), and a batch redelivered after a crash before its ack
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections import Counter
@@ -22,11 +23,12 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 import outboxer
-from outboxer import wire
+from outboxer import instrumentation, wire
 from outboxer.batching import Batcher
 from outboxer.ids import uuid7
 from outboxer.message import Envelope
 from outboxer.testing import MemoryBroker, MemoryTransport
+from outboxer.tracing import OpenTelemetryInstrumentation
 from outboxer.transports.base import Delivery, acknowledge
 from outboxer.transports.rabbitmq.receiver import _ack_tags
 
@@ -36,6 +38,7 @@ from .broker_sqs import SQSCase
 from .models import Effect, Order, OrderPlaced
 from .services import port_open, require
 from .test_consumer import RefundRequested
+from .test_tracing import Otel
 
 SessionFactory = sessionmaker[outboxer.OutboxSession]
 QUICK = outboxer.Retry(max_attempts=3, initial_delay=0.01, max_delay=0.01, jitter=0.0)
@@ -427,3 +430,44 @@ def test_a_batch_that_breaks_unexpectedly_goes_back_to_the_broker(
     stats = line.consume()
     assert (stats.failed_deliveries, stats.processed) == (5, 5)
     assert line.effects() == {str(i): 1 for i in range(5)}
+
+
+@pytest.fixture
+def otel() -> Iterator[Otel]:
+    setup = Otel()
+    previous = instrumentation.install(
+        OpenTelemetryInstrumentation(
+            tracer_provider=setup.provider, meter_provider=setup.meter_provider
+        )
+    )
+    yield setup
+    instrumentation.install(previous)
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql"], indirect=True)
+def test_each_message_of_a_batch_has_its_own_spans_in_its_own_trace(
+    engine: Engine, Session: Any, otel: Otel
+) -> None:
+    line = Line(engine, Session, batch_size=20)
+
+    @line.consumer.handler(OrderPlaced)
+    def reserve(event: OrderPlaced, session: Session) -> None:
+        session.add(Effect(handler="reserve", message_key=str(event.order_id)))
+
+    sent = [envelope_of(OrderPlaced(order_id=i)) for i in range(5)]
+    with otel.tracer.start_as_current_span("publish") as parent:
+        context = parent.get_span_context()
+        traceparent = f"00-{context.trace_id:032x}-{context.span_id:016x}-01"
+    sent = [dataclasses.replace(e, traceparent=traceparent) for e in sent]
+    line.inject(*sent)
+    line.commits = 0
+    assert line.consume().processed == 5
+    assert line.commits == 1
+    handles = [s for s in otel.spans() if s.name == "handle billing:reserve"]
+    processes = [s for s in otel.spans() if s.name.startswith("process ")]
+    assert len(handles) == len(processes) == 5
+    assert {s.context.trace_id for s in handles} == {context.trace_id}
+    for span in handles:
+        attributes = span.attributes or {}
+        assert attributes["outboxer.batch.size"] == 5
+        assert attributes["outboxer.handler.outcome"] == "processed"

@@ -149,6 +149,10 @@ def _second_look(
     deeper = {
         **params,
         "scan": params["window"] * SECOND_LOOK_SCAN,
+        # The whole deeper scan is looked at, not a window of it: keys held elsewhere that
+        # the first window did not show could fill a small one again (the claim model
+        # found a stall so, with three relays and a window of 6).
+        "window": params["window"] * SECOND_LOOK_SCAN,
         "excluded": sorted(taken_keys | elsewhere),
         # What this claim already took is on its way: it neither blocks nor is free.
         "in_flight": [*params["in_flight"], params["owner"]],

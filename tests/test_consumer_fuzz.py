@@ -174,7 +174,8 @@ def bad_message(p: Poison, nonce: str, consumer: str) -> tuple[bytes, dict[str, 
     elif d == "body_not_json":
         body = f"{nonce}:".encode() + p.text.encode("utf-8", "surrogatepass")
     elif d == "body_wrong_shape":
-        body = json.dumps({"order_id": p.text or "x", "nonce": nonce}).encode()
+        # Not text: pydantic's lax mode reads numeric text ("5", " 7 ", "1_0") as an int.
+        body = json.dumps({"order_id": {"text": p.text}, "nonce": nonce}).encode()
     elif d in ("body_nested_deep", "packed_headers_nested"):
         body = nonce.encode() + nested_list(p.depth)
         if d == "packed_headers_nested":

@@ -3,16 +3,50 @@
 outboxer commits a handler's session, with its inbox row, when the handler returns; a
 handler that committed or rolled back itself would split the inbox row from its work.
 Either call raises :class:`~outboxer.errors.HandlerSessionError` (dead-lettered at once).
+
+The session's connection is guarded too: ``session.connection().commit()`` is refused
+by a ``commit`` event listener on its engine, while the connection is marked as the
+running handler's. (Its ``rollback()`` needs no guard: the session's transaction is then
+inactive, and the run fails.) A commit on the raw DBAPI connection cannot be seen and is
+the handler's own responsibility.
 """
 
 from __future__ import annotations
 
+import threading
+import weakref
 from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
 
 from .errors import HandlerSessionError
 from .handlers import HandlerSpec
 
 __all__ = ["guarded"]
+
+_MARK = "outboxer.running_handler"
+_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+_engines_lock = threading.Lock()
+
+
+def _refuse_commit(connection: Connection) -> None:
+    handler = connection.info.get(_MARK)
+    if handler is not None:
+        raise HandlerSessionError(
+            f"handler {handler} committed its session's connection: outboxer commits the "
+            "handler's session, with its inbox row, when the handler returns; remove the "
+            "commit (use session.flush() to send the writes early)"
+        )
+
+
+def _watch(engine: Engine) -> None:
+    """Listen for commits on ``engine`` (once per engine)."""
+    with _engines_lock:
+        if engine in _engines:
+            return
+        event.listen(engine, "commit", _refuse_commit)
+        _engines.add(engine)
 
 
 class guarded:
@@ -21,6 +55,7 @@ class guarded:
     def __init__(self, session: Any, spec: HandlerSpec) -> None:
         self.session = session
         self.spec = spec
+        self.connection: Connection | None = None
 
     def __enter__(self) -> None:
         handler = self.spec.id
@@ -42,7 +77,14 @@ class guarded:
         # Instance attributes: they shadow the methods for this session only.
         setattr(self.session, "commit", commit)  # noqa: B010
         setattr(self.session, "rollback", rollback)  # noqa: B010
+        if self.session.in_transaction():  # a transactional handler's (never begins one)
+            connection = self.session.connection()
+            _watch(connection.engine)
+            connection.info[_MARK] = handler
+            self.connection = connection
 
     def __exit__(self, *exc: object) -> None:
         vars(self.session).pop("commit", None)
         vars(self.session).pop("rollback", None)
+        if self.connection is not None and not self.connection.invalidated:
+            self.connection.info.pop(_MARK, None)

@@ -472,15 +472,29 @@ async def test_async_handlers_raising_cancelled_error_or_committing_are_dead_let
         session.add(Effect(handler="commits", message_key="first half"))
         await session.commit()
 
+    @consumer.handler(OrderPlaced)
+    async def commits_connection(event: OrderPlaced, session: outboxer.AsyncOutboxSession) -> None:
+        session.add(Effect(handler="commits_connection", message_key="first half"))
+        await session.flush()
+        await (await session.connection()).commit()
+
     try:
         report = await consumer.process_async(
             b'{"order_id": 1}', good_headers(), destination="orders"
         )
     finally:
         await async_engine.dispose()
-    assert report.outcomes == {"cancelled": "dead_lettered", "commits": "dead_lettered"}
+    assert report.outcomes == {
+        "cancelled": "dead_lettered",
+        "commits": "dead_lettered",
+        "commits_connection": "dead_lettered",
+    }
     assert effects(engine) == {}
-    assert {letter.handler for letter in dead(Session)} == {"cancelled", "commits"}
+    assert {letter.handler for letter in dead(Session)} == {
+        "cancelled",
+        "commits",
+        "commits_connection",
+    }
 
 
 # Defect 5: a handler that commits the injected session -------------------------------------
@@ -527,6 +541,37 @@ def test_a_handler_that_commits_its_session_is_refused_and_a_replay_runs_it(
     assert report.outcomes == {"reserve": "processed"}
     assert runs["reserve"] == 2
     assert effects(engine) == {"first half": 1, "second half": 1}
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql", "mariadb", "sqlite"], indirect=True)
+def test_a_handler_that_commits_through_the_sessions_connection_is_refused(
+    engine: Engine, Session: SessionFactory
+) -> None:
+    """The same defect through another door, found after the fix: ``session.connection()
+    .commit()`` committed the inbox row and the first half of the work, and the failed
+    handler's dead letter then stood beside an effect that a replay would repeat."""
+    consumer = outboxer.Consumer(Session, name="billing", retry=ONCE)
+    runs = Counter[str]()
+
+    @consumer.handler(OrderPlaced)
+    def reserve(event: OrderPlaced, session: Session) -> None:
+        runs["reserve"] += 1
+        session.add(Effect(handler="reserve", message_key="first half"))
+        session.flush()
+        session.connection().commit()
+        session.add(Effect(handler="reserve", message_key="second half"))
+
+    headers = good_headers()
+    report = consumer.process(b'{"order_id": 1}', headers, destination="orders")
+    assert report.outcomes == {"reserve": "dead_lettered"}
+    assert effects(engine) == {}
+    [letter] = dead(Session)
+    assert letter.error_type == "outboxer.errors.HandlerSessionError"
+    assert "commit" in letter.error_message
+    # Nothing of it committed, the inbox row neither: the message may run again.
+    report = consumer.process(b'{"order_id": 1}', headers, destination="orders")
+    assert report.outcomes == {"reserve": "dead_lettered"}
+    assert runs["reserve"] == 2
 
 
 # Defect 6: dedup compares exactly on every database ----------------------------------------

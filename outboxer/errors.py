@@ -95,8 +95,9 @@ class DecodeError(OutboxerError):
 
 
 class HandlerSessionError(OutboxerError):
-    """A handler must not commit the session it is given: outboxer commits it, with the
-    inbox row, when the handler returns. Raise an exception to roll back instead."""
+    """A handler must not commit, roll back or close the session it is given: outboxer
+    commits it, with the inbox row, when the handler returns. Raise an exception to roll
+    back instead."""
 
 
 class TransportError(OutboxerError):

@@ -1,8 +1,11 @@
-"""The handler's session while the handler runs: ``commit()`` and ``rollback()`` refused.
+"""The handler's session while the handler runs: ``commit()``, ``rollback()`` and
+``close()`` refused.
 
 outboxer commits a handler's session, with its inbox row, when the handler returns; a
-handler that committed or rolled back itself would split the inbox row from its work.
-Either call raises :class:`~outboxer.errors.HandlerSessionError` (dead-lettered at once).
+handler that committed or rolled back itself would split the inbox row from its work, and
+one that closed the session would throw both away while its message counted as
+processed. Each call raises :class:`~outboxer.errors.HandlerSessionError`
+(dead-lettered at once).
 
 The session's connection is guarded too: ``session.connection().commit()`` is refused
 by a ``commit`` event listener on its engine, while the connection is marked as the
@@ -55,7 +58,7 @@ class guarded:
     def __init__(self, session: Any, spec: HandlerSpec) -> None:
         self.session = session
         self.spec = spec
-        self.connection: Connection | None = None
+        self.marks: dict[Any, Any] | None = None
 
     def __enter__(self) -> None:
         handler = self.spec.id
@@ -74,17 +77,27 @@ class guarded:
                 "part that may fail on its own"
             )
 
+        def close() -> None:
+            raise HandlerSessionError(
+                f"handler {handler} called session.close(): it would throw away the "
+                "handler's work and its inbox row while the message counted as processed; "
+                "remove the close (outboxer closes the session when the handler returns)"
+            )
+
         # Instance attributes: they shadow the methods for this session only.
         setattr(self.session, "commit", commit)  # noqa: B010
         setattr(self.session, "rollback", rollback)  # noqa: B010
+        setattr(self.session, "close", close)  # noqa: B010
         if self.session.in_transaction():  # a transactional handler's (never begins one)
             connection = self.session.connection()
             _watch(connection.engine)
-            connection.info[_MARK] = handler
-            self.connection = connection
+            # The pooled connection's own dict: reachable in __exit__ whatever the handler
+            # did to the session or the connection meanwhile.
+            self.marks = connection.info
+            self.marks[_MARK] = handler
 
     def __exit__(self, *exc: object) -> None:
-        vars(self.session).pop("commit", None)
-        vars(self.session).pop("rollback", None)
-        if self.connection is not None and not self.connection.invalidated:
-            self.connection.info.pop(_MARK, None)
+        for name in ("commit", "rollback", "close"):
+            vars(self.session).pop(name, None)
+        if self.marks is not None:
+            self.marks.pop(_MARK, None)

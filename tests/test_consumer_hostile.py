@@ -574,6 +574,35 @@ def test_a_handler_that_commits_through_the_sessions_connection_is_refused(
     assert runs["reserve"] == 2
 
 
+@pytest.mark.parametrize("db_kind", ["postgresql", "mariadb", "sqlite"], indirect=True)
+def test_a_handler_that_closes_its_session_leaves_the_pool_usable(
+    engine: Engine, Session: SessionFactory
+) -> None:
+    """The connection guard marks the pooled connection while a handler runs; a handler
+    that closes its session must not leave the mark behind (every later commit on that
+    pooled connection would be refused)."""
+    consumer = outboxer.Consumer(Session, name="billing", retry=ONCE)
+    closes = {"yes": True}
+
+    @consumer.handler(OrderPlaced)
+    def reserve(event: OrderPlaced, session: Session) -> None:
+        session.add(Effect(handler="reserve", message_key=str(event.order_id)))
+        session.flush()
+        if closes["yes"]:
+            session.close()
+
+    report = consumer.process(b'{"order_id": 1}', good_headers(), destination="orders")
+    assert report.outcomes == {"reserve": "dead_lettered"}
+    closes["yes"] = False
+    for order_id in range(2, 7):
+        body = json.dumps({"order_id": order_id}).encode()
+        report = consumer.process(body, good_headers(), destination="orders")
+        assert report.outcomes == {"reserve": "processed"}
+    with Session.begin() as session:  # the application's own commits, on the same pool
+        session.add(Effect(handler="app", message_key="own"))
+    assert effects(engine) == {"2": 1, "3": 1, "4": 1, "5": 1, "6": 1, "own": 1}
+
+
 # Defect 6: dedup compares exactly on every database ----------------------------------------
 
 

@@ -33,12 +33,13 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import instrumentation
+from .fallbacks import lost_database
 from .guard import guarded
 from .handlers import HandlerSpec
 from .instrumentation import HandlerOutcome, TransportDescription
 from .intake import Prepared
 from .plan import RunResult
-from .processing import Processor, lost_database
+from .processing import Processor
 from .publishing import handling
 from .redaction import redact
 from .reports import MessageReport

@@ -14,8 +14,9 @@ outcome is committed.
 
 This module is the facade. The parts, one idea each: :mod:`outboxer.handlers`
 (registration), :mod:`outboxer.intake` (decoding and matching a delivery),
-:mod:`outboxer.plan` (the retry plan of one handler), :mod:`outboxer.processing`
-(carrying a message through its handlers), :mod:`outboxer.running` and
+:mod:`outboxer.plan` (the retry plan of one handler), :mod:`outboxer.steps` (what
+processing a message does), :mod:`outboxer.fallbacks` (writing its outcome whatever the
+message), :mod:`outboxer.processing` (carrying the steps out), :mod:`outboxer.running` and
 :mod:`outboxer.runner` (a run against a broker, the delivery loop),
 :mod:`outboxer.retention` and :mod:`outboxer.reports`.
 """

@@ -142,11 +142,9 @@ class Consumer:
         writes its inbox row after it returns (:mod:`outboxer.untransacted`): a crash in
         between repeats the call, so pass ``context.message_id`` as its idempotency key.
         """
-        if not isinstance(transactional, bool):
-            raise ConfigurationError(f"transactional must be True or False, got {transactional!r}")
-
-        def register(fn: F) -> F:
-            spec = build_spec(
+        return self._registering(
+            "handler",
+            lambda fn: build_spec(
                 self.name,
                 self.retry,
                 self.is_async,
@@ -156,19 +154,10 @@ class Consumer:
                 retry,
                 dedup_key,
                 destination,
-            )
-            where = f"consumer {self.name!r}, handler {spec.name!r}"
-            spec.error_channel = channel_for(
-                on_failure if on_failure is not None else self.on_failure,
-                self.error_channels,
-                where=where,
-                is_async=self.is_async,
-            )
-            spec.transactional = transactional
-            self.registry.add(spec)
-            return fn
-
-        return register
+            ),
+            on_failure,
+            transactional,
+        )
 
     def scheduled(
         self,
@@ -256,11 +245,9 @@ class Consumer:
         default: the consumer's instant retries); see :mod:`outboxer.adapters`. The other
         options are :meth:`handler`'s.
         """
-        if not isinstance(transactional, bool):
-            raise ConfigurationError(f"transactional must be True or False, got {transactional!r}")
-
-        def register(fn: F) -> F:
-            spec = build_adapter(
+        return self._registering(
+            "adapter",
+            lambda fn: build_adapter(
                 self.name,
                 self.retry,
                 self.is_async,
@@ -273,11 +260,30 @@ class Consumer:
                 name=name,
                 retry=retry,
                 dedup_key=dedup_key,
-            )
+            ),
+            on_failure,
+            transactional,
+        )
+
+    def _registering(
+        self,
+        kind: str,
+        build: Callable[[Callable[..., Any]], HandlerSpec],
+        on_failure: OnFailure,
+        transactional: bool,
+    ) -> Callable[[F], F]:
+        """The decorator of :meth:`handler` and :meth:`adapter` (``kind``): ``build`` makes
+        the function's spec, which gets its error channel and ``transactional``, then is
+        registered."""
+        if not isinstance(transactional, bool):
+            raise ConfigurationError(f"transactional must be True or False, got {transactional!r}")
+
+        def register(fn: F) -> F:
+            spec = build(fn)
             spec.error_channel = channel_for(
                 on_failure if on_failure is not None else self.on_failure,
                 self.error_channels,
-                where=f"consumer {self.name!r}, adapter {spec.name!r}",
+                where=f"consumer {self.name!r}, {kind} {spec.name!r}",
                 is_async=self.is_async,
             )
             spec.transactional = transactional

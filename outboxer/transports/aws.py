@@ -2,15 +2,17 @@
 
 ``SCHEME://[KEY:SECRET@]?option=value&...``: no host or path (the endpoint and region are
 options), credentials percent-encoded in the user part, every other setting a query
-option of a known type. :func:`open_session` and :func:`client_config` build the boto3
-clients the same way for both: the region from the options or boto3's chain, two
-attempts per call, short connect timeouts.
+option of a known type. :class:`ClientOptions` (the constructors' shared keywords),
+:func:`open_session` and :func:`client_config` build the boto3 clients the same way for
+both: the region from the options or boto3's chain, two attempts per call, short connect
+timeouts.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -22,6 +24,7 @@ from ..errors import ConfigurationError
 from ..instrumentation import TransportDescription
 
 __all__ = [
+    "ClientOptions",
     "client_config",
     "describe",
     "open_session",
@@ -148,6 +151,55 @@ def client_config(*, concurrency: int, connect_timeout: float, read_timeout: flo
         max_pool_connections=concurrency + 2,
         parameter_validation=False,  # entries are built by the transports, already valid
     )
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    """The keywords both AWS transports take for their boto3 clients (SNS passes them on
+    to the SQS transport of its queues): where, as whom, calls at once, timeouts."""
+
+    region: str | None
+    endpoint_url: str | None
+    concurrency: int
+    connect_timeout: float
+    read_timeout: float
+    aws_access_key_id: str | None
+    aws_secret_access_key: str | None
+    aws_session_token: str | None
+    profile: str | None
+
+    def keywords(self) -> dict[str, Any]:
+        """These options as a transport constructor's keyword arguments."""
+        return {field.name: getattr(self, field.name) for field in fields(self)}
+
+    def clients(self, service: str, *read_timeouts: float) -> tuple[str, list[Any]]:
+        """The region, and a client of ``service`` (``SQS``, ``SNS``) for each of
+        ``read_timeouts`` (by default one, with ``read_timeout``), from one session."""
+        session, region = open_session(
+            service,
+            region=self.region,
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id=self.aws_access_key_id,
+            aws_secret_access_key=self.aws_secret_access_key,
+            aws_session_token=self.aws_session_token,
+            profile=self.profile,
+        )
+        clients = []
+        for read_timeout in read_timeouts or (self.read_timeout,):
+            config = client_config(
+                concurrency=self.concurrency,
+                connect_timeout=self.connect_timeout,
+                read_timeout=read_timeout,
+            )
+            clients.append(
+                session.client(
+                    service.lower(),  # type: ignore[call-overload]
+                    region_name=region,
+                    endpoint_url=self.endpoint_url,
+                    config=config,
+                )
+            )
+        return region, clients
 
 
 def describe(

@@ -9,7 +9,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from ...errors import TransportError
 from ...message import Envelope
-from ..aws import client_config, describe, open_session, parse_url, whole_number
+from ..aws import ClientOptions, describe, parse_url, whole_number
 from ..base import Receiver, SendResult, Subscription
 from ..lanes import UNROUTABLE, Item
 from ..names import name_problem
@@ -54,20 +54,23 @@ class SNSTransport(BatchTransport):
         aws_session_token: str | None = None,
         profile: str | None = None,
     ) -> None:
-        # The queue side checks the shared options (concurrency, sizes, timeouts) first.
-        self._owns_queues = queues is None
-        self.queues = queues or SQSTransport(
+        options = ClientOptions(
             region=region,
             endpoint_url=endpoint_url,
             concurrency=concurrency,
-            max_message_bytes=max_message_bytes,
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
-            visibility_timeout=visibility_timeout,
             aws_access_key_id=aws_access_key_id,
             aws_secret_access_key=aws_secret_access_key,
             aws_session_token=aws_session_token,
             profile=profile,
+        )
+        # The queue side checks the shared options (concurrency, sizes, timeouts) first.
+        self._owns_queues = queues is None
+        self.queues = queues or SQSTransport(
+            max_message_bytes=max_message_bytes,
+            visibility_timeout=visibility_timeout,
+            **options.keywords(),
         )
         self._start(
             whole_number("SNS", "concurrency", concurrency, 1, 256),
@@ -75,21 +78,7 @@ class SNSTransport(BatchTransport):
         )
         self._owns_client = client is None
         if client is None:
-            session, region = open_session(
-                "SNS",
-                region=region,
-                endpoint_url=endpoint_url,
-                aws_access_key_id=aws_access_key_id,
-                aws_secret_access_key=aws_secret_access_key,
-                aws_session_token=aws_session_token,
-                profile=profile,
-            )
-            config = client_config(
-                concurrency=concurrency, connect_timeout=connect_timeout, read_timeout=read_timeout
-            )
-            client = session.client(
-                "sns", region_name=region, endpoint_url=endpoint_url, config=config
-            )
+            region, (client,) = options.clients("SNS")
         else:
             region = region or client.meta.region_name
             endpoint_url = endpoint_url or client.meta.endpoint_url

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, cast
 from botocore.exceptions import BotoCoreError, ClientError
 
 from ...errors import ConfigurationError, TransportError
-from ..aws import client_config, describe, open_session
+from ..aws import ClientOptions, describe
 from ..base import Receiver, SendResult, Subscription
 from ..lanes import Item
 from ..names import name_problem
@@ -82,33 +82,26 @@ class SQSTransport(BatchTransport):
         )
         connect_timeout = _positive_float("connect_timeout", connect_timeout)
         read_timeout = _positive_float("read_timeout", read_timeout)
+        options = ClientOptions(
+            region=region,
+            endpoint_url=endpoint_url,
+            concurrency=self.concurrency,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            aws_access_key_id=aws_access_key_id,
+            aws_secret_access_key=aws_secret_access_key,
+            aws_session_token=aws_session_token,
+            profile=profile,
+        )
 
         self._owns_clients = client is None
+        self._client: SQSClient
         self._receive_client: SQSClient | None
         if client is None:
-            session, region = open_session(
-                "SQS",
-                region=region,
-                endpoint_url=endpoint_url,
-                aws_access_key_id=aws_access_key_id,
-                aws_secret_access_key=aws_secret_access_key,
-                aws_session_token=aws_session_token,
-                profile=profile,
-            )
-
-            def make_client(read_timeout: float) -> SQSClient:
-                config = client_config(
-                    concurrency=self.concurrency,
-                    connect_timeout=connect_timeout,
-                    read_timeout=read_timeout,
-                )
-                return session.client(
-                    "sqs", region_name=region, endpoint_url=endpoint_url, config=config
-                )
-
-            self._client = make_client(read_timeout)
             # Long polls hold a response for up to 20 s: a longer read timeout.
-            self._receive_client = make_client(read_timeout + MAX_WAIT_SECONDS)
+            region, (self._client, self._receive_client) = options.clients(
+                "SQS", read_timeout, read_timeout + MAX_WAIT_SECONDS
+            )
         else:
             self._client = client
             self._receive_client = None

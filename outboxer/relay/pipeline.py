@@ -149,6 +149,10 @@ class Pipeline:
                 for i in all_indexes
                 if (key := batch.rows[i].envelope.key) is not None and key in failed
             }
+            for i in all_indexes:  # rows that cannot be sent as they are: never sent
+                problem = batch.rows[i].malformed
+                if problem is not None and i not in held:
+                    held[i] = SendResult.rejected("malformed_row", problem)
             indexes = [i for i in all_indexes if i not in held]
             envelopes = [batch.rows[i].envelope for i in indexes]
             span = sending.spans.enter_context(

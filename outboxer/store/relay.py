@@ -40,6 +40,9 @@ class Claimed:
     attempts: int
     """Failed send attempts before this claim."""
     first_failed_at: datetime | None
+    malformed: str | None = None
+    """Why the row cannot be sent as it is (headers that are not a JSON object: a row
+    written by other SQL than outboxer's); the relay dead-letters it without sending."""
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,17 @@ def claimed_from_row(row: Any, headers_seen: dict[str, Mapping[str, str]] | None
     # Envelope(...) less its frozen dataclass __init__ (an object.__setattr__ per field):
     # the same instance, built at half the cost, a thousand times per batch.
     # tests/test_relay.py checks that every field is set.
+    malformed: str | None = None
+    decoded_headers: Mapping[str, str] = {}
+    if headers:
+        try:
+            decoded_headers = _decode_headers(headers, headers_seen)
+        except Exception as exc:  # a row written by other SQL than outboxer's
+            malformed = (
+                f"outbox row {row_id}: its headers are not a JSON object of names to values "
+                f"({type(exc).__name__}: {str(exc)[:200]}); fix or delete the row, or replay "
+                "its dead letter once the headers are fixed"
+            )
     envelope = _new_envelope(Envelope)
     envelope.__dict__.update(
         message_id=message_id,
@@ -167,7 +181,7 @@ def claimed_from_row(row: Any, headers_seen: dict[str, Mapping[str, str]] | None
         key=key,
         correlation_id=correlation_id,
         causation_id=causation_id,
-        headers=_decode_headers(headers, headers_seen) if headers else {},
+        headers=decoded_headers,
         traceparent=traceparent,
         tracestate=tracestate,
         content_type=content_type,
@@ -175,17 +189,20 @@ def claimed_from_row(row: Any, headers_seen: dict[str, Mapping[str, str]] | None
         attempt=attempt,
         outbox_id=row_id,
     )
-    return Claimed(row_id, envelope, attempts, first_failed_at)
+    return Claimed(row_id, envelope, attempts, first_failed_at, malformed)
 
 
 _new_envelope = object.__new__
 
 
 def _decode_headers(text: str, seen: dict[str, Mapping[str, str]] | None) -> Mapping[str, str]:
-    if seen is None:
-        decoded: Mapping[str, str] = json.loads(text)
-        return decoded
-    known = seen.get(text)
+    """The headers' map; raises when ``text`` is not a JSON object."""
+    known = None if seen is None else seen.get(text)
     if known is None:
-        known = seen[text] = json.loads(text)
+        decoded = json.loads(text)
+        if not isinstance(decoded, dict):
+            raise TypeError(f"a JSON {type(decoded).__name__}, not an object")
+        known = decoded
+        if seen is not None:
+            seen[text] = known
     return known

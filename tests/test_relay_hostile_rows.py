@@ -5,7 +5,9 @@ migration, a trigger, a hand-made fix). A row whose ``headers`` are not a JSON o
 (not JSON at all, a JSON list, nested beyond the parser's depth) used to raise out of the
 claim (``outboxer relay --once`` died; a running relay retried the claim forever), or
 made the transport fail the whole batch as "unavailable", which holds every row of it
-forever. Such a row is dead-lettered with the reason; the rows beside it are sent.
+forever. So did values that are not text (``{"x-tenant": 5}``), which RabbitMQ's
+encoder refuses with a TypeError for the whole batch. Such a row is dead-lettered with the
+reason; the rows beside it are sent.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from outboxer.testing import MemoryBroker, MemoryTransport
 from outboxer.transports import Subscription
 
 from .models import OrderPlaced
+from .relaying import Target, outbox_count, payloads
 from .test_relay import SessionFactory, dead_letters, outbox_rows, publish
 
 BROKEN_HEADERS = {
@@ -31,6 +34,8 @@ BROKEN_HEADERS = {
     "a JSON list": "[1, 2]",
     "a JSON string": '"x-tenant"',
     "nested too deep to parse": "[" * 100_000 + "]" * 100_000,
+    "a number for a value": '{"x-tenant": 5}',
+    "an object for a value": '{"x-tenant": {"id": [1]}}',
 }
 
 
@@ -71,3 +76,27 @@ def test_a_row_with_broken_headers_is_dead_lettered_and_the_others_are_sent(
     assert "headers" in dead["error_message"] and "JSON object" in dead["error_message"]
     assert dead["payload"] == b'{"order_id": 9}'
     assert [json.loads(e.payload)["order_id"] for e in broker.published] == [1, 1, 2]
+
+
+def test_a_row_with_a_header_value_that_is_not_text_does_not_hold_the_batch_on_a_broker(
+    engine: Engine, Session: SessionFactory, target: Target
+) -> None:
+    """On RabbitMQ the encoder raised a TypeError for the whole batch: every row of it
+    was "unavailable", sent again, and failed again, forever."""
+    with Session.begin() as session:
+        session.publish({"n": 1}, type="test.ok", destination=target.destination)
+    insert_row(
+        engine, "k", destination=target.destination, message_type="test.ok",
+        headers='{"x-tenant": 5}', payload=b'{"n": 2}',
+    )  # fmt: skip
+    with Session.begin() as session:
+        session.publish({"n": 3}, type="test.ok", destination=target.destination)
+    stats = outboxer.Relay(engine, target.transport).run(once=True)
+    assert (stats.sent, stats.dead_lettered) == (2, 1)
+    [letter] = outboxer.DeadLetters(Session).list()
+    assert (
+        letter.error_type == "malformed_row"
+        and "'x-tenant' is int, not text" in letter.error_message
+    )
+    assert sorted(p["n"] for p in payloads(target.collect(2))) == [1, 3]
+    assert outbox_count(engine) == 0

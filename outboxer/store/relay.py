@@ -167,7 +167,7 @@ def claimed_from_row(row: Any, headers_seen: dict[str, Mapping[str, str]] | None
             decoded_headers = _decode_headers(headers, headers_seen)
         except Exception as exc:  # a row written by other SQL than outboxer's
             malformed = (
-                f"outbox row {row_id}: its headers are not a JSON object of names to values "
+                f"outbox row {row_id}: its headers are not a JSON object of names to text "
                 f"({type(exc).__name__}: {str(exc)[:200]}); fix or delete the row, or replay "
                 "its dead letter once the headers are fixed"
             )
@@ -202,6 +202,9 @@ def _decode_headers(text: str, seen: dict[str, Mapping[str, str]] | None) -> Map
         decoded = json.loads(text)
         if not isinstance(decoded, dict):
             raise TypeError(f"a JSON {type(decoded).__name__}, not an object")
+        for name, value in decoded.items():
+            if not isinstance(value, str):  # publish() takes text only; so do the brokers
+                raise TypeError(f"the value of {name[:100]!r} is {type(value).__name__}, not text")
         known = decoded
         if seen is not None:
             seen[text] = known

@@ -75,6 +75,7 @@ def test_a_row_with_broken_headers_is_dead_lettered_and_the_others_are_sent(
     assert dead["error_type"] == "malformed_row"
     assert "headers" in dead["error_message"] and "JSON object" in dead["error_message"]
     assert dead["payload"] == b'{"order_id": 9}'
+    assert json.loads(dead["headers"])["outboxer-malformed-headers"] == BROKEN_HEADERS[headers]
     assert [json.loads(e.payload)["order_id"] for e in broker.published] == [1, 1, 2]
 
 

@@ -20,6 +20,7 @@ from ..tables import outbox
 from .clock import db_now
 
 __all__ = [
+    "MALFORMED_HEADERS",
     "SENT_COLUMNS",
     "Backlog",
     "Claimed",
@@ -29,6 +30,10 @@ __all__ = [
     "claimed_from_row",
     "next_due_in",
 ]
+
+
+MALFORMED_HEADERS = "outboxer-malformed-headers"
+"""The header that keeps, in a ``malformed_row`` dead letter, the row's headers text."""
 
 
 @dataclass(frozen=True)
@@ -171,6 +176,7 @@ def claimed_from_row(row: Any, headers_seen: dict[str, Mapping[str, str]] | None
                 f"({type(exc).__name__}: {str(exc)[:200]}); fix or delete the row, or replay "
                 "its dead letter once the headers are fixed"
             )
+            decoded_headers = {MALFORMED_HEADERS: headers}  # kept in the dead letter
     envelope = _new_envelope(Envelope)
     envelope.__dict__.update(
         message_id=message_id,

@@ -27,6 +27,7 @@ import asyncio
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import timedelta
+from functools import partial
 from typing import Any, TypeVar
 
 from .adapters import build_adapter
@@ -142,22 +143,10 @@ class Consumer:
         writes its inbox row after it returns (:mod:`outboxer.untransacted`): a crash in
         between repeats the call, so pass ``context.message_id`` as its idempotency key.
         """
-        return self._registering(
-            "handler",
-            lambda fn: build_spec(
-                self.name,
-                self.retry,
-                self.is_async,
-                fn,
-                message,
-                name,
-                retry,
-                dedup_key,
-                destination,
-            ),
-            on_failure,
-            transactional,
+        build = partial(
+            build_spec, name=name, retry=retry, dedup_key=dedup_key, destination=destination
         )
+        return self._registering("handler", build, message, on_failure, transactional)
 
     def scheduled(
         self,
@@ -245,41 +234,35 @@ class Consumer:
         default: the consumer's instant retries); see :mod:`outboxer.adapters`. The other
         options are :meth:`handler`'s.
         """
-        return self._registering(
-            "adapter",
-            lambda fn: build_adapter(
-                self.name,
-                self.retry,
-                self.is_async,
-                fn,
-                message,
-                queue=queue,
-                exchange=exchange,
-                routing_key=routing_key,
-                message_id=message_id,
-                name=name,
-                retry=retry,
-                dedup_key=dedup_key,
-            ),
-            on_failure,
-            transactional,
+        build = partial(
+            build_adapter,
+            queue=queue,
+            exchange=exchange,
+            routing_key=routing_key,
+            message_id=message_id,
+            name=name,
+            retry=retry,
+            dedup_key=dedup_key,
         )
+        return self._registering("adapter", build, message, on_failure, transactional)
 
     def _registering(
         self,
         kind: str,
-        build: Callable[[Callable[..., Any]], HandlerSpec],
+        build: Callable[..., HandlerSpec],
+        message: type | str,
         on_failure: OnFailure,
         transactional: bool,
     ) -> Callable[[F], F]:
         """The decorator of :meth:`handler` and :meth:`adapter` (``kind``): ``build`` makes
-        the function's spec, which gets its error channel and ``transactional``, then is
-        registered."""
+        the function's spec (:func:`~outboxer.handlers.build_spec`,
+        :func:`~outboxer.adapters.build_adapter`), which gets its error channel and
+        ``transactional``, then is registered."""
         if not isinstance(transactional, bool):
             raise ConfigurationError(f"transactional must be True or False, got {transactional!r}")
 
         def register(fn: F) -> F:
-            spec = build(fn)
+            spec = build(self.name, self.retry, self.is_async, fn, message)
             spec.error_channel = channel_for(
                 on_failure if on_failure is not None else self.on_failure,
                 self.error_channels,

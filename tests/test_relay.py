@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import create_engine, func, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
 
@@ -405,3 +405,25 @@ def test_a_claimed_row_is_the_envelope_its_fields_make() -> None:
     assert claimed.envelope == expected
     assert set(vars(claimed.envelope)) == {f.name for f in dataclasses.fields(Envelope)}
     assert (claimed.id, claimed.attempts, claimed.first_failed_at) == (7, 0, None)
+
+
+def test_a_claim_reads_utc_times_whatever_the_sessions_time_zone(
+    db_url: str, engine: Engine, Session: SessionFactory
+) -> None:
+    """PostgreSQL's claim reads rows as psycopg makes them (in the session's time zone):
+    the envelope's times are still the stored instants, in UTC."""
+    publish(Session, OrderPlaced(order_id=1), key="k")
+    with engine.begin() as conn:
+        conn.execute(update(outboxer.outbox).values(first_failed_at=func.now(), attempts=1))
+    stored = outbox_rows(engine)[0]
+    options = {"connect_args": {"options": "-c timezone=Asia/Kolkata"}}
+    other = create_engine(db_url, **(options if engine.dialect.name == "postgresql" else {}))
+    try:
+        with other.connect() as conn:
+            (claimed,) = claim(conn, token("a" * 16, 1), 10, 60.0)
+    finally:
+        other.dispose()
+    assert claimed.envelope.occurred_at == stored["occurred_at"]
+    assert claimed.envelope.occurred_at.tzinfo is timezone.utc
+    assert claimed.first_failed_at == stored["first_failed_at"]
+    assert claimed.first_failed_at is not None and claimed.first_failed_at.tzinfo is timezone.utc

@@ -21,6 +21,8 @@ Claiming (see docs/relay.md, "Ordering", for the reasoning):
    row is due and free but outside the window (its due time is later than its followers',
    after a backoff) has it taken as a head.
 
+On PostgreSQL, steps 1 to 3 are one ``UPDATE ... RETURNING`` (:mod:`.claim_pg`); MariaDB
+(no ``UPDATE ... RETURNING``) and SQLite run them one statement at a time.
 SQLite has no row locks: it runs one relay, and the same statements work without them.
 The statements are built once per dialect (:func:`_statements`): building SQLAlchemy
 constructs costs more than running them for small batches.
@@ -39,6 +41,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection
 
 from ..tables import outbox
+from .claim_pg import claim_statement, run_raw
 from .clock import clock_params, later, now
 from .leases import LeaseScope, for_destinations, free, holds_back, in_share, is_in
 from .relay import SENT_COLUMNS, Claimed, claimed_from_row
@@ -86,10 +89,13 @@ def _claim(
     params["owner"] = owner
     params["window"] = params["scan"] = window or max(4 * limit, 1000)
     params["excluded"] = []
-    params["heads"] = limit
+    params["heads"] = params["limit"] = limit
     with autocommit(connection) if name == "postgresql" else connection.begin():
-        heads = [_Head(r.id, r.message_key) for r in connection.execute(sql.heads, params)]
-        rows = _take(connection, sql, params, heads, limit) if heads else []
+        if sql.claim is not None:  # PostgreSQL: heads, lock, followers, lease: one statement
+            rows = run_raw(connection, sql.claim, params)
+        else:
+            heads = [_Head(r.id, r.message_key) for r in connection.execute(sql.heads, params)]
+            rows = _take(connection, sql, params, heads, limit) if heads else []
         if len(rows) < limit:
             mine = None if scope.destinations is None else set(scope.destinations)
             rows += _second_look(connection, sql, params, rows, limit - len(rows), mine)
@@ -173,16 +179,8 @@ def _take(
 ) -> list[Any]:
     """Lock and lease ``heads`` (those still free), then their followers, up to ``budget``."""
     ids = [h.id for h in heads]
-    if sql.lock_and_lease is not None:
-        # PostgreSQL: lock (SKIP LOCKED) and lease the heads in one statement.
-        rows = list(connection.execute(sql.lock_and_lease, {**params, "ids": ids}).all())
-        head_of = {row.message_key: row.id for row in rows if row.message_key is not None}
-        room = budget - len(rows)
-        if head_of and room > 0:
-            more = _followers(connection, sql, params, head_of, room)
-            if more:
-                rows.extend(connection.execute(sql.lease_returning, {**params, "ids": more}))
-        return rows
+    if sql.take is not None:  # PostgreSQL: lock, followers and lease in one statement
+        return run_raw(connection, sql.take, {**params, "ids": ids, "limit": budget})
     if connection.dialect.name != "sqlite":  # SQLite runs one relay and has no row locks
         key_of = {h.id: h.message_key for h in heads}
         locked = connection.execute(sql.lock, {**params, "ids": ids}).scalars()
@@ -255,10 +253,12 @@ class _Statements:
     blocked: Any
     park: Any
     lock: Any
-    lock_and_lease: Any | None
+    claim: Any | None
+    """PostgreSQL: the whole claim (:mod:`outboxer.store.claim_pg`); None elsewhere."""
+    take: Any | None
+    """PostgreSQL: lock, followers and lease of the heads ``ids``; None elsewhere."""
     followers: Any
     lease: Any
-    lease_returning: Any
     read: Any
 
 
@@ -279,14 +279,6 @@ def _statements(name: str, filtered: bool, shared: bool = False) -> _Statements:
         locked_by=bindparam("owner"), locked_until=later(name, "lease")
     )
     lock = by_ids(select(outbox.c.id)).where(ready).with_for_update(skip_locked=True)
-    lock_and_lease = None
-    if name == "postgresql":
-        lock_and_lease = (
-            update(outbox)
-            .where(outbox.c.id.in_(lock.scalar_subquery()))
-            .values(locked_by=bindparam("owner"), locked_until=later(name, "lease"))
-            .returning(*SENT_COLUMNS)
-        )
     prefix = (
         select(outbox.c.id, outbox.c.message_key, outbox.c.available_at)
         .where(and_(ready, in_share(name)) if shared else ready)
@@ -301,8 +293,10 @@ def _statements(name: str, filtered: bool, shared: bool = False) -> _Statements:
         .limit(bindparam("window", type_=BigInteger()))
         .subquery("w")
     )
+    heads = _heads(name, window)
+    postgresql = name == "postgresql"
     return _Statements(
-        heads=_heads(name, window),
+        heads=heads,
         blocked=_blocked(name, window),
         park=update(outbox)
         .where(
@@ -312,7 +306,8 @@ def _statements(name: str, filtered: bool, shared: bool = False) -> _Statements:
         )
         .values(available_at=bindparam("until", type_=outbox.c.available_at.type)),
         lock=lock,
-        lock_and_lease=lock_and_lease,
+        claim=claim_statement(ready, heads) if postgresql else None,
+        take=claim_statement(ready, None) if postgresql else None,
         followers=select(outbox.c.id, outbox.c.message_key, ready.label("ready"))
         .where(
             outbox.c.message_key.in_(bindparam("keys", expanding=True)),
@@ -321,7 +316,6 @@ def _statements(name: str, filtered: bool, shared: bool = False) -> _Statements:
         .order_by(outbox.c.id)
         .limit(bindparam("limit", type_=BigInteger())),
         lease=lease,
-        lease_returning=lease.returning(*SENT_COLUMNS),
         read=select(*SENT_COLUMNS).where(outbox.c.id.in_(bindparam("ids", expanding=True))),
     )
 

@@ -26,6 +26,8 @@ class Compiled:
     positional: bool
     order: tuple[str, ...]
     processors: tuple[tuple[str, Callable[[Any], Any]], ...]
+    defaults: tuple[tuple[str, Any], ...] = ()
+    """Values the statement itself binds (literals such as a ``LIMIT 1``)."""
 
     @classmethod
     def of(cls, statement: ClauseElement, dialect: Dialect) -> Compiled:
@@ -39,11 +41,17 @@ class Compiled:
             processors=tuple(
                 (name, fn) for name, fn in processors.items() if fn is not None and callable(fn)
             ),
+            defaults=tuple(
+                (name, bind.effective_value)
+                for bind, name in compiled.bind_names.items()
+                if not bind.required
+            ),
         )
 
     def parameters(self, values: Mapping[str, Any]) -> dict[str, Any] | tuple[Any, ...]:
         """The DBAPI parameters for ``values`` (keyed by bind parameter name)."""
-        converted = dict(values)
+        converted = dict(self.defaults)
+        converted.update(values)
         for name, process in self.processors:
             if name in converted:
                 converted[name] = process(converted[name])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import case, func, select
@@ -177,6 +177,10 @@ def claimed_from_row(row: Any, headers_seen: dict[str, Mapping[str, str]] | None
                 "its dead letter once the headers are fixed"
             )
             decoded_headers = {MALFORMED_HEADERS: headers}  # kept in the dead letter
+    if occurred_at.tzinfo is not timezone.utc:  # rows straight from the driver (PostgreSQL)
+        occurred_at = occurred_at.astimezone(timezone.utc)
+    if first_failed_at is not None and first_failed_at.tzinfo is not timezone.utc:
+        first_failed_at = first_failed_at.astimezone(timezone.utc)
     envelope = _new_envelope(Envelope)
     envelope.__dict__.update(
         message_id=message_id,

@@ -90,9 +90,11 @@ class Run:
                         break
                     self._idle()
                     continue
-                self.pipeline.send(batch)
                 if not relay.breaker.is_open:  # while probing a broker, one batch at a time
-                    self._prefetch()
+                    # The next claim runs while this batch is encoded and put on the wire
+                    # (it counts the batch as on the wire: nothing can come between them).
+                    self._prefetch(ahead=batch)
+                self.pipeline.send(batch)
                 while len(self.pipeline) >= (1 if relay.breaker.is_open else PIPELINE_DEPTH):
                     self._land()
         finally:
@@ -125,10 +127,14 @@ class Run:
         except Exception:  # the next claim meets the same trouble and reports it
             log.debug("the liveness check failed", exc_info=True)
 
-    def _prefetch(self) -> None:
+    def _prefetch(self, ahead: Batch | None = None) -> None:
+        """Claim the next batch on the database thread, behind the batches on the wire and
+        ``ahead``, the batch about to join them."""
         self.batches += 1
         number = self.batches
         tokens = self.pipeline.tokens()
+        if ahead is not None:
+            tokens.append(ahead.token)
         self.prefetch = self.db.submit(lambda seq: self._claim(number, tokens, seq))
 
     def _claim(self, number: int, in_flight: list[str], seq: int) -> Batch:

@@ -161,7 +161,12 @@ def kill_loop(
     """
     for _ in range(kills):
         target = drain.ledger.delivered + rng.randrange(*spacing)
-        wait_until(lambda t=target: drain.ledger.delivered >= t or not drain.pending(), 600, 0.01)
+
+        def reached(t: int = target) -> bool:
+            relay.check_alive()
+            return drain.ledger.delivered >= t or not drain.pending()
+
+        wait_until(reached, 600, 0.01)
         if not drain.pending():
             drain.notes.append(f"drained after {len(drain.recoveries)} kills")
             return

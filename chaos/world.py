@@ -134,6 +134,15 @@ class RelayProcess:
             self.process.wait()
             return None
 
+    def check_alive(self) -> None:
+        """RuntimeError, with the end of its log, when the process exited on its own (a
+        scenario would otherwise wait its whole timeout for deliveries that cannot come)."""
+        if self.process is not None and self.process.poll() is not None:
+            raise RuntimeError(
+                f"{self.name} exited on its own with status {self.process.returncode}; "
+                f"the end of its log:\n{self.logged()[-3000:]}"
+            )
+
     def rss_mib(self) -> float:
         """Resident memory of the process now, in MiB."""
         assert self.process is not None

@@ -31,13 +31,12 @@ import logging
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from typing import Any
-from uuid import UUID
 
 from sqlalchemy.engine import Connection
 
 from .errors import ConfigurationError
 from .instrumentation import HandlerOutcome
-from .message import Envelope
+from .message import Envelope, EnvelopeFacts
 from .plan import error_type_name, plural
 from .publishing import handling
 from .redaction import error_text, printable, redact
@@ -57,7 +56,7 @@ log = logging.getLogger("outboxer.consumer")
 
 
 @dataclass(frozen=True)
-class Failure:
+class Failure(EnvelopeFacts):
     """What an error channel is given about a handler that gave up (Ecotone's
     ``ErrorMessage``)."""
 
@@ -74,18 +73,6 @@ class Failure:
     """The handler's name within its consumer."""
     reason: str
     """``exhausted`` (retries used up) or ``non_retryable``."""
-
-    @property
-    def message_id(self) -> UUID:
-        return self.envelope.message_id
-
-    @property
-    def message_type(self) -> str:
-        return self.envelope.type
-
-    @property
-    def headers(self) -> Mapping[str, str]:
-        return self.envelope.headers
 
 
 @dataclass(frozen=True)

@@ -357,3 +357,22 @@ def _as_key(value: object) -> str | None:
 
 def _qualified(cls: type[Any]) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+class EnvelopeFacts:
+    """What a failure report reads from its message's envelope (``Failure``,
+    ``SendFailure``): a class with an ``envelope`` attribute gets these properties."""
+
+    envelope: Envelope
+
+    @property
+    def message_id(self) -> UUID:
+        return self.envelope.message_id
+
+    @property
+    def message_type(self) -> str:
+        return self.envelope.type
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self.envelope.headers

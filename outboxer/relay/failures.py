@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from uuid import UUID
 
 from sqlalchemy.engine import Engine
 
 from ..errors import ConfigurationError
-from ..message import Envelope
+from ..message import Envelope, EnvelopeFacts
 from ..redaction import printable
 from ..session import OutboxSession
 
@@ -36,7 +35,7 @@ log = logging.getLogger("outboxer.relay")
 
 
 @dataclass(frozen=True)
-class SendFailure:
+class SendFailure(EnvelopeFacts):
     """A message the relay dead-lettered: what ``Relay(on_failure=...)`` is given."""
 
     envelope: Envelope
@@ -47,20 +46,8 @@ class SendFailure:
     """How many sends failed."""
 
     @property
-    def message_id(self) -> UUID:
-        return self.envelope.message_id
-
-    @property
-    def message_type(self) -> str:
-        return self.envelope.type
-
-    @property
     def destination(self) -> str:
         return self.envelope.destination
-
-    @property
-    def headers(self) -> Mapping[str, str]:
-        return self.envelope.headers
 
 
 def check_callback(on_failure: Callable[..., Any] | None) -> bool:

@@ -19,7 +19,8 @@ def check_number(
     positive: bool = False,
 ) -> None:
     """ConfigurationError unless ``value`` is a number (``whole``: an int, not a bool) that
-    is at least ``minimum`` and, with ``positive``, above 0 (a duration in seconds)."""
+    is at least ``minimum`` and, with ``positive``, above 0 and finite (a duration in
+    seconds: an infinite one overflows the waits and date arithmetic it feeds)."""
     kinds: tuple[type, ...] = (int,) if whole else (int, float)
     if not isinstance(value, kinds) or isinstance(value, bool):
         kind = "a whole number" if whole else "a number"
@@ -31,3 +32,8 @@ def check_number(
         raise ConfigurationError(f"{name} must be >= {minimum:g}, got {value!r}")
     if positive and not number > 0:
         raise ConfigurationError(f"{name} must be > 0 seconds, got {value!r}")
+    if positive and math.isinf(number):
+        raise ConfigurationError(
+            f"{name} must be a finite number of seconds, got {value!r} (None, where the "
+            "setting takes it, turns it off)"
+        )

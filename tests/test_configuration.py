@@ -32,6 +32,8 @@ def Session() -> sessionmaker[outboxer.OutboxSession]:
         ({"lease": 0}, "lease must be > 0 seconds"),
         ({"poll_interval": -1}, "poll_interval must be > 0 seconds"),
         ({"prune_interval": float("nan")}, "prune_interval must be a number"),
+        ({"poll_interval": float("inf")}, "poll_interval must be a finite number of seconds"),
+        ({"lease": float("inf")}, "lease must be a finite number of seconds"),
         ({"retention": -5}, "retention must be >= 0"),
         ({"backoff": 2.0}, r"backoff must be an outboxer.Backoff"),
         ({"destinations": "orders"}, "destinations must be a non-empty list"),
@@ -52,6 +54,7 @@ def test_an_impossible_relay_setting_is_a_configuration_error(
         ({"prefetch": "50"}, "prefetch must be a whole number"),
         ({"inbox_retention": 0}, "inbox_retention must be > 0 seconds"),
         ({"dead_letter_retention": -1.0}, "dead_letter_retention must be > 0 seconds"),
+        ({"inbox_retention": float("inf")}, "inbox_retention must be a finite number of"),
         ({"retry": 3}, "retry must be an outboxer.Retry"),
         ({"name": ""}, "a consumer needs a name"),
     ],
@@ -70,6 +73,7 @@ def test_an_impossible_consumer_setting_is_a_configuration_error(
         ({"concurrency": 0}, "concurrency must be >= 1"),
         ({"idle_timeout": 0}, "idle_timeout must be > 0 seconds"),
         ({"extend_by": "60"}, "extend_by must be a number"),
+        ({"extend_after": float("inf")}, "extend_after must be a finite number of seconds"),
     ],
 )
 def test_an_impossible_run_option_is_refused_before_anything_runs(
@@ -156,3 +160,25 @@ def test_max_retries_and_max_attempts_together_are_refused() -> None:
 def test_impossible_retry_counts_are_refused(options: dict[str, Any], message: str) -> None:
     with pytest.raises(outboxer.RetryConfigError, match=message):
         outboxer.Retry(**options)
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["relay", "--poll-interval", "inf"], "--poll-interval"),
+        (["relay", "--lease", "nan"], "--lease"),
+        (["relay", "--retention", "inf"], "--retention"),
+    ],
+)
+def test_a_duration_that_is_not_finite_is_refused_by_the_command_line(
+    args: list[str], option: str
+) -> None:
+    """click's FloatRange lets ``nan`` and ``inf`` through its bounds; the relay then took
+    an infinite poll interval (it never polled) without a word."""
+    from click.testing import CliRunner
+
+    from outboxer.cli import main
+
+    result = CliRunner().invoke(main, [*args, "--db", "sqlite://", "--broker", "memory://"])
+    assert result.exit_code == 2, result.output
+    assert option in result.output and "not a finite number of seconds" in result.output

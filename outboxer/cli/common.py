@@ -17,6 +17,7 @@ Where a value may come from the environment (docs/operations.md has the table):
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -199,3 +200,19 @@ class When(_TimeType):
                     ctx,
                 )
         return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+class Seconds(click.FloatRange):
+    """A duration in seconds, at least ``minimum``: a finite number (click's FloatRange lets
+    ``nan`` and ``inf`` through, which the waits and date arithmetic they feed cannot use)."""
+
+    name = "seconds"
+
+    def __init__(self, minimum: float) -> None:
+        super().__init__(min=minimum)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if math.isnan(number) or math.isinf(number):
+            self.fail(f"{value!r} is not a finite number of seconds", param, ctx)
+        return number

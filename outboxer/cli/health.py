@@ -30,7 +30,7 @@ import click
 
 from ..errors import ConfigurationError, OperatorError
 from ..tracing import configure_from_env
-from .common import setting
+from .common import Seconds, setting
 from .readiness import Check
 
 __all__ = ["Address", "HealthServer", "observability", "serve_metrics", "service_options"]
@@ -206,7 +206,7 @@ def service_options(fn: F) -> F:
         ),
         setting(
             "--liveness-timeout",
-            type=click.FloatRange(5),
+            type=Seconds(5),
             default=60.0,
             metavar="SECONDS",
             help="/live fails when the loop has not turned for this long.",

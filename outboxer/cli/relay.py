@@ -15,7 +15,7 @@ from ..relay import Relay, relay_engine
 from ..retry import Backoff
 from ..secrets import mask_url
 from ..transports import transport_from_url
-from .common import broker_option, db_option, import_target, make_engine, setting
+from .common import Seconds, broker_option, db_option, import_target, make_engine, setting
 from .health import observability, service_options
 from .readiness import broker_check, database_check, wait_until
 from .signals import graceful_stop
@@ -36,26 +36,26 @@ log = logging.getLogger("outboxer.relay")
 @setting(
     "--poll-interval",
     default=1.0,
-    type=click.FloatRange(0.01),
+    type=Seconds(0.01),
     help="Idle polling period in seconds (PostgreSQL is woken by NOTIFY sooner).",
 )
-@setting("--lease", default=60.0, type=click.FloatRange(1), help="Seconds a claim stays exclusive.")
+@setting("--lease", default=60.0, type=Seconds(1), help="Seconds a claim stays exclusive.")
 @setting(
     "--retry-delay",
     default=1.0,
-    type=click.FloatRange(0.001),
+    type=Seconds(0.001),
     help="First retry delay in seconds; doubles per attempt, jittered.",
 )
 @setting(
     "--max-retry-delay",
     default=300.0,
-    type=click.FloatRange(0.001),
+    type=Seconds(0.001),
     help="Cap on each retry delay.",
 )
 @setting(
     "--retention",
     default=None,
-    type=click.FloatRange(0),
+    type=Seconds(0),
     help="Keep sent rows this many seconds (default: delete at once).",
 )
 @setting("--name", default=None, help="This relay's name in leases and logs (default host:pid).")

@@ -603,6 +603,38 @@ def test_a_handler_that_closes_its_session_leaves_the_pool_usable(
     assert effects(engine) == {"2": 1, "3": 1, "4": 1, "5": 1, "6": 1, "own": 1}
 
 
+@pytest.mark.parametrize("db_kind", ["postgresql", "sqlite"], indirect=True)
+def test_a_poison_message_delivered_twice_has_two_dead_letters_and_replays_once(
+    engine: Engine, Session: SessionFactory
+) -> None:
+    """At-least-once delivery: each delivery that gives up writes its dead letter. After
+    the fix, replaying both runs the handler once; the second replay is a duplicate."""
+    from outboxer.testing import drain
+
+    consumer = outboxer.Consumer(Session, name="billing", retry=ONCE)
+    broken = {"yes": True}
+
+    @consumer.handler(OrderPlaced)
+    def reserve(event: OrderPlaced, session: Session) -> None:
+        if broken["yes"]:
+            raise KeyError("a bug")
+        session.add(Effect(handler="reserve", message_key=str(event.order_id)))
+
+    headers = good_headers()
+    for _ in range(2):
+        report = consumer.process(b'{"order_id": 1}', headers, destination="orders")
+        assert report.outcomes == {"reserve": "dead_lettered"}
+    letters = dead(Session)
+    assert len(letters) == 2
+    broken["yes"] = False  # the fix is deployed
+    for letter in letters:
+        outboxer.DeadLetters(Session).replay(letter.id)
+    report = drain(engine, [consumer], MemoryTransport(MemoryBroker()))
+    assert (report.sent, report.messages) == (2, 2)
+    assert consumer.stats.processed == 1 and consumer.stats.duplicates == 1
+    assert effects(engine) == {"1": 1}
+
+
 # Defect 6: dedup compares exactly on every database ----------------------------------------
 
 

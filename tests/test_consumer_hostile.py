@@ -851,15 +851,15 @@ def test_outboxer_inbox_does_not_let_the_current_directory_shadow_installed_pack
     ],
 )
 def test_an_invalid_traceparent_starts_a_new_trace(traceparent: str) -> None:
-    from outboxer import tracing
+    from outboxer import tracecontext
 
-    assert tracing._span_context(traceparent, None) is None
+    assert tracecontext._span_context(traceparent, None) is None
 
 
 def test_a_later_version_traceparent_is_read_by_its_known_fields() -> None:
-    from outboxer import tracing
+    from outboxer import tracecontext
 
-    context = tracing._span_context(
+    context = tracecontext._span_context(
         "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-what-comes-next", None
     )
     assert context is not None and context.trace_id == 0x0AF7651916CD43DD8448EB211C80319C

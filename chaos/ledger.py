@@ -118,6 +118,12 @@ class Ledger:
                 latest = max(latest, min(after))
         return latest - since
 
+    def last_first_delivery(self, keys: set[str], since: float) -> float | None:
+        """Seconds from ``since`` to the latest first delivery after it among ``keys``."""
+        with self._lock:
+            times = [t for key in keys for t, _ in self.first.get(key, ()) if t > since]
+        return max(times) - since if times else None
+
     def wait_progress(
         self, keys: set[str], since: float, timeout: float, settle: float = 0.0
     ) -> float | None:

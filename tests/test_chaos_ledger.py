@@ -60,3 +60,26 @@ def test_a_recovery_that_never_came_is_the_slowest() -> None:
     assert figures.recovery_median == 1.0
     assert figures.as_json()["recovery_max"] is None
     assert not figures.ok  # nothing published is no proof
+
+
+def test_a_key_that_finished_within_the_settle_window_counts_as_recovered() -> None:
+    """Found by CI: a relay fast enough to deliver a key's last messages within the settle
+    window after a cut left that key with no later first delivery to wait for; the
+    recovery timed out (None, "the slowest") although nothing was left to send."""
+    from chaos.drain import Drain
+
+    ledger = Ledger()
+    drain = Drain("t", "sqlite://", "d", {"a": 2, "b": 2}, ledger)
+    ledger.record(body("a", 0, 0))
+    ledger.record(body("b", 0, 1))
+    since = time.monotonic()
+    ledger.record(body("a", 1, 2))  # a's last message, within the settle window
+    time.sleep(0.3)
+    ledger.record(body("b", 1, 3))  # b moves after the window
+    took = drain.recovered(since, {"a", "b"}, timeout=1.0, settle=0.2)
+    assert took is not None and 0.2 < took < 1.0
+    assert drain.recoveries == [took]
+    # Still waited for: a key with messages left and no delivery after the window.
+    drain = Drain("t", "sqlite://", "d", {"a": 2, "c": 2}, ledger)
+    ledger.record(body("c", 0, 4))
+    assert drain.recovered(time.monotonic(), {"c"}, timeout=0.3, settle=0.1) is None

@@ -3,6 +3,10 @@
 It declares each destination's exchange, publishes a batch in one go and settles every
 message from the broker's confirms and returns (see the package docstring). It runs only
 on the I/O thread; :class:`_Batch` is what a ``send`` call hands it and waits on.
+
+This module owns the connection and channel lifecycle and the publishing;
+:mod:`.confirms` (its base class :class:`_Confirms`, and :class:`_Batch`) owns the
+confirm bookkeeping: settling batches from confirms, returns and failures.
 """
 
 from __future__ import annotations
@@ -17,63 +21,16 @@ import pika.exceptions
 from pika.adapters.select_connection import SelectConnection
 from pika.channel import Channel
 from pika.connection import Parameters
-from pika.frame import Method
-from pika.spec import Basic, BasicProperties
 
 from ..base import HELD_BACK, SendResult, unavailable_after
-from .amqp import _Outgoing
+from .confirms import _Batch, _closed_result, _Confirms
 from .frames import FRAME_END, body_frames, header_frame, publish_frame
 from .ioloop import _cause, _IOThread, _logged
 
 _body_frame = struct.Struct(">BHI").pack
 
-_SENT = SendResult.sent()
-_NACKED = SendResult.retry(
-    "nack", "RabbitMQ refused the message (basic.nack); it was not stored, try again later"
-)
 
-
-class _Batch:
-    """One ``send`` call as the I/O thread works on it."""
-
-    def __init__(
-        self, results: list[SendResult | None], outgoing: list[_Outgoing], destinations: list[str]
-    ) -> None:
-        self.results = results
-        self.outgoing = outgoing
-        self.destinations = destinations
-        self.refused: dict[str, SendResult] = {}
-        """Destinations whose exchange could not be declared, with their messages' result."""
-        self.done = threading.Event()
-        self.future: Future[list[SendResult]] = Future()
-        """Completed with the results when every message has an outcome."""
-        self.published = False
-        self.first_tag = 0
-        self.tag_index: list[int] = []
-        """Index in ``results`` of the message published with delivery tag first_tag + i."""
-        self.confirmed = bytearray()
-        self.unconfirmed = 0
-        self.low = 0
-        """Every tag offset below this one is confirmed (multiple acks start here)."""
-        self.by_message_id: dict[str | None, int] | None = None
-        self.timer: object | None = None
-
-    def fill(self, result: SendResult) -> None:
-        """Give ``result`` to every message that has no outcome yet."""
-        results = self.results
-        for i, current in enumerate(results):
-            if current is None:
-                results[i] = result
-
-    def complete(self) -> None:
-        """Hand the results to the waiting caller (once)."""
-        self.done.set()
-        if not self.future.done():
-            closed = _closed_result()
-            self.future.set_result([closed if r is None else r for r in self.results])
-
-
-class _Publisher:
+class _Publisher(_Confirms):
     """The sending connection and its confirm-mode channel. Runs only on the I/O thread."""
 
     def __init__(
@@ -136,21 +93,6 @@ class _Publisher:
         self._batch = batch
         batch.timer = self._io.ioloop.call_later(self._setup_timeout, self._on_setup_timeout)
         self._advance()
-
-    def _finish(self, batch: _Batch) -> None:
-        if batch.timer is not None:
-            self._io.ioloop.remove_timeout(batch.timer)  # type: ignore[arg-type]
-            batch.timer = None
-        if self._batch is batch:
-            self._batch = None
-        if batch in self._in_flight:
-            self._in_flight.remove(batch)
-        batch.complete()
-        self._next_batch()
-
-    def _finish_now(self, batch: _Batch, result: SendResult) -> None:
-        batch.fill(result)
-        self._finish(batch)
 
     def _advance(self) -> None:
         """Take the current batch one step further: connect, open, declare, publish."""
@@ -235,63 +177,6 @@ class _Publisher:
         self._batch = None
         self._in_flight.append(batch)
         self._next_batch()
-
-    @_logged
-    def _on_confirm(self, frame: Method[Basic.Ack | Basic.Nack]) -> None:
-        method = frame.method
-        tag = method.delivery_tag
-        outcome = _SENT if isinstance(method, Basic.Ack) else _NACKED
-        # Batches are published one after another on this channel: their tag ranges are
-        # consecutive, oldest first. A "multiple" confirm settles every tag up to its own.
-        for batch in list(self._in_flight):
-            first, count = batch.first_tag, len(batch.tag_index)
-            if tag < first:
-                break
-            if method.multiple:
-                start, stop = batch.low, min(tag - first + 1, count)
-                batch.low = max(batch.low, stop)
-            elif tag < first + count:
-                start, stop = tag - first, tag - first + 1
-            else:
-                continue
-            confirmed = batch.confirmed
-            tag_index = batch.tag_index
-            results = batch.results
-            settled = 0
-            for o in range(start, stop):
-                if not confirmed[o]:
-                    confirmed[o] = 1
-                    settled += 1
-                    i = tag_index[o]
-                    if results[i] is None:  # a returned message keeps its rejection
-                        results[i] = outcome
-            batch.unconfirmed -= settled
-            if batch.unconfirmed == 0:
-                self._finish(batch)
-            if not method.multiple:
-                break
-
-    @_logged
-    def _on_return(
-        self, channel: Channel, method: Basic.Return, properties: BasicProperties, body: bytes
-    ) -> None:
-        if channel is not self._channel:
-            return
-        for batch in self._in_flight:
-            if batch.by_message_id is None:
-                batch.by_message_id = {item[5]: item[0] for item in batch.outgoing}
-            index = batch.by_message_id.get(properties.message_id)
-            if index is not None:
-                break
-        else:
-            return
-        batch.results[index] = SendResult.rejected(
-            "unroutable",
-            f"no queue is bound to exchange {method.exchange!r} for routing key "
-            f"{method.routing_key!r} (RabbitMQ: {method.reply_code} {method.reply_text}); "
-            "start the consumer that subscribes to this type first, or check the destination "
-            "and the message type",
-        )
 
     @_logged
     def _on_setup_timeout(self) -> None:
@@ -380,13 +265,6 @@ class _Publisher:
         out on the next connection ahead of their retry)."""
         name, text = _cause(error)
         self._fail_all(SendResult.unavailable(name, f"{what} RabbitMQ at {self._where}: {text}"))
-
-    def _fail_all(self, result: SendResult) -> None:
-        waiting = list(self._waiting)
-        self._waiting.clear()
-        for batch in (*self._in_flight, self._batch, *waiting):
-            if batch is not None:
-                self._finish_now(batch, result)
 
     def _reset_channel(self) -> None:
         self._channel = None
@@ -507,7 +385,3 @@ def _declare_failure(destination: str, reason: pika.exceptions.ChannelClosedByBr
             "permission on it, or use a name without the reserved 'amq.' prefix",
         )
     return SendResult.retry("channel_closed", f"cannot declare exchange {destination!r} ({said})")
-
-
-def _closed_result() -> SendResult:
-    return SendResult.unavailable("TransportClosed", "the RabbitMQ transport is closed")

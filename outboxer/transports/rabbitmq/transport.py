@@ -19,9 +19,10 @@ from ...instrumentation import TransportDescription
 from ...message import Envelope
 from ..base import Receiver, SendResult, Subscription, Transport
 from .amqp import _Outgoing, _prepare
+from .confirms import _Batch, _closed_result
 from .ioloop import _IOThread
 from .options import DEFAULT_MAX_MESSAGE_BYTES, _parse_url, _positive_number, _queue_arguments
-from .publisher import _Batch, _closed_result, _Publisher
+from .publisher import _Publisher
 from .receiver import _RabbitReceiver
 
 __all__ = ["RabbitMQTransport"]

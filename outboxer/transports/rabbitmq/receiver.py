@@ -3,6 +3,10 @@
 The receiver declares its queue, exchanges and bindings and consumes on the transport's
 I/O thread; :meth:`_RabbitReceiver.receive` and the settling of a delivery are called from
 any thread (see the package docstring).
+
+This module owns the receiver's connection, state and buffer; :mod:`.topology` holds the
+AMQP set-up calls it runs in sequence, and :mod:`.deliveries` the delivery it hands out
+and the acknowledging of deliveries.
 """
 
 from __future__ import annotations
@@ -11,8 +15,7 @@ import functools
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pika.exceptions
 from pika.adapters.select_connection import SelectConnection
@@ -20,16 +23,12 @@ from pika.channel import Channel
 from pika.connection import Parameters
 from pika.spec import Basic, BasicProperties
 
-from ... import wire
 from ...errors import TransportError
 from ..base import Delivery, Receiver, Subscription
-from .amqp import (
-    UNDECODABLE_TABLE,
-    canonical_headers,
-    install_tolerant_properties,
-    source_headers,
-)
+from .amqp import UNDECODABLE_TABLE, install_tolerant_properties
+from .deliveries import _ack_tags, _Incoming, _RabbitDelivery
 from .ioloop import _cause, _IOThread, _logged, log
+from .topology import _bind, _consume, _declare_exchange, _declare_queue, _run_steps, _Step
 
 # A delivery whose header table pika cannot decode must not drop the connection.
 install_tolerant_properties()
@@ -37,45 +36,7 @@ install_tolerant_properties()
 if TYPE_CHECKING:
     from .transport import RabbitMQTransport
 
-# A delivery waiting in a receiver's buffer: (connection generation, delivery tag,
-# destination, redelivered, properties, body, whether it came from an adapter's queue).
-# The destination is the exchange it was published to, or the adapter's queue.
-_Incoming = tuple[int, int, str, bool, BasicProperties, bytes, bool]
-
-# One asynchronous AMQP call of a set-up sequence, given the continuation to reply to.
-_Step = Callable[[Callable[[Any], None]], object]
-
 _IDLE, _CONNECTING, _OPEN, _FAILED, _CLOSED = "idle", "connecting", "open", "failed", "closed"
-
-
-class _RabbitDelivery(Delivery):
-    def __init__(self, receiver: _RabbitReceiver, incoming: _Incoming) -> None:
-        generation, tag, destination, redelivered, properties, body, from_source = incoming
-        self._receiver = receiver
-        self._generation = generation
-        self._tag = tag
-        self._settled = False
-        self.body = body
-        read = source_headers if from_source else canonical_headers
-        self.headers: Mapping[str, str] = read(properties)
-        self.destination = destination
-        self.redelivered = redelivered
-
-    def __repr__(self) -> str:
-        return (
-            f"<RabbitMQ delivery {self.headers.get(wire.MESSAGE_ID, '?')} from "
-            f"{self.destination!r} tag={self._tag}>"
-        )
-
-    def ack(self) -> None:
-        if not self._settled:
-            self._settled = True
-            self._receiver._settle(self._generation, self._tag, requeue=False)
-
-    def release(self) -> None:
-        if not self._settled:
-            self._settled = True
-            self._receiver._settle(self._generation, self._tag, requeue=True)
 
 
 class _RabbitReceiver(Receiver):
@@ -417,54 +378,3 @@ class _RabbitReceiver(Receiver):
             done.set()
             return
         connection.close()
-
-
-def _ack_tags(channel: Channel, unacked: set[int], tags: list[int]) -> None:
-    """Acknowledge ``tags`` (all in ``unacked``): one multiple-ack for the longest run of
-    them that leaves no other unacknowledged tag below it, then one ack each."""
-    chosen = set(tags)
-    others = unacked - chosen
-    below = min(others) if others else None
-    covered = [tag for tag in tags if below is None or tag < below]
-    if len(covered) > 1:
-        channel.basic_ack(max(covered), multiple=True)
-        unacked.difference_update(covered)
-        chosen.difference_update(covered)
-    for tag in sorted(chosen):
-        unacked.discard(tag)
-        channel.basic_ack(tag)
-
-
-def _declare_exchange(channel: Channel, name: str, k: Callable[[Any], None]) -> None:
-    channel.exchange_declare(name, "topic", durable=True, callback=k)
-
-
-def _bind(channel: Channel, queue: str, exchange: str, key: str, k: Callable[[Any], None]) -> None:
-    channel.queue_bind(queue, exchange, key, callback=k)
-
-
-def _declare_queue(
-    channel: Channel, queue: str, arguments: dict[str, object] | None, k: Callable[[Any], None]
-) -> None:
-    channel.queue_declare(queue, durable=True, arguments=arguments, callback=k)
-
-
-def _consume(
-    channel: Channel, queue: str, on_message: Callable[..., None], k: Callable[[Any], None]
-) -> None:
-    channel.basic_consume(queue, on_message, callback=k)
-
-
-def _run_steps(steps: list[_Step], done: Callable[[], None]) -> None:
-    """Run asynchronous AMQP calls one after the other, each from the previous one's reply."""
-    remaining = iter(steps)
-
-    @_logged
-    def next_step(_frame: object = None) -> None:
-        step = next(remaining, None)
-        if step is None:
-            done()
-        else:
-            step(next_step)
-
-    next_step()

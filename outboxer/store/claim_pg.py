@@ -102,7 +102,7 @@ def claim_statement(ready: ColumnElement[bool], heads: Any | None) -> Any:
         .cte("candidates")
         .prefix_with("MATERIALIZED")
     )
-    # Per key in id order: ``reached``, at or after the key's head; ``clear``, every row
+    # Per key in id order: ``reached``, at or after the key's head; ``free_run``, every row
     # after the head up to this one is due and free.
     marked = select(
         candidates,
@@ -116,12 +116,12 @@ def claim_statement(ready: ColumnElement[bool], heads: Any | None) -> Any:
         marked.c.reached,
         func.bool_and(or_(marked.c.ready, ~marked.c.reached, marked.c.head))
         .over(partition_by=marked.c.message_key, order_by=marked.c.id)
-        .label("clear"),
+        .label("free_run"),
     ).cte("runs")
     room = func.greatest(limit - select(func.count()).select_from(locked).scalar_subquery(), 0)
     followers = (
         select(runs.c.id)
-        .where(runs.c.reached, ~runs.c.head, runs.c.clear)
+        .where(runs.c.reached, ~runs.c.head, runs.c.free_run)
         .order_by(runs.c.id)
         .limit(room)
     )

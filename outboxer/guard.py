@@ -44,7 +44,10 @@ def _refuse_commit(connection: Connection) -> None:
 
 
 def _watch(engine: Engine) -> None:
-    """Listen for commits on ``engine`` (once per engine)."""
+    """Listen for commits on ``engine`` (once per engine; a set lookup on each handler run
+    after the first)."""
+    if engine in _engines:
+        return
     with _engines_lock:
         if engine in _engines:
             return
@@ -53,7 +56,8 @@ def _watch(engine: Engine) -> None:
 
 
 class guarded:
-    """While the handler runs, its session refuses ``commit()`` and ``rollback()``."""
+    """While the handler runs, its session refuses ``commit()``, ``rollback()`` and
+    ``close()``, and its connection ``commit()``."""
 
     def __init__(self, session: Any, spec: HandlerSpec) -> None:
         self.session = session

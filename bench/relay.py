@@ -34,8 +34,12 @@ from outboxer import wire
 from outboxer.ids import uuid7
 from outboxer.message import Envelope
 from outboxer.relay import relay_engine
+from outboxer.transports.base import SendResult
+from outboxer.transports.rabbitmq.amqp import _prepare
+from outboxer.transports.rabbitmq.frames import body_frames, header_frame, publish_frame
 
 from .common import RABBITMQ_URL, Figure, engine_for, fresh_postgres, median
+from .cpu import Usage, usage
 
 OUTBOXER = str(Path(sys.executable).parent / "outboxer")
 PAYLOAD = '{{"order_id": {n}, "customer": "ada", "amount": "12.50", "lines": ["a", "b"]}}'
@@ -82,6 +86,50 @@ class _Rabbit:
         self.channel.exchange_declare(self.exchange, "topic", durable=True)
         self.channel.queue_declare(self.queue, durable=True)
         self.channel.queue_bind(self.queue, self.exchange, "#")
+        # A second channel in confirm mode for the ceiling (see ``ceiling``).
+        self.confirming = self.connection.channel()
+        self.published = self.confirmed = 0
+        ready: list[object] = []
+        self.confirming._impl.confirm_delivery(
+            ack_nack_callback=self._on_confirm, callback=ready.append
+        )
+        while not ready:
+            self.connection.process_data_events(0.01)
+
+    def _on_confirm(self, frame: Any) -> None:
+        if not isinstance(frame.method, pika.spec.Basic.Ack):
+            raise RuntimeError(f"the broker refused a message: {frame.method}")
+        self.confirmed = max(self.confirmed, frame.method.delivery_tag)
+
+    def encoded(self, batch: list[Envelope]) -> bytes:
+        """The frames the relay writes for ``batch`` (its encoder, its properties, mandatory),
+        on the confirming channel, as one block of bytes."""
+        channel = self.confirming.channel_number
+        max_body = self.connection._impl.params.frame_max - 8
+        parts: list[bytes] = []
+        for index, envelope in enumerate(batch):
+            prepared = _prepare(index, envelope, 1 << 27, 1 << 17)
+            assert not isinstance(prepared, SendResult), prepared
+            _, exchange, routing_key, body, properties, _ = prepared
+            parts.append(publish_frame(channel, exchange, routing_key))
+            parts.append(header_frame(channel, properties, len(body)))
+            parts.extend(body_frames(channel, body, max_body))
+        return b"".join(parts)
+
+    def ceiling(self, data: bytes, count: int, timeout: float = 120.0) -> float:
+        """The broker alone: ``count`` messages already encoded (``encoded``) written to the
+        socket at once, with confirms, until all are confirmed and in the queue. No client
+        work is timed, so no client can send outboxer's messages faster on this machine."""
+        started = time.perf_counter()
+        deadline = started + timeout
+        self.connection._impl._adapter_emit_data(data)  # what the relay's publisher does
+        self.published += count
+        while self.confirmed < self.published:
+            if time.perf_counter() > deadline:
+                raise RuntimeError(f"{self.published - self.confirmed} messages not confirmed")
+            self.connection.process_data_events(0.001)
+        self.wait_for(count)
+        return time.perf_counter() - started
 
     def purge(self) -> None:
         self.channel.queue_purge(self.queue)
@@ -132,8 +180,12 @@ class _Rabbit:
 
 
 def run_rabbitmq(rounds: int = 5, messages: int = 10_000) -> list[Figure]:
-    """Relay, raw pika (minimal properties) and raw pika (outboxer's properties), each
-    round in a rotating order, each timed until the queue holds every message."""
+    """Relay, raw pika (minimal properties), raw pika (outboxer's properties) and the
+    broker's ceiling, each round in a rotating order, each timed until the queue holds
+    every message, with the CPU each process spent."""
+    names = ("relay", "minimal", "full", "ceiling")
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[Usage]] = {name: [] for name in names}
     with fresh_postgres() as url:
         engine = engine_for(url)
         outboxer.create_all(engine)
@@ -142,7 +194,6 @@ def run_rabbitmq(rounds: int = 5, messages: int = 10_000) -> list[Figure]:
         transport = outboxer.transport_from_url(RABBITMQ_URL)
         relay_db = relay_engine(url)  # as `outboxer relay` connects
         relay = outboxer.Relay(relay_db, transport)
-        seconds: dict[str, list[float]] = {"relay": [], "minimal": [], "full": []}
         try:
             publish_rows(Session, rabbit.exchange, 500)
             relay.run(once=True)  # warm-up: connections, declarations, statement caches
@@ -150,6 +201,7 @@ def run_rabbitmq(rounds: int = 5, messages: int = 10_000) -> list[Figure]:
             for i in range(rounds):
                 publish_rows(Session, rabbit.exchange, messages)
                 batch = envelopes(rabbit.exchange, messages)
+                encoded = rabbit.encoded(batch)
 
                 def relay_round() -> float:
                     started = time.perf_counter()
@@ -162,10 +214,13 @@ def run_rabbitmq(rounds: int = 5, messages: int = 10_000) -> list[Figure]:
                     "relay": relay_round,
                     "minimal": functools.partial(rabbit.raw_publish, batch, full=False),
                     "full": functools.partial(rabbit.raw_publish, batch, full=True),
+                    "ceiling": functools.partial(rabbit.ceiling, encoded, messages),
                 }
-                order = list(measures)[i % 3 :] + list(measures)[: i % 3]
+                order = list(names[i % 4 :] + names[: i % 4])
                 for name in order:
+                    before = usage()
                     seconds[name].append(measures[name]())
+                    cpu[name].append((usage() - before).per(messages))
                     rabbit.purge()
         finally:
             transport.close()
@@ -173,9 +228,20 @@ def run_rabbitmq(rounds: int = 5, messages: int = 10_000) -> list[Figure]:
             relay_db.dispose()
             engine.dispose()
     rate = {name: [messages / s for s in values] for name, values in seconds.items()}
-    over_minimal = [m / r for m, r in zip(seconds["minimal"], seconds["relay"], strict=True)]
-    over_full = [f / r for f, r in zip(seconds["full"], seconds["relay"], strict=True)]
-    full_cost = [m / f for m, f in zip(seconds["minimal"], seconds["full"], strict=True)]
+
+    def ratio(a: str, b: str) -> list[float]:
+        return [y / x for x, y in zip(seconds[a], seconds[b], strict=True)]
+
+    def per_message(name: str) -> Usage:
+        parts = cpu[name]
+        return Usage(
+            median([u.broker for u in parts]),
+            median([u.postgres for u in parts]),
+            median([u.client for u in parts]),
+        )
+
+    cpu_ratio = [r.total / m.total for r, m in zip(cpu["relay"], cpu["minimal"], strict=True)]
+    over_minimal = ratio("relay", "minimal")
     detail = f"{rounds} rounds x {messages:,}, interleaved; until the queue holds them all"
     return [
         Figure(
@@ -189,21 +255,42 @@ def run_rabbitmq(rounds: int = 5, messages: int = 10_000) -> list[Figure]:
         ),
         Figure(
             "relay / raw pika with outboxer's full properties, no confirms",
-            median(over_full),
+            median(ratio("relay", "full")),
             "x",
             "",
             True,
             f"{median(rate['relay']):,.0f} vs {median(rate['full']):,.0f} msg/s",
-            over_full,
+            ratio("relay", "full"),
         ),
         Figure(
             "raw pika full properties / raw pika minimal (the envelope's own cost)",
-            median(full_cost),
+            median(ratio("full", "minimal")),
             "x",
             "",
             True,
             f"{median(rate['full']):,.0f} vs {median(rate['minimal']):,.0f} msg/s",
-            full_cost,
+            ratio("full", "minimal"),
+        ),
+        Figure(
+            "ceiling / raw pika minimal: the relay's frames, encoded beforehand, written at "
+            "once with confirms (no client work)",
+            median(ratio("ceiling", "minimal")),
+            "x",
+            "",
+            True,
+            f"{median(rate['ceiling']):,.0f} vs {median(rate['minimal']):,.0f} msg/s",
+            ratio("ceiling", "minimal"),
+        ),
+        Figure(
+            "CPU per message, relay / raw pika minimal (broker + PostgreSQL + client, all "
+            "on this machine)",
+            median(cpu_ratio),
+            "x",
+            "",
+            True,
+            "ms per 10,000 messages: "
+            + "; ".join(f"{name}: {per_message(name).describe()}" for name in names),
+            cpu_ratio,
         ),
     ]
 

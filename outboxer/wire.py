@@ -72,11 +72,12 @@ def encode_headers(envelope: Envelope) -> dict[str, str]:
     Optional fields are left out when empty; ``outboxer-correlation-id`` is always set
     (a message that starts a conversation correlates to itself).
     """
+    message_id = str(envelope.message_id)
     headers = {
-        MESSAGE_ID: str(envelope.message_id),
+        MESSAGE_ID: message_id,
         TYPE: envelope.type,
         OCCURRED_AT: envelope.occurred_at.isoformat(),
-        CORRELATION_ID: envelope.correlation,
+        CORRELATION_ID: envelope.correlation_id or message_id,  # envelope.correlation
         CONTENT_TYPE: envelope.content_type,
     }
     if envelope.causation_id:

@@ -4,6 +4,7 @@ and README.md's figures table, which must be the one the latest results make."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,43 @@ def test_results_are_saved_dated_and_the_latest_of_each_benchmark_is_shown(
     regenerated = results.readme_section(readme, tmp_path)
     assert regenerated.startswith(f"intro\n{results.BEGIN}\n| Benchmark")
     assert regenerated.endswith(f"{results.END}\nrest\n") and "old" not in regenerated
+
+
+def test_cpu_usage_counts_this_process_and_scales_per_messages() -> None:
+    from bench.cpu import Usage, usage
+
+    before = usage()
+    deadline = time.process_time() + 0.05
+    while time.process_time() < deadline:  # burn 50 ms of this process's CPU
+        pass
+    spent = usage() - before
+    assert spent.client >= 0.04
+    per = Usage(0.5, 0.25, 0.1).per(20_000)  # seconds for 20,000 -> ms per 10,000
+    assert (per.broker, per.postgres, per.client) == (250.0, 125.0, 50.0)
+    assert per.total == 425.0
+    assert per.describe() == "broker 250, PostgreSQL 125, client 50 ms"
+
+
+def test_the_ceiling_sends_the_relays_frames_and_waits_for_their_confirms() -> None:
+    """``relay-rabbitmq``'s ceiling writes the relay's own frames (its encoder, properties and
+    mandatory flag) on a confirming channel: the broker confirms and queues every one, with
+    outboxer's envelope intact."""
+    import pika
+
+    from bench.relay import _Rabbit, envelopes
+    from tests.services import port_open, require
+
+    require("RabbitMQ", port_open("127.0.0.1", 5672))
+    rabbit = _Rabbit()
+    try:
+        batch = envelopes(rabbit.exchange, 50)
+        seconds = rabbit.ceiling(rabbit.encoded(batch), 50)
+        assert seconds > 0 and rabbit.confirmed == rabbit.published == 50
+        assert rabbit.depth() == 50
+        method, properties, body = rabbit.channel.basic_get(rabbit.queue, auto_ack=True)
+        assert method is not None and isinstance(properties, pika.BasicProperties)
+        assert properties.message_id == str(batch[0].message_id)
+        assert properties.headers["outboxer-key"] == "k0"
+        assert body == batch[0].payload
+    finally:
+        rabbit.close()

@@ -44,7 +44,8 @@ _lock = threading.Lock()
 
 
 def run_raw(connection: Connection, statement: Any, params: dict[str, Any]) -> list[Any]:
-    """Run a claim statement compiled once per driver, its rows as psycopg made them.
+    """Run a claim statement compiled once per driver, its rows as psycopg made them
+    (tuples: read them by position).
 
     The rows skip SQLAlchemy's result processing (psycopg already gives UUIDs, bytes and
     aware datetimes, in the session's time zone: :func:`~.relay.claimed_from_row` puts them
@@ -59,7 +60,12 @@ def run_raw(connection: Connection, statement: Any, params: dict[str, Any]) -> l
         with _lock:
             compiled = _compiled.setdefault(key, Compiled.of(statement, dialect))
     result = connection.exec_driver_sql(compiled.sql, compiled.parameters(params))
-    return list(result.fetchall())
+    # psycopg's own tuples, without a SQLAlchemy Row around each (a fifth of a claim's
+    # client time for 1,000 rows); read them by position (SENT_COLUMNS' order).
+    try:
+        return list(result.cursor.fetchall())
+    finally:
+        result.close()
 
 
 def claim_statement(ready: ColumnElement[bool], heads: Any | None) -> Any:

@@ -105,6 +105,12 @@ def _claim(
     return claimed
 
 
+_ID, _KEY = (
+    next(i for i, column in enumerate(SENT_COLUMNS) if column is wanted)
+    for wanted in (outbox.c.id, outbox.c.message_key)
+)
+"""Where a claimed row (:data:`~.relay.SENT_COLUMNS`) has its id and its key."""
+
 SECOND_LOOK_SCAN = 10
 """The second look at the due rows reaches this many windows deep."""
 
@@ -138,8 +144,9 @@ def _second_look(
     ]
     if parked:
         connection.execute(sql.park, parked)
-    taken_keys = {row.message_key for row in taken if row.message_key is not None}
-    taken_ids = {row.id for row in taken}
+    # By position: PostgreSQL's claim rows are the driver's tuples (:func:`.claim_pg.run_raw`).
+    taken_keys = {row[_KEY] for row in taken if row[_KEY] is not None}
+    taken_ids = {row[_ID] for row in taken}
 
     def takeable(b: Any) -> bool:
         return bool(b.free) and (mine is None or b.destination in mine)

@@ -16,6 +16,11 @@ BENCHES = {
     "publish": ("bench.publish_overhead", "run", "Producer: publish overhead"),
     "collector": ("bench.collector", "run", "Producer: collector off, 1,000,000 messages"),
     "relay-rabbitmq": ("bench.relay", "run_rabbitmq", "Relay -> RabbitMQ throughput"),
+    "relay-profile": (
+        "bench.relay_profile",
+        "run",
+        "Relay -> RabbitMQ: where a run's wall time goes",
+    ),
     "relay-sqs": ("bench.relay", "run_sqs", "Relay -> SQS throughput"),
     "latency": ("bench.relay", "run_latency", "Commit -> broker latency"),
     "share": ("bench.share", "run", "Two relays sharing a steady load"),

@@ -87,3 +87,22 @@ def test_the_ceiling_sends_the_relays_frames_and_waits_for_their_confirms() -> N
         assert body == batch[0].payload
     finally:
         rabbit.close()
+
+
+def test_relay_profile_times_the_relays_steps_and_puts_them_back() -> None:
+    from collections import Counter
+
+    from bench.relay_profile import STEPS, _timed
+    from outboxer.relay import pipeline
+
+    originals = [getattr(owner, name) for owner, name, _ in STEPS]
+    spent: Counter[str] = Counter()
+    with _timed(spent):
+        assert all(
+            getattr(owner, name) is not original
+            for (owner, name, _), original in zip(STEPS, originals, strict=True)
+        )
+        with pytest.raises(IndexError):  # an empty pipeline has nothing to land
+            pipeline.Pipeline(transport=None).land()  # type: ignore[arg-type]
+    assert spent["loop thread: waiting for a batch's confirms"] > 0
+    assert [getattr(owner, name) for owner, name, _ in STEPS] == originals

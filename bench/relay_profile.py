@@ -1,0 +1,106 @@
+"""Where a relay run's wall time goes: the relay's own steps, timed from outside.
+
+``relay-rabbitmq`` says how fast the relay is and what each process's CPU costs; this
+says what the relay waits for. For the length of the benchmark only, it wraps the relay's
+steps with timers (the instance methods are restored afterwards; nothing in outboxer
+changes): on the loop's thread, the time spent waiting for the next claim, encoding and
+sending a batch, and waiting for a batch's confirms; on the database thread, the time
+spent claiming and settling. Each is a share of the run's wall time (``relay.run(once=True)``
+until the queue holds every message), the median of the rounds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy.orm import sessionmaker
+
+import outboxer
+from outboxer.relay import pipeline, relay_engine, runner
+
+from .common import RABBITMQ_URL, Figure, engine_for, fresh_postgres, median
+from .relay import _Rabbit, publish_rows
+
+STEPS: tuple[tuple[Any, str, str], ...] = (
+    (runner.Run, "_next_batch", "loop thread: waiting for the next claim"),
+    (pipeline.Pipeline, "send", "loop thread: encoding and sending a batch"),
+    (pipeline.Pipeline, "land", "loop thread: waiting for a batch's confirms"),
+    (runner.Run, "_claim", "database thread: claiming (statement and rows)"),
+    (runner.Run, "_settle", "database thread: settling (DELETE)"),
+)
+
+
+@contextmanager
+def _timed(spent: Counter[str]) -> Iterator[None]:
+    """Add each step's wall time to ``spent`` while the block runs."""
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in STEPS]
+
+    def timer(original: Callable[..., Any], label: str) -> Callable[..., Any]:
+        def step(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                spent[label] += time.perf_counter() - started
+
+        return step
+
+    for (owner, name, label), (_, _, original) in zip(STEPS, originals, strict=True):
+        setattr(owner, name, timer(original, label))
+    try:
+        yield
+    finally:
+        for owner, name, original in originals:
+            setattr(owner, name, original)
+
+
+def run(rounds: int = 5, messages: int = 10_000) -> list[Figure]:
+    shares: dict[str, list[float]] = {label: [] for _, _, label in STEPS}
+    walls: list[float] = []
+    with fresh_postgres() as url:
+        engine = engine_for(url)
+        outboxer.create_all(engine)
+        Session = sessionmaker(engine, class_=outboxer.OutboxSession)
+        rabbit = _Rabbit()
+        transport = outboxer.transport_from_url(RABBITMQ_URL)
+        relay_db = relay_engine(url)
+        relay = outboxer.Relay(relay_db, transport)
+        try:
+            publish_rows(Session, rabbit.exchange, 500)
+            relay.run(once=True)  # warm-up
+            rabbit.purge()
+            for _ in range(rounds):
+                publish_rows(Session, rabbit.exchange, messages)
+                spent: Counter[str] = Counter()
+                with _timed(spent):
+                    started = time.perf_counter()
+                    stats = relay.run(once=True)
+                    rabbit.wait_for(messages)
+                    wall = time.perf_counter() - started
+                assert stats.sent == messages, stats
+                walls.append(wall)
+                for label, values in shares.items():
+                    values.append(100 * spent[label] / wall)
+                rabbit.purge()
+        finally:
+            transport.close()
+            rabbit.close()
+            relay_db.dispose()
+            engine.dispose()
+    rate = median([messages / w for w in walls])
+    return [
+        Figure(
+            label,
+            median(values),
+            "%",
+            "",
+            True,
+            f"of the run's wall time; {rate:,.0f} msg/s, {rounds} rounds x {messages:,}",
+            values,
+        )
+        for label, values in shares.items()
+    ]

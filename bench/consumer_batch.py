@@ -37,6 +37,7 @@ from outboxer.ids import uuid7
 from outboxer.message import Envelope
 
 from .common import RABBITMQ_URL, Figure, console, engine_for, fresh_postgres, median
+from .cpu import seconds_of
 
 EXCHANGE = f"bench-batch-{uuid.uuid4().hex[:6]}"
 TARGET = 1.5
@@ -234,14 +235,7 @@ def _cpu(engine: Engine) -> tuple[float, float]:
         pids = conn.execute(
             text("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
         ).scalars()
-        server = 0.0
-        for pid in pids:
-            try:
-                with open(f"/proc/{pid}/stat") as stat:
-                    fields = stat.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            server += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        server = sum(seconds_of(pid) for pid in pids)
     return time.process_time(), server
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-__all__ = ["Usage", "usage"]
+__all__ = ["Usage", "seconds_of", "usage"]
 
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -50,12 +50,24 @@ class Usage:
         )
 
 
+def seconds_of(pid: int | str) -> float:
+    """CPU seconds (user + system) process ``pid`` has used; 0 when it is gone or not ours
+    to read."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICK  # utime + stime, in clock ticks
+
+
 def _cpu_of(names: tuple[str, ...]) -> float:
-    total = 0
+    """CPU seconds of every process whose command name starts with one of ``names``."""
     try:
         entries = os.listdir("/proc")
     except OSError:
         return 0.0
+    total = 0.0
     for entry in entries:
         if not entry.isdigit():
             continue
@@ -63,12 +75,10 @@ def _cpu_of(names: tuple[str, ...]) -> float:
             with open(f"/proc/{entry}/comm") as comm:
                 if not comm.read().startswith(names):
                     continue
-            with open(f"/proc/{entry}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
         except OSError:  # gone, or not ours to read
             continue
-        total += int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
-    return total / _TICK
+        total += seconds_of(entry)
+    return total
 
 
 def usage() -> Usage:

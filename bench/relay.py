@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -179,6 +180,38 @@ class _Rabbit:
         self.connection.close()
 
 
+@dataclass
+class RelayRig:
+    """What a relay benchmark against RabbitMQ works with (:func:`relay_to_rabbitmq`)."""
+
+    Session: sessionmaker[outboxer.OutboxSession]
+    rabbit: _Rabbit
+    relay: outboxer.Relay
+
+
+@contextmanager
+def relay_to_rabbitmq() -> Iterator[RelayRig]:
+    """A fresh PostgreSQL database with outboxer's tables, an exchange and queue on
+    RabbitMQ, and a relay connected as `outboxer relay` connects; all closed afterwards."""
+    with fresh_postgres() as url:
+        engine = engine_for(url)
+        outboxer.create_all(engine)
+        rabbit = _Rabbit()
+        transport = outboxer.transport_from_url(RABBITMQ_URL)
+        relay_db = relay_engine(url)
+        try:
+            yield RelayRig(
+                sessionmaker(engine, class_=outboxer.OutboxSession),
+                rabbit,
+                outboxer.Relay(relay_db, transport),
+            )
+        finally:
+            transport.close()
+            rabbit.close()
+            relay_db.dispose()
+            engine.dispose()
+
+
 def run_rabbitmq(rounds: int = 5, messages: int = 10_000) -> list[Figure]:
     """Relay, raw pika (minimal properties), raw pika (outboxer's properties) and the
     broker's ceiling, each round in a rotating order, each timed until the queue holds
@@ -186,47 +219,35 @@ def run_rabbitmq(rounds: int = 5, messages: int = 10_000) -> list[Figure]:
     names = ("relay", "minimal", "full", "ceiling")
     seconds: dict[str, list[float]] = {name: [] for name in names}
     cpu: dict[str, list[Usage]] = {name: [] for name in names}
-    with fresh_postgres() as url:
-        engine = engine_for(url)
-        outboxer.create_all(engine)
-        Session = sessionmaker(engine, class_=outboxer.OutboxSession)
-        rabbit = _Rabbit()
-        transport = outboxer.transport_from_url(RABBITMQ_URL)
-        relay_db = relay_engine(url)  # as `outboxer relay` connects
-        relay = outboxer.Relay(relay_db, transport)
-        try:
-            publish_rows(Session, rabbit.exchange, 500)
-            relay.run(once=True)  # warm-up: connections, declarations, statement caches
-            rabbit.purge()
-            for i in range(rounds):
-                publish_rows(Session, rabbit.exchange, messages)
-                batch = envelopes(rabbit.exchange, messages)
-                encoded = rabbit.encoded(batch)
+    with relay_to_rabbitmq() as rig:
+        Session, rabbit, relay = rig.Session, rig.rabbit, rig.relay
+        publish_rows(Session, rabbit.exchange, 500)
+        relay.run(once=True)  # warm-up: connections, declarations, statement caches
+        rabbit.purge()
+        for i in range(rounds):
+            publish_rows(Session, rabbit.exchange, messages)
+            batch = envelopes(rabbit.exchange, messages)
+            encoded = rabbit.encoded(batch)
 
-                def relay_round() -> float:
-                    started = time.perf_counter()
-                    stats = relay.run(once=True)
-                    assert stats.sent == messages, stats
-                    rabbit.wait_for(messages)
-                    return time.perf_counter() - started
+            def relay_round() -> float:
+                started = time.perf_counter()
+                stats = relay.run(once=True)
+                assert stats.sent == messages, stats
+                rabbit.wait_for(messages)
+                return time.perf_counter() - started
 
-                measures = {
-                    "relay": relay_round,
-                    "minimal": functools.partial(rabbit.raw_publish, batch, full=False),
-                    "full": functools.partial(rabbit.raw_publish, batch, full=True),
-                    "ceiling": functools.partial(rabbit.ceiling, encoded, messages),
-                }
-                order = list(names[i % 4 :] + names[: i % 4])
-                for name in order:
-                    before = usage()
-                    seconds[name].append(measures[name]())
-                    cpu[name].append((usage() - before).per(messages))
-                    rabbit.purge()
-        finally:
-            transport.close()
-            rabbit.close()
-            relay_db.dispose()
-            engine.dispose()
+            measures = {
+                "relay": relay_round,
+                "minimal": functools.partial(rabbit.raw_publish, batch, full=False),
+                "full": functools.partial(rabbit.raw_publish, batch, full=True),
+                "ceiling": functools.partial(rabbit.ceiling, encoded, messages),
+            }
+            order = list(names[i % 4 :] + names[: i % 4])
+            for name in order:
+                before = usage()
+                seconds[name].append(measures[name]())
+                cpu[name].append((usage() - before).per(messages))
+                rabbit.purge()
     rate = {name: [messages / s for s in values] for name, values in seconds.items()}
 
     def ratio(a: str, b: str) -> list[float]:

@@ -17,13 +17,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy.orm import sessionmaker
+from outboxer.relay import pipeline, runner
 
-import outboxer
-from outboxer.relay import pipeline, relay_engine, runner
-
-from .common import RABBITMQ_URL, Figure, engine_for, fresh_postgres, median
-from .relay import _Rabbit, publish_rows
+from .common import Figure, median
+from .relay import publish_rows, relay_to_rabbitmq
 
 STEPS: tuple[tuple[Any, str, str], ...] = (
     (runner.Run, "_next_batch", "loop thread: waiting for the next claim"),
@@ -61,36 +58,24 @@ def _timed(spent: Counter[str]) -> Iterator[None]:
 def run(rounds: int = 5, messages: int = 10_000) -> list[Figure]:
     shares: dict[str, list[float]] = {label: [] for _, _, label in STEPS}
     walls: list[float] = []
-    with fresh_postgres() as url:
-        engine = engine_for(url)
-        outboxer.create_all(engine)
-        Session = sessionmaker(engine, class_=outboxer.OutboxSession)
-        rabbit = _Rabbit()
-        transport = outboxer.transport_from_url(RABBITMQ_URL)
-        relay_db = relay_engine(url)
-        relay = outboxer.Relay(relay_db, transport)
-        try:
-            publish_rows(Session, rabbit.exchange, 500)
-            relay.run(once=True)  # warm-up
+    with relay_to_rabbitmq() as rig:
+        Session, rabbit, relay = rig.Session, rig.rabbit, rig.relay
+        publish_rows(Session, rabbit.exchange, 500)
+        relay.run(once=True)  # warm-up
+        rabbit.purge()
+        for _ in range(rounds):
+            publish_rows(Session, rabbit.exchange, messages)
+            spent: Counter[str] = Counter()
+            with _timed(spent):
+                started = time.perf_counter()
+                stats = relay.run(once=True)
+                rabbit.wait_for(messages)
+                wall = time.perf_counter() - started
+            assert stats.sent == messages, stats
+            walls.append(wall)
+            for label, values in shares.items():
+                values.append(100 * spent[label] / wall)
             rabbit.purge()
-            for _ in range(rounds):
-                publish_rows(Session, rabbit.exchange, messages)
-                spent: Counter[str] = Counter()
-                with _timed(spent):
-                    started = time.perf_counter()
-                    stats = relay.run(once=True)
-                    rabbit.wait_for(messages)
-                    wall = time.perf_counter() - started
-                assert stats.sent == messages, stats
-                walls.append(wall)
-                for label, values in shares.items():
-                    values.append(100 * spent[label] / wall)
-                rabbit.purge()
-        finally:
-            transport.close()
-            rabbit.close()
-            relay_db.dispose()
-            engine.dispose()
     rate = median([messages / w for w in walls])
     return [
         Figure(

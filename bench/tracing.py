@@ -12,15 +12,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy.orm import sessionmaker
-
-import outboxer
 from outboxer import instrumentation
-from outboxer.relay import relay_engine
 from outboxer.tracing import OpenTelemetryInstrumentation
 
-from .common import RABBITMQ_URL, Figure, engine_for, fresh_postgres, median
-from .relay import _Rabbit, publish_rows
+from .common import Figure, median
+from .relay import publish_rows, relay_to_rabbitmq
 
 
 def _instrumentations() -> tuple[instrumentation.Instrumentation, instrumentation.Instrumentation]:
@@ -45,15 +41,9 @@ def _instrumentations() -> tuple[instrumentation.Instrumentation, instrumentatio
 def run(rounds: int = 5, messages: int = 10_000) -> list[Figure]:
     on, off = _instrumentations()
     previous = instrumentation.get()
-    with fresh_postgres() as url:
-        engine = engine_for(url)
-        outboxer.create_all(engine)
-        Session = sessionmaker(engine, class_=outboxer.OutboxSession)
-        rabbit = _Rabbit()
-        transport = outboxer.transport_from_url(RABBITMQ_URL)
-        relay_db = relay_engine(url)
-        relay = outboxer.Relay(relay_db, transport)
-        ratios, on_rates, off_rates = [], [], []
+    ratios, on_rates, off_rates = [], [], []
+    with relay_to_rabbitmq() as rig:
+        Session, rabbit, relay = rig.Session, rig.rabbit, rig.relay
         try:
             instrumentation.install(on)  # rows carry a creation context, as in service
             publish_rows(Session, rabbit.exchange, 1000)
@@ -76,10 +66,6 @@ def run(rounds: int = 5, messages: int = 10_000) -> list[Figure]:
                 ratios.append(rates["on"] / rates["off"])
         finally:
             instrumentation.install(previous)
-            transport.close()
-            rabbit.close()
-            relay_db.dispose()
-            engine.dispose()
     ratio = median(ratios)
     return [
         Figure(

@@ -50,7 +50,9 @@ def test_results_are_saved_dated_and_the_latest_of_each_benchmark_is_shown(
 
 
 def test_cpu_usage_counts_this_process_and_scales_per_messages() -> None:
-    from bench.cpu import Usage, usage
+    import os
+
+    from bench.cpu import Usage, seconds_of, usage
 
     before = usage()
     deadline = time.process_time() + 0.05
@@ -58,6 +60,8 @@ def test_cpu_usage_counts_this_process_and_scales_per_messages() -> None:
         pass
     spent = usage() - before
     assert spent.client >= 0.04
+    assert seconds_of(os.getpid()) >= 0.04
+    assert seconds_of(2**22 + 1) == 0.0  # above Linux's largest pid: no such process
     per = Usage(0.5, 0.25, 0.1).per(20_000)  # seconds for 20,000 -> ms per 10,000
     assert (per.broker, per.postgres, per.client) == (250.0, 125.0, 50.0)
     assert per.total == 425.0

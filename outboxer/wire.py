@@ -77,7 +77,8 @@ def encode_headers(envelope: Envelope) -> dict[str, str]:
         MESSAGE_ID: message_id,
         TYPE: envelope.type,
         OCCURRED_AT: envelope.occurred_at.isoformat(),
-        CORRELATION_ID: envelope.correlation_id or message_id,  # envelope.correlation
+        # envelope.correlation, without turning the id into text a second time
+        CORRELATION_ID: envelope.correlation_id or message_id,
         CONTENT_TYPE: envelope.content_type,
     }
     if envelope.causation_id:

@@ -9,6 +9,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from datetime import datetime, timezone
 from typing import Any
 
@@ -304,6 +305,69 @@ def test_backlog_counts_pending_due_and_leased_rows(
         figures = relay_store.backlog(conn)
     assert (figures.pending, figures.due, figures.leased) == (3, 2, 1)
     assert 0 <= figures.oldest_due_seconds < 60
+
+
+class HeldTransport(MemoryTransport):
+    """A transport whose sends stay on the wire until :meth:`release` (a slow broker)."""
+
+    def __init__(self, broker: MemoryBroker) -> None:
+        super().__init__(broker)
+        self._lock = threading.Lock()
+        self._held: list[tuple[list[Envelope], Future[list[SendResult]]]] | None = []
+
+    def send_async(
+        self, envelopes: Any, *, after: Future[list[SendResult]] | None = None
+    ) -> Future[list[SendResult]]:
+        with self._lock:
+            if self._held is not None:
+                future: Future[list[SendResult]] = Future()
+                self._held.append((list(envelopes), future))
+                return future
+        return super().send_async(envelopes, after=after)
+
+    def release(self) -> None:
+        with self._lock:
+            held, self._held = self._held or [], None
+        for envelopes, future in held:
+            future.set_result(self.send(envelopes))
+
+
+def test_with_a_backlog_the_relay_claims_two_batches_ahead_of_a_slow_broker(
+    engine: Engine, Session: SessionFactory, broker: MemoryBroker
+) -> None:
+    """Four batches on the wire and, while claims come back full, two claims queued behind
+    them: the database thread claims while the loop waits for the broker."""
+    with Session.begin() as session:
+        for n in range(100):
+            session.publish({"n": n}, type="test.seq", destination="orders", key=f"k{n % 3}")
+    transport = HeldTransport(broker)
+    relay = outboxer.Relay(engine, transport, batch_size=5, backoff=FAST, poll_interval=0.05)
+
+    def leased() -> int:
+        with engine.connect() as conn:
+            count = select(func.count()).where(outboxer.outbox.c.locked_by.is_not(None))
+            return int(conn.execute(count).scalar_one())
+
+    thread = threading.Thread(target=relay.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while leased() < 30 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert leased() == 30  # 4 batches of 5 on the wire, 2 claimed ahead
+        time.sleep(0.3)  # the loop waits for the broker: nothing more is claimed
+        assert leased() == 30
+        transport.release()
+        deadline = time.monotonic() + 20
+        while len(broker.published) < 100 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        relay.stop()
+        thread.join(timeout=30)
+    got = [json.loads(e.payload)["n"] for e in broker.published]
+    assert sorted(got) == list(range(100))
+    for key in range(3):
+        assert [n for n in got if n % 3 == key] == list(range(key, 100, 3))
 
 
 def test_a_transport_that_raises_does_not_kill_the_relay(

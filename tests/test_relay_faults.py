@@ -230,6 +230,42 @@ def test_a_database_blip_in_the_middle_of_a_claim_keeps_key_order(
     assert first_deliveries(numbers([e.payload for e in broker.published])) == list(range(20))
 
 
+@pytest.mark.parametrize("db_kind", ["postgresql"], indirect=True)
+def test_a_claim_that_fails_half_way_with_a_claim_queued_behind_it_keeps_key_order(
+    engine: Engine, Session: SessionFactory, running: Callable[[outboxer.Relay], Running]
+) -> None:
+    """With a backlog the relay queues a second claim behind the next one, and that claim
+    counts the first one's rows as on the wire. On PostgreSQL a claim that found fewer rows
+    than it wanted looks again in further statements; when one of them fails, the rows of
+    the first statement stay leased under the failed claim's token. The claim queued behind
+    it may have taken a later row of their key: it must be handed back, not sent first."""
+    broker = MemoryBroker()
+    publish_numbered(Session, "orders", 7, key="k")
+    state = {"claims": 0, "failed": False}
+
+    def count_claims(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "UPDATE outboxer_outbox SET locked_by" in statement:
+            state["claims"] += 1
+
+    def blip(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        # Claim 1 takes rows 0-4 (a full batch: two claims are queued), claim 2 rows 5 and
+        # 6, then looks again: there, row 7 is committed and claim 2 fails.
+        if state["claims"] == 2 and not state["failed"] and statement.startswith("SELECT"):
+            state["failed"] = True
+            publish_numbered(Session, "orders", 1, key="k", start=7)
+            raise OperationalError(statement, None, ConnectionError("server closed"))
+
+    event.listen(engine, "after_cursor_execute", count_claims)
+    event.listen(engine, "before_cursor_execute", blip)
+    relay = outboxer.Relay(
+        engine, MemoryTransport(broker), batch_size=5, backoff=FAST, poll_interval=0.05
+    )
+    r = running(relay)
+    wait_until(lambda: state["failed"] and outbox_count(engine) == 0, 30, "the outbox to drain")
+    r.stop()
+    assert first_deliveries(numbers([e.payload for e in broker.published])) == list(range(8))
+
+
 @pytest.mark.parametrize("db_kind", ["mariadb"], indirect=True)
 def test_a_database_connection_that_goes_silent_fails_and_the_relay_reconnects(
     engine: Engine,

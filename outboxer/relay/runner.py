@@ -14,6 +14,7 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import replace
+from functools import partial
 from typing import TYPE_CHECKING
 
 from .. import heartbeat, instrumentation
@@ -43,6 +44,12 @@ PIPELINE_DEPTH = 4
 """Batches on the wire at most (while the broker answers): the broker persists and
 confirms one while the next ones are published, and the database thread claims ahead."""
 
+CLAIMS_AHEAD = 2
+"""Claims queued on the database thread ahead of the loop while claims come back full (a
+backlog): the database thread claims while the loop waits for confirms, instead of only
+once the loop has taken the last claim. One otherwise, so that a claim is never older than
+the loop's last look."""
+
 
 class Run:
     """One ``Relay.run()``: the database thread, the pipeline, and the batches between."""
@@ -53,7 +60,10 @@ class Run:
         self.waiter = waiter
         self.db = DatabaseThread()
         self.pipeline = Pipeline(relay.transport)
-        self.prefetch: Future[Batch] | None = None
+        self.prefetch: deque[tuple[str, Future[Batch]]] = deque()
+        """Claims submitted and not yet taken by the loop, oldest first, with their tokens."""
+        self.backlog = False
+        """The last claim came back full."""
         self.settling: deque[Future[BatchReport]] = deque()
         self.totals = RelayStats()
         self.outage = Outage(relay._rand)
@@ -85,15 +95,18 @@ class Run:
                     if len(self.pipeline):
                         self._land()
                         continue
+                    if self.prefetch:  # a later claim is already on its way
+                        continue
                     self._collect(block=True)
                     if self.once:
                         break
                     self._idle()
                     continue
                 if not relay.breaker.is_open:  # while probing a broker, one batch at a time
-                    # The next claim runs while this batch is encoded and put on the wire
-                    # (it counts the batch as on the wire: nothing can come between them).
-                    self._prefetch(ahead=batch)
+                    # The next claims run while this batch is encoded and put on the wire
+                    # (they count it as on the wire: nothing can come between them).
+                    while len(self.prefetch) < (CLAIMS_AHEAD if self.backlog else 1):
+                        self._prefetch(ahead=batch)
                 self.pipeline.send(batch)
                 while len(self.pipeline) >= (1 if relay.breaker.is_open else PIPELINE_DEPTH):
                     self._land()
@@ -128,18 +141,25 @@ class Run:
             log.debug("the liveness check failed", exc_info=True)
 
     def _prefetch(self, ahead: Batch | None = None) -> None:
-        """Claim the next batch on the database thread, behind the batches on the wire and
-        ``ahead``, the batch about to join them."""
+        """Queue the next claim on the database thread, behind the batches on the wire,
+        ``ahead`` (the batch about to join them) and the claims already queued: their rows
+        go on the wire before this claim's, so they do not hold back its keys.
+
+        Whatever drops rows from a batch that a later claim counted on (a hold, a failed
+        claim, a broker outage) keeps the order: a hold reaches every batch claimed before
+        the held rows' outcome was written (:class:`~.pipeline.Pipeline`), and a failed
+        claim or an outage discards every claim queued behind it (:meth:`_discard_prefetch`).
+        """
         self.batches += 1
-        number = self.batches
+        owner = token(self.relay.liveness.relay_id, self.batches)
         tokens = self.pipeline.tokens()
         if ahead is not None:
             tokens.append(ahead.token)
-        self.prefetch = self.db.submit(lambda seq: self._claim(number, tokens, seq))
+        tokens += [queued for queued, _ in self.prefetch]
+        self.prefetch.append((owner, self.db.submit(lambda seq: self._claim(owner, tokens, seq))))
 
-    def _claim(self, number: int, in_flight: list[str], seq: int) -> Batch:
+    def _claim(self, owner: str, in_flight: list[str], seq: int) -> Batch:
         relay = self.relay
-        owner = token(relay.liveness.relay_id, number)
         scope = LeaseScope(
             relay=relay.liveness.relay_id,
             in_flight=in_flight,
@@ -159,16 +179,17 @@ class Run:
         return Batch(rows, owner, time.perf_counter() - started, seq)
 
     def _next_batch(self) -> Batch | None:
-        if self.prefetch is None:
+        if not self.prefetch:
             self._prefetch()
-        assert self.prefetch is not None
-        pending, self.prefetch = self.prefetch, None
+        _, pending = self.prefetch.popleft()
         try:
             batch = pending.result()
         except Exception as exc:
+            self._discard_prefetch()  # queued behind the failed claim, counting on its rows
             self._database_trouble(exc)
             return None
         self.outage.recovered()
+        self.backlog = len(batch.rows) >= self.relay.batch_size
         return batch
 
     def _hold_back(self, batch: Batch) -> Batch:
@@ -199,7 +220,7 @@ class Run:
         seq, settled = self.db.submit_seq(lambda _s: self._settle(landed, decisions, report))
         self.pipeline.hold(decisions.held_keys, seq)
         self.settling.append(settled)
-        if decisions.unavailable is not None and self.prefetch is not None:
+        if decisions.unavailable is not None:
             self._discard_prefetch()
 
     def _breaker(self, decisions: Decisions) -> None:
@@ -264,7 +285,7 @@ class Run:
         log.info("%s", report.line())
         return report
 
-    def _release(self, owner: str, ids: list[int]) -> None:
+    def _release(self, owner: str, ids: list[int], _seq: int = 0) -> None:
         try:
             with self.relay.connect() as connection:
                 settle.release(connection, owner=owner, ids=ids)
@@ -272,18 +293,17 @@ class Run:
             log.debug("could not hand back %d rows", len(ids), exc_info=True)
 
     def _discard_prefetch(self) -> None:
-        """Hand back a claimed batch that will not be sent."""
-        pending, self.prefetch = self.prefetch, None
-        if pending is None:
-            return
-        try:
-            batch = pending.result()
-        except Exception:
-            log.debug("the discarded claim had failed", exc_info=True)
-            return
-        if batch.rows:
-            ids = [row.id for row in batch.rows]
-            self.db.submit(lambda _seq: self._release(batch.token, ids))
+        """Hand back the queued claims: they will not be sent."""
+        while self.prefetch:
+            _, pending = self.prefetch.popleft()
+            try:
+                batch = pending.result()
+            except Exception:
+                log.debug("a discarded claim had failed", exc_info=True)
+                continue
+            if batch.rows:
+                ids = [row.id for row in batch.rows]
+                self.db.submit(partial(self._release, batch.token, ids))
 
     def _drain(self) -> None:
         """Land everything on the wire and hand back the claimed batch (broker down)."""

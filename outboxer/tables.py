@@ -283,11 +283,21 @@ entries stay until VACUUM removes them; with the default scale factor a busy out
 would carry hundreds of thousands of them and every claim would step over them.
 """
 
-event.listen(
-    outbox,
-    "after_create",
-    DDL(OUTBOX_AUTOVACUUM).execute_if(dialect="postgresql"),  # type: ignore[no-untyped-call]
-)
+OUTBOX_FILLFACTOR = "ALTER TABLE outboxer_outbox SET (fillfactor = 50)"
+"""PostgreSQL: fill the outbox's pages half, so that a claim's lease is a HOT update.
+
+A claim rewrites ``locked_by`` and ``locked_until`` of every row it takes. Neither is
+indexed, so PostgreSQL can write the new row version on the same page without touching
+the table's three indexes, if the page has room: this leaves it. Measured alone, a claim of
+1,000 rows spends about 30% less time in PostgreSQL (docs/benchmarks.md).
+"""
+
+for _ddl in (OUTBOX_AUTOVACUUM, OUTBOX_FILLFACTOR):
+    event.listen(
+        outbox,
+        "after_create",
+        DDL(_ddl).execute_if(dialect="postgresql"),  # type: ignore[no-untyped-call]
+    )
 
 
 def create_all(bind: Engine | Connection) -> None:

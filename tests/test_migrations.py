@@ -13,6 +13,7 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
+from alembic.operations import Operations
 from alembic.runtime.migration import MigrationContext
 from click.testing import CliRunner
 from sqlalchemy import create_engine, event, inspect
@@ -90,6 +91,43 @@ def test_create_all_and_the_migrations_agree(empty_db_url: str) -> None:
     outboxer.create_all(engine)
     engine.dispose()
     assert schema_differences(empty_db_url) == []
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("how", ["migrations", "create_all"])
+def test_the_outbox_is_a_queue_table_on_postgresql(empty_db_url: str, how: str) -> None:
+    """Half-filled pages (a claim's lease is a HOT update) and a fixed autovacuum threshold,
+    whichever way the tables were made; a downgrade puts the fill factor back."""
+    engine = create_engine(empty_db_url)
+    if how == "migrations":
+        schema.upgrade(engine)
+    else:
+        outboxer.create_all(engine)
+
+    def options() -> set[str]:
+        with engine.connect() as conn:
+            found = conn.exec_driver_sql(
+                "SELECT reloptions FROM pg_class WHERE relname = 'outboxer_outbox'"
+            ).scalar_one()
+        return set(found or ())
+
+    assert {"fillfactor=50", "autovacuum_vacuum_threshold=10000"} <= options()
+    if how == "migrations":
+        script = schema.script_directory()
+        with engine.begin() as conn:
+            context = MigrationContext.configure(
+                conn,
+                opts={
+                    "version_table": schema.VERSION_TABLE,
+                    "fn": lambda rev, _context: script._downgrade_revs("0004", rev),
+                },
+            )
+            with Operations.context(context), context.begin_transaction():
+                context.run_migrations()
+        assert schema.current(engine) == "0004"
+        assert "fillfactor=50" not in options()
+        assert "autovacuum_vacuum_threshold=10000" in options()
+    engine.dispose()
 
 
 def test_cli_db_upgrade_and_current(empty_db_url: str) -> None:

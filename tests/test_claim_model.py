@@ -1,6 +1,7 @@
 """A hypothesis state machine of claiming, against a model, on real PostgreSQL and MariaDB.
 
-Several relays claim, send, fail, crash and lose claims half-way over random keyed and
+Several relays claim, send, fail, crash and lose claims half-way (one with a claim queued
+behind it, which the relay hands back) over random keyed and
 keyless rows with delays and backoffs, through the store's claim and settle SQL. A relay
 here behaves as :class:`outboxer.Relay` does with a synchronous transport: it sends its
 oldest claimed batch when it lands it, holds back a key inside a batch once a message of
@@ -144,6 +145,34 @@ class ClaimModel(RuleBasedStateMachine):
         self._claim(relay, relay.next_token(), limit)
         relay.tasks += 1
 
+    @rule(
+        r=st.integers(0, 2),
+        limit=st.integers(1, 6),
+        key=st.sampled_from(KEYS),
+        committed=st.integers(0, 3),
+    )
+    def claim_lost_with_a_claim_queued_behind(
+        self, r: int, limit: int, key: str | None, committed: int
+    ) -> None:
+        """A claim whose result never reaches the relay, while the next claim was already
+        queued behind it (Relay: claims queued ahead while they come back full), and
+        ``committed`` more rows of one of its keys (or ``key``) committed between the two.
+        The queued claim
+        counted the lost one's rows as on the wire; the relay hands it back unsent."""
+        relay = self.relays[r]
+        lost = relay.next_token()
+        taken = [c.envelope.key for c in self._claim(relay, lost, limit) if c.envelope.key]
+        relay.tasks += 1
+        if committed:  # the worst case: more rows of a key the lost claim took
+            self.publish(taken[-1] if taken else key, committed, delayed=False)
+        queued = relay.next_token()
+        got = self._claim(relay, queued, 6, ahead=[lost])
+        relay.tasks += 1
+        self.handed_back = [c.id for c in got]
+        if got:
+            with self.engine.connect() as conn:
+                settle.release(conn, owner=queued, ids=self.handed_back)
+
     @precondition(lambda self: any(r.batches for r in self.relays))
     @rule(
         r=st.integers(0, 2),
@@ -238,13 +267,15 @@ class ClaimModel(RuleBasedStateMachine):
 
     # Helpers --------------------------------------------------------------------------------
 
-    def _claim(self, relay: Relay, owner: str, limit: int) -> list[Claimed]:
+    def _claim(
+        self, relay: Relay, owner: str, limit: int, ahead: tuple[str, ...] | list[str] = ()
+    ) -> list[Claimed]:
         # Relays 0 and 1 share the keys between two; relay 2 does not know of sharing (as
         # while relays start and stop, when they disagree on how many run).
         index = self.relays.index(relay)
         scope = LeaseScope(
             relay=relay.relay_id,
-            in_flight=[t for t, _, _ in relay.batches],
+            in_flight=[*(t for t, _, _ in relay.batches), *ahead],
             dead=self.dead,
             share=(index, 2) if index < 2 else None,
         )
@@ -318,3 +349,23 @@ def test_claims_keep_key_order_never_split_a_key_and_always_progress(engine: Eng
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
         ),
     )
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql", "mariadb"], indirect=True)
+def test_a_claim_queued_behind_a_lost_claim_reaches_past_it_and_is_handed_back(
+    engine: Engine,
+) -> None:
+    """The rule ``claim_lost_with_a_claim_queued_behind`` step by step (the random runs
+    rarely reach it: the progress check claims whatever is free). The queued claim takes
+    the rows after the lost claim's, so sending it would put them first; handed back, every
+    row goes in order."""
+    ClaimModel.engine = engine
+    model = ClaimModel()
+    model.start()
+    model.publish("a", 3, delayed=False)
+    first = min(model.rows)
+    model.claim_lost_with_a_claim_queued_behind(r=0, limit=1, key="a", committed=2)
+    assert model.handed_back == [first + n for n in range(1, 5)]
+    model.claim(r=0, limit=6)  # the lost claim's row is free for its own relay again
+    model.land(r=0, outcomes=[], settle_fails=False)  # the model checks the order
+    assert all(row.sent for row in model.rows.values())

@@ -288,8 +288,8 @@ OUTBOX_FILLFACTOR = "ALTER TABLE outboxer_outbox SET (fillfactor = 50)"
 
 A claim rewrites ``locked_by`` and ``locked_until`` of every row it takes. Neither is
 indexed, so PostgreSQL can write the new row version on the same page without touching
-the table's three indexes, if the page has room: this leaves it. Measured alone, a claim of
-1,000 rows spends about 30% less time in PostgreSQL (docs/benchmarks.md).
+the table's three indexes, if the page has room: this leaves it. PostgreSQL then spends less
+CPU per relayed message (docs/benchmarks.md).
 """
 
 for _ddl in (OUTBOX_AUTOVACUUM, OUTBOX_FILLFACTOR):

@@ -312,24 +312,26 @@ class HeldTransport(MemoryTransport):
 
     def __init__(self, broker: MemoryBroker) -> None:
         super().__init__(broker)
-        self._lock = threading.Lock()
+        # Reentrant: a future's callbacks run in the thread that completes it.
+        self._lock = threading.RLock()
         self._held: list[tuple[list[Envelope], Future[list[SendResult]]]] | None = []
 
     def send_async(
         self, envelopes: Any, *, after: Future[list[SendResult]] | None = None
     ) -> Future[list[SendResult]]:
-        with self._lock:
+        with self._lock:  # a send after the release waits until the held ones are out
             if self._held is not None:
                 future: Future[list[SendResult]] = Future()
                 self._held.append((list(envelopes), future))
                 return future
-        return super().send_async(envelopes, after=after)
+            return super().send_async(envelopes, after=after)
 
     def release(self) -> None:
+        """Send the held batches in order, then send at once."""
         with self._lock:
             held, self._held = self._held or [], None
-        for envelopes, future in held:
-            future.set_result(self.send(envelopes))
+            for envelopes, future in held:
+                future.set_result(self.send(envelopes))
 
 
 def test_with_a_backlog_the_relay_claims_two_batches_ahead_of_a_slow_broker(

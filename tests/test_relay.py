@@ -372,6 +372,58 @@ def test_with_a_backlog_the_relay_claims_two_batches_ahead_of_a_slow_broker(
         assert [n for n in got if n % 3 == key] == list(range(key, 100, 3))
 
 
+def test_a_landed_batch_is_settled_before_the_claims_queued_behind_it(
+    engine: Engine, Session: SessionFactory, broker: MemoryBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A settle does not wait for the claims queued ahead of the loop: a relay killed then
+    sends again only what was not settled yet (the duplicate window)."""
+    from outboxer.relay.runner import Run
+
+    with Session.begin() as session:
+        for n in range(100):
+            session.publish({"n": n}, type="test.seq", destination="orders", key=f"k{n % 3}")
+    done: list[str] = []  # database work in the order it started
+    in_gate, gate, landed = threading.Event(), threading.Event(), threading.Event()
+    claim_batch, settle_batch, land = claims.claim_batch, settle.settle, Run._land
+
+    def claiming(*args: Any, **kwargs: Any) -> list[relay_store.Claimed]:
+        done.append(f"claim {sum(w.startswith('claim') for w in done) + 1}")
+        if done[-1] == "claim 5":  # the database thread is busy; claim 6 is queued
+            in_gate.set()
+            assert gate.wait(20)
+        return claim_batch(*args, **kwargs)
+
+    def settling(*args: Any, **kwargs: Any) -> None:
+        done.append(f"settle {sum(w.startswith('settle') for w in done) + 1}")
+        settle_batch(*args, **kwargs)
+
+    def landing(run: Run) -> None:
+        land(run)
+        landed.set()
+
+    monkeypatch.setattr(claims, "claim_batch", claiming)
+    monkeypatch.setattr(settle, "settle", settling)
+    monkeypatch.setattr(Run, "_land", landing)
+    transport = HeldTransport(broker)
+    relay = outboxer.Relay(engine, transport, batch_size=5, backoff=FAST, poll_interval=0.05)
+    thread = threading.Thread(target=relay.run, daemon=True)
+    thread.start()
+    try:
+        assert in_gate.wait(20)  # batches 1-4 on the wire, claim 5 running, claim 6 queued
+        transport.release()
+        assert landed.wait(20)  # batch 1 confirmed: its settle is submitted
+        gate.set()
+        wait_until(lambda: len(broker.published) == 100, 20, "all 100 messages")
+    finally:
+        gate.set()
+        relay.stop()
+        thread.join(timeout=30)
+    assert done.index("settle 1") < done.index("claim 6"), done[:12]
+    got = [json.loads(e.payload)["n"] for e in broker.published]
+    for key in range(3):
+        assert [n for n in got if n % 3 == key] == list(range(key, 100, 3))
+
+
 def test_a_transport_that_raises_does_not_kill_the_relay(
     engine: Engine, Session: SessionFactory, broker: MemoryBroker
 ) -> None:

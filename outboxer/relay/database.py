@@ -1,12 +1,15 @@
-"""The relay's database work: one thread, in order, and how an outage is waited out."""
+"""The relay's database work: one thread, settles first, and how an outage is waited out."""
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TypeVar
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from ..retry import Backoff
 
@@ -22,28 +25,81 @@ database that comes back is used again within seconds; one log line per try)."""
 
 
 class DatabaseThread:
-    """One worker thread for the relay's database work, in submission order.
+    """One worker thread for the relay's database work.
 
-    Every task gets a sequence number and is called with it: tasks run in that order, so a
-    claim submitted after a settle sees what the settle wrote.
+    Every task gets a sequence number and is called with it. Tasks run in that order, but
+    for *urgent* ones (settles), which run before every task not yet started: a claim
+    submitted after a settle still sees what the settle wrote, and a settle does not wait
+    behind the claims queued ahead of the loop. A claim submitted before a settle may thus
+    run after it; it only sees newer state, and the pipeline's holds treat it as claimed
+    before the settle (:meth:`~.pipeline.Pipeline.held_rows` compares sequence numbers).
+
+    A confirmed batch is settled as soon as the database thread is free: a relay killed
+    with claims queued sends again only what had not been settled yet (the duplicate
+    window, docs/guarantees.md).
     """
 
     def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="outboxer-relay-db")
+        self._ready = threading.Condition()
+        self._urgent: deque[_Task[Any]] = deque()
+        self._queued: deque[_Task[Any]] = deque()
         self._seq = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._work, name="outboxer-relay-db", daemon=True)
+        self._thread.start()
 
-    def submit_seq(self, fn: Callable[[int], T]) -> tuple[int, Future[T]]:
-        self._seq += 1
-        return self._seq, self._pool.submit(fn, self._seq)
+    def submit_seq(self, fn: Callable[[int], T], *, urgent: bool = False) -> tuple[int, Future[T]]:
+        with self._ready:
+            if self._closed:
+                raise RuntimeError("the relay's database thread is shut down")
+            self._seq += 1
+            task = _Task(fn, self._seq, Future())
+            (self._urgent if urgent else self._queued).append(task)
+            self._ready.notify()
+        return task.seq, task.future
 
-    def submit(self, fn: Callable[[int], T]) -> Future[T]:
-        return self.submit_seq(fn)[1]
+    def submit(self, fn: Callable[[int], T], *, urgent: bool = False) -> Future[T]:
+        return self.submit_seq(fn, urgent=urgent)[1]
 
     def call(self, fn: Callable[[], T]) -> T:
         return self.submit(lambda _seq: fn()).result()
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=True)
+        """Run what is queued, then end the thread."""
+        with self._ready:
+            self._closed = True
+            self._ready.notify()
+        self._thread.join()
+
+    def _work(self) -> None:
+        while True:
+            with self._ready:
+                while not (self._urgent or self._queued or self._closed):
+                    self._ready.wait()
+                if self._urgent:
+                    task = self._urgent.popleft()
+                elif self._queued:
+                    task = self._queued.popleft()
+                else:
+                    return
+            task.run()
+
+
+@dataclass
+class _Task(Generic[T]):
+    fn: Callable[[int], T]
+    seq: int
+    future: Future[T]
+
+    def run(self) -> None:
+        if not self.future.set_running_or_notify_cancel():
+            return
+        try:
+            result = self.fn(self.seq)
+        except BaseException as exc:  # the caller reads it from the future
+            self.future.set_exception(exc)
+        else:
+            self.future.set_result(result)
 
 
 class Outage:

@@ -196,7 +196,7 @@ class Run:
         held = self.pipeline.held_rows(batch)
         if not held:
             return batch
-        self.db.submit(lambda _seq: self._release(batch.token, held))
+        self.db.submit(partial(self._release, batch.token, held))
         ids = set(held)
         return replace(batch, rows=[row for row in batch.rows if row.id not in ids])
 
@@ -217,7 +217,11 @@ class Run:
         )
         self._breaker(decisions)
         decisions.dead = [_with_dead_letter_span(d) for d in decisions.dead]
-        seq, settled = self.db.submit_seq(lambda _s: self._settle(landed, decisions, report))
+        # Urgent: before the claims queued ahead, so that a confirmed batch is settled as
+        # soon as the database thread is free (the duplicate window after a crash).
+        seq, settled = self.db.submit_seq(
+            lambda _s: self._settle(landed, decisions, report), urgent=True
+        )
         self.pipeline.hold(decisions.held_keys, seq)
         self.settling.append(settled)
         if decisions.unavailable is not None:

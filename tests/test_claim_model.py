@@ -1,8 +1,10 @@
 """A hypothesis state machine of claiming, against a model, on real PostgreSQL and MariaDB.
 
 Several relays claim, send, fail, crash and lose claims half-way (one with a claim queued
-behind it, which the relay hands back) over random keyed and
-keyless rows with delays and backoffs, through the store's claim and settle SQL. A relay
+behind it, which the relay hands back) over random keyed and keyless rows with delays and
+backoffs, through the store's claim and settle SQL; a settle of a batch with no keyed row
+to send again may run before a claim queued ahead of it, as on the relay's database
+thread (with any settle allowed to, the model finds a key sent out of order). A relay
 here behaves as :class:`outboxer.Relay` does with a synchronous transport: it sends its
 oldest claimed batch when it lands it, holds back a key inside a batch once a message of
 the key failed, and drops the held keys' rows from the batches it claimed before.
@@ -227,6 +229,42 @@ class ClaimModel(RuleBasedStateMachine):
                 with self.engine.connect() as conn:
                     settle.release(conn, owner=other, ids=[c.id for c in held])
         relay.batches = [b for b in relay.batches if b[1]]
+
+    @precondition(lambda self: any(r.batches for r in self.relays))
+    @rule(
+        r=st.integers(0, 2),
+        limit=st.integers(1, 6),
+        outcomes=st.lists(
+            st.sampled_from(["sent", "sent", "retry", "release", "dead"]), max_size=6
+        ),
+        settle_fails=st.booleans(),
+    )
+    def settle_overtakes_a_queued_claim(
+        self, r: int, limit: int, outcomes: list[str], settle_fails: bool
+    ) -> None:
+        """A claim queued while the oldest batch was on the wire, and that batch's settle
+        running before it (Relay: the settle of a batch with no keyed row to send again is
+        urgent on the database thread). The claim counts the settled batch as on the wire
+        and comes before the settle in the relay's task order."""
+        relay = self.relays[r]
+        if not relay.batches:
+            return
+        _, rows, claim_task = relay.batches[0]
+        holds = [k for k, t in relay.holds if t > claim_task]
+        held = set().union(*holds) if holds else set()
+        if any(c.envelope.key in held for c in rows):
+            return  # handed back before it was sent (a task of its own, not urgent)
+        whole = [  # keyed rows to send again would make the settle wait its turn
+            "sent" if row.envelope.key is not None and outcome in ("retry", "release") else outcome
+            for row, outcome in zip(rows, outcomes, strict=False)
+        ]
+        on_wire = [t for t, _, _ in relay.batches]
+        relay.tasks += 1
+        queued, queued_task = relay.next_token(), relay.tasks
+        self.land(r, whole, settle_fails=settle_fails)
+        got = self._claim(relay, queued, limit, ahead=on_wire)
+        if got:
+            relay.batches.append((queued, got, queued_task))
 
     @rule(r=st.integers(0, 2))
     def crash(self, r: int) -> None:

@@ -424,6 +424,83 @@ def test_a_landed_batch_is_settled_before_the_claims_queued_behind_it(
         assert [n for n in got if n % 3 == key] == list(range(key, 100, 3))
 
 
+def test_a_settle_that_hands_rows_back_keeps_its_place_behind_the_queued_claims(
+    engine: Engine, Session: SessionFactory, broker: MemoryBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim queued before a settle counts the settled batch as on the wire. Had the
+    settle of a failed row gone first, that claim could take the failed row, due again, and
+    be held back, while the claim queued behind it, counting its rows as on the wire, sent
+    the key's later rows first."""
+    from outboxer.store.clock import db_now
+
+    with Session.begin() as session:  # one head per key a batch: k's first row in batch 1
+        for n in range(25):
+            key = "k" if n == 0 else f"other{n}"
+            session.publish({"n": n}, type="test.seq", destination="orders", key=key)
+    with engine.connect() as conn:
+        first = conn.execute(select(func.min(outboxer.outbox.c.id))).scalar_one()
+    calls: list[int] = []
+    claimed: list[list[int]] = []
+    in_gate, gate, landed = threading.Event(), threading.Event(), threading.Event()
+    claim_batch = claims.claim_batch
+
+    def first_row_due_again() -> bool:
+        """The failed row is free and due (True at once while it is still on the wire)."""
+        with engine.connect() as conn:
+            table = outboxer.outbox.c
+            locked, due = conn.execute(
+                select(table.locked_by, table.available_at <= db_now(conn.dialect)).where(
+                    table.id == first
+                )
+            ).one()
+            return locked is not None or bool(due)
+
+    def claiming(*args: Any, **kwargs: Any) -> list[relay_store.Claimed]:
+        calls.append(len(calls) + 1)
+        if calls[-1] == 6:  # queued while batch 1 was on the wire
+            wait_until(first_row_due_again, 10, "the failed row due again")
+        rows = claim_batch(*args, **kwargs)
+        claimed.append([json.loads(r.envelope.payload)["n"] for r in rows])
+        if calls[-1] == 5:  # batches 1-4 on the wire, claim 6 queued
+            in_gate.set()
+            assert gate.wait(20)
+        return rows
+
+    from outboxer.relay.runner import Run
+
+    land = Run._land
+
+    def landing(run: Run) -> None:
+        land(run)
+        landed.set()
+
+    monkeypatch.setattr(claims, "claim_batch", claiming)
+    monkeypatch.setattr(Run, "_land", landing)
+    transport = HeldTransport(broker)
+    relay = outboxer.Relay(engine, transport, batch_size=5, backoff=FAST, poll_interval=0.05)
+    thread = threading.Thread(target=relay.run, daemon=True)
+    thread.start()
+    try:
+        assert in_gate.wait(20)
+        with Session.begin() as session:  # k's later rows, after claim 5
+            for n in range(25, 35):
+                session.publish({"n": n}, type="test.seq", destination="orders", key="k")
+        broker.fail_next(1, SendResult.retry("throttled", "slow down"))  # k's first row
+        transport.release()
+        assert landed.wait(20)  # batch 1 back: k's row to be retried
+        gate.set()
+        wait_until(lambda: len({json.loads(e.payload)["n"] for e in broker.published}) == 35, 20)
+    finally:
+        gate.set()
+        relay.stop()
+        thread.join(timeout=30)
+    got = [json.loads(e.payload)["n"] for e in broker.published]
+    ks = [n for n in got if n == 0 or n >= 25]
+    seen: set[int] = set()
+    firsts = [n for n in ks if not (n in seen or seen.add(n))]  # type: ignore[func-returns-value]
+    assert firsts == [0, *range(25, 35)], claimed
+
+
 def test_a_transport_that_raises_does_not_kill_the_relay(
     engine: Engine, Session: SessionFactory, broker: MemoryBroker
 ) -> None:

@@ -28,15 +28,11 @@ class DatabaseThread:
     """One worker thread for the relay's database work.
 
     Every task gets a sequence number and is called with it. Tasks run in that order, but
-    for *urgent* ones (settles), which run before every task not yet started: a claim
-    submitted after a settle still sees what the settle wrote, and a settle does not wait
-    behind the claims queued ahead of the loop. A claim submitted before a settle may thus
-    run after it; it only sees newer state, and the pipeline's holds treat it as claimed
-    before the settle (:meth:`~.pipeline.Pipeline.held_rows` compares sequence numbers).
-
-    A confirmed batch is settled as soon as the database thread is free: a relay killed
-    with claims queued sends again only what had not been settled yet (the duplicate
-    window, docs/guarantees.md).
+    for *urgent* ones, which run before every task not yet started: the relay submits the
+    settle of a batch with no keyed row to send again as urgent, so that it does not wait behind
+    the claims queued ahead of the loop, and a relay killed then sends again little more
+    than what was on the wire (the duplicate window, docs/guarantees.md). A task submitted
+    after an urgent one still runs after it.
     """
 
     def __init__(self) -> None:

@@ -217,10 +217,14 @@ class Run:
         )
         self._breaker(decisions)
         decisions.dead = [_with_dead_letter_span(d) for d in decisions.dead]
-        # Urgent: before the claims queued ahead, so that a confirmed batch is settled as
-        # soon as the database thread is free (the duplicate window after a crash).
+        # A batch with no keyed row to send again is settled before the claims queued
+        # ahead (the duplicate window after a crash): its settle frees no row of a key, so
+        # no claim takes anything new. A settle that frees rows of a key keeps its place: a
+        # claim queued before it counts the batch as on the wire and could take a freed
+        # row, then be held back, while a claim queued behind it, counting its rows as on
+        # the wire, sent the key's later rows first.
         seq, settled = self.db.submit_seq(
-            lambda _s: self._settle(landed, decisions, report), urgent=True
+            lambda _s: self._settle(landed, decisions, report), urgent=not decisions.held_keys
         )
         self.pipeline.hold(decisions.held_keys, seq)
         self.settling.append(settled)

@@ -1,4 +1,5 @@
-"""The relay's database work: one thread, settles first, and how an outage is waited out."""
+"""The relay's database work: one thread, a settle with nothing to send again first, and how
+an outage is waited out."""
 
 from __future__ import annotations
 

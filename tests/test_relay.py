@@ -326,6 +326,11 @@ class HeldTransport(MemoryTransport):
                 return future
             return super().send_async(envelopes, after=after)
 
+    def holding(self) -> int:
+        """Sends held so far."""
+        with self._lock:
+            return len(self._held or [])
+
     def release(self) -> None:
         """Send the held batches in order, then send at once."""
         with self._lock:
@@ -372,19 +377,39 @@ def test_with_a_backlog_the_relay_claims_two_batches_ahead_of_a_slow_broker(
         assert [n for n in got if n % 3 == key] == list(range(key, 100, 3))
 
 
+def _relay_on_a_held_broker(
+    engine: Engine, broker: MemoryBroker, monkeypatch: pytest.MonkeyPatch
+) -> tuple[outboxer.Relay, HeldTransport, threading.Thread, threading.Event]:
+    """A relay in a thread, batches of 5, sending to a :class:`HeldTransport`, and an event
+    set after each batch it lands (its settle submitted)."""
+    from outboxer.relay.runner import Run
+
+    landed = threading.Event()
+    land = Run._land
+
+    def landing(run: Run) -> None:
+        land(run)
+        landed.set()
+
+    monkeypatch.setattr(Run, "_land", landing)
+    transport = HeldTransport(broker)
+    relay = outboxer.Relay(engine, transport, batch_size=5, backoff=FAST, poll_interval=0.05)
+    thread = threading.Thread(target=relay.run, daemon=True)
+    thread.start()
+    return relay, transport, thread, landed
+
+
 def test_a_landed_batch_is_settled_before_the_claims_queued_behind_it(
     engine: Engine, Session: SessionFactory, broker: MemoryBroker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A settle does not wait for the claims queued ahead of the loop: a relay killed then
     sends again only what was not settled yet (the duplicate window)."""
-    from outboxer.relay.runner import Run
-
     with Session.begin() as session:
         for n in range(100):
             session.publish({"n": n}, type="test.seq", destination="orders", key=f"k{n % 3}")
     done: list[str] = []  # database work in the order it started
-    in_gate, gate, landed = threading.Event(), threading.Event(), threading.Event()
-    claim_batch, settle_batch, land = claims.claim_batch, settle.settle, Run._land
+    in_gate, gate = threading.Event(), threading.Event()
+    claim_batch, settle_batch = claims.claim_batch, settle.settle
 
     def claiming(*args: Any, **kwargs: Any) -> list[relay_store.Claimed]:
         done.append(f"claim {sum(w.startswith('claim') for w in done) + 1}")
@@ -397,20 +422,13 @@ def test_a_landed_batch_is_settled_before_the_claims_queued_behind_it(
         done.append(f"settle {sum(w.startswith('settle') for w in done) + 1}")
         settle_batch(*args, **kwargs)
 
-    def landing(run: Run) -> None:
-        land(run)
-        landed.set()
-
     monkeypatch.setattr(claims, "claim_batch", claiming)
     monkeypatch.setattr(settle, "settle", settling)
-    monkeypatch.setattr(Run, "_land", landing)
-    transport = HeldTransport(broker)
-    relay = outboxer.Relay(engine, transport, batch_size=5, backoff=FAST, poll_interval=0.05)
-    thread = threading.Thread(target=relay.run, daemon=True)
-    thread.start()
+    relay, transport, thread, landed = _relay_on_a_held_broker(engine, broker, monkeypatch)
     try:
-        assert in_gate.wait(20)  # batches 1-4 on the wire, claim 5 running, claim 6 queued
-        transport.release()
+        assert in_gate.wait(20)  # claim 5 running
+        wait_until(lambda: transport.holding() == 4, 20, "batches 1-4 on the wire")
+        transport.release()  # claim 6 was queued before batch 4 went out
         assert landed.wait(20)  # batch 1 confirmed: its settle is submitted
         gate.set()
         wait_until(lambda: len(broker.published) == 100, 20, "all 100 messages")
@@ -441,7 +459,7 @@ def test_a_settle_that_hands_rows_back_keeps_its_place_behind_the_queued_claims(
         first = conn.execute(select(func.min(outboxer.outbox.c.id))).scalar_one()
     calls: list[int] = []
     claimed: list[list[int]] = []
-    in_gate, gate, landed = threading.Event(), threading.Event(), threading.Event()
+    in_gate, gate = threading.Event(), threading.Event()
     claim_batch = claims.claim_batch
 
     def first_row_due_again() -> bool:
@@ -466,27 +484,16 @@ def test_a_settle_that_hands_rows_back_keeps_its_place_behind_the_queued_claims(
             assert gate.wait(20)
         return rows
 
-    from outboxer.relay.runner import Run
-
-    land = Run._land
-
-    def landing(run: Run) -> None:
-        land(run)
-        landed.set()
-
     monkeypatch.setattr(claims, "claim_batch", claiming)
-    monkeypatch.setattr(Run, "_land", landing)
-    transport = HeldTransport(broker)
-    relay = outboxer.Relay(engine, transport, batch_size=5, backoff=FAST, poll_interval=0.05)
-    thread = threading.Thread(target=relay.run, daemon=True)
-    thread.start()
+    relay, transport, thread, landed = _relay_on_a_held_broker(engine, broker, monkeypatch)
     try:
-        assert in_gate.wait(20)
+        assert in_gate.wait(20)  # claim 5 done
+        wait_until(lambda: transport.holding() == 4, 20, "batches 1-4 on the wire")
         with Session.begin() as session:  # k's later rows, after claim 5
             for n in range(25, 35):
                 session.publish({"n": n}, type="test.seq", destination="orders", key="k")
         broker.fail_next(1, SendResult.retry("throttled", "slow down"))  # k's first row
-        transport.release()
+        transport.release()  # claim 6 was queued before batch 4 went out
         assert landed.wait(20)  # batch 1 back: k's row to be retried
         gate.set()
         wait_until(lambda: len({json.loads(e.payload)["n"] for e in broker.published}) == 35, 20)

@@ -72,10 +72,10 @@ def _link(traceparent: str | None, tracestate: str | None) -> Link | None:
 
 def _context_of(traceparent: str | None, tracestate: str | None) -> Any:
     from opentelemetry import context as otel_context
-    from opentelemetry import trace
 
     span_context = _span_context(traceparent, tracestate)
     if span_context is None:
         # No creation context: start a fresh trace rather than nest under the ambient span.
         return otel_context.Context()
+    trace = _trace_api()
     return trace.set_span_in_context(trace.NonRecordingSpan(span_context), otel_context.Context())

@@ -33,6 +33,7 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import instrumentation
+from .callables import call_sync
 from .fallbacks import lost_database
 from .guard import guarded
 from .handlers import HandlerSpec
@@ -205,9 +206,15 @@ class Batcher:
         context = spec.context(
             envelope, self.processor.name, prepared.first_attempt, item.delivery.redelivered
         )
+        who = f"handler {spec.id}"
         try:
-            with handling(envelope), guarded(session, spec):
-                spec.fn(event, **spec.arguments(event, session, context))
+            with handling(envelope), guarded(session, who):
+                call_sync(spec.fn, who, event, **spec.arguments(event, session, context))
+                # Its writes go to the database now, as its own commit would send them
+                # one message at a time: the next handlers see them whatever they query
+                # with (a Core statement does not autoflush), and a write that fails is
+                # this message's failure, not the next one's.
+                session.flush()
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as exc:

@@ -18,7 +18,8 @@ is its default message.
      │    ├── MissingDestination   neither the call nor the type gives a destination
      │    └── InvalidHeaders       header names/values that are not strings
      ├── DecodeError               an incoming message that cannot be decoded (dead-lettered)
-     ├── HandlerSessionError       a handler committed the session outboxer gave it
+     ├── HandlerMisuse             a handler broke its call's contract (never retried)
+     │    └── HandlerSessionError  a handler committed the session outboxer gave it
      ├── TransportError            a broker could not be reached or refused a request
      │    └── BrokerUnavailable*   cannot connect: refused, timed out, unknown host    7
      │         └── BrokerAccessDenied*   the broker refused the credentials          8
@@ -94,7 +95,13 @@ class DecodeError(OutboxerError):
     """An incoming message cannot be decoded."""
 
 
-class HandlerSessionError(OutboxerError):
+class HandlerMisuse(OutboxerError):
+    """A handler broke the contract of its call (it returned a coroutine it was not awaited
+    for, or ended the transaction outboxer gave it): every run would do the same, so the
+    message is dead-lettered at once."""
+
+
+class HandlerSessionError(HandlerMisuse):
     """A handler must not commit, roll back or close the session it is given: outboxer
     commits it, with the inbox row, when the handler returns. Raise an exception to roll
     back instead."""

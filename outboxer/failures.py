@@ -34,7 +34,9 @@ from typing import Any
 
 from sqlalchemy.engine import Connection
 
+from .callables import being_cancelled, call_sync, is_async_callable
 from .errors import ConfigurationError
+from .guard import guarded
 from .instrumentation import HandlerOutcome
 from .message import Envelope, EnvelopeFacts
 from .plan import error_type_name, plural
@@ -107,7 +109,7 @@ class ErrorChannel:
 
     @property
     def is_async(self) -> bool:
-        return inspect.iscoroutinefunction(self.callback)
+        return is_async_callable(self.callback)
 
     @property
     def wants_session(self) -> bool:
@@ -268,21 +270,29 @@ class RunChannel:
         try:
             async with session_factory() as session, session.begin():
                 if self.channel.is_async:
-                    with handling(self.failure.envelope):
+                    who = f"error channel {self.channel.name}"
+                    with handling(self.failure.envelope), guarded(session.sync_session, who):
                         await self.channel.callback(self.failure, **self._arguments(session))
                 else:  # the process-wide default: a plain def, given the sync session
                     await session.run_sync(self._call_sync)
                 in_callback = False
                 await session.run_sync(lambda s: then(s.connection()))
-        except (KeyboardInterrupt, SystemExit, asyncio.CancelledError):
+        except (KeyboardInterrupt, SystemExit):
             raise  # shutdown: the delivery goes back, and the handler gives up again
+        except asyncio.CancelledError as exc:
+            if being_cancelled():
+                raise  # the task is cancelled (shutdown), as above
+            return ChannelResult(exc, in_callback)  # the callback's own: a failure
         except BaseException as exc:
             return ChannelResult(redact(exc), in_callback)
         return ChannelResult()
 
     def _call_sync(self, session: Any) -> None:
-        with handling(self.failure.envelope):
-            self.channel.callback(self.failure, **self._arguments(session))
+        who = f"error channel {self.channel.name}"
+        # Guarded as a handler is: a channel that committed would leave its writes beside
+        # a dead letter that says they were rolled back.
+        with handling(self.failure.envelope), guarded(session, who):
+            call_sync(self.channel.callback, who, self.failure, **self._arguments(session))
 
     def _arguments(self, session: Any) -> dict[str, Any]:
         return {"session": session} if self.channel.wants_session else {}

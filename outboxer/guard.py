@@ -7,6 +7,11 @@ one that closed the session would throw both away while its message counted as
 processed. Each call raises :class:`~outboxer.errors.HandlerSessionError`
 (dead-lettered at once).
 
+A handler can end the transaction through doors no shadowing covers (``session.reset()``,
+``session.invalidate()``, ``session.get_transaction().rollback()``): when the handler
+returns, the transaction outboxer opened must still be the session's, and active; if not,
+the run fails with the same error.
+
 The session's connection is guarded too: ``session.connection().commit()`` is refused
 by a ``commit`` event listener on its engine, while the connection is marked as the
 running handler's. (Its ``rollback()`` needs no guard: the session's transaction is then
@@ -24,7 +29,6 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
 from .errors import HandlerSessionError
-from .handlers import HandlerSpec
 
 __all__ = ["guarded"]
 
@@ -37,7 +41,7 @@ def _refuse_commit(connection: Connection) -> None:
     handler = connection.info.get(_MARK)
     if handler is not None:
         raise HandlerSessionError(
-            f"handler {handler} committed its session's connection: outboxer commits the "
+            f"{handler} committed its session's connection: outboxer commits the "
             "handler's session, with its inbox row, when the handler returns; remove the "
             "commit (use session.flush() to send the writes early)"
         )
@@ -59,31 +63,32 @@ class guarded:
     """While the handler runs, its session refuses ``commit()``, ``rollback()`` and
     ``close()``, and its connection ``commit()``."""
 
-    def __init__(self, session: Any, spec: HandlerSpec) -> None:
+    def __init__(self, session: Any, who: str) -> None:
         self.session = session
-        self.spec = spec
+        self.who = who
         self.marks: dict[Any, Any] | None = None
+        self.transaction: Any = None
 
     def __enter__(self) -> None:
-        handler = self.spec.id
+        handler = self.who
 
         def commit() -> None:
             raise HandlerSessionError(
-                f"handler {handler} called session.commit(): outboxer commits the handler's "
+                f"{handler} called session.commit(): outboxer commits the handler's "
                 "session, with its inbox row, when the handler returns; remove the commit "
                 "(use session.flush() to send the writes early)"
             )
 
         def rollback() -> None:
             raise HandlerSessionError(
-                f"handler {handler} called session.rollback(): raise an exception instead "
+                f"{handler} called session.rollback(): raise an exception instead "
                 "(the run is rolled back and retried), or use session.begin_nested() for a "
                 "part that may fail on its own"
             )
 
         def close() -> None:
             raise HandlerSessionError(
-                f"handler {handler} called session.close(): it would throw away the "
+                f"{handler} called session.close(): it would throw away the "
                 "handler's work and its inbox row while the message counted as processed; "
                 "remove the close (outboxer closes the session when the handler returns)"
             )
@@ -93,6 +98,7 @@ class guarded:
         setattr(self.session, "rollback", rollback)  # noqa: B010
         setattr(self.session, "close", close)  # noqa: B010
         if self.session.in_transaction():  # a transactional handler's (never begins one)
+            self.transaction = self.session.get_transaction()
             connection = self.session.connection()
             _watch(connection.engine)
             # The pooled connection's own dict: reachable in __exit__ whatever the handler
@@ -100,8 +106,17 @@ class guarded:
             self.marks = connection.info
             self.marks[_MARK] = handler
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         for name in ("commit", "rollback", "close"):
             vars(self.session).pop(name, None)
         if self.marks is not None:
             self.marks.pop(_MARK, None)
+        if exc_type is None and self.transaction is not None:
+            ours = self.transaction
+            if self.session.get_transaction() is not ours or not ours.is_active:
+                raise HandlerSessionError(
+                    f"{self.who} ended the transaction outboxer gave it (with "
+                    "session.reset(), session.invalidate(), or a rollback or close of "
+                    "session.get_transaction()): its work and its inbox row would be thrown "
+                    "away while the message counted as processed; raise an exception instead"
+                )

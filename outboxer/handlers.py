@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
+from .callables import is_async_callable
 from .errors import ConfigurationError
 from .keys import FromBody, FromHeader
 from .message import Envelope, MessageType, message_type_for
@@ -244,7 +245,7 @@ def build_spec(
         raise ConfigurationError(
             f"handler {handler_name!r}: a message type name is at most 255 characters"
         )
-    is_async = inspect.iscoroutinefunction(fn)
+    is_async = is_async_callable(fn)
     if is_async != consumer_is_async:
         kind = "an async def" if is_async else "a plain def"
         need = (

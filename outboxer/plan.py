@@ -12,7 +12,7 @@ from collections.abc import Generator, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
-from .errors import HandlerSessionError
+from .errors import HandlerMisuse
 from .handlers import HandlerSpec
 from .instrumentation import HandlerOutcome
 from .message import Envelope
@@ -85,7 +85,7 @@ def handler_plan(retry: Retry, first_attempt: int) -> Generator[Step, RunResult 
         assert result is not None
         if result.error is None:
             return result.outcome
-        if isinstance(result.error, HandlerSessionError):
+        if isinstance(result.error, HandlerMisuse):
             # A programming error: every run would do the same.
             yield GiveUp(attempt, result.error, "non_retryable")
             return HandlerOutcome.DEAD_LETTERED

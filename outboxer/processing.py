@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy.engine import Connection
 
+from .callables import being_cancelled, call_sync
 from .failures import RunChannel
 from .fallbacks import Job, lost_database, no_connection
 from .guard import guarded
@@ -148,8 +149,9 @@ class Processor:
                 connected = True
                 if not inbox_store.record_inbox(connection, **run.inbox_row(event)):
                     return RunResult(HandlerOutcome.DUPLICATE)
-                with handling(envelope), guarded(session, spec):
-                    spec.fn(event, **spec.arguments(event, session, context))
+                who = f"handler {spec.id}"
+                with handling(envelope), guarded(session, who):
+                    call_sync(spec.fn, who, event, **spec.arguments(event, session, context))
         except (KeyboardInterrupt, SystemExit):
             raise  # a shutdown signal: the runner stops and gives the delivery back
         except BaseException as exc:
@@ -177,12 +179,12 @@ class Processor:
                 )
                 if not recorded:
                     return RunResult(HandlerOutcome.DUPLICATE)
-                with handling(envelope), guarded(session.sync_session, spec):
+                with handling(envelope), guarded(session.sync_session, f"handler {spec.id}"):
                     await spec.fn(event, **spec.arguments(event, session, context))
         except (KeyboardInterrupt, SystemExit):
             raise
         except asyncio.CancelledError as exc:
-            if _being_cancelled():
+            if being_cancelled():
                 raise  # the task is cancelled (shutdown), not failed
             return RunResult(HandlerOutcome.FAILED, exc)
         except BaseException as exc:
@@ -209,9 +211,3 @@ def _attempt(transaction: Callable[[Job], Any], job: Job) -> Exception | None:
     except Exception as exc:
         return exc
     return None
-
-
-def _being_cancelled() -> bool:
-    task = asyncio.current_task()
-    cancelling = getattr(task, "cancelling", None)
-    return task is None or cancelling is None or cancelling() > 0

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .callables import call_sync
 from .guard import guarded
 from .handlers import Context, HandlerSpec
 from .instrumentation import HandlerOutcome
@@ -46,8 +47,9 @@ def run_untransacted_sync(
         with session.begin():
             if inbox_store.inbox_has(session.connection(), **key):
                 return RunResult(HandlerOutcome.DUPLICATE)
-        with handling(envelope), guarded(session, spec):
-            spec.fn(event, **spec.arguments(event, session, context))
+        who = f"handler {spec.id}"
+        with handling(envelope), guarded(session, who):
+            call_sync(spec.fn, who, event, **spec.arguments(event, session, context))
         # Its own short transaction: the inbox row and what the handler published.
         if not inbox_store.record_inbox(session.connection(), **inbox_row):
             session.rollback()  # another consumer ran it meanwhile, and recorded it
@@ -71,7 +73,7 @@ async def run_untransacted_async(
             seen = await session.run_sync(lambda s: inbox_store.inbox_has(s.connection(), **key))
         if seen:
             return RunResult(HandlerOutcome.DUPLICATE)
-        with handling(envelope), guarded(session.sync_session, spec):
+        with handling(envelope), guarded(session.sync_session, f"handler {spec.id}"):
             await spec.fn(event, **spec.arguments(event, session, context))
         recorded = await session.run_sync(
             lambda s: inbox_store.record_inbox(s.connection(), **inbox_row)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator
+from datetime import datetime, timezone
 
 import pytest
 from sqlalchemy import select
@@ -151,3 +152,45 @@ async def test_an_async_adapter_takes_plain_messages_once_and_its_replay_comes_b
     await asyncio.to_thread(outboxer.Relay(engine, transport).run, once=True)
     await consumer.run_async(transport, once=True, idle_timeout=0.05)
     assert effects(engine) == {"hook": 2}
+
+
+async def test_an_async_channel_raising_cancelled_error_of_its_own_is_a_failure(
+    engine: Engine,
+    Session: sessionmaker[outboxer.OutboxSession],
+    AsyncSession: async_sessionmaker[outboxer.AsyncOutboxSession],
+) -> None:
+    """A channel whose client library raised ``CancelledError`` (its own timeout), the task
+    not being cancelled: dead-lettered like any failing channel. Before: taken for a
+    shutdown, the delivery went back, and handler and channel ran again forever."""
+    calls: Counter[str] = Counter()
+
+    async def pager(failure: outboxer.Failure) -> None:
+        calls["channel"] += 1
+        raise asyncio.CancelledError("the pager's client timed out")
+
+    consumer = outboxer.Consumer(
+        AsyncSession, name="async-cancel", retry=outboxer.Retry(max_attempts=1), on_failure=pager
+    )
+
+    @consumer.handler(OrderPlaced)
+    async def charge(event: OrderPlaced) -> None:
+        calls["handler"] += 1
+        raise ValueError("nope")
+
+    report = await consumer.process_async(
+        b'{"order_id": 1}',
+        wire.encode_headers(
+            outboxer.Envelope(
+                message_id=outboxer.uuid7(),
+                type="test.order_placed",
+                destination="orders",
+                payload=b'{"order_id": 1}',
+                occurred_at=datetime.now(timezone.utc),
+            )
+        ),
+        destination="orders",
+    )
+    assert report.outcomes == {"charge": "dead_lettered"}
+    assert calls == {"handler": 1, "channel": 1}
+    [letter] = outboxer.DeadLetters(Session).list()
+    assert "error channel pager raised" in letter.error_message

@@ -273,3 +273,50 @@ def test_the_default_must_be_a_plain_function(db_kind: str) -> None:
         outboxer.set_default_on_failure(report)
     with pytest.raises(outboxer.ConfigurationError, match="takes a function"):
         outboxer.set_default_on_failure("alerts")  # type: ignore[arg-type]
+
+
+# Found by a review on 2026-11-30: each failed before its fix --------------------------------
+
+
+class _AsyncPager:
+    __name__ = "pager"
+
+    async def __call__(self, failure: outboxer.Failure, session: Session) -> None:
+        session.add(Effect(handler="pager", message_key=str(failure.event.order_id)))
+
+
+def test_an_async_callable_channel_is_refused_on_a_sync_consumer(Session: SessionFactory) -> None:
+    """Before: accepted; the coroutine was never awaited, and with ``dead_letter=False`` the
+    message counted as handled while the channel's work never happened."""
+    consumer = outboxer.Consumer(Session, name="billing")
+    with pytest.raises(outboxer.ConfigurationError, match="async"):
+
+        @consumer.handler(
+            OrderPlaced, on_failure=outboxer.ErrorChannel(_AsyncPager(), dead_letter=False)
+        )
+        def charge(event: OrderPlaced) -> None:
+            raise ConnectionError("gateway down")
+
+
+def test_an_error_channel_that_commits_is_refused_and_its_work_rolled_back(
+    h: Harness,
+) -> None:
+    """Before: the channel's commit went through (its compensation was sent), and the dead
+    letter beside it said the channel "could not be committed": a replay ran it again."""
+
+    def compensate(failure: outboxer.Failure, session: outboxer.OutboxSession) -> None:
+        session.publish(PaymentFailed(order_id=failure.event.order_id, reason="declined"))
+        session.commit()
+
+    @h.consumer.handler(OrderPlaced, retry=outboxer.Retry(max_attempts=1), on_failure=compensate)
+    def charge(event: OrderPlaced) -> None:
+        raise ConnectionError("card declined")
+
+    h.publish(OrderPlaced(order_id=7))
+    h.deliver()
+    [letter] = h.dead()
+    assert "error channel compensate raised" in letter.error_message
+    assert "session.commit()" in letter.error_message
+    with h.engine.connect() as conn:  # nothing of the channel's transaction committed
+        assert conn.execute(select(outboxer.outbox.c.message_type)).all() == []
+    assert h.relay.run(once=True).sent == 0

@@ -5,9 +5,11 @@ all its replicas.
     def expire_carts(session, context: outboxer.Tick) -> None:
         ...   # session.publish(...) goes through the outbox, with this run's commit
 
-``outboxer-inbox`` (and ``consumer.run``) runs them beside the consumer's messages. Each
-tick is claimed in the database (:mod:`outboxer.store.schedule`), so N replicas run it
-once. The run is the handler's transaction: what it writes and publishes commits together.
+``outboxer-inbox`` (and ``consumer.run``) runs them beside the consumer's messages, each
+scheduled handler in a loop and a thread of its own, so a slow or hung one delays no other
+(and never overlaps itself). Each tick is claimed in the database
+(:mod:`outboxer.store.schedule`), so N replicas run it once. The run is the handler's
+transaction: what it writes and publishes commits together.
 A failing run is retried at once up to its ``Retry`` (``instant`` retries only: there is
 no message to send back later, so a policy with delayed retries is refused at
 registration); when it gives up, its error channel runs (``on_failure``, as for message
@@ -20,15 +22,18 @@ import asyncio
 import inspect
 import logging
 import math
+import threading
 import time
 import uuid
 from collections.abc import Callable, Collection
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy.engine import Connection, Engine
 
+from .callables import call_sync, is_async_callable
 from .errors import ConfigurationError
 from .failures import ErrorChannel, Failure, RunChannel, default_channel
 from .ids import uuid7
@@ -38,6 +43,7 @@ from .redaction import error_text, printable, redact
 from .retry import Retry, Verdict
 from .runner import OUTAGE_BACKOFF, StopSignal
 from .store import schedule as schedule_store
+from .tables import schedules
 
 __all__ = ["DEFAULT_LEASE", "SCHEDULED_TYPE", "Scheduled", "Scheduler", "Tick", "build_scheduled"]
 
@@ -46,6 +52,9 @@ log = logging.getLogger("outboxer.consumer")
 DEFAULT_LEASE = 60.0
 """Seconds a replica that died in a run keeps the others from running the handler (a
 live replica renews its lease while the run lasts)."""
+
+NAME_LENGTH: int = getattr(schedules.c.name.type, "length", None) or 255
+"""The most characters of a schedule's name, ``consumer:handler`` (its column's length)."""
 
 SCHEDULED_TYPE = "outboxer.scheduled"
 """The message type an error channel sees for a scheduled run that gave up."""
@@ -100,6 +109,13 @@ def build_scheduled(
     where = f"consumer {consumer!r}, scheduled handler {handler!r}"
     if not isinstance(handler, str) or not handler or len(handler) > 200:
         raise ConfigurationError(f"{where}: a name needs 1-200 characters")
+    if len(consumer) + 1 + len(handler) > NAME_LENGTH:
+        raise ConfigurationError(
+            f"{where}: the schedule's name {consumer!r}:{handler!r} has "
+            f"{len(consumer) + 1 + len(handler)} characters, more than the {NAME_LENGTH} "
+            "characters the outboxer_schedule table holds for consumer:handler; pass a "
+            f"name= of at most {NAME_LENGTH - len(consumer) - 1} characters"
+        )
     if handler in taken:
         raise ConfigurationError(f"{where}: the name is taken; pass name=...")
     if consumer_is_async:
@@ -107,7 +123,7 @@ def build_scheduled(
             f"{where}: scheduled handlers run on consumers with a sync session factory "
             "(sessionmaker); register it on a sync consumer"
         )
-    if not callable(fn) or inspect.iscoroutinefunction(fn):
+    if not callable(fn) or is_async_callable(fn):
         raise ConfigurationError(f"{where}: it must be a plain function (def, not async def)")
     seconds = _seconds(every, f"{where}: every")
     if seconds <= 0:
@@ -168,82 +184,103 @@ class Scheduler:
         """This replica's name in the schedule's leases."""
         self._clock = clock
         self._engine: Engine | None = None
-        self._outages = 0
+        self._engine_lock = threading.Lock()
 
     async def keep_running(self, stop: StopSignal, *, once: bool = False) -> None:
-        """Run due ticks until ``stop`` (with ``once``: those due now, then return). A
-        database outage is logged and waited out; a run in progress finishes on stop."""
+        """Run due ticks until ``stop`` (with ``once``: those due now, then return). Each
+        scheduled handler has its own loop and thread: a slow or hung run delays only the
+        next ticks of its own handler. A database outage is logged and waited out; the
+        runs in progress finish on stop."""
+        # Two threads a handler: its run, and the renewal of its lease meanwhile.
+        threads = ThreadPoolExecutor(
+            max_workers=2 * len(self.scheduled), thread_name_prefix="outboxer-scheduled"
+        )
+        try:
+            await asyncio.gather(
+                *(self._keep_running_one(spec, stop, threads, once) for spec in self.scheduled)
+            )
+        finally:
+            threads.shutdown(wait=False)  # each loop waited for its own runs
+
+    async def _keep_running_one(
+        self, spec: Scheduled, stop: StopSignal, threads: ThreadPoolExecutor, once: bool
+    ) -> None:
+        outages = 0
         while not stop.is_set():
             try:
-                pause = await self._run_due_keeping_leases()
-                self._outages = 0
+                pause = await self._run_due_keeping_lease(spec, threads)
+                outages = 0
             except Exception as exc:
-                self._outages += 1
-                pause = OUTAGE_BACKOFF.delay(self._outages)
+                outages += 1
+                pause = OUTAGE_BACKOFF.delay(outages)
                 log.warning(
-                    "scheduled handlers of %s: the schedule could not be read (%s); "
+                    "scheduled handler %s: the schedule could not be read (%s); "
                     "trying again in %.1f s",
-                    self.scheduled[0].consumer,
+                    spec.id,
                     printable(error_text(exc), 300),
                     pause,
-                    exc_info=exc if self._outages == 1 else None,
+                    exc_info=exc if outages == 1 else None,
                 )
             if once:
                 return
             await stop.sleep(min(pause, 1.0))
 
-    async def _run_due_keeping_leases(self) -> float:
-        """:meth:`run_due` in a thread; meanwhile the leases of the runs in progress are
-        renewed every third of their length, so a long run is not overlapped."""
-        running = asyncio.ensure_future(asyncio.to_thread(self.run_due))
-        interval = min(spec.lease for spec in self.scheduled) / 3
+    async def _run_due_keeping_lease(self, spec: Scheduled, threads: ThreadPoolExecutor) -> float:
+        """:meth:`run_due_one` in a thread; meanwhile the lease of its run is renewed
+        every third of its length, so a long run is not overlapped."""
+        loop = asyncio.get_running_loop()
+        running = loop.run_in_executor(threads, self.run_due_one, spec)
         while True:
-            done, _ = await asyncio.wait({running}, timeout=interval)
+            done, _ = await asyncio.wait({running}, timeout=spec.lease / 3)
             if done:
                 return running.result()
             try:
-                await asyncio.to_thread(self.renew_leases)
+                await loop.run_in_executor(threads, self._renew_lease, spec)
             except Exception:  # the run's own end meets the same trouble and reports it
-                log.debug("could not renew the leases of scheduled runs", exc_info=True)
+                log.debug("could not renew the lease of %s", spec.id, exc_info=True)
 
     def renew_leases(self) -> None:
         """Extend the leases this replica holds (its runs in progress)."""
-        engine = self._engine_for_ticks()
-        with engine.connect() as connection:
-            for spec in self.scheduled:
-                schedule_store.renew_lease(
-                    connection, name=spec.id, owner=self.owner, lease=spec.lease
-                )
+        for spec in self.scheduled:
+            self._renew_lease(spec)
+
+    def _renew_lease(self, spec: Scheduled) -> None:
+        with self._engine_for_ticks().connect() as connection:
+            schedule_store.renew_lease(connection, name=spec.id, owner=self.owner, lease=spec.lease)
 
     def run_due(self) -> float:
-        """Run every tick that is due and not claimed elsewhere; the seconds until the
-        next tick begins (on this host's clock: when to look again; the claim decides)."""
+        """Run every tick that is due and not claimed elsewhere, one handler after the
+        other; the seconds until the next tick begins (on this host's clock: when to look
+        again; the claim decides)."""
+        return min(self.run_due_one(spec) for spec in self.scheduled)
+
+    def run_due_one(self, spec: Scheduled) -> float:
+        """Run the tick of ``spec`` if it is due and not claimed elsewhere; the seconds
+        until its next tick begins."""
         engine = self._engine_for_ticks()
-        for spec in self.scheduled:
-            with engine.connect() as connection:
-                tick = schedule_store.claim_tick(
-                    connection, name=spec.id, every=spec.every, owner=self.owner, lease=spec.lease
-                )
-            if tick is None:
-                continue
+        with engine.connect() as connection:
+            tick = schedule_store.claim_tick(
+                connection, name=spec.id, every=spec.every, owner=self.owner, lease=spec.lease
+            )
+        if tick is not None:
             try:
                 self._run(spec, tick)
             finally:
                 with engine.connect() as connection:
                     schedule_store.release_tick(connection, name=spec.id, owner=self.owner)
-        now = self._clock()
-        return min(spec.every - (now % spec.every) for spec in self.scheduled)
+        return spec.every - (self._clock() % spec.every)
 
     def _engine_for_ticks(self) -> Engine:
-        if self._engine is None:
-            with self.session_factory() as session:
-                bind = session.get_bind()
-            engine: Engine = bind.engine if isinstance(bind, Connection) else bind
-            with engine.connect() as connection:
-                for spec in self.scheduled:
-                    schedule_store.ensure_schedule(connection, spec.id)
-            self._engine = engine
-        return self._engine
+        with self._engine_lock:  # the handlers' threads ask at once
+            if self._engine is None:
+                with self.session_factory() as session:
+                    bind = session.get_bind()
+                engine: Engine = bind.engine if isinstance(bind, Connection) else bind
+                with engine.connect() as connection:
+                    for spec in self.scheduled:
+                        schedule_store.ensure_schedule(connection, spec.id)
+                self._engine = engine
+            return self._engine
 
     def _run(self, spec: Scheduled, number: int) -> None:
         due_at = datetime.fromtimestamp(number * spec.every, timezone.utc)
@@ -253,7 +290,8 @@ class Scheduler:
             try:
                 with self.session_factory() as session, session.begin():
                     arguments = {"session": session, "context": tick}
-                    spec.fn(**{k: v for k, v in arguments.items() if k in spec.wants})
+                    wanted = {k: v for k, v in arguments.items() if k in spec.wants}
+                    call_sync(spec.fn, f"scheduled handler {spec.name!r}", **wanted)
             except (KeyboardInterrupt, SystemExit):
                 raise
             except BaseException as exc:

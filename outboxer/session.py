@@ -31,7 +31,10 @@ events then decide its fate. The hooks' contract:
 With the collector off (``outboxer_collector = False``), ``publish()`` also writes the kept
 messages every ``outboxer_chunk_size`` of them, into the innermost transaction, and
 ``begin_nested()`` writes them before its SAVEPOINT (they belong outside it): the database
-then keeps or drops them with their transaction, as for Core.
+then keeps or drops them with their transaction, as for Core. A chunk writes only the
+messages that belong inside the innermost transaction: those kept from an enclosing one
+(the collector was switched off inside a SAVEPOINT) wait for a write in their own
+transaction, at the latest the commit's.
 
 A session joined to an external connection (``Session(bind=connection,
 join_transaction_mode=...)``) writes at its commit into the connection's transaction, so
@@ -83,6 +86,11 @@ _PENDING_BYTES = "outboxer.pending_bytes"
 """Payload bytes kept in _PENDING (counted when the collector is off)."""
 _WRITTEN = "outboxer.written"
 """Set once this commit wrote the outbox: later publish() calls write through."""
+_HELD = "outboxer.held"
+"""How many kept messages (first in _PENDING) belong outside the innermost transaction."""
+RECORDED = "outboxer.recorded"
+"""While ``outboxer.testing`` records, a list in ``session.info``: every INSERT of kept
+messages appends them (their ``_Pending``); the outermost transaction's end removes it."""
 
 
 def _install_hooks(session_class: type[Session]) -> None:
@@ -132,12 +140,16 @@ def _write_pending(session: Session) -> None:
     session.info[_WRITTEN] = True
 
 
-def _insert_pending(session: Session, *, flush: bool) -> None:
+def _insert_pending(
+    session: Session, *, flush: bool, within: SessionTransaction | None = None
+) -> None:
     """INSERT the kept messages in the innermost transaction, and forget them.
 
     ``flush``: flush the session first, so domain writes take their row locks before
     outbox ids are assigned (skipped when the session is flushing already: a listener
-    publishing from inside a flush).
+    publishing from inside a flush). ``within``: the innermost transaction, to write only
+    the messages that belong inside it (None: all of them, at the outermost commit).
+    Those of enclosing transactions were published before it began, so they come first.
     """
     if flush and not _flushing(session):
         session.flush()
@@ -145,13 +157,25 @@ def _insert_pending(session: Session, *, flush: bool) -> None:
     session.info.pop(_PENDING_BYTES, None)
     if not pending:
         return
+    held = 0
+    if within is not None:
+        while held < len(pending) and not _inside(pending[held].transaction, within):
+            held += 1
+    session.info[_HELD] = held
+    if held == len(pending):
+        return
     connection = session.connection(bind_arguments=_BIND_ARGUMENTS)
     notify = getattr(session, "outboxer_notify", True)
+    recorded: list[_Pending] | None = session.info.get(RECORDED)
 
     def forget(stored: int) -> None:
-        del pending[:stored]  # only once stored: a failed INSERT keeps them for a retry
+        # Only once stored: a failed INSERT keeps them for a retry.
+        if recorded is not None:
+            recorded.extend(pending[held : held + stored])
+        del pending[held : held + stored]
 
-    store.insert_messages(connection, [p.message for p in pending], notify=notify, inserted=forget)
+    messages = [p.message for p in pending[held:]]
+    store.insert_messages(connection, messages, notify=notify, inserted=forget)
 
 
 def _flushing(session: Session) -> bool:
@@ -182,13 +206,14 @@ def _after_transaction_end(session: Session, transaction: SessionTransaction) ->
             _write_pending(session)  # the outermost transaction, now innermost, commits
     elif transaction.parent is None:
         _forget_commit(session)
+        session.info.pop(RECORDED, None)
         pending = session.info.get(_PENDING)
         if pending:
             pending.clear()
 
 
 def _forget_commit(session: Session) -> None:
-    for name in (_BEFORE_COMMITS, _WRITE_AT_END, _WRITTEN, _PENDING_BYTES):
+    for name in (_BEFORE_COMMITS, _WRITE_AT_END, _WRITTEN, _PENDING_BYTES, _HELD):
         session.info.pop(name, None)
 
 
@@ -285,10 +310,11 @@ class OutboxMixin:
         elif not self.outboxer_collector:
             size = self.info.get(_PENDING_BYTES, 0) + len(message.envelope.payload)
             self.info[_PENDING_BYTES] = size
-            if len(pending) >= self.outboxer_chunk_size or size >= _CHUNK_BYTES:
-                # Into the innermost transaction: every kept message belongs to it (a
+            writable = len(pending) - self.info.get(_HELD, 0)
+            if writable >= self.outboxer_chunk_size or size >= _CHUNK_BYTES:
+                # Into the innermost transaction, the messages that belong to it (a
                 # SAVEPOINT's begin writes those of the transaction around it first).
-                _insert_pending(self, flush=True)
+                _insert_pending(self, flush=True, within=transaction)
         return message.envelope.message_id
 
     def begin(self, nested: bool = False) -> SessionTransaction:
@@ -296,7 +322,8 @@ class OutboxMixin:
         messages kept so far, which belong to the transaction around it."""
         assert isinstance(self, Session)
         if nested and not self.outboxer_collector:
-            _insert_pending(self, flush=True)
+            innermost = self.get_nested_transaction() or self.get_transaction()
+            _insert_pending(self, flush=True, within=innermost)
         transaction: SessionTransaction = super().begin(nested=nested)  # type: ignore[misc]
         return transaction
 

@@ -1,10 +1,11 @@
 """What committed transactions published: a recorder for tests.
 
 :class:`Published` listens to every ORM session (sync, and the sync session inside each
-``AsyncOutboxSession``) while it records: the messages a session holds when its outermost
-transaction commits are the messages that commit stored. Rolled-back transactions and
-savepoints record nothing, exactly as they store nothing. Core's
-``outboxer.publish(connection, ...)`` writes at once, outside any session, and is not seen.
+``AsyncOutboxSession``) while it records: the session notes every message it writes to the
+outbox (at commit, or as it goes with the collector off), a rolled-back savepoint or
+transaction drops its own from the notes, and what is noted when the outermost transaction
+commits is what that commit stored. Core's ``outboxer.publish(connection, ...)`` writes at
+once, outside any session, and is not seen.
 """
 
 from __future__ import annotations
@@ -18,13 +19,11 @@ from sqlalchemy import event
 from sqlalchemy.orm import Session, SessionTransaction
 
 from ..message import Envelope, message_type_for
-from ..session import OutboxMixin
+from ..session import RECORDED, OutboxMixin, _inside, _Pending
 
 __all__ = ["Published"]
 
 T = TypeVar("T")
-
-_STAGED = "outboxer.testing.staged"
 
 
 class Published:
@@ -45,18 +44,20 @@ class Published:
     def start(self) -> Published:
         """Listen to every session's commits (until :meth:`stop`)."""
         if not self._listening:
-            # insert=True: run before outboxer's own hook, which hands the messages over.
+            event.listen(Session, "after_begin", self._after_begin)
+            # insert=True: before outboxer's own hook, which writes the kept messages.
             event.listen(Session, "before_commit", self._before_commit, insert=True)
             event.listen(Session, "after_commit", self._after_commit)
-            event.listen(Session, "after_transaction_end", self._after_transaction_end)
+            event.listen(Session, "after_soft_rollback", self._after_soft_rollback)
             self._listening = True
         return self
 
     def stop(self) -> None:
         if self._listening:
+            event.remove(Session, "after_begin", self._after_begin)
             event.remove(Session, "before_commit", self._before_commit)
             event.remove(Session, "after_commit", self._after_commit)
-            event.remove(Session, "after_transaction_end", self._after_transaction_end)
+            event.remove(Session, "after_soft_rollback", self._after_soft_rollback)
             self._listening = False
 
     def __enter__(self) -> Published:
@@ -70,19 +71,29 @@ class Published:
         with self._lock:
             self.envelopes.clear()
 
+    def _after_begin(self, session: Session, *_: object) -> None:
+        # Before the transaction's first write: every write needs a connection.
+        if isinstance(session, OutboxMixin):
+            session.info.setdefault(RECORDED, [])
+
     def _before_commit(self, session: Session) -> None:
+        # A transaction begun before recording started: at least its commit's write.
         if isinstance(session, OutboxMixin) and session.get_nested_transaction() is None:
-            session.info[_STAGED] = [m.envelope for m in session.pending_messages()]
+            session.info.setdefault(RECORDED, [])
+
+    def _after_soft_rollback(self, session: Session, rolled_back: SessionTransaction) -> None:
+        # A SAVEPOINT or the whole transaction: the rows it wrote are gone.
+        written: list[_Pending] | None = session.info.get(RECORDED)
+        if written and (rolled_back.nested or rolled_back.parent is None):
+            written[:] = [p for p in written if not _inside(p.transaction, rolled_back)]
 
     def _after_commit(self, session: Session) -> None:
-        staged = session.info.pop(_STAGED, None)
-        if staged:
+        if not isinstance(session, OutboxMixin) or session.get_nested_transaction() is not None:
+            return  # a SAVEPOINT released: its messages are stored only if the commit is
+        stored = [p.message.envelope for p in session.info.get(RECORDED, ())]
+        if stored:
             with self._lock:
-                self.envelopes.extend(staged)
-
-    def _after_transaction_end(self, session: Session, transaction: SessionTransaction) -> None:
-        if transaction.parent is None:
-            session.info.pop(_STAGED, None)  # the commit failed: nothing was stored
+                self.envelopes.extend(stored)
 
     # Asserting --------------------------------------------------------------------------
 

@@ -179,7 +179,9 @@ def run(console: Console, directory: Path | None = None) -> None:
             console.rule("[bold]7. the journey of order 3 as one trace (what Jaeger shows)")
             _print_trace(console, spans(), str(letter.message_id))
         else:
-            console.print("(install outboxer[otel] to see the journey as one OpenTelemetry trace)")
+            console.print(
+                "(install outboxer\\[otel] to see the journey as one OpenTelemetry trace)"
+            )
         engine.dispose()
 
 

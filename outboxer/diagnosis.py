@@ -33,11 +33,14 @@ _PG_AUTH = {"28P01", "28000"}  # invalid_password, invalid_authorization_specifi
 _PG_NO_DATABASE = "3D000"
 _PG_UNDEFINED_TABLE = "42P01"
 _PG_CANNOT_CONNECT = {"08001", "08006", "08004", "57P03"}  # ..., cannot_connect_now
+_PG_PRIVILEGE = "42501"  # insufficient_privilege
 # MySQL/MariaDB error numbers.
 _MY_AUTH = {1044, 1045, 1698}
 _MY_NO_DATABASE = 1049
 _MY_NO_TABLE = 1146
 _MY_CANNOT_CONNECT = {2002, 2003, 2005, 2006, 2013}
+_MY_PRIVILEGE = {1142, 1143, 1227}  # table, column, global privilege denied
+_DRIVERS = ("sqlalchemy", "psycopg", "psycopg2", "pymysql", "sqlite3", "asyncmy", "aiosqlite")
 AWS_BAD_CREDENTIALS = frozenset(
     {
         "InvalidClientTokenId",
@@ -71,6 +74,19 @@ _NO_TABLE = re.compile(
     re.IGNORECASE,
 )
 _NO_DATABASE = re.compile(r"database \"[^\"]*\" does not exist|unknown database", re.IGNORECASE)
+# A connection option the driver (libpq) or, at start-up (FATAL), the server refuses.
+_BAD_OPTION = re.compile(
+    r"invalid connection option|invalid \w+ value:|bad value for|invalid integer value|"
+    r"missing \"=\" after|server does not support SSL|"
+    r"FATAL:\s+(?:invalid value for parameter|unrecognized configuration parameter)",
+    re.IGNORECASE,
+)
+_OTHER_PROTOCOL = re.compile(
+    r"invalid response to SSL negotiation|expected authentication request from server|"
+    r"received invalid response|packet sequence number wrong|lost connection to mysql server "
+    r"at 'reading initial communication packet'",
+    re.IGNORECASE,
+)
 
 
 def causes(exc: BaseException) -> Iterator[BaseException]:
@@ -95,6 +111,7 @@ def diagnose(
             return error
     for error in causes(exc):
         found = _database(error, db_url) if _from_database(error) else None
+        found = found or _rejected_options(error, db_url)
         found = found or (_broker(error, broker_url) if _from_broker(error) else None)
         if found is not None:
             found.__cause__ = exc
@@ -104,7 +121,7 @@ def diagnose(
 
 def _from_database(error: BaseException) -> bool:
     module = type(error).__module__
-    return module.split(".")[0] in ("sqlalchemy", "psycopg", "psycopg2", "pymysql", "sqlite3")
+    return module.split(".")[0] in _DRIVERS
 
 
 def _from_broker(error: BaseException) -> bool:
@@ -133,6 +150,21 @@ def _database(error: BaseException, url: str | None) -> OperatorError | None:
         if "outboxer_" not in text:
             return None  # someone else's table
         return tables_missing(url)
+    if sqlstate == _PG_PRIVILEGE or code in _MY_PRIVILEGE:
+        return DatabaseAccessDenied(
+            f"the database user of {where} lacks privileges ({_detail(text)}): grant it "
+            "privileges on outboxer's tables and their schema, or use the user that owns them"
+        )
+    if _BAD_OPTION.search(text):
+        return InvalidURL(
+            f"cannot connect with the options of {where} ({_detail(text)}): fix the URL's "
+            "query (?sslmode=..., ?connect_timeout=...) in --db / OUTBOXER_DB"
+        )
+    if _OTHER_PROTOCOL.search(text):
+        return DatabaseUnavailable(
+            f"what answers at {where} is not that database ({_detail(text)}): is the port "
+            "in --db / OUTBOXER_DB the database's?"
+        )
     if sqlstate in _PG_AUTH or code in _MY_AUTH or _AUTH_WORDS.search(text):
         return DatabaseAccessDenied(
             f"the database refused the credentials for {where}: check the user and password "
@@ -149,6 +181,40 @@ def _database(error: BaseException, url: str | None) -> OperatorError | None:
             "in --db / OUTBOXER_DB right?"
         )
     return None
+
+
+def _detail(text: str) -> str:
+    """The driver's own words, short: its message's first line, from where it says what
+    failed ("... failed: server does not support SSL, but SSL was required")."""
+    first = re.sub(r"^\([\w.]+\)\s*", "", text.strip().splitlines()[0] if text.strip() else "")
+    first = first.rsplit(" failed: ", 1)[-1]
+    return first if len(first) <= 160 else first[:157] + "..."
+
+
+def _rejected_options(error: BaseException, url: str | None) -> OperatorError | None:
+    """A driver that fails on a connection option it cannot use without saying so (PyMySQL
+    on an unknown ``?charset=``: an AttributeError) fails inside the DBAPI's ``connect()``:
+    the URL's query is the only input there."""
+    if not isinstance(error, (AttributeError, KeyError, LookupError, TypeError, ValueError)):
+        return None
+    frames = []
+    tb = error.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    if not frames or str(frames[-1].f_globals.get("__name__", "")).split(".")[0] not in _DRIVERS:
+        return None
+    if not any(
+        frame.f_code.co_name == "connect"
+        and frame.f_globals.get("__name__") == "sqlalchemy.engine.default"
+        for frame in frames
+    ):
+        return None
+    return InvalidURL(
+        f"the database driver cannot use the connection options of {_shown(url)} "
+        f"({type(error).__name__}: {_detail(str(error))}): fix the URL's query in --db / "
+        "OUTBOXER_DB"
+    )
 
 
 def _broker(error: BaseException, url: str | None) -> OperatorError | None:

@@ -23,6 +23,7 @@ from alembic.operations import Operations
 from alembic.runtime.environment import EnvironmentContext
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy import inspect
 from sqlalchemy.engine import Connection, Engine
 
 from .errors import ConfigurationError
@@ -34,6 +35,8 @@ __all__ = [
     "head",
     "include_object",
     "migrations_dir",
+    "revisions",
+    "tables_present",
     "upgrade",
     "upgrade_from_env",
 ]
@@ -63,6 +66,18 @@ def head() -> str:
     revision = script_directory().get_current_head()
     assert revision is not None
     return revision
+
+
+def revisions() -> list[str]:
+    """Every revision shipped with this version of outboxer, oldest first."""
+    return [script.revision for script in reversed(list(script_directory().walk_revisions()))]
+
+
+def tables_present(bind: Engine | Connection) -> list[str]:
+    """The outboxer tables the database holds (its version table aside)."""
+    with _connection(bind) as connection:
+        names = set(inspect(connection).get_table_names())
+    return sorted(names & set(metadata.tables))
 
 
 def current(bind: Engine | Connection) -> str | None:

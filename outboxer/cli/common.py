@@ -29,8 +29,9 @@ from rich.console import Console
 from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine, make_url
 
-from ..errors import InvalidURL
-from ..secrets import mask_url
+from ..diagnosis import diagnose
+from ..errors import InvalidURL, OperatorError
+from ..secrets import mask_url, unencoded_credentials
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -107,11 +108,23 @@ def import_target(target: str, param_hint: str, example: str) -> Any:
         sys.path.append(here)
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
+    except Exception as exc:
+        # A database the module reaches at import is the operator's to fix (exit 4, 5, 6);
+        # anything else (ImportError, SyntaxError, a RuntimeError of the module) is the
+        # target's, named in one line.
+        if isinstance(exc, OperatorError) or diagnose(exc) is not None:
+            raise
         raise click.BadParameter(
-            f"cannot import {module_name!r}: {exc}", param_hint=param_hint
+            f"cannot import {module_name!r} (from {target}): {failure(exc)}",
+            param_hint=param_hint,
         ) from exc
     return getattr(module, attribute, None)
+
+
+def failure(exc: BaseException) -> str:
+    """``exc`` in one line: its class and the first line of its message."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def make_engine(url: str, factory: Callable[..., Engine] = create_engine, **kwargs: Any) -> Engine:
@@ -122,6 +135,11 @@ def make_engine(url: str, factory: Callable[..., Engine] = create_engine, **kwar
     otherwise reach logs and dead letters.
     """
     kwargs.setdefault("hide_parameters", True)
+    if unencoded_credentials(url):  # the driver would take part of the password for the host
+        raise InvalidURL(
+            f"invalid database URL {mask_url(url)}: percent-encode '/', '?', '#' and '@' in "
+            "the user name and password (%2F, %3F, %23, %40)"
+        )
     try:
         parsed = make_url(url)
     except Exception as exc:  # ArgumentError, ValueError on a bad port...
@@ -144,10 +162,14 @@ def safe_url(url: str) -> str:
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+MAX_DURATION = 36500 * 86400.0
+"""100 years: the longest duration an option takes (a time that long ago is still a date)."""
 
 
 def parse_duration(value: str) -> float:
-    """Seconds in ``value``: ``90``, ``45s``, ``30m``, ``12h``, ``7d``, ``2w``."""
+    """Seconds in ``value``: ``90``, ``45s``, ``30m``, ``12h``, ``7d``, ``2w``; a finite
+    number from 0 to :data:`MAX_DURATION` (``nan`` would compare false with every lag,
+    ``inf`` or ``1e12`` would overflow the date arithmetic they feed)."""
     text = value.strip().lower()
     unit = _UNITS.get(text[-1:]) if text else None
     number = text[:-1] if unit else text
@@ -157,8 +179,12 @@ def parse_duration(value: str) -> float:
         raise click.BadParameter(
             f"{value!r} is not a duration; use seconds or a number with s, m, h, d or w (7d)"
         ) from None
+    if math.isnan(seconds) or math.isinf(seconds):
+        raise click.BadParameter(f"{value!r} is not a finite duration; use seconds or 7d, 2w...")
     if seconds < 0:
         raise click.BadParameter(f"{value!r}: a duration cannot be negative")
+    if seconds > MAX_DURATION:
+        raise click.BadParameter(f"{value!r}: a duration is at most 100 years (36500d)")
     return seconds
 
 
@@ -168,8 +194,6 @@ class Duration(_FloatType):
     def convert(
         self, value: Any, param: click.Parameter | None, ctx: click.Context | None
     ) -> float:
-        if isinstance(value, (int, float)):
-            return float(value)
         try:
             return parse_duration(str(value))
         except click.BadParameter as exc:
@@ -192,7 +216,9 @@ class When(_TimeType):
         except ValueError:
             try:
                 return datetime.now(timezone.utc) - timedelta(seconds=parse_duration(text))
-            except click.BadParameter:
+            except click.BadParameter as exc:
+                if "is not a duration" not in exc.message:  # a duration, but an impossible one
+                    self.fail(exc.message, param, ctx)
                 self.fail(
                     f"{value!r} is neither an ISO 8601 time (2026-11-22T10:00) nor a duration "
                     "ago (2h, 7d)",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -85,7 +86,7 @@ class HealthServer:
         self._ready: tuple[float, str | None] | None = None
         self._lock = threading.Lock()
         try:
-            self._server = ThreadingHTTPServer(address, _handler(self))
+            self._server = _server_class(address[0])(address, _handler(self))
         except OSError as exc:
             raise ConfigurationError(
                 f"cannot serve health checks on {address[0]}:{address[1]}: {exc.strerror}"
@@ -98,7 +99,7 @@ class HealthServer:
 
     def start(self) -> HealthServer:
         self._thread.start()
-        log.info("health checks on http://%s:%d/live and /ready", *self._address())
+        log.info("health checks on http://%s/live and /ready", _netloc(*self._address()))
         return self
 
     def close(self) -> None:
@@ -140,6 +141,22 @@ class HealthServer:
         return host, self.port
 
 
+def _server_class(host: str) -> type[ThreadingHTTPServer]:
+    """ThreadingHTTPServer, on IPv6 for an IPv6 host (``[::1]:8080``, ``[::]:8080``)."""
+    if ":" not in host:
+        return ThreadingHTTPServer
+
+    class IPv6Server(ThreadingHTTPServer):
+        address_family = socket.AF_INET6
+
+    return IPv6Server
+
+
+def _netloc(host: str, port: int) -> str:
+    """``host:port`` for a URL, an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _handler(server: HealthServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -176,8 +193,11 @@ def serve_metrics(address: tuple[str, int]) -> tuple[Any, Callable[[], None]]:
         raise ConfigurationError(
             f"cannot serve metrics on {address[0]}:{address[1]}: {exc.strerror}"
         ) from exc
-    log.info("Prometheus metrics on http://%s:%d/metrics", *address)
+    bound = address[1]
     if isinstance(started, tuple):  # prometheus_client >= 0.17: (server, thread)
+        bound = int(started[0].server_address[1])  # the port chosen for port 0
+    log.info("Prometheus metrics on http://%s/metrics", _netloc(address[0], bound))
+    if isinstance(started, tuple):
 
         def stop() -> None:
             started[0].shutdown()

@@ -29,12 +29,20 @@ from .common import (
     broker_option,
     console,
     db_option,
+    failure,
     import_target,
     make_engine,
     setting,
 )
 from .health import observability, service_options
-from .readiness import STARTUP_BACKOFF, Check, broker_check, wait_until
+from .readiness import (
+    STARTUP_BACKOFF,
+    Check,
+    async_database_check,
+    bound_url,
+    broker_check,
+    wait_until,
+)
 from .shell import configure_logging, configure_logging_later, equip
 from .signals import graceful_stop
 
@@ -44,11 +52,20 @@ log = logging.getLogger("outboxer.consumer")
 def load_consumer(target: str) -> Consumer:
     """Import ``package.module:attribute`` and return the Consumer it names."""
     obj = import_target(target, "CONSUMER", "myapp.consumers:billing")
-    if callable(obj) and not isinstance(obj, Consumer):
-        obj = obj()
+    if callable(obj) and not isinstance(obj, (Consumer, type)):  # a function returning one
+        try:
+            obj = obj()
+        except Exception as exc:
+            if isinstance(exc, OperatorError) or diagnose(exc) is not None:
+                raise  # its database: the operator's to fix (exit 4, 5, 6)
+            raise click.BadParameter(
+                f"calling {target} failed: {failure(exc)}", param_hint="CONSUMER"
+            ) from exc
     if not isinstance(obj, Consumer):
+        kind = f"the class {obj.__name__}" if isinstance(obj, type) else type(obj).__name__
         raise click.BadParameter(
-            f"{target} is {type(obj).__name__}, not an outboxer.Consumer", param_hint="CONSUMER"
+            f"{target} is {kind}, not an outboxer.Consumer (or a function returning one)",
+            param_hint="CONSUMER",
         )
     return obj
 
@@ -124,9 +141,7 @@ def main(
         ", once" if once else "",
         "" if relay else ", no relay",
     )
-    checks = [broker_check(transport, broker_url)]
-    if not consumer.is_async:
-        checks.insert(0, consumer_database_check(consumer))
+    checks = [consumer_database_check(consumer), broker_check(transport, broker_url)]
     try:
         with (
             graceful_stop(stop, "finishing the messages in progress"),
@@ -248,7 +263,10 @@ def validate_names(consumer: Consumer, transport: Transport) -> None:
 
 
 def consumer_database_check(consumer: Consumer) -> Check:
-    """The consumer's database answers and holds outboxer's tables (sync consumers)."""
+    """The consumer's database answers and holds outboxer's tables (for an async consumer,
+    through an engine of its own on the same URL: :func:`.readiness.async_database_check`)."""
+    if consumer.is_async:
+        return async_database_check(consumer.session_factory)
 
     def check() -> None:
         try:
@@ -257,7 +275,8 @@ def consumer_database_check(consumer: Consumer) -> Check:
         except OperatorError:
             raise
         except Exception as exc:
-            problem = diagnose(exc)
+            url = bound_url(consumer.session_factory)
+            problem = diagnose(exc, db_url=url and url.render_as_string(hide_password=True))
             if problem is None:
                 raise
             raise problem from exc

@@ -15,16 +15,20 @@ The same checks, run without waiting, are the HTTP readiness probe (:mod:`.healt
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Callable
+from typing import Any
 
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import URL, Engine
 
+from .. import async_support
 from ..diagnosis import diagnose
 from ..errors import (
     BrokerAccessDenied,
     BrokerUnavailable,
+    ConfigurationError,
     DatabaseAccessDenied,
     DatabaseUnavailable,
     OperatorError,
@@ -34,7 +38,14 @@ from ..secrets import mask_url
 from ..store.schema import require_tables
 from ..transports import Transport
 
-__all__ = ["Check", "broker_check", "database_check", "wait_until"]
+__all__ = [
+    "Check",
+    "async_database_check",
+    "bound_url",
+    "broker_check",
+    "database_check",
+    "wait_until",
+]
 
 log = logging.getLogger("outboxer.cli")
 
@@ -60,6 +71,61 @@ def database_check(engine: Engine, db_url: str, tables: list[str] | None = None)
             raise problem from exc
 
     return check
+
+
+def async_database_check(session_factory: Callable[[], Any]) -> Check:
+    """:func:`database_check` for an ``async_sessionmaker``: SQLAlchemy's asyncio extension
+    is installed (:class:`~outboxer.errors.ConfigurationError` naming the extra otherwise),
+    and the database answers the async driver and holds outboxer's tables.
+
+    Each check runs in an event loop of its own, on an engine of its own, disposed of
+    after it: the application's pooled connections belong to the consumer's event loop,
+    and the readiness probe runs in another thread. That engine connects as the
+    application's does (a copy of its pool: the same ``connect_args`` and connect events).
+    An in-memory SQLite database exists once per connection, so there only the extension
+    is checked.
+    """
+
+    def check() -> None:
+        if not async_support.AVAILABLE:
+            raise ConfigurationError(async_support.MISSING_HINT)
+        url = bound_url(session_factory)
+        if url is None or (
+            url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
+        ):
+            return
+        try:
+            asyncio.run(_probe(session_factory))
+        except OperatorError:
+            raise
+        except Exception as exc:
+            problem = diagnose(exc, db_url=url.render_as_string(hide_password=True))
+            if problem is None:
+                raise
+            raise problem from exc
+
+    return check
+
+
+async def _probe(session_factory: Callable[[], Any]) -> None:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    bind = session_factory.kw["bind"]  # type: ignore[attr-defined]  # bound_url found it
+    app = bind.sync_engine  # an AsyncEngine or an AsyncConnection
+    engine = AsyncEngine(Engine(app.pool.recreate(), app.dialect, app.url, hide_parameters=True))
+    try:
+        async with engine.connect() as connection:
+            await connection.run_sync(require_tables)
+    finally:
+        await engine.dispose()
+
+
+def bound_url(session_factory: Callable[[], Any]) -> URL | None:
+    """The URL of the engine ``session_factory`` binds its sessions to (None: unbound)."""
+    bind = getattr(session_factory, "kw", {}).get("bind")
+    engine = getattr(bind, "engine", bind)  # a Connection, or an Engine (also async)
+    url = getattr(engine, "url", None)
+    return url if isinstance(url, URL) else None
 
 
 def broker_check(transport: Transport, broker_url: str) -> Check:

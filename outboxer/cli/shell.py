@@ -11,7 +11,7 @@
 
 Exit codes (also in docs/operations.md): 0 done; 1 failed (a command's own failure, or an
 unexpected error); 2 usage error; 3 invalid URL or configuration; 4 database unreachable;
-5 database refused the credentials; 6 outboxer tables missing; 7 broker unreachable;
+5 database refused the credentials (or privileges); 6 outboxer tables missing; 7 broker unreachable;
 8 broker refused the credentials; 9 ``status --max-lag`` exceeded; 130 forced exit
 (a second Ctrl-C).
 """
@@ -39,7 +39,7 @@ EXIT_CODES = {
     2: "usage error: an unknown option, a bad value",
     3: "invalid URL or configuration",
     4: "database unreachable (refused, timed out, unknown host, no such database)",
-    5: "the database refused the credentials",
+    5: "the database refused the credentials, or the user lacks privileges",
     6: "the outboxer tables are missing: run outboxer db upgrade",
     7: "broker unreachable",
     8: "the broker refused the credentials",

@@ -22,6 +22,7 @@ from . import instrumentation
 from .errors import (
     ConfigurationError,
     InvalidHeaders,
+    MessageError,
     MissingDestination,
     SerializationError,
     UnknownMessageType,
@@ -29,6 +30,7 @@ from .errors import (
 from .ids import uuid7
 from .message import Envelope, describe_unserializable, message_type_for
 from .store import NewMessage
+from .wire import surrogate_at
 
 __all__ = [
     "NO_KEY",
@@ -142,6 +144,18 @@ def build_message(
     incoming = _current.get()
     if correlation_id is None and incoming is not None:
         correlation_id = incoming.correlation_id or str(incoming.message_id)
+    causation_id = str(incoming.message_id) if incoming is not None else None
+    for what, text in (
+        ("type", type_name),
+        ("destination", target),
+        ("key", resolved_key),
+        ("correlation_id", correlation_id),
+        ("causation_id", causation_id),
+    ):
+        if text is not None:
+            problem = _unstorable(text)
+            if problem is not None:
+                raise MessageError(f"{what} {text!r} {problem}")
     # correlation_id None: this message starts its conversation (it correlates to itself).
     envelope = Envelope(
         message_id=mid,
@@ -151,7 +165,7 @@ def build_message(
         occurred_at=datetime.now(timezone.utc),
         key=resolved_key,
         correlation_id=correlation_id,
-        causation_id=str(incoming.message_id) if incoming is not None else None,
+        causation_id=causation_id,
         headers=clean_headers,
     )
     tracer = instrumentation.get()
@@ -235,5 +249,36 @@ def _check_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
             raise InvalidHeaders(
                 f"header {name!r} is reserved for outboxer's envelope; choose another name"
             )
+        problem = _unstorable(name)
+        if problem is not None:
+            raise InvalidHeaders(f"header name {name!r} {problem}")
+        problem = _unstorable(value)
+        if problem is not None:
+            raise InvalidHeaders(f"the value of header {name!r} ({value!r:.80}) {problem}")
         clean[name] = value
     return clean
+
+
+def _unstorable(text: str) -> str | None:
+    """Why ``text`` cannot be stored or sent (the end of an error message), or None.
+
+    A NUL character is refused by PostgreSQL's text columns and by SQS; a lone surrogate
+    (``"caf\\udce9"``, from bytes decoded with ``errors="surrogateescape"``) is not
+    Unicode text: no driver stores it and no broker carries it. Either would fail the
+    application's COMMIT (or, in the headers, stop the relay), so ``publish()`` refuses
+    it here, before anything is kept.
+    """
+    if "\x00" in text:
+        return (
+            f"holds a NUL character (U+0000) at position {text.index(chr(0))}, which "
+            "databases (PostgreSQL) and brokers (SQS) refuse: remove it"
+        )
+    where = surrogate_at(text)
+    if where is not None:
+        return (
+            f"is not UTF-8 text: it holds a lone surrogate ({text[where]!r} at position "
+            f"{where}), which UTF-8 cannot encode (bytes decoded with "
+            "errors='surrogateescape'?): decode the bytes with their real encoding, or "
+            "leave the character out"
+        )
+    return None

@@ -32,7 +32,9 @@ __all__ = [
     "UNDECODABLE",
     "decode",
     "encode_headers",
+    "surrogate_at",
     "traceparent_fields",
+    "unencodable",
     "user_headers",
     "valid_traceparent",
 ]
@@ -94,6 +96,39 @@ def encode_headers(envelope: Envelope) -> dict[str, str]:
             headers[TRACESTATE] = envelope.tracestate
     headers.update(envelope.headers)
     return headers
+
+
+def unencodable(headers: Mapping[str, str]) -> str | None:
+    """Which header name or value of ``headers`` is not UTF-8 text, and where (None when
+    all are): a str holding a lone surrogate (``"caf\\udce9"``, what
+    ``errors="surrogateescape"`` makes of undecodable bytes), which no broker carries.
+
+    ``publish()`` refuses such text; a row written by an older version or by hand may
+    still hold one, in its JSON-escaped headers. Only the slow path of a failed encode
+    calls this, to say which header it was.
+    """
+    for name, value in headers.items():
+        for what, text in (("name", name), ("value", value)):
+            where = surrogate_at(text)
+            if where is not None:
+                subject = f"header name {name!r}" if what == "name" else f"header {name!r}'s value"
+                return (
+                    f"{subject} is not UTF-8 text: it holds a lone surrogate "
+                    f"({text[where]!r} at position {where}), which UTF-8 cannot encode"
+                )
+    return None
+
+
+def surrogate_at(text: str) -> int | None:
+    """The position of the first character of ``text`` that UTF-8 cannot encode (a lone
+    surrogate), or None."""
+    if text.isascii():
+        return None
+    try:
+        text.encode()
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
 
 
 def user_headers(headers: Mapping[str, str]) -> dict[str, str]:

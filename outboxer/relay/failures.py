@@ -11,7 +11,9 @@ transaction commits when it returns, so it can record the failure or publish a
 compensating message. Unlike a handler's error channel it cannot replace the dead
 letter: once the outbox row is gone the dead letter is the message's only copy, and its
 replay (after the broker or the destination is fixed) is how it still gets out. A
-callback that raises is logged and changes nothing else: the relay carries on.
+callback that raises is logged and changes nothing else: the relay carries on, also
+after a BaseException that is not a request to stop (``asyncio.CancelledError`` from a
+client's timeout, a library's own); KeyboardInterrupt and SystemExit still stop it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
+from ..callables import call_sync, is_async_callable
 from ..errors import ConfigurationError
 from ..message import Envelope, EnvelopeFacts
 from ..redaction import printable
@@ -55,7 +58,7 @@ def check_callback(on_failure: Callable[..., Any] | None) -> bool:
     failure (and optionally ``session``); returns whether it wants a session."""
     if on_failure is None:
         return False
-    if not callable(on_failure) or inspect.iscoroutinefunction(on_failure):
+    if not callable(on_failure) or is_async_callable(on_failure):
         raise ConfigurationError(
             f"Relay(on_failure=...) takes a plain function "
             f"def on_failure(failure: outboxer.SendFailure, session) -> None, got {on_failure!r}"
@@ -86,15 +89,22 @@ def notify(
     engine: Engine,
     failures: list[SendFailure],
 ) -> None:
-    """Call ``on_failure`` for each of ``failures`` (dead letters already committed)."""
+    """Call ``on_failure`` for each of ``failures`` (dead letters already committed).
+
+    Whatever the callback raises is logged, BaseExceptions included: a callback is not the
+    relay's to be stopped by (``asyncio.CancelledError`` here is a pager client's timeout,
+    not the relay being cancelled). KeyboardInterrupt and SystemExit are requests to stop
+    the process, and go on up."""
     for failure in failures:
         try:
             if wants_session:
                 with OutboxSession(engine) as session, session.begin():
-                    on_failure(failure, session=session)
+                    call_sync(on_failure, "Relay(on_failure=...)", failure, session=session)
             else:
-                on_failure(failure)
-        except Exception as exc:
+                call_sync(on_failure, "Relay(on_failure=...)", failure)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:
             log.error(
                 "the relay's on_failure raised on message %s (dead-lettered all the same): %s: %s",
                 failure.message_id,

@@ -53,6 +53,8 @@ class Batch:
     rows: list[Claimed]
     token: str
     claim_seconds: float = 0.0
+    claim_started: float = 0.0
+    """``time.perf_counter()`` when the claim began."""
     claim_seq: int = 0
     """When the claim ran among the relay's database tasks (see :class:`Pipeline`)."""
 
@@ -150,9 +152,9 @@ class Pipeline:
                 if (key := batch.rows[i].envelope.key) is not None and key in failed
             }
             for i in all_indexes:  # rows that cannot be sent as they are: never sent
-                problem = batch.rows[i].malformed
-                if problem is not None and i not in held:
-                    held[i] = SendResult.rejected("malformed_row", problem)
+                row = batch.rows[i]
+                if row.malformed is not None and i not in held:
+                    held[i] = SendResult.rejected(row.malformed_type, row.malformed)
             indexes = [i for i in all_indexes if i not in held]
             envelopes = [batch.rows[i].envelope for i in indexes]
             span = sending.spans.enter_context(

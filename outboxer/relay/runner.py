@@ -90,6 +90,7 @@ class Run:
                     continue
                 while self.pipeline.oldest_done():
                     self._land()  # results already in: their holds apply to this batch
+                claimed_none = not batch.rows
                 batch = self._hold_back(batch)
                 if not batch.rows:
                     if len(self.pipeline):
@@ -100,7 +101,7 @@ class Run:
                     self._collect(block=True)
                     if self.once:
                         break
-                    self._idle()
+                    self._idle(batch.claim_started if claimed_none else None)
                     continue
                 if not relay.breaker.is_open:  # while probing a broker, one batch at a time
                     # The next claims run while this batch is encoded and put on the wire
@@ -176,7 +177,7 @@ class Run:
                 limit=relay.batch_size,
                 lease_seconds=relay.lease,
             )
-        return Batch(rows, owner, time.perf_counter() - started, seq)
+        return Batch(rows, owner, time.perf_counter() - started, started, seq)
 
     def _next_batch(self) -> Batch | None:
         if not self.prefetch:
@@ -328,9 +329,10 @@ class Run:
                 # Its rows stay leased by this relay, which sends them again (at least once).
                 self._database_trouble(exc)
 
-    def _idle(self) -> None:
+    def _idle(self, empty_claim: float | None) -> None:
+        """Wait for rows; ``empty_claim``: when the claim that found none began."""
         self._maintain()
-        self._wait(self._idle_timeout())
+        self._wait(self._idle_timeout(empty_claim))
 
     def _maintain(self) -> None:
         """Periodic housekeeping when idle: prune sent rows past retention."""
@@ -352,12 +354,21 @@ class Run:
         except Exception:
             log.warning("pruning sent rows failed; trying again later", exc_info=True)
 
-    def _idle_timeout(self) -> float:
+    def _idle_timeout(self, empty_claim: float | None) -> float:
+        """The poll interval (jittered), or less until the next row this relay may take.
+
+        Rows due before a claim that found nothing are rows this relay cannot take (other
+        destinations', another live relay's, behind those of their key): counting them,
+        an idle relay claimed again at once, hundreds of times a second. Rows of its
+        destinations due since, or later, count; a NOTIFY (PostgreSQL) ends any wait."""
         relay = self.relay
         jittered = relay.poll_interval * (0.8 + 0.4 * relay._rand())
+        since = None if empty_claim is None else time.perf_counter() - empty_claim
         try:
             with relay.connect() as connection:
-                due = relay_store.next_due_in(connection)
+                due = relay_store.next_due_in(
+                    connection, destinations=relay.destinations, since=since
+                )
         except Exception:  # the database may be restarting; the next claim will tell
             log.debug("could not read the next due time; polling", exc_info=True)
             return jittered

@@ -7,7 +7,7 @@ leases in :mod:`outboxer.store.leases`; this module holds the shapes they share.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -17,7 +17,8 @@ from sqlalchemy.engine import Connection
 
 from ..message import Envelope
 from ..tables import outbox
-from .clock import db_now
+from ..wire import unencodable
+from .clock import db_now, db_now_plus
 
 __all__ = [
     "MALFORMED_HEADERS",
@@ -48,6 +49,9 @@ class Claimed:
     malformed: str | None = None
     """Why the row cannot be sent as it is (headers that are not a JSON object: a row
     written by other SQL than outboxer's); the relay dead-letters it without sending."""
+    malformed_type: str = "malformed_row"
+    """The dead letter's error type for :attr:`malformed`: ``malformed_row``, or
+    ``invalid_message`` for headers no broker can carry (text that is not UTF-8)."""
 
 
 @dataclass(frozen=True)
@@ -104,11 +108,29 @@ SENT_COLUMNS = (
 """What a claim reads back: the envelope and the failure history (the relay's hot path)."""
 
 
-def next_due_in(connection: Connection) -> float | None:
-    """Seconds until the next pending row is due (0 if one is due now; None if none)."""
-    current_time = db_now(connection.dialect)
+def next_due_in(
+    connection: Connection,
+    *,
+    destinations: Sequence[str] | None = None,
+    since: float | None = None,
+) -> float | None:
+    """Seconds until the next pending row is due (0 if one is due now; None if none).
+
+    ``destinations`` counts only their rows (a relay limited to them waits for no other).
+    ``since`` counts only the rows due less than ``since`` seconds ago, or later: a relay
+    whose claim, begun ``since`` seconds ago, came back empty could take none of the rows
+    due before it (another relay leases them, or an earlier row of their key), and must
+    not claim again at once for them; a row due since may be one it can take.
+    """
+    dialect = connection.dialect
+    current_time = db_now(dialect)
+    query = select(func.min(outbox.c.available_at), current_time)
+    if destinations is not None:
+        query = query.where(outbox.c.destination.in_(list(destinations)))
+    if since is not None:
+        query = query.where(outbox.c.available_at > db_now_plus(dialect, -max(0.0, since)))
     with connection.begin():
-        row = connection.execute(select(func.min(outbox.c.available_at), current_time)).one()
+        row = connection.execute(query).one()
     due: datetime | None = row[0]
     current: datetime = row[1]
     if due is None:
@@ -166,10 +188,18 @@ def claimed_from_row(row: Any, headers_seen: dict[str, Mapping[str, str]] | None
     # the same instance, built at half the cost, a thousand times per batch.
     # tests/test_relay.py checks that every field is set.
     malformed: str | None = None
+    malformed_type = "malformed_row"
     decoded_headers: Mapping[str, str] = {}
     if headers:
         try:
             decoded_headers = _decode_headers(headers, headers_seen)
+        except _NotText as exc:  # an older outboxer's publish(), or other SQL
+            malformed_type = "invalid_message"
+            malformed = (
+                f"outbox row {row_id}: {exc}: no broker can carry it; fix the row's headers "
+                "(or delete the row), or replay its dead letter once they are fixed"
+            )
+            decoded_headers = exc.headers
         except Exception as exc:  # a row written by other SQL than outboxer's
             malformed = (
                 f"outbox row {row_id}: its headers are not a JSON object of names to text "
@@ -199,14 +229,23 @@ def claimed_from_row(row: Any, headers_seen: dict[str, Mapping[str, str]] | None
         attempt=attempt,
         outbox_id=row_id,
     )
-    return Claimed(row_id, envelope, attempts, first_failed_at, malformed)
+    return Claimed(row_id, envelope, attempts, first_failed_at, malformed, malformed_type)
 
 
 _new_envelope = object.__new__
 
 
+class _NotText(ValueError):
+    """Headers holding a str that is not UTF-8 text (a lone surrogate, JSON-escaped)."""
+
+    def __init__(self, problem: str, headers: Mapping[str, str]) -> None:
+        super().__init__(problem)
+        self.headers = headers
+
+
 def _decode_headers(text: str, seen: dict[str, Mapping[str, str]] | None) -> Mapping[str, str]:
-    """The headers' map; raises when ``text`` is not a JSON object."""
+    """The headers' map; raises when ``text`` is not a JSON object, and :class:`_NotText`
+    when a name or value is not UTF-8 text."""
     known = None if seen is None else seen.get(text)
     if known is None:
         decoded = json.loads(text)
@@ -215,6 +254,12 @@ def _decode_headers(text: str, seen: dict[str, Mapping[str, str]] | None) -> Map
         for name, value in decoded.items():
             if not isinstance(value, str):  # publish() takes text only; so do the brokers
                 raise TypeError(f"the value of {name[:100]!r} is {type(value).__name__}, not text")
+        # Text from the database is valid Unicode; only a JSON escape ("\\udce9") makes a
+        # lone surrogate, which no broker's encoder takes (it would fail the whole send).
+        if "\\u" in text:
+            problem = unencodable(decoded)
+            if problem is not None:
+                raise _NotText(problem, decoded)
         known = decoded
         if seen is not None:
             seen[text] = known

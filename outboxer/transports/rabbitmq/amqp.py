@@ -29,7 +29,26 @@ _Outgoing = tuple[int, str, str, bytes, bytes, str]
 def _prepare(
     index: int, envelope: Envelope, limit: int, max_table_bytes: int
 ) -> _Outgoing | SendResult:
-    """The AMQP message for ``envelope``, or the result that keeps it from being sent."""
+    """The AMQP message for ``envelope``, or the result that keeps it from being sent.
+
+    Text that is not UTF-8 (a lone surrogate in a header of a row an older version
+    wrote) is this message's ``invalid_message``: raising would fail the whole batch,
+    which the relay takes for an outage of the destination, and try again forever.
+    """
+    try:
+        return _encode(index, envelope, limit, max_table_bytes)
+    except UnicodeEncodeError as exc:
+        problem = wire.unencodable(wire.encode_headers(envelope)) or (
+            f"a field is not UTF-8 text ({exc})"
+        )
+        return SendResult.rejected(
+            "invalid_message", f"the message cannot be encoded as AMQP: {problem}"
+        )
+
+
+def _encode(
+    index: int, envelope: Envelope, limit: int, max_table_bytes: int
+) -> _Outgoing | SendResult:
     headers = wire.encode_headers(envelope)
     body = envelope.payload
     table_chars = sum(map(len, headers)) + sum(map(len, headers.values()))

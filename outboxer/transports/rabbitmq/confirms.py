@@ -21,6 +21,7 @@ from pika.spec import Basic, BasicProperties
 
 from ..base import SendResult
 from .amqp import _Outgoing
+from .frames import encode_properties
 from .ioloop import _IOThread, _logged
 
 _SENT = SendResult.sent()
@@ -51,7 +52,9 @@ class _Batch:
         self.unconfirmed = 0
         self.low = 0
         """Every tag offset below this one is confirmed (multiple acks start here)."""
-        self.by_message_id: dict[str | None, int] | None = None
+        self.returnable: dict[tuple[str, str, str], list[int]] | None = None
+        """Tag offsets of the published messages by exchange, routing key and message id,
+        in publish order (built when the batch's first return arrives)."""
         self.timer: object | None = None
 
     def fill(self, result: SendResult) -> None:
@@ -60,6 +63,31 @@ class _Batch:
         for i, current in enumerate(results):
             if current is None:
                 results[i] = result
+
+    def unsettled(self, exchange: str, routing_key: str, message_id: str) -> list[int]:
+        """Indexes in ``results`` of the messages published with this exchange, routing key
+        and message id and neither confirmed nor returned yet, in publish order."""
+        returnable = self.returnable
+        if returnable is None:  # the batch's first return: index the published messages
+            items = {item[0]: item for item in self.outgoing}
+            returnable = self.returnable = {}
+            for offset, index in enumerate(self.tag_index):
+                item = items[index]
+                returnable.setdefault((item[1], item[2], item[5]), []).append(offset)
+        offsets = returnable.get((exchange, routing_key, message_id))
+        if not offsets:
+            return []
+        confirmed, tag_index, results = self.confirmed, self.tag_index, self.results
+        while offsets and (confirmed[offsets[0]] or results[tag_index[offsets[0]]] is not None):
+            del offsets[0]  # settled: no later return is for it
+        return [tag_index[o] for o in offsets if not confirmed[o] and results[tag_index[o]] is None]
+
+    def carries(self, index: int, body: bytes, properties: bytes | None) -> bool:
+        """Whether message ``index`` was published with this body and these properties."""
+        for item in self.outgoing:
+            if item[0] == index:
+                return item[3] == body and item[4] == properties
+        return False
 
     def complete(self) -> None:
         """Hand the results to the waiting caller (once)."""
@@ -138,14 +166,27 @@ class _Confirms:
     ) -> None:
         if channel is not self._channel:
             return
-        for batch in self._in_flight:
-            if batch.by_message_id is None:
-                batch.by_message_id = {item[5]: item[0] for item in batch.outgoing}
-            index = batch.by_message_id.get(properties.message_id)
-            if index is not None:
-                break
-        else:
+        # A return names no delivery tag. It is for the first message, in publish order,
+        # with its exchange, routing key and message id that is neither confirmed nor
+        # returned yet: RabbitMQ sends a message's return before its ack, and returns in
+        # publish order, so the returned message is unsettled; and an earlier message with
+        # the same exchange and routing key met the same bindings, so it was returned too
+        # (and is settled as such already), unless the bindings changed between the two.
+        # Only then can two candidates differ in fate, and their body and properties tell
+        # them apart; when those are equal too, the two are the same message: whichever
+        # row counts as sent, that message reached a queue, and the other row is sent
+        # again. (Matching by message id alone lost a row that shared its id.)
+        key = (method.exchange or "", method.routing_key or "", properties.message_id or "")
+        candidates = [(b, i) for b in self._in_flight for i in b.unsettled(*key)]
+        if not candidates:
             return
+        batch, index = candidates[0]
+        if len(candidates) > 1:
+            encoded = _encoded_properties(properties)
+            for candidate, candidate_index in candidates:
+                if candidate.carries(candidate_index, body, encoded):
+                    batch, index = candidate, candidate_index
+                    break
         batch.results[index] = SendResult.rejected(
             "unroutable",
             f"no queue is bound to exchange {method.exchange!r} for routing key "
@@ -160,6 +201,27 @@ class _Confirms:
         for batch in (*self._in_flight, self._batch, *waiting):
             if batch is not None:
                 self._finish_now(batch, result)
+
+
+def _encoded_properties(properties: BasicProperties) -> bytes | None:
+    """A returned message's properties encoded as outboxer published them (to compare with
+    the published bytes), or None when they cannot be."""
+    table = properties.headers or {}
+    headers = {name: value for name, value in table.items() if isinstance(value, str)}
+    if len(headers) != len(table):
+        return None  # outboxer's tables hold text only
+    try:
+        return encode_properties(
+            content_type=properties.content_type,
+            headers=headers,
+            correlation_id=properties.correlation_id,
+            message_id=properties.message_id or "",
+            timestamp=properties.timestamp or 0,
+            type_=properties.type or "",
+            app_id=properties.app_id or "",
+        )
+    except Exception:  # not what outboxer publishes: no match by content
+        return None
 
 
 def _closed_result() -> SendResult:

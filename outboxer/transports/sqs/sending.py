@@ -35,7 +35,8 @@ class Encoded:
 
 def encode_message(envelope: Envelope, limit: int, service: str) -> Encoded | SendResult:
     """``envelope`` as ``service`` (``SQS``, ``SNS``) takes it, or why it cannot: a body
-    that is not UTF-8 text or is empty, or body and attributes over ``limit`` bytes."""
+    that is not UTF-8 text or is empty, a header that is not UTF-8 text (a lone
+    surrogate), or body and attributes over ``limit`` bytes."""
     try:
         body = envelope.payload.decode()
     except UnicodeDecodeError as exc:
@@ -47,7 +48,14 @@ def encode_message(envelope: Envelope, limit: int, service: str) -> Encoded | Se
         return SendResult.rejected(
             "invalid_body", f"{service} does not accept an empty message body"
         )
-    attributes, size = encode_attributes(wire.encode_headers(envelope))
+    headers = wire.encode_headers(envelope)
+    try:
+        attributes, size = encode_attributes(headers)
+    except UnicodeEncodeError as exc:  # raising would fail the whole batch as an outage
+        problem = wire.unencodable(headers) or f"a field is not UTF-8 text ({exc})"
+        return SendResult.rejected(
+            "invalid_message", f"{service} cannot carry this message: {problem}"
+        )
     size += len(envelope.payload)
     if size > limit:
         return SendResult.rejected(

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from alembic.autogenerate import compare_metadata
 from alembic.operations import Operations
 from alembic.runtime.environment import EnvironmentContext
 from alembic.runtime.migration import MigrationContext
@@ -27,11 +28,13 @@ from sqlalchemy import inspect
 from sqlalchemy.engine import Connection, Engine
 
 from .errors import ConfigurationError
-from .tables import metadata
+from .tables import OUTBOX_AUTOVACUUM, OUTBOX_FILLFACTOR, metadata
 
 __all__ = [
     "VERSION_TABLE",
+    "adopt",
     "current",
+    "differences",
     "head",
     "include_object",
     "migrations_dir",
@@ -111,6 +114,101 @@ def upgrade(bind: Engine | Connection, revision: str = "head") -> str | None:
         with Operations.context(context), context.begin_transaction():
             context.run_migrations()
         return context.get_current_revision()
+
+
+def differences(bind: Engine | Connection) -> list[str]:
+    """How the database's outboxer tables differ from this outboxer's newest schema, one
+    line each (Alembic's comparison of tables, columns, types, indexes; empty: the same)."""
+    with _connection(bind) as connection:
+        context = MigrationContext.configure(
+            connection,
+            opts={
+                "compare_type": True,
+                "compare_server_default": _same_server_default,
+                "include_object": _only_outboxer,
+            },
+        )
+        return [_describe(diff) for diff in compare_metadata(context, metadata)]
+
+
+def adopt(bind: Engine | Connection) -> str:
+    """Put tables made by :func:`outboxer.tables.create_all` under the migrations: when
+    they match the newest revision exactly (:func:`differences`), record that revision in
+    the version table, so that ``outboxer db upgrade`` takes them from there. Returns the
+    revision; ConfigurationError (naming what differs) when they do not match, when there
+    are no tables (``upgrade`` creates them) or when the migrations already ran. With an
+    Engine, outboxer commits; with a Connection, the caller does.
+
+    On PostgreSQL the outbox's storage options (fill factor, autovacuum threshold) are set
+    as the newest revision sets them: a comparison of tables does not see them, and tables
+    made by an older ``create_all`` may lack them.
+    """
+    if isinstance(bind, Engine):
+        with bind.begin() as connection:  # one transaction: checked and recorded together
+            return adopt(connection)
+    connection = bind
+    newest = head()
+    at = current(connection)
+    if at is not None:
+        raise ConfigurationError(
+            f"the outboxer tables are under the migrations already (revision {at}): "
+            "run `outboxer db upgrade`"
+        )
+    if not tables_present(connection):
+        raise ConfigurationError(
+            "there are no outboxer tables to adopt: `outboxer db upgrade` creates them"
+        )
+    found = differences(connection)
+    if found:
+        more = f"; and {len(found) - 5} more" if len(found) > 5 else ""
+        raise ConfigurationError(
+            f"the outboxer tables differ from revision {newest}, so they cannot be adopted: "
+            f"{'; '.join(found[:5])}{more}. Another version's create_all made them: move "
+            "out what they hold, drop them, and run `outboxer db upgrade`"
+        )
+    if connection.dialect.name == "postgresql":
+        connection.exec_driver_sql(OUTBOX_AUTOVACUUM)
+        connection.exec_driver_sql(OUTBOX_FILLFACTOR)
+    context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
+    context.stamp(script_directory(), newest)
+    return newest
+
+
+def _only_outboxer(obj: Any, name: str | None, type_: str, reflected: bool, other: Any) -> bool:
+    return (type_ != "table" or (name or "").startswith("outboxer_")) and name != VERSION_TABLE
+
+
+def _same_server_default(
+    context: Any,
+    inspected_column: Any,
+    metadata_column: Any,
+    inspected_default: str | None,
+    metadata_default: Any,
+    rendered_metadata_default: str | None,
+) -> bool | None:
+    """MariaDB reflects a boolean default as 0/1 where the metadata says false/true."""
+    spellings = {"0": "false", "1": "true", "false": "false", "true": "true"}
+    inspected = (inspected_default or "").strip("'\"").lower()
+    rendered = (rendered_metadata_default or "").strip("'\"").lower()
+    if inspected in spellings and rendered in spellings:
+        return spellings[inspected] != spellings[rendered]
+    return None  # Alembic's own comparison
+
+
+def _describe(diff: Any) -> str:
+    """One of Alembic's differences as a short line ("add_index ix_... on outboxer_outbox")."""
+    if isinstance(diff, list):  # column modifications come as a list of tuples
+        return ", ".join(_describe(d) for d in diff)
+    kind, *rest = diff
+    names = []
+    for item in rest:
+        name = getattr(item, "name", None)
+        table = getattr(getattr(item, "table", None), "name", None)
+        if name:
+            names.append(f"{name} on {table}" if table and table != name else str(name))
+        elif isinstance(item, str):
+            names.append(item)
+    return f"{kind} {' '.join(names[:3])}".strip()
 
 
 def upgrade_from_env(context: EnvironmentContext, connection: Connection | None = None) -> None:

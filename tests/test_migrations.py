@@ -6,12 +6,11 @@ import subprocess
 import sys
 import textwrap
 import zipfile
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import pytest
 from alembic import command
-from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.operations import Operations
 from alembic.runtime.migration import MigrationContext
@@ -21,43 +20,16 @@ from sqlalchemy import create_engine, event, inspect
 import outboxer
 from outboxer import schema
 from outboxer.cli import main
+from outboxer.tables import relays
 
 ROOT = Path(__file__).resolve().parent.parent
+NOW = datetime(2026, 11, 30, tzinfo=timezone.utc)
 
 
-def _same_server_default(
-    context: Any,
-    inspected_column: Any,
-    metadata_column: Any,
-    inspected_default: str | None,
-    metadata_default: Any,
-    rendered_metadata_default: str | None,
-) -> bool | None:
-    """MariaDB reflects a boolean default as 0/1 where the metadata says false/true."""
-    spellings = {"0": "false", "1": "true", "false": "false", "true": "true"}
-    inspected = (inspected_default or "").strip("'\"").lower()
-    rendered = (rendered_metadata_default or "").strip("'\"").lower()
-    if inspected in spellings and rendered in spellings:
-        return spellings[inspected] != spellings[rendered]
-    return None  # Alembic's own comparison
-
-
-def schema_differences(url: str) -> list[Any]:
+def schema_differences(url: str) -> list[str]:
     engine = create_engine(url)
     try:
-        with engine.connect() as conn:
-            context = MigrationContext.configure(
-                conn,
-                opts={
-                    "compare_type": True,
-                    "compare_server_default": _same_server_default,
-                    "include_object": lambda obj, name, type_, reflected, other: (
-                        (type_ != "table" or (name or "").startswith("outboxer_"))
-                        and name != schema.VERSION_TABLE
-                    ),
-                },
-            )
-            return list(compare_metadata(context, outboxer.metadata))
+        return schema.differences(engine)
     finally:
         engine.dispose()
 
@@ -248,3 +220,52 @@ def test_the_wheel_ships_the_migrations(tmp_path: Path) -> None:
     assert "outboxer/_migrations/env.py" in names
     assert any(n.startswith("outboxer/_migrations/versions/0001_") for n in names)
     assert "outboxer/py.typed" in names
+
+
+def test_tables_made_by_create_all_are_adopted_then_upgraded_like_migrated_ones(
+    empty_db_url: str,
+) -> None:
+    """A database started with ``create_all`` (the quick start) goes to production: before,
+    ``db upgrade`` could only refuse it, and the advice was to drop the tables."""
+    engine = create_engine(empty_db_url)
+    outboxer.create_all(engine)
+    with engine.begin() as conn:  # what the tables hold stays
+        conn.execute(
+            relays.insert().values(relay_id="r" * 16, name="a", started_at=NOW, seen_at=NOW)
+        )
+    engine.dispose()
+    runner = CliRunner()
+    env = {"OUTBOXER_DB": empty_db_url}
+    adopted = runner.invoke(main, ["db", "adopt"], env=env)
+    assert adopted.exit_code == 0, adopted.output
+    assert f"adopted at revision {schema.head()}" in adopted.output
+    engine = create_engine(empty_db_url)
+    assert schema.current(engine) == schema.head()
+    assert schema_differences(empty_db_url) == []
+    with engine.connect() as conn:
+        assert conn.execute(relays.select()).all() != []
+    engine.dispose()
+    current = runner.invoke(main, ["db", "current"], env=env)
+    assert "up to date" in current.output, current.output
+    upgrade = runner.invoke(main, ["db", "upgrade"], env=env)
+    assert upgrade.exit_code == 0 and "already at revision" in upgrade.output, upgrade.output
+    again = runner.invoke(main, ["db", "adopt"], env=env)
+    assert again.exit_code == 1 and "under the migrations already" in again.output
+
+
+def test_tables_that_differ_from_the_newest_revision_are_not_adopted(empty_db_url: str) -> None:
+    engine = create_engine(empty_db_url)
+    outboxer.create_all(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "DROP INDEX ix_outboxer_outbox_key ON outboxer_outbox"
+            if engine.dialect.name == "mysql"
+            else "DROP INDEX ix_outboxer_outbox_key"
+        )
+    engine.dispose()
+    result = CliRunner().invoke(main, ["db", "adopt"], env={"OUTBOXER_DB": empty_db_url})
+    assert result.exit_code == 1, result.output
+    assert "ix_outboxer_outbox_key" in result.output and "cannot be adopted" in result.output
+    assert schema.current(create_engine(empty_db_url)) is None
+    empty = CliRunner().invoke(main, ["db", "adopt"], env={"OUTBOXER_DB": "sqlite://"})
+    assert empty.exit_code == 1 and "db upgrade` creates them" in empty.output

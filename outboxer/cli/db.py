@@ -1,4 +1,4 @@
-"""``outboxer db upgrade|current``: the outboxer tables' migrations."""
+"""``outboxer db upgrade|current|adopt``: the outboxer tables' migrations."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ import click
 from sqlalchemy.engine import Engine
 
 from .. import schema
+from ..errors import ConfigurationError
 from .common import console, db_option, make_engine, option, safe_url
 
 CREATE_ALL_FIX = (
-    "they have no migration history, so `outboxer db upgrade` cannot upgrade them: move out "
-    "what they hold, drop them, and run `outboxer db upgrade` (docs/migrations.md)"
+    "they have no migration history, so `outboxer db upgrade` cannot upgrade them: run "
+    "`outboxer db adopt` to put them under the migrations (docs/migrations.md)"
 )
 
 
@@ -95,3 +96,21 @@ def current(db_url: str) -> None:
     else:
         state = f"{revision} - behind (newest is {head}): run `outboxer db upgrade`"
     console.print(f"{safe_url(db_url)}: {state}")
+
+
+@db.command()
+@db_option()
+def adopt(db_url: str) -> None:
+    """Put tables made by outboxer.create_all under the migrations.
+
+    Checks that they match the newest revision exactly, then records it, so that later
+    `outboxer db upgrade` runs take them from there. Tables that differ are refused,
+    with what differs."""
+    engine = make_engine(db_url)
+    try:
+        revision = schema.adopt(engine)
+    except ConfigurationError as exc:
+        raise click.ClickException(f"{safe_url(db_url)}: {exc}") from exc
+    finally:
+        engine.dispose()
+    console.print(f"{safe_url(db_url)}: adopted at revision {revision}")

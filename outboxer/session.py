@@ -31,10 +31,10 @@ events then decide its fate. The hooks' contract:
 With the collector off (``outboxer_collector = False``), ``publish()`` also writes the kept
 messages every ``outboxer_chunk_size`` of them, into the innermost transaction, and
 ``begin_nested()`` writes them before its SAVEPOINT (they belong outside it): the database
-then keeps or drops them with their transaction, as for Core. A chunk writes only the
-messages that belong inside the innermost transaction: those kept from an enclosing one
-(the collector was switched off inside a SAVEPOINT) wait for a write in their own
-transaction, at the latest the commit's.
+then keeps or drops them with their transaction, as for Core. While messages kept
+from an enclosing transaction remain (the collector was switched off inside a SAVEPOINT),
+no chunk is written until that SAVEPOINT ends: its rollback must not drop them, and the
+outbox ids must follow publish order.
 
 A session joined to an external connection (``Session(bind=connection,
 join_transaction_mode=...)``) writes at its commit into the connection's transaction, so
@@ -87,7 +87,8 @@ _PENDING_BYTES = "outboxer.pending_bytes"
 _WRITTEN = "outboxer.written"
 """Set once this commit wrote the outbox: later publish() calls write through."""
 _HELD = "outboxer.held"
-"""How many kept messages (first in _PENDING) belong outside the innermost transaction."""
+"""The innermost transaction in which the kept messages cannot be written (the first of
+them belongs to a transaction around it): chunks wait until it ends."""
 RECORDED = "outboxer.recorded"
 """While ``outboxer.testing`` records, a list in ``session.info``: every INSERT of kept
 messages appends them (their ``_Pending``); the outermost transaction's end removes it."""
@@ -147,22 +148,25 @@ def _insert_pending(
 
     ``flush``: flush the session first, so domain writes take their row locks before
     outbox ids are assigned (skipped when the session is flushing already: a listener
-    publishing from inside a flush). ``within``: the innermost transaction, to write only
-    the messages that belong inside it (None: all of them, at the outermost commit).
-    Those of enclosing transactions were published before it began, so they come first.
+    publishing from inside a flush). ``within``: the innermost transaction, for a chunk
+    (None: the outermost commit, which writes everything).
+
+    A chunk writes only when every kept message belongs inside ``within``. Messages of a
+    transaction around it (the collector was switched off inside a SAVEPOINT) cannot go
+    into it (its rollback would drop them), and writing the later ones first would give
+    them smaller ids than messages published before them (a key's order): everything
+    waits until ``within`` ends. Kept messages are in publish order, so the first one
+    decides: every later one was published in ``within`` or inside it, or earlier.
     """
+    kept: list[_Pending] | None = session.info.get(_PENDING)
+    if kept and within is not None and not _inside(kept[0].transaction, within):
+        session.info[_HELD] = within
+        return
     if flush and not _flushing(session):
         session.flush()
     pending: list[_Pending] | None = session.info.get(_PENDING)
     session.info.pop(_PENDING_BYTES, None)
     if not pending:
-        return
-    held = 0
-    if within is not None:
-        while held < len(pending) and not _inside(pending[held].transaction, within):
-            held += 1
-    session.info[_HELD] = held
-    if held == len(pending):
         return
     connection = session.connection(bind_arguments=_BIND_ARGUMENTS)
     notify = getattr(session, "outboxer_notify", True)
@@ -171,10 +175,10 @@ def _insert_pending(
     def forget(stored: int) -> None:
         # Only once stored: a failed INSERT keeps them for a retry.
         if recorded is not None:
-            recorded.extend(pending[held : held + stored])
-        del pending[held : held + stored]
+            recorded.extend(pending[:stored])
+        del pending[:stored]
 
-    messages = [p.message for p in pending[held:]]
+    messages = [p.message for p in pending]
     store.insert_messages(connection, messages, notify=notify, inserted=forget)
 
 
@@ -310,10 +314,10 @@ class OutboxMixin:
         elif not self.outboxer_collector:
             size = self.info.get(_PENDING_BYTES, 0) + len(message.envelope.payload)
             self.info[_PENDING_BYTES] = size
-            writable = len(pending) - self.info.get(_HELD, 0)
-            if writable >= self.outboxer_chunk_size or size >= _CHUNK_BYTES:
-                # Into the innermost transaction, the messages that belong to it (a
-                # SAVEPOINT's begin writes those of the transaction around it first).
+            full = len(pending) >= self.outboxer_chunk_size or size >= _CHUNK_BYTES
+            if full and self.info.get(_HELD) is not transaction:
+                # Into the innermost transaction, when they all belong to it (a SAVEPOINT's
+                # begin writes those of the transaction around it first).
                 _insert_pending(self, flush=True, within=transaction)
         return message.envelope.message_id
 

@@ -59,6 +59,23 @@ def test_switching_the_collector_off_in_a_released_savepoint_stores_everything(
     assert sorted(stored_ids(engine)) == sorted(outer + inner + after)
 
 
+def test_switching_the_collector_off_in_a_savepoint_keeps_the_publish_order(
+    engine: Engine,
+) -> None:
+    """A key's messages get outbox ids (the relay's order) in publish order. Found by
+    attacking the first fix: it wrote the savepoint's chunks first and the message of the
+    transaction around it at the commit, after them (ids inner0, inner1, inner2, first)."""
+    with outboxer.OutboxSession(engine) as session:
+        published = [session.publish(OrderPlaced(order_id=7))]
+        with session.begin_nested():
+            session.outboxer_chunk_size = 1
+            session.outboxer_collector = False
+            published += [session.publish(OrderPlaced(order_id=7)) for _ in range(3)]
+        published += [session.publish(OrderPlaced(order_id=7)) for _ in range(2)]
+        session.commit()
+    assert stored_ids(engine) == published
+
+
 def test_switching_the_collector_off_two_savepoints_deep_drops_only_the_rolled_back_ones(
     engine: Engine,
 ) -> None:

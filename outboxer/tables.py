@@ -210,9 +210,9 @@ relays = Table(
 schedules = Table(
     "outboxer_schedule",
     metadata,
-    # A scheduled handler (consumer:handler): when the last tick a replica claimed began
-    # (microseconds after the Unix epoch: the column's name is older), and the lease of
-    # the run in progress (see store.schedule).
+    # A scheduled handler (consumer:handler): the number of the last tick a replica
+    # claimed, when that run began (ran_at: claims compare it with the tick's start), and
+    # the lease of the run in progress (see store.schedule).
     Column("name", String(255), primary_key=True),
     Column("last_tick", BigInteger, nullable=False),
     Column("locked_by", String(64), nullable=True),

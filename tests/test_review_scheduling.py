@@ -77,14 +77,41 @@ def test_one_tick_still_runs_once_across_replicas(engine: Engine) -> None:
     assert claim(engine, every=year, owner="a") is None
 
 
-def test_a_row_written_by_an_older_outboxer_runs_its_handler_again(engine: Engine) -> None:
-    # Before due times were stored, last_tick held the tick's number.
+def old_claim(engine: Engine, every: float) -> int | None:
+    """The claim of an outboxer before 2026-11-30 (a96f996), by tick number: the tick it
+    claimed, or None."""
+    with engine.begin() as connection:
+        current = schedule_store.read_db_now(connection)
+        tick = math.floor(current.timestamp() / every)
+        claimed = connection.execute(
+            update(schedules)
+            .where(schedules.c.name == "reports:stats", schedules.c.last_tick < tick)
+            .values(last_tick=tick, ran_at=current)
+        )
+    return tick if claimed.rowcount == 1 else None
+
+
+def test_replicas_of_this_and_the_older_outboxer_run_each_tick_once(engine: Engine) -> None:
+    """A rolling deploy (or a rollback) runs both versions side by side. Found attacking the
+    first fix, which stored due times in ``last_tick``: the tick ran on both versions, and
+    the older replicas never ran again (tick numbers stayed below the stored times)."""
     with engine.connect() as connection:
         schedule_store.ensure_schedule(connection, "reports:stats")
-    with engine.begin() as connection:
-        connection.execute(update(schedules).values(last_tick=math.floor(time.time() / 3600) + 1))
-    assert claim(engine, every=3600) is not None
-    assert claim(engine, every=3600) is None
+    year = timedelta(days=365).total_seconds()
+    assert old_claim(engine, every=year) is not None
+    assert claim(engine, every=year) is None  # the older replica ran this tick
+    every = 2.0
+    ran: list[int | None] = []
+    assert wait_until(lambda: ran.append(claim(engine, every=every)) or ran[-1] is not None, 5)
+    older = old_claim(engine, every=every)
+    assert older is None or older > ran[-1]  # type: ignore[operator]
+    # The older replica still runs the next ticks, and this one does not run them too.
+    old_ran: list[int | None] = []
+    assert wait_until(
+        lambda: old_ran.append(old_claim(engine, every=every)) or old_ran[-1] is not None, 5
+    )
+    again = claim(engine, every=every)
+    assert again is None or again > old_ran[-1]  # type: ignore[operator]
 
 
 @pytest.mark.parametrize("db_kind", ["sqlite"], indirect=True)

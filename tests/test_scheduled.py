@@ -54,9 +54,11 @@ def test_two_replicas_run_a_tick_once_and_the_next_tick_again(
         replica.run_due()
     assert len(ticks) == 1
     assert replicas[0].run_due() > 0  # seconds to the next tick
-    # Another tick is due: move the last one back, as if a tick had passed.
+    # Another tick is due: move the last run back, as if a tick had passed.
     with engine.begin() as conn:
-        conn.execute(outboxer.metadata.tables["outboxer_schedule"].update().values(last_tick=0))
+        conn.execute(
+            outboxer.metadata.tables["outboxer_schedule"].update().values(last_tick=0, ran_at=None)
+        )
     for replica in replicas:
         replica.run_due()
     assert len(ticks) == 2 and ticks[0] == ticks[1]

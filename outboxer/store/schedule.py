@@ -1,15 +1,17 @@
 """SQL for scheduled handlers: one row per scheduled handler, claimed once per tick.
 
 A tick is a slot of the schedule on the database clock: tick ``n`` of a handler run every
-``every`` seconds starts at ``n * every`` seconds after the Unix epoch. The row's
-``last_tick`` holds when the last claimed tick began, in microseconds since the epoch (not
-the tick's number, which means nothing once ``every`` changes between deploys: comparing
-due times, a schedule whose interval grew runs at the first tick of the new interval that
-begins after the last run's, and one whose interval shrank at its next tick). The replica
-whose conditional ``UPDATE`` moves ``last_tick`` up to the current tick's due time runs
-it; every other replica's update of that tick matches no row. A row written by an
-outboxer that stored tick numbers holds a number far below any due time: its handler runs
-at the next look, once, then goes on as usual. The same update takes a lease
+``every`` seconds starts at ``n * every`` seconds after the Unix epoch. The replica whose
+conditional ``UPDATE`` claims the current tick runs it; every other replica's update of
+that tick matches no row. A tick is claimed when the last run began (``ran_at``, the
+database clock) before the tick did: comparing times, not tick numbers, a schedule whose
+``every`` changed between deploys runs at the first tick of its new interval that begins
+after its last run (every minute, then every hour: at the next full hour), where tick
+numbers of the new interval could stay below the stored one forever. ``last_tick`` still
+holds the claimed tick's number, as older outboxers wrote and compare it: replicas of both
+kinds, with the same ``every``, run each tick once between them (an older one claims
+when ``last_tick`` is below the tick's number, and a claim of either kind sets both).
+The same update takes a lease
 (``locked_by``/``locked_until``), renewed while the run lasts and given back when it ends,
 so a run longer than the interval is not overlapped by the next tick, and a replica that
 died in a run holds the schedule only until the lease expires.
@@ -18,15 +20,16 @@ died in a run holds the schedule only until the lease expires.
 from __future__ import annotations
 
 import math
+from datetime import datetime, timezone
 
-from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy import and_, bindparam, insert, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
 from ..tables import schedules
 from .clock import clock_params, later, now, read_db_now
 
-__all__ = ["claim_tick", "due_micros", "ensure_schedule", "release_tick", "renew_lease"]
+__all__ = ["claim_tick", "ensure_schedule", "release_tick", "renew_lease"]
 
 
 def ensure_schedule(connection: Connection, name: str) -> None:
@@ -55,17 +58,20 @@ def claim_tick(
     with connection.begin():
         current = read_db_now(connection)
         tick = math.floor(current.timestamp() / every)
-        due = due_micros(tick, every)
+        began = datetime.fromtimestamp(tick * every, timezone.utc)
         params = clock_params(dialect, lease=lease)
         claimed = connection.execute(
             update(schedules)
             .where(
                 schedules.c.name == name,
-                schedules.c.last_tick < due,
+                or_(
+                    schedules.c.ran_at.is_(None),
+                    schedules.c.ran_at < bindparam("began", began, type_=schedules.c.ran_at.type),
+                ),
                 or_(schedules.c.locked_until.is_(None), schedules.c.locked_until < now(dialect)),
             )
             .values(
-                last_tick=due,
+                last_tick=tick,
                 locked_by=owner,
                 locked_until=later(dialect, "lease"),
                 ran_at=now(dialect),
@@ -73,12 +79,6 @@ def claim_tick(
             params,
         )
     return tick if claimed.rowcount == 1 else None
-
-
-def due_micros(tick: int, every: float) -> int:
-    """When tick ``tick`` of a schedule run every ``every`` seconds begins: microseconds
-    after the Unix epoch (what ``last_tick`` stores)."""
-    return round(tick * every * 1_000_000)
 
 
 def release_tick(connection: Connection, *, name: str, owner: str) -> None:

@@ -44,15 +44,14 @@ def mask_url(url: str) -> str:
 
 def unencoded_credentials(url: str) -> bool:
     """Whether ``url``'s password holds a ``/``, ``?``, ``#`` or ``@`` that URL parsers take
-    for the end of the userinfo or host: they then report part of the password as the host
-    or port (and print it in their errors: "failed to resolve host 'tSECRET@db'")."""
+    for the end of the host: they then report part of the password as the host or port (and
+    print it in their errors)."""
     text = str(url)
     scheme = _SCHEME.match(text)
     rest = text[scheme.end() if scheme else 0 :]
     end = _userinfo_end(rest)
     authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
-    # An '@' before the last one: SQLAlchemy ends the password at the first '@'.
-    return end >= 0 and (authority.rfind("@") != end or "@" in rest[:end])
+    return end >= 0 and authority.rfind("@") != end
 
 
 def _userinfo_end(rest: str) -> int:

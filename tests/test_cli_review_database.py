@@ -30,6 +30,22 @@ def test_make_engine_refuses_an_unencoded_at_in_the_password() -> None:
     assert "SECRET" not in str(caught.value) and "s3cr" not in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql+psycopg://postgres:pw@127.0.0.1:5432/db?application_name=ops@billing",
+        "postgresql+psycopg://postgres:p%40ss@127.0.0.1:5432/db",
+        "postgresql+psycopg://us@er:pw@127.0.0.1:5432/db",  # SQLAlchemy: user "us@er"
+    ],
+)
+def test_urls_with_an_at_sqlalchemy_parses_right_are_accepted(url: str) -> None:
+    """Found attacking the first fix: an '@' in the query string was taken for one in the
+    password, and a valid URL refused (exit 3)."""
+    engine = make_engine(url)
+    assert engine.url.host == "127.0.0.1"
+    engine.dispose()
+
+
 @pytest.mark.parametrize("command", [["status"], ["db", "current"], ["relay", "--once"]])
 def test_an_unencoded_at_in_the_database_password_is_a_bad_url_and_never_printed(
     command: list[str],

@@ -31,7 +31,7 @@ from sqlalchemy.engine import Engine, make_url
 
 from ..diagnosis import diagnose
 from ..errors import InvalidURL, OperatorError
-from ..secrets import mask_url, unencoded_credentials
+from ..secrets import mask_url
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -135,11 +135,6 @@ def make_engine(url: str, factory: Callable[..., Engine] = create_engine, **kwar
     otherwise reach logs and dead letters.
     """
     kwargs.setdefault("hide_parameters", True)
-    if unencoded_credentials(url):  # the driver would take part of the password for the host
-        raise InvalidURL(
-            f"invalid database URL {mask_url(url)}: percent-encode '/', '?', '#' and '@' in "
-            "the user name and password (%2F, %3F, %23, %40)"
-        )
     try:
         parsed = make_url(url)
     except Exception as exc:  # ArgumentError, ValueError on a bad port...
@@ -147,6 +142,14 @@ def make_engine(url: str, factory: Callable[..., Engine] = create_engine, **kwar
             f"not a database URL: {mask_url(url)}; use dialect+driver://user@host:port/db "
             "(percent-encode '/', '#', '@' and '?' in a password)"
         ) from exc
+    if parsed.host and "@" in parsed.host:
+        # SQLAlchemy ends the password at its first '@': the rest of it became the host,
+        # which the driver would print ("failed to resolve host 'tSECRET@db'"). An '@' in
+        # the query (?application_name=ops@billing) is not in the host, and is fine.
+        raise InvalidURL(
+            f"invalid database URL {mask_url(url)}: percent-encode '@' in the user name and "
+            "password (%40)"
+        )
     try:
         return factory(parsed.render_as_string(hide_password=False), **kwargs)
     except Exception as exc:  # missing driver, bad option: say which

@@ -34,7 +34,14 @@ from typing import Any
 
 from sqlalchemy.engine import Connection
 
-from .callables import being_cancelled, call_sync, is_async_callable
+from .callables import (
+    being_cancelled,
+    call_async,
+    call_sync,
+    fits,
+    is_async_callable,
+    wraps_async,
+)
 from .errors import ConfigurationError
 from .guard import guarded
 from .instrumentation import HandlerOutcome
@@ -109,7 +116,9 @@ class ErrorChannel:
 
     @property
     def is_async(self) -> bool:
-        return is_async_callable(self.callback)
+        """The callback is async, or may be (a plain def wrapping an async one): where
+        callables are async, it is called and its result awaited."""
+        return is_async_callable(self.callback) or wraps_async(self.callback)
 
     @property
     def wants_session(self) -> bool:
@@ -151,7 +160,7 @@ def set_default_on_failure(on_failure: Callable[..., Any] | ErrorChannel | None)
             f"{on_failure!r}"
         )
     channel = as_channel(on_failure)
-    if channel.is_async:
+    if is_async_callable(channel.callback):
         raise ConfigurationError(
             f"the default error channel {channel.name!r} serves sync and async consumers: "
             "make it a plain def (give async consumers an async one with on_failure=...)"
@@ -191,8 +200,8 @@ def channel_for(
             f"{where}: on_failure must be a function, an outboxer.ErrorChannel or the name "
             f"of one registered with @consumer.error_channel(...), got {on_failure!r}"
         )
-    if channel.is_async != is_async:
-        kind = "an async def" if channel.is_async else "a plain def"
+    if not fits(channel.callback, is_async):
+        kind = "a plain def" if is_async else "an async def"
         need = "async def" if is_async else "def"
         raise ConfigurationError(
             f"{where}: error channel {channel.name!r} is {kind} function but its consumer's "
@@ -272,7 +281,9 @@ class RunChannel:
                 if self.channel.is_async:
                     who = f"error channel {self.channel.name}"
                     with handling(self.failure.envelope), guarded(session.sync_session, who):
-                        await self.channel.callback(self.failure, **self._arguments(session))
+                        await call_async(
+                            self.channel.callback, self.failure, **self._arguments(session)
+                        )
                 else:  # the process-wide default: a plain def, given the sync session
                     await session.run_sync(self._call_sync)
                 in_callback = False

@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from .callables import is_async_callable
+from .callables import fits
 from .errors import ConfigurationError
 from .keys import FromBody, FromHeader
 from .message import Envelope, MessageType, message_type_for
@@ -245,8 +245,8 @@ def build_spec(
         raise ConfigurationError(
             f"handler {handler_name!r}: a message type name is at most 255 characters"
         )
-    is_async = is_async_callable(fn)
-    if is_async != consumer_is_async:
+    if not fits(fn, consumer_is_async):
+        is_async = not consumer_is_async
         kind = "an async def" if is_async else "a plain def"
         need = (
             "async_sessionmaker(..., class_=outboxer.AsyncOutboxSession)"
@@ -289,7 +289,7 @@ def build_spec(
         destination=destination,
         retry=retry or default_retry,
         dedup_key=key_fn,
-        is_async=is_async,
+        is_async=consumer_is_async,
         wants_session=wants_session,
         wants_context=wants_context,
     )

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy.engine import Connection
 
-from .callables import being_cancelled, call_sync
+from .callables import being_cancelled, call_async, call_sync
 from .failures import RunChannel
 from .fallbacks import Job, lost_database, no_connection
 from .guard import guarded
@@ -180,7 +180,7 @@ class Processor:
                 if not recorded:
                     return RunResult(HandlerOutcome.DUPLICATE)
                 with handling(envelope), guarded(session.sync_session, f"handler {spec.id}"):
-                    await spec.fn(event, **spec.arguments(event, session, context))
+                    await call_async(spec.fn, event, **spec.arguments(event, session, context))
         except (KeyboardInterrupt, SystemExit):
             raise
         except asyncio.CancelledError as exc:

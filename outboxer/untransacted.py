@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .callables import call_sync
+from .callables import call_async, call_sync
 from .guard import guarded
 from .handlers import Context, HandlerSpec
 from .instrumentation import HandlerOutcome
@@ -74,7 +74,7 @@ async def run_untransacted_async(
         if seen:
             return RunResult(HandlerOutcome.DUPLICATE)
         with handling(envelope), guarded(session.sync_session, f"handler {spec.id}"):
-            await spec.fn(event, **spec.arguments(event, session, context))
+            await call_async(spec.fn, event, **spec.arguments(event, session, context))
         recorded = await session.run_sync(
             lambda s: inbox_store.record_inbox(s.connection(), **inbox_row)
         )

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
+from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -194,3 +196,39 @@ async def test_an_async_channel_raising_cancelled_error_of_its_own_is_a_failure(
     assert calls == {"handler": 1, "channel": 1}
     [letter] = outboxer.DeadLetters(Session).list()
     assert "error channel pager raised" in letter.error_message
+
+
+def _logged(fn: Any) -> Any:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)  # the coroutine, for the consumer to await
+
+    return wrapper
+
+
+async def test_an_async_handler_behind_a_plain_decorator_runs_on_an_async_consumer(
+    engine: Engine,
+    AsyncSession: async_sessionmaker[outboxer.AsyncOutboxSession],
+) -> None:
+    """Before 2026-11-30 such a handler was refused on an async consumer ("a plain def")."""
+    consumer = outboxer.Consumer(AsyncSession, name="async-logged")
+
+    async def reserve(event: OrderPlaced, session: outboxer.AsyncOutboxSession) -> None:
+        session.add(Effect(handler="reserve", message_key=str(event.order_id)))
+
+    consumer.handler(OrderPlaced, name="reserve")(_logged(reserve))
+    report = await consumer.process_async(
+        b'{"order_id": 1}',
+        wire.encode_headers(
+            outboxer.Envelope(
+                message_id=outboxer.uuid7(),
+                type="test.order_placed",
+                destination="orders",
+                payload=b'{"order_id": 1}',
+                occurred_at=datetime.now(timezone.utc),
+            )
+        ),
+        destination="orders",
+    )
+    assert report.outcomes == {"reserve": "processed"}
+    assert effects(engine) == {"reserve": 1}

@@ -5,6 +5,7 @@ expects the same. Every test here failed before its fix; the failure is in its d
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import warnings
@@ -60,7 +61,9 @@ class _AsyncCallable:
 
 @pytest.mark.parametrize("db_kind", ["sqlite"], indirect=True)
 @pytest.mark.parametrize(
-    "handler", [_logged(_reserve_later), _AsyncCallable()], ids=["wrapped", "async-call"]
+    "handler",
+    [_AsyncCallable(), functools.partial(_reserve_later)],
+    ids=["async-call", "partial"],
 )
 def test_an_async_handler_in_disguise_is_refused_on_a_sync_consumer(
     Session: sessionmaker[outboxer.OutboxSession], handler: Callable[..., Any]
@@ -71,6 +74,34 @@ def test_an_async_handler_in_disguise_is_refused_on_a_sync_consumer(
     consumer = outboxer.Consumer(Session, name="billing")
     with pytest.raises(ConfigurationError, match="async def"):
         consumer.handler(OrderPlaced, name="reserve")(handler)
+
+
+def _bridged(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+    """A sync bridge around an async function (as asgiref's ``async_to_sync``): it runs the
+    coroutine to the end itself."""
+
+    @functools.wraps(fn)
+    def bridge(event: OrderPlaced, session: Session) -> None:
+        asyncio.run(fn(event, session))
+
+    return bridge
+
+
+@pytest.mark.parametrize("db_kind", ["sqlite"], indirect=True)
+def test_a_decorator_around_an_async_def_decides_at_run_time(line: Line) -> None:
+    """A plain def wrapping an async def is either kind: a bridge that runs the coroutine
+    itself is a sync handler (found attacking the first fix, which refused it at
+    registration); a logging decorator that returns the coroutine fails at run time, dead-
+    lettered at once, as a plain def that returns one does (the test above)."""
+    line.consumer.handler(OrderPlaced, name="reserve", retry=ONCE)(_bridged(_reserve_later))
+    line.consumer.handler(OrderPlaced, name="logged", retry=ONCE)(_logged(_reserve_later))
+    line.inject(envelope_of(OrderPlaced(order_id=1)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # "coroutine ... was never awaited"
+        line.deliver(until=lambda: bool(line.dead()))
+    assert line.effects() == {"1": 1}  # the bridge's; the logged one's never ran
+    [dead] = line.dead()
+    assert (dead.handler, dead.error_type) == ("logged", "outboxer.errors.HandlerMisuse")
 
 
 def test_a_sync_handler_returning_a_coroutine_is_dead_lettered_not_processed(

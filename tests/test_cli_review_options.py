@@ -166,6 +166,11 @@ def test_the_demo_names_the_otel_extra_when_it_is_missing(monkeypatch: pytest.Mo
         yield None
 
     monkeypatch.setattr(demo, "_tracing", no_tracing)
-    result = outboxer_cli("demo")
+    logger = logging.getLogger("outboxer")
+    level = logger.level
+    try:
+        result = outboxer_cli("demo")
+    finally:
+        logger.setLevel(level)  # the demo quiets outboxer's logs, process-wide
     assert result.returncode == 0, result.stderr
     assert "install outboxer[otel] to see" in result.stdout

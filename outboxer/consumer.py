@@ -136,6 +136,7 @@ class Consumer(Registration):
             )
         for source in subscription.sources:
             transport.validate_name(source.queue, f"consumer {self.name!r}: an adapter's queue")
+        transport.validate_subscription(subscription, f"consumer {self.name!r}")
 
     # Processing one message -----------------------------------------------------------
 

@@ -193,3 +193,25 @@ def test_outboxer_inbox_warns_at_start_up_that_consumers_share_a_plain_sqs_queue
         assert f"consumer '{queue}-audit' reads SQS queue '{queue}'" in lines[0]
         assert f"which consumer '{queue}-billing' also reads" in lines[0]
         assert "WARNING" in lines[0]
+
+
+@pytest.mark.parametrize("db_kind", ["sqlite"], indirect=True)
+def test_a_consumer_takes_at_most_150_types_from_one_topic(
+    sns: Transport, Session: sessionmaker[outboxer.OutboxSession]
+) -> None:
+    """SNS refuses a filter policy of more than 150 values. Before (review of 2026-11-30):
+    the consumer passed its checks, then run() failed with SNS's "Filter policy is too
+    complex" and no fix named; now the 151st type is refused before anything is created."""
+    topic = unique("many")
+
+    def consumer(types: int) -> outboxer.Consumer:
+        made = outboxer.Consumer(Session, name=unique("wide"))
+        for i in range(types):
+            made.handler(f"wide.t{i}", destination=topic, name=f"h{i}")(lambda event: None)
+        return made
+
+    fits = consumer(150)
+    fits.check_names(sns)
+    assert fits.run(sns, once=True, idle_timeout=0.05).messages == 0  # subscribed, read
+    with pytest.raises(outboxer.ConfigurationError, match="at most 150: split"):
+        consumer(151).check_names(sns)

@@ -228,6 +228,10 @@ class Transport(abc.ABC):
         as a destination or consumer name (``what`` says which, for the message)."""
         require_valid_name(_BROKERS.get(self.description.system, ""), name, what)
 
+    def validate_subscription(self, subscription: Subscription, what: str) -> None:  # noqa: B027
+        """Raise :class:`~outboxer.errors.InvalidName` if this broker cannot route
+        ``subscription`` as outboxer would set it up (``what`` names the consumer)."""
+
     def check(self) -> None:  # noqa: B027 - an in-process broker is always there
         """Connect once and authenticate, or raise the error that stopped it.
 

@@ -60,6 +60,19 @@ class Route:
     types: frozenset[str] | None
 
 
+MAX_FILTER_VALUES = 150
+"""SNS takes at most 150 values (combinations) in a subscription's filter policy."""
+
+
+def too_many_types(subscription: Subscription) -> tuple[str, int] | None:
+    """A topic from which the consumer takes more message types than one filter policy can
+    name, and how many; None when every route fits."""
+    for route in plan_routes(subscription):
+        if route.types is not None and len(route.types) > MAX_FILTER_VALUES:
+            return route.topic, len(route.types)
+    return None
+
+
 def plan_routes(subscription: Subscription) -> list[Route]:
     """The routes a consumer needs, its own topic's first.
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from ...errors import TransportError
+from ...errors import InvalidName, TransportError
 from ...message import Envelope
 from ..aws import ClientOptions, describe, parse_url, whole_number
 from ..base import Receiver, SendResult, Subscription
@@ -18,7 +18,13 @@ from ..sqs.batch import BatchTransport, Entry
 from ..sqs.errors import error_code, result_for_error
 from ..sqs.options import DEFAULT_MAX_MESSAGE_BYTES, URL_OPTIONS
 from ..sqs.transport import adapter_queues
-from .topology import subscribe_queues, subscribed_types, topic_arn
+from .topology import (
+    MAX_FILTER_VALUES,
+    subscribe_queues,
+    subscribed_types,
+    too_many_types,
+    topic_arn,
+)
 
 __all__ = ["SNSTransport"]
 
@@ -173,6 +179,19 @@ class SNSTransport(BatchTransport):
             raise TransportError("the SNS transport is closed")
         queues = subscribe_queues(self._client, self.queues, subscription)
         return self.queues.receive_from(queues, adapter_queues(subscription))
+
+    def validate_subscription(self, subscription: Subscription, what: str) -> None:
+        """A consumer's queue subscribes to each topic with a filter policy naming the types
+        it handles from there; SNS refuses more than 150 at start-up ("filter policy is
+        too complex"), so it is refused here, before anything is created."""
+        found = too_many_types(subscription)
+        if found is not None:
+            topic, count = found
+            raise InvalidName(
+                f"{what}: it handles {count} message types from SNS topic {topic!r}, and an "
+                f"SNS subscription's filter policy takes at most {MAX_FILTER_VALUES}: split "
+                "those handlers across two consumers (each has its own queue)"
+            )
 
     def check(self) -> None:
         """One authenticated call to each service (ListTopics, ListQueues).

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import event
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import instrumentation
@@ -158,8 +159,13 @@ class Batcher:
         tracer = instrumentation.get()
         spec = items[0].spec
         current: _Item | None = None
+        shared = _SharedSession(None)
         try:
-            with processor.session_factory() as session, session.begin():
+            with (
+                processor.session_factory() as session,
+                session.begin(),
+                _SharedSession(session) as shared,
+            ):
                 fresh = inbox_store.record_inbox_many(
                     session.connection(), [item.row for item in items]
                 )
@@ -187,9 +193,10 @@ class Batcher:
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as exc:
-            if isinstance(exc, SQLAlchemyError) or lost_database(exc):
+            if isinstance(exc, SQLAlchemyError) or lost_database(exc) or shared.flush_failed:
                 # A database error may come from an earlier handler's writes (flushed
-                # late, or a session it broke), or from an outage: nobody to blame.
+                # late, or a session it broke), or from an outage; an error raised by a
+                # flush may be an earlier handler's write: nobody to blame.
                 current = None
             log.debug("a batch of %d for %s failed; one at a time", len(items), spec.id)
             return _Failed(exc, current)
@@ -210,11 +217,6 @@ class Batcher:
         try:
             with handling(envelope), guarded(session, who):
                 call_sync(spec.fn, who, event, **spec.arguments(event, session, context))
-                # Its writes go to the database now, as its own commit would send them
-                # one message at a time: the next handlers see them whatever they query
-                # with (a Core statement does not autoflush), and a write that fails is
-                # this message's failure, not the next one's.
-                session.flush()
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as exc:
@@ -239,3 +241,54 @@ class Batcher:
             raise
         except BaseException as exc:
             return exc
+
+
+class _SharedSession:
+    """While a group's handlers share ``session``: what one handler wrote is in the database
+    before any later statement runs, and a failed flush is known.
+
+    One message at a time, a handler's writes are committed before the next message's
+    handler runs, so it sees them whatever it queries with. In a batch they may still be
+    pending in the session: an ORM query autoflushes them, but a Core statement
+    (``session.connection().execute(...)``, ``session.execute(text(...))``) or a session
+    made with ``autoflush=False`` does not. So before any statement on the session's
+    connection, pending writes are flushed (a ``before_execute`` listener on that one
+    connection); writes nobody reads are flushed at the commit, in one go.
+
+    A flush that fails (a constraint, a mapper event that raises) may fail on an earlier
+    handler's write, so its error blames nobody: the group goes one message at a time,
+    where the failing write is its own message's (``flush_failed``).
+    """
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        self.flush_failed = False
+        self.connection: Any = None
+
+    def __enter__(self) -> _SharedSession:
+        session = self.session
+        original = session.flush
+
+        def flush(objects: Any = None) -> None:
+            try:
+                original(objects)
+            except BaseException:
+                self.flush_failed = True
+                raise
+
+        setattr(session, "flush", flush)  # noqa: B010 - this session only
+        self.connection = session.connection()
+        event.listen(self.connection, "before_execute", self._before_execute)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        vars(self.session).pop("flush", None)
+        if self.connection is not None and event.contains(
+            self.connection, "before_execute", self._before_execute
+        ):
+            event.remove(self.connection, "before_execute", self._before_execute)
+
+    def _before_execute(self, *args: Any) -> None:
+        session = self.session
+        if not session._flushing and (session.new or session.dirty or session.deleted):
+            session.flush()

@@ -190,6 +190,25 @@ def test_a_handler_sees_the_writes_of_the_messages_before_it_through_core(line: 
     assert line.effects() == {"first-order-of-ada": 1}
 
 
+def test_a_session_without_autoflush_sees_the_writes_of_the_messages_before_it(
+    line: Line, engine: Engine
+) -> None:
+    """The same with an ORM query on a session made with ``autoflush=False``."""
+    line.consumer.session_factory = sessionmaker(
+        engine, class_=outboxer.OutboxSession, autoflush=False
+    )
+
+    @line.consumer.handler(OrderPlaced)
+    def welcome(event: OrderPlaced, session: Session) -> None:
+        key = f"first-order-of-{event.customer}"
+        if session.query(Effect).filter_by(message_key=key).first() is None:
+            session.add(Effect(handler="welcome", message_key=key))
+
+    line.inject(*(envelope_of(OrderPlaced(order_id=i)) for i in range(5)))
+    assert line.consume().processed == 5
+    assert line.effects() == {"first-order-of-ada": 1}
+
+
 @pytest.fixture
 def invalid_effect_5() -> Iterator[None]:
     """A mapper event that refuses message 5's effect row when it is flushed."""

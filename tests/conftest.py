@@ -98,3 +98,13 @@ def empty_db_url(db_kind: str, tmp_path: Path) -> Iterator[str]:
         yield url
     finally:
         server.drop_database(url)
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database without outboxer's tables (for the command line)."""
+    server = SERVERS["postgresql"]
+    require("postgresql", server.available, server.admin_url)
+    url = server.create_database("outboxer_cli")
+    yield url
+    server.drop_database(url)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,16 +47,6 @@ def outboxer_cli(*args: str, env: dict[str, str] | None = None) -> Ran:
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     return Ran(result.exit_code, result.stdout, result.stderr)
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A fresh PostgreSQL database without outboxer's tables."""
-    server = SERVERS["postgresql"]
-    require("postgresql", server.available, server.admin_url)
-    url = server.create_database("outboxer_cli")
-    yield url
-    server.drop_database(url)
 
 
 @pytest.fixture

@@ -8,13 +8,12 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from .cli_apps import BIN, closed_port
-from .services import SERVERS, async_url, require
+from .services import async_url
 from .test_cli_failures import one_error_line
 
 ASYNC_APP = """
@@ -58,15 +57,6 @@ NO_GREENLET = (
 )
 
 
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    server = SERVERS["postgresql"]
-    require("postgresql", server.available, server.admin_url)
-    url = server.create_database("review_fix_inbox")
-    yield url
-    server.drop_database(url)
-
-
 def inbox(
     tmp_path: Path, *args: str, db: str, python: list[str] | None = None
 ) -> subprocess.CompletedProcess[str]:
@@ -74,15 +64,19 @@ def inbox(
     the application modules are; a run that does not end fails the test."""
     (tmp_path / "reviewasync.py").write_text(textwrap.dedent(ASYNC_APP))
     command = python or [str(BIN / "outboxer-inbox")]
+    env = {"REVIEW_ASYNC_DB": db, "REVIEW_ASYNC_SEED": f"sqlite:///{tmp_path / 'seed.sqlite'}"}
+    return run_in(tmp_path, [*command, *args, "--broker", "memory://reviewasync", "--once"], env)
+
+
+def run_in(
+    tmp_path: Path, command: list[str], env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    """``command`` in ``tmp_path``, where the application modules are, with ``env`` added;
+    a run that does not end within 30 s fails the test."""
     try:
         return subprocess.run(
-            [*command, *args, "--broker", "memory://reviewasync", "--once"],
-            env={
-                **os.environ,
-                "REVIEW_ASYNC_DB": db,
-                "REVIEW_ASYNC_SEED": f"sqlite:///{tmp_path / 'seed.sqlite'}",
-                "PYTHONPATH": str(tmp_path),
-            },
+            command,
+            env={**os.environ, **env, "PYTHONPATH": str(tmp_path)},
             cwd=tmp_path,
             capture_output=True,
             text=True,
@@ -90,7 +84,7 @@ def inbox(
             check=False,
         )
     except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"outboxer-inbox {' '.join(args)} --once did not exit: {exc.stderr!r}")
+        pytest.fail(f"{' '.join(command)} did not exit: {exc.stderr!r}")
 
 
 def test_an_async_consumer_on_a_database_without_tables_exits_6(
@@ -153,19 +147,10 @@ def test_a_module_failing_at_import_is_one_line_naming_it(
     assert result.returncode == 2, result.stderr
     line = one_error_line(result)
     assert module in line and error in line, line
-    relay = subprocess.run(
+    relay = run_in(
+        tmp_path,
         [str(BIN / "outboxer"), "relay", "--on-failure", f"{module}:alert", "--once"],
-        env={
-            **os.environ,
-            "OUTBOXER_DB": "sqlite://",
-            "OUTBOXER_BROKER": "memory://",
-            "PYTHONPATH": str(tmp_path),
-        },
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
+        {"OUTBOXER_DB": "sqlite://", "OUTBOXER_BROKER": "memory://"},
     )
     assert relay.returncode == 2, relay.stderr
     line = one_error_line(relay)

@@ -179,23 +179,27 @@ async def test_an_async_channel_raising_cancelled_error_of_its_own_is_a_failure(
         calls["handler"] += 1
         raise ValueError("nope")
 
-    report = await consumer.process_async(
-        b'{"order_id": 1}',
-        wire.encode_headers(
-            outboxer.Envelope(
-                message_id=outboxer.uuid7(),
-                type="test.order_placed",
-                destination="orders",
-                payload=b'{"order_id": 1}',
-                occurred_at=datetime.now(timezone.utc),
-            )
-        ),
-        destination="orders",
-    )
+    report = await consumer.process_async(ORDER_1, one_order_headers(), destination="orders")
     assert report.outcomes == {"charge": "dead_lettered"}
     assert calls == {"handler": 1, "channel": 1}
     [letter] = outboxer.DeadLetters(Session).list()
     assert "error channel pager raised" in letter.error_message
+
+
+def one_order_headers() -> dict[str, str]:
+    """The headers of an OrderPlaced message for order 1 (its body: ``ORDER_1``)."""
+    return wire.encode_headers(
+        outboxer.Envelope(
+            message_id=outboxer.uuid7(),
+            type="test.order_placed",
+            destination="orders",
+            payload=ORDER_1,
+            occurred_at=datetime.now(timezone.utc),
+        )
+    )
+
+
+ORDER_1 = b'{"order_id": 1}'
 
 
 def _logged(fn: Any) -> Any:
@@ -217,18 +221,6 @@ async def test_an_async_handler_behind_a_plain_decorator_runs_on_an_async_consum
         session.add(Effect(handler="reserve", message_key=str(event.order_id)))
 
     consumer.handler(OrderPlaced, name="reserve")(_logged(reserve))
-    report = await consumer.process_async(
-        b'{"order_id": 1}',
-        wire.encode_headers(
-            outboxer.Envelope(
-                message_id=outboxer.uuid7(),
-                type="test.order_placed",
-                destination="orders",
-                payload=b'{"order_id": 1}',
-                occurred_at=datetime.now(timezone.utc),
-            )
-        ),
-        destination="orders",
-    )
+    report = await consumer.process_async(ORDER_1, one_order_headers(), destination="orders")
     assert report.outcomes == {"reserve": "processed"}
     assert effects(engine) == {"reserve": 1}

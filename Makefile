@@ -42,7 +42,7 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy outboxer
-	$(BIN)/mypy --strict chaos tests/faultproxy.py
+	$(BIN)/mypy --strict chaos tests/faultproxy.py tests/refusing_server.py
 
 pytest: $(STAMP) services
 	$(BIN)/pytest $(PYTEST_ARGS)

@@ -40,6 +40,18 @@ _MY_NO_DATABASE = 1049
 _MY_NO_TABLE = 1146
 _MY_CANNOT_CONNECT = {2002, 2003, 2005, 2006, 2013}
 _MY_PRIVILEGE = {1142, 1143, 1227}  # table, column, global privilege denied
+# A server that answers but takes no connection now: shutting down, starting up, in
+# recovery, or at its connection limit. PostgreSQL sends these at start-up, where libpq
+# keeps no SQLSTATE: its words decide. MariaDB sends the error number.
+_PG_NOT_NOW = {"57P01", "57P02", "57P03", "53300"}
+_MY_NOT_NOW = {1040, 1053, 1203, 1927}  # too many, shutdown, per-user limit, killed
+_NOT_NOW_WORDS = re.compile(
+    r"the database system is (?:shutting down|starting up|in recovery mode|"
+    r"not yet accepting connections|not accepting connections)|too many clients|"
+    r"remaining connection slots are reserved|terminating connection due to administrator "
+    r"command|server shutdown in progress|too many connections|max_user_connections",
+    re.IGNORECASE,
+)
 _DRIVERS = ("sqlalchemy", "psycopg", "psycopg2", "pymysql", "sqlite3", "asyncmy", "aiosqlite")
 AWS_BAD_CREDENTIALS = frozenset(
     {
@@ -164,6 +176,11 @@ def _database(error: BaseException, url: str | None) -> OperatorError | None:
         return DatabaseUnavailable(
             f"what answers at {where} is not that database ({_detail(text)}): is the port "
             "in --db / OUTBOXER_DB the database's?"
+        )
+    if sqlstate in _PG_NOT_NOW or code in _MY_NOT_NOW or _NOT_NOW_WORDS.search(text):
+        return DatabaseUnavailable(
+            f"the database at {where} takes no connections now ({_detail(text)}): wait for "
+            "it to finish restarting or recovering, or raise its connection limit"
         )
     if sqlstate in _PG_AUTH or code in _MY_AUTH or _AUTH_WORDS.search(text):
         return DatabaseAccessDenied(

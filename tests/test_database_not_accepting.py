@@ -1,0 +1,117 @@
+"""A database that answers but does not take connections now: PostgreSQL shutting down,
+starting up or in recovery, too many clients; MariaDB shutting down or full.
+
+CI found ``outboxer relay`` dead (exit 1, a traceback) beside a consumer while PostgreSQL
+restarted: its start-up check met "FATAL: the database system is shutting down", which
+no rule recognised, so the check raised it as a bug instead of waiting. Such a database
+is unreachable for now: a long-running process waits for it, a one-shot run exits 4 with
+one line.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine
+
+from outboxer.diagnosis import diagnose
+from outboxer.errors import DatabaseUnavailable
+
+from .refusing_server import refusing_mariadb, refusing_postgresql
+from .relaying import OUTBOXER, output, spawn, start_relay, stop, wait_for
+from .services import RABBITMQ_URL, port_open, require
+from .test_cli_failures import as_process, one_error_line
+
+INBOX = str(Path(OUTBOXER).parent / "outboxer-inbox")
+
+POSTGRESQL_STATES = [
+    ("57P03", "the database system is shutting down"),
+    ("57P03", "the database system is starting up"),
+    ("57P03", "the database system is not yet accepting connections"),
+    ("57P03", "the database system is in recovery mode"),
+    ("53300", "sorry, too many clients already"),
+    ("57P01", "terminating connection due to administrator command"),
+]
+MARIADB_STATES = [
+    (1053, "08S01", "Server shutdown in progress"),
+    (1040, "08004", "Too many connections"),
+    (1203, "42000", "User app already has more than 'max_user_connections' active connections"),
+]
+
+
+def _connect_error(url: str) -> Exception:
+    engine = create_engine(url)
+    try:
+        engine.connect().close()
+    except Exception as exc:
+        return exc
+    finally:
+        engine.dispose()
+    raise AssertionError("the refusing server let a connection in")
+
+
+@pytest.mark.parametrize(("sqlstate", "message"), POSTGRESQL_STATES)
+def test_a_postgresql_not_accepting_connections_now_is_unavailable(
+    sqlstate: str, message: str
+) -> None:
+    with refusing_postgresql(sqlstate, message) as port:
+        exc = _connect_error(f"postgresql+psycopg://postgres@127.0.0.1:{port}/app")
+    problem = diagnose(exc, db_url=f"postgresql+psycopg://postgres@127.0.0.1:{port}/app")
+    assert isinstance(problem, DatabaseUnavailable), exc
+    assert message in str(problem)  # the server's own words, not "is it running?"
+
+
+@pytest.mark.parametrize(("errno", "sqlstate", "message"), MARIADB_STATES)
+def test_a_mariadb_not_accepting_connections_now_is_unavailable(
+    errno: int, sqlstate: str, message: str
+) -> None:
+    with refusing_mariadb(errno, sqlstate, message) as port:
+        exc = _connect_error(f"mysql+pymysql://root@127.0.0.1:{port}/app")
+    problem = diagnose(exc)
+    assert isinstance(problem, DatabaseUnavailable), exc
+    assert message in str(problem)
+
+
+def test_relay_once_against_a_database_shutting_down_exits_4_with_one_line() -> None:
+    with refusing_postgresql("57P03", "the database system is shutting down") as port:
+        url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/app"
+        result = as_process("relay", "--once", "--db", url, "--broker", "memory://")
+    assert result.returncode == 4, result.stderr
+    assert "shutting down" in one_error_line(result)
+
+
+def test_a_relay_started_while_postgresql_shuts_down_waits_for_it() -> None:
+    require("RabbitMQ", port_open("127.0.0.1", 5672), "start: rabbitmq-server -detached")
+    with refusing_postgresql("57P03", "the database system is shutting down") as port:
+        url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/app"
+        relay = start_relay(url, RABBITMQ_URL)
+        try:
+            wait_for(lambda: "trying again" in output(relay), 30, "the relay to wait")
+            assert relay.poll() is None, output(relay)
+        finally:
+            log = stop(relay)  # exit 0 on SIGTERM while waiting
+    assert "Traceback" not in log, log
+    assert "shutting down" in log
+
+
+def test_inbox_started_while_postgresql_shuts_down_waits_for_it() -> None:
+    with refusing_postgresql("57P03", "the database system is shutting down") as port:
+        url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/app"
+        env = {**os.environ, "APP_DB": url, "APP_DESTINATION": "d", "APP_CONSUMER": "c"}
+        consumer = spawn([INBOX, "tests.consumer_app:consumer", "--broker", "memory://c"], env=env)
+        try:
+            wait_for(lambda: "trying again" in output(consumer), 30, "the consumer to wait")
+        finally:
+            consumer.send_signal(signal.SIGTERM)
+            try:
+                consumer.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                consumer.kill()
+                raise
+        log = output(consumer)
+    assert consumer.returncode == 0, log
+    assert "Traceback" not in log, log

@@ -1,241 +1,28 @@
 """Publishing from ORM sessions (sync and asyncio) and from Core connections.
 
-``session.publish(event)`` does no I/O: it serializes the event and keeps it in the
-session (``session.info``), with the innermost transaction open at that moment. Session
-events then decide its fate. The hooks' contract:
-
-* **Write when the outermost transaction commits, and only then**, after the session is
-  flushed (the last domain writes have taken their row locks, so transactions that touch
-  the same rows get outbox ids in commit order): one multi-row INSERT (and, on
-  PostgreSQL, one NOTIFY) in that same transaction, just before its COMMIT.
-
-  ``before_commit`` does not say which transaction commits. It fires for the outermost
-  transaction and for every SAVEPOINT released, and a commit that still has SAVEPOINTs
-  open fires it first for the committing transaction, then once more for each open
-  SAVEPOINT as it releases it, innermost first (``SessionTransaction._prepare_impl``).
-  So: ``before_commit`` with no SAVEPOINT open is the outermost commit (write now).
-  ``before_commit`` with SAVEPOINT S innermost is S's release or an enclosing commit; the
-  hooks count these per SAVEPOINT, and a SAVEPOINT whose release (``after_commit``) saw
-  two of them was released by an enclosing commit, which they then follow outwards. When
-  that reaches the outermost transaction, the write happens as the last SAVEPOINT closes
-  (``after_transaction_end``), still before the outermost transaction's COMMIT. Messages
-  published by ``before_flush`` listeners during that flush join the INSERT; a message
-  published after it, during the same commit (by a ``before_commit`` listener registered
-  after outboxer's, say), is written through at once.
-* ``after_soft_rollback`` of a SAVEPOINT drops the messages published inside it (and
-  inside SAVEPOINTs nested in it, released or not); a rollback of the whole transaction
-  drops them all.
-* ``after_transaction_end`` of the outermost transaction forgets whatever is left (a
-  session closed without commit stores nothing).
-
-With the collector off (``outboxer_collector = False``), ``publish()`` also writes the kept
-messages every ``outboxer_chunk_size`` of them, into the innermost transaction, and
-``begin_nested()`` writes them before its SAVEPOINT (they belong outside it): the database
-then keeps or drops them with their transaction, as for Core. While messages kept
-from an enclosing transaction remain (the collector was switched off inside a SAVEPOINT),
-no chunk is written until that SAVEPOINT ends: its rollback must not drop them, and the
-outbox ids must follow publish order.
-
-A session joined to an external connection (``Session(bind=connection,
-join_transaction_mode=...)``) writes at its commit into the connection's transaction, so
-the external transaction's commit or rollback decides, as it does for the domain rows.
-Core's ``outboxer.publish(connection, ...)`` inserts at once: the database itself then
-keeps the rows of released SAVEPOINTs and drops those of rolled-back ones.
+``session.publish(event)`` serializes the event now (a bad payload raises in the caller)
+and hands it to the collector (:mod:`outboxer.collector`), which keeps it in the session
+and writes it into the same transaction just before its COMMIT, or drops it with a
+rollback. Core's ``outboxer.publish(connection, ...)`` inserts at once: the database
+itself then keeps the rows of released SAVEPOINTs and drops those of rolled-back ones.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, ClassVar
 from uuid import UUID
 
-from sqlalchemy import event
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import UnboundExecutionError
 from sqlalchemy.orm import Session, SessionTransaction
 
-from . import store
+from . import collector, store
 from .async_support import AsyncConnection, AsyncSession  # stand-ins without greenlet
 from .errors import ConfigurationError, NotAnOutboxSession
 from .publishing import Key, build_message
-from .tables import outbox
 
 __all__ = ["AsyncOutboxSession", "OutboxMixin", "OutboxSession", "publish"]
-
-_PENDING = "outboxer.pending"
-# Lets a Session with several binds pick the engine that holds the outbox table.
-_BIND_ARGUMENTS = {"clause": outbox.insert()}
-_CHUNK_BYTES = 8 * 1024 * 1024  # collector off: write at this much payload, whatever the count
-
-
-@dataclass
-class _Pending:
-    message: store.NewMessage
-    transaction: SessionTransaction
-    """The innermost transaction open at publish() time."""
-
-
-# Session hooks ---------------------------------------------------------------------------
-_BEFORE_COMMITS = "outboxer.before_commits"
-"""SAVEPOINT -> how many ``before_commit`` events fired while it was the innermost one."""
-_WRITE_AT_END = "outboxer.write_at_end"
-"""The SAVEPOINT whose closing ends an enclosing commit's releases: write then."""
-_PENDING_BYTES = "outboxer.pending_bytes"
-"""Payload bytes kept in _PENDING (counted when the collector is off)."""
-_WRITTEN = "outboxer.written"
-"""Set once this commit wrote the outbox: later publish() calls write through."""
-_HELD = "outboxer.held"
-"""The innermost transaction in which the kept messages cannot be written (the first of
-them belongs to a transaction around it): chunks wait until it ends."""
-RECORDED = "outboxer.recorded"
-"""While ``outboxer.testing`` records, a list in ``session.info``: every INSERT of kept
-messages appends them (their ``_Pending``); the outermost transaction's end removes it."""
-
-
-def _install_hooks(session_class: type[Session]) -> None:
-    event.listen(session_class, "after_begin", _after_begin)
-    event.listen(session_class, "before_commit", _before_commit)
-    event.listen(session_class, "after_commit", _after_commit)
-    event.listen(session_class, "after_soft_rollback", _after_soft_rollback)
-    event.listen(session_class, "after_transaction_end", _after_transaction_end)
-
-
-def _after_begin(session: Session, transaction: SessionTransaction, connection: Connection) -> None:
-    # MariaDB: learn max_allowed_packet (once per engine), so publish() can refuse a
-    # message that cannot fit before it is kept.
-    store.learn_statement_limit(connection)
-
-
-def _before_commit(session: Session) -> None:
-    savepoint = session.get_nested_transaction()
-    if savepoint is None:
-        _write_pending(session)  # the outermost transaction commits
-        return
-    # This SAVEPOINT is being released, or an enclosing transaction commits and will
-    # release it first (this event then fires again for it): count, decide at release.
-    counts: dict[SessionTransaction, int] = session.info.setdefault(_BEFORE_COMMITS, {})
-    counts[savepoint] = counts.get(savepoint, 0) + 1
-
-
-def _after_commit(session: Session) -> None:
-    savepoint = session.get_nested_transaction()  # still set while its release completes
-    if savepoint is None:
-        return  # the outermost COMMIT is done
-    counts: dict[SessionTransaction, int] | None = session.info.get(_BEFORE_COMMITS)
-    if not counts or counts.pop(savepoint, 0) < 2:
-        return  # it was released by itself (or by the commit of this very savepoint)
-    # Released by an enclosing transaction's commit: pass that commit's count outwards.
-    parent = savepoint.parent
-    if parent is not None and parent.nested:
-        counts[parent] = counts.get(parent, 0) + 1
-    else:
-        session.info[_WRITE_AT_END] = savepoint  # the outermost transaction commits next
-
-
-def _write_pending(session: Session) -> None:
-    # Messages published by listeners during this flush (before_flush) join this INSERT;
-    # those published after it, during the rest of the commit, are written through.
-    _insert_pending(session, flush=True)
-    session.info[_WRITTEN] = True
-
-
-def _insert_pending(
-    session: Session, *, flush: bool, within: SessionTransaction | None = None
-) -> None:
-    """INSERT the kept messages in the innermost transaction, and forget them.
-
-    ``flush``: flush the session first, so domain writes take their row locks before
-    outbox ids are assigned (skipped when the session is flushing already: a listener
-    publishing from inside a flush). ``within``: the innermost transaction, for a chunk
-    (None: the outermost commit, which writes everything).
-
-    A chunk writes only when every kept message belongs inside ``within``. Messages of a
-    transaction around it (the collector was switched off inside a SAVEPOINT) cannot go
-    into it (its rollback would drop them), and writing the later ones first would give
-    them smaller ids than messages published before them (a key's order): everything
-    waits until ``within`` ends. Kept messages are in publish order, so the first one
-    decides: every later one was published in ``within`` or inside it, or earlier.
-    """
-    kept: list[_Pending] | None = session.info.get(_PENDING)
-    if kept and within is not None and not _inside(kept[0].transaction, within):
-        session.info[_HELD] = within
-        return
-    if flush and not _flushing(session):
-        session.flush()
-    pending: list[_Pending] | None = session.info.get(_PENDING)
-    session.info.pop(_PENDING_BYTES, None)
-    if not pending:
-        return
-    connection = session.connection(bind_arguments=_BIND_ARGUMENTS)
-    notify = getattr(session, "outboxer_notify", True)
-    recorded: list[_Pending] | None = session.info.get(RECORDED)
-
-    def forget(stored: int) -> None:
-        # Only once stored: a failed INSERT keeps them for a retry.
-        if recorded is not None:
-            recorded.extend(pending[:stored])
-        del pending[:stored]
-
-    messages = [p.message for p in pending]
-    store.insert_messages(connection, messages, notify=notify, inserted=forget)
-
-
-def _flushing(session: Session) -> bool:
-    # SQLAlchemy has no public "flush in progress"; Session._flushing is what flush()
-    # itself checks before refusing to run twice.
-    return bool(getattr(session, "_flushing", False))
-
-
-def _after_soft_rollback(session: Session, previous_transaction: SessionTransaction) -> None:
-    if previous_transaction.nested or previous_transaction.parent is None:
-        _forget_commit(session)  # a rollback ends any commit in progress
-    pending: list[_Pending] | None = session.info.get(_PENDING)
-    if not pending:
-        return
-    if previous_transaction.nested:
-        pending[:] = [p for p in pending if not _inside(p.transaction, previous_transaction)]
-        session.info[_PENDING_BYTES] = sum(len(p.message.envelope.payload) for p in pending)
-    elif previous_transaction.parent is None:
-        pending.clear()
-    # else: an internal flush subtransaction; the SAVEPOINT or outermost transaction it
-    # belongs to gets its own rollback event.
-
-
-def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
-    if transaction.nested:
-        if session.info.get(_WRITE_AT_END) is transaction:
-            del session.info[_WRITE_AT_END]
-            _write_pending(session)  # the outermost transaction, now innermost, commits
-    elif transaction.parent is None:
-        _forget_commit(session)
-        session.info.pop(RECORDED, None)
-        pending = session.info.get(_PENDING)
-        if pending:
-            pending.clear()
-
-
-def _forget_commit(session: Session) -> None:
-    for name in (_BEFORE_COMMITS, _WRITE_AT_END, _WRITTEN, _PENDING_BYTES, _HELD):
-        session.info.pop(name, None)
-
-
-def _inside(transaction: SessionTransaction | None, ancestor: SessionTransaction) -> bool:
-    """Whether ``transaction`` is ``ancestor`` or nested (at any depth) inside it."""
-    while transaction is not None:
-        if transaction is ancestor:
-            return True
-        transaction = transaction.parent
-    return False
-
-
-def _check_size(session: Session, message: store.NewMessage) -> None:
-    try:
-        bind = session.get_bind(clause=_BIND_ARGUMENTS["clause"])
-    except UnboundExecutionError:
-        return  # no database yet: the commit will say so
-    store.check_size(message, bind.engine if isinstance(bind, Connection) else bind)
 
 
 class OutboxMixin:
@@ -263,7 +50,7 @@ class OutboxMixin:
         if issubclass(cls, Session) and not any(
             "_outboxer_hooked" in vars(base) for base in cls.__mro__[1:]
         ):
-            _install_hooks(cls)
+            collector.install_hooks(cls)
             cls._outboxer_hooked = True  # type: ignore[attr-defined]
 
     def publish(
@@ -301,24 +88,9 @@ class OutboxMixin:
             message_id=message_id,
             correlation_id=correlation_id,
         )
-        # Autobegin like Session.add() does (no I/O: no connection is checked out yet), so
-        # a rollback() right after publish() drops the message the same way it drops adds.
-        _check_size(self, message)
-        transaction = self.get_nested_transaction() or self._autobegin_t()
-        pending = self.info.setdefault(_PENDING, [])
-        pending.append(_Pending(message, transaction))
-        if self.info.get(_WRITTEN):
-            # Published during the commit, after its write (a before_commit listener that
-            # runs after outboxer's): the transaction is still open, write it through.
-            _insert_pending(self, flush=False)
-        elif not self.outboxer_collector:
-            size = self.info.get(_PENDING_BYTES, 0) + len(message.envelope.payload)
-            self.info[_PENDING_BYTES] = size
-            full = len(pending) >= self.outboxer_chunk_size or size >= _CHUNK_BYTES
-            if full and self.info.get(_HELD) is not transaction:
-                # Into the innermost transaction, when they all belong to it (a SAVEPOINT's
-                # begin writes those of the transaction around it first).
-                _insert_pending(self, flush=True, within=transaction)
+        collector.keep(
+            self, message, collector=self.outboxer_collector, chunk_size=self.outboxer_chunk_size
+        )
         return message.envelope.message_id
 
     def begin(self, nested: bool = False) -> SessionTransaction:
@@ -326,15 +98,14 @@ class OutboxMixin:
         messages kept so far, which belong to the transaction around it."""
         assert isinstance(self, Session)
         if nested and not self.outboxer_collector:
-            innermost = self.get_nested_transaction() or self.get_transaction()
-            _insert_pending(self, flush=True, within=innermost)
+            collector.write_before_savepoint(self)
         transaction: SessionTransaction = super().begin(nested=nested)  # type: ignore[misc]
         return transaction
 
     def pending_messages(self) -> list[store.NewMessage]:
         """Messages published in this session that its next commit will store."""
         assert isinstance(self, Session)
-        return [p.message for p in self.info.get(_PENDING, ())]
+        return collector.kept(self)
 
 
 class OutboxSession(OutboxMixin, Session):

@@ -18,8 +18,9 @@ from typing import Any, TypeVar, overload
 from sqlalchemy import event
 from sqlalchemy.orm import Session, SessionTransaction
 
+from ..collector import RECORDED, Pending, inside
 from ..message import Envelope, message_type_for
-from ..session import RECORDED, OutboxMixin, _inside, _Pending
+from ..session import OutboxMixin
 
 __all__ = ["Published"]
 
@@ -83,9 +84,9 @@ class Published:
 
     def _after_soft_rollback(self, session: Session, rolled_back: SessionTransaction) -> None:
         # A SAVEPOINT or the whole transaction: the rows it wrote are gone.
-        written: list[_Pending] | None = session.info.get(RECORDED)
+        written: list[Pending] | None = session.info.get(RECORDED)
         if written and (rolled_back.nested or rolled_back.parent is None):
-            written[:] = [p for p in written if not _inside(p.transaction, rolled_back)]
+            written[:] = [p for p in written if not inside(p.transaction, rolled_back)]
 
     def _after_commit(self, session: Session) -> None:
         if not isinstance(session, OutboxMixin) or session.get_nested_transaction() is not None:

@@ -32,6 +32,7 @@ from sqlalchemy.orm import sessionmaker
 
 import outboxer
 from outboxer import wire
+from outboxer.cli import heap
 from outboxer.ids import uuid7
 from outboxer.message import Envelope
 from outboxer.relay import relay_engine
@@ -192,13 +193,16 @@ class RelayRig:
 @contextmanager
 def relay_to_rabbitmq() -> Iterator[RelayRig]:
     """A fresh PostgreSQL database with outboxer's tables, an exchange and queue on
-    RabbitMQ, and a relay connected as `outboxer relay` connects; all closed afterwards."""
+    RabbitMQ, and a relay connected as `outboxer relay` connects, in a process whose heap
+    is settled as `outboxer relay` settles its own (outboxer.cli.heap); all closed
+    afterwards."""
     with fresh_postgres() as url:
         engine = engine_for(url)
         outboxer.create_all(engine)
         rabbit = _Rabbit()
         transport = outboxer.transport_from_url(RABBITMQ_URL)
         relay_db = relay_engine(url)
+        heap.settle()
         try:
             yield RelayRig(
                 sessionmaker(engine, class_=outboxer.OutboxSession),

@@ -28,6 +28,14 @@ pytest_plugins = [
 DATABASES = ["postgresql", "mariadb", "sqlite"]
 
 
+@pytest.fixture(autouse=True)
+def _keep_pytests_heap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A command run in this process (CliRunner) would freeze the heap of pytest itself:
+    outboxer.cli.heap.settle is for outboxer's own processes (tests/test_cli_heap.py runs
+    it for real, and in the commands run as processes)."""
+    monkeypatch.setattr("outboxer.cli.heap.settle", lambda: None)
+
+
 @pytest.fixture(scope="session")
 def database_urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """One database per kind for the whole run, created lazily; dropped at the end."""

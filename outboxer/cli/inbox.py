@@ -23,6 +23,7 @@ from ..store import dead_letters as dead_letter_store
 from ..store import inbox as inbox_store
 from ..store.schema import require_tables
 from ..transports import Transport, transport_from_url
+from . import heap
 from .common import (
     INBOX_ENV_PREFIX,
     Duration,
@@ -209,6 +210,8 @@ def run_until_stopped(
             return None
         if ready is not None:
             ready()
+        if not (once or attempt):
+            heap.settle()
         try:
             return consumer.run(transport, once=once, concurrency=concurrency)
         except TransportError as exc:

@@ -15,6 +15,7 @@ from ..relay import Relay, relay_engine
 from ..retry import Backoff
 from ..secrets import mask_url
 from ..transports import transport_from_url
+from . import heap
 from .common import Seconds, broker_option, db_option, import_target, make_engine, setting
 from .health import observability, service_options
 from .readiness import broker_check, database_check, wait_until
@@ -155,6 +156,8 @@ def relay(
             ):
                 return
             log.info("relay %s started", worker.name)
+            if not once:
+                heap.settle()
             stats = worker.run(once=once)
     finally:
         transport.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -18,25 +19,70 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from .callables import fits
-from .errors import ConfigurationError
+from .errors import ConfigurationError, HandlerMisuse
 from .keys import FromBody, FromHeader
 from .message import Envelope, MessageType, message_type_for
 from .retry import Retry
+from .store.inbox import MESSAGE_ID_KEY
 from .transports.base import Source, Subscription
 
 if TYPE_CHECKING:  # failures imports the plan, which imports this module
     from .failures import ErrorChannel
 
 __all__ = [
+    "MESSAGE_ID_KEY",
     "Context",
+    "DedupKeyError",
     "HandlerRegistry",
     "HandlerSpec",
     "Inbound",
     "build_spec",
     "factory_is_async",
+    "key_text",
 ]
 
 KeyFn = Callable[[Any], object]
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+>")
+
+
+class DedupKeyError(HandlerMisuse):
+    """A handler's dedup key is a value that identifies nothing (a bool, a float, a dict,
+    an object whose text holds its address): every run would get the same, so the message
+    is dead-lettered at once, with this reason, instead of being taken for another."""
+
+
+def key_text(value: object, handler: str) -> str | None:
+    """The text of a dedup key value; None for no key (None, or text that is empty or only
+    whitespace). Keys are compared as text: ``1`` and ``"1"`` are one key.
+
+    Raises :class:`DedupKeyError` for a value whose text is no identity: ``True`` (every
+    message with it would be one), a float (``1.0`` is not ``1``; every NaN would be one),
+    a dict or a set (their text depends on the order of their items, a set's on the
+    process), or an object whose text holds its address (new at every run: no redelivery
+    would ever be a duplicate).
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value if value.strip() else None
+    problem: str | None = None
+    if isinstance(value, bool):
+        problem = "a bool, which would make every message with it one"
+    elif isinstance(value, (float, complex)):
+        problem = f"a {type(value).__name__}, whose text is no id (1.0 is not 1; NaN is NaN)"
+    elif isinstance(value, (Mapping, set, frozenset)):
+        problem = f"a {type(value).__name__}, whose text depends on the order of its items"
+    text = str(value) if problem is None else ""
+    if problem is None and _ADDRESS.search(text):
+        problem = f"a {type(value).__name__} whose text holds its address, new at every run"
+    if problem is not None:
+        raise DedupKeyError(
+            f"handler {handler}: its dedup key is {problem}; return a str or an int (or "
+            "None for no key: the message id)"
+        )
+    return text if text.strip() else None
 
 
 @dataclass(frozen=True)
@@ -94,16 +140,25 @@ class HandlerSpec:
 
     def dedup_value(self, envelope: Envelope, event: Any) -> str:
         """The inbox key of ``event``: the business key if one is set (from the payload or a
-        header), else the message id."""
+        header), else the message id.
+
+        A handler without a business key has message ids only in its inbox: the key is the
+        id. A handler with one keeps the two kinds apart, so that no key ever stands for
+        another message's id: a message without a key (None, or blank text) is recorded as
+        ``message-id:<id>``, and a key that itself starts with ``message-id:`` gets that
+        prefix once more. Raises :class:`DedupKeyError` for a value that is no identity
+        (see :func:`key_text`), and whatever the key function raises.
+        """
         fn = self.dedup_key
         if fn is None and self.message_type is not None:
             fn = self.message_type.dedup_key
         if fn is None:
             return str(envelope.message_id)
         value = fn.value(envelope.headers) if isinstance(fn, FromHeader) else fn(event)
-        if value is None:
-            return str(envelope.message_id)
-        return value if isinstance(value, str) else str(value)
+        key = key_text(value, self.id)
+        if key is None:
+            return MESSAGE_ID_KEY + str(envelope.message_id)
+        return MESSAGE_ID_KEY + key if key.startswith(MESSAGE_ID_KEY) else key
 
     def arguments(self, event: Any, session: Any, context: Context) -> dict[str, Any]:
         """The keyword arguments this handler asked for by name."""

@@ -33,12 +33,13 @@ class FromHeader:
     name: str
 
     def value(self, headers: Mapping[str, str]) -> str | None:
-        """The header's value, or None when the message does not carry it (or it is empty)."""
+        """The header's value, or None when the message does not carry it (or it is empty,
+        or only whitespace: a blank value identifies nothing)."""
         found = headers.get(self.name)
         if found is None:
             wanted = self.name.lower()
             found = next((v for k, v in headers.items() if k.lower() == wanted), None)
-        return found or None
+        return found if found and found.strip() else None
 
     def __str__(self) -> str:
         return f"header {self.name!r}"
@@ -51,16 +52,19 @@ class FromBody:
     field: str
 
     def value(self, body: bytes) -> str | None:
-        """The field's value as text; None when the body has no such field (or it is null
-        or empty). Raises ValueError when the body is not a JSON object."""
+        """The field's value as text (a number as JSON writes it: ``7`` and ``"7"`` are one
+        id); None when the body has no such field, or it is null, blank text, or no id at
+        all (true or false, a number with a fraction or an exponent, an object, an array).
+        Raises ValueError when the body is not a JSON object."""
         document = json.loads(body)
         if not isinstance(document, dict):
             raise ValueError(f"the body is a JSON {type(document).__name__}, not an object")
         found = document.get(self.field)
-        if found is None or isinstance(found, (dict, list)):
-            return None
-        text = found if isinstance(found, str) else json.dumps(found)
-        return text or None
+        if isinstance(found, str):
+            return found if found.strip() else None
+        if isinstance(found, int) and not isinstance(found, bool):
+            return str(found)
+        return None
 
     def __str__(self) -> str:
         return f"body field {self.field!r}"

@@ -89,12 +89,6 @@ class MessageType(Generic[T]):
     def key_of(self, payload: object) -> str | None:
         return None if self.key is None else _as_key(self.key(payload))
 
-    def dedup_key_of(self, payload: object) -> str | None:
-        """The payload's business key; None when there is none, or it is a header's."""
-        if self.dedup_key is None or isinstance(self.dedup_key, FromHeader):
-            return None
-        return _as_key(self.dedup_key(payload))
-
 
 _registry_lock = threading.Lock()
 _by_name: dict[str, MessageType[Any]] = {}

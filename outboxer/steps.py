@@ -21,7 +21,7 @@ from . import instrumentation, store
 from .adapters import take_in
 from .failures import Failure, RunChannel, channel_steps, default_channel
 from .fallbacks import Write, first_written, park, park_jobs
-from .handlers import HandlerRegistry, HandlerSpec
+from .handlers import MESSAGE_ID_KEY, HandlerRegistry, HandlerSpec
 from .instrumentation import HandlerOutcome, TransportDescription
 from .intake import Prepared, Rejected, prepare
 from .plan import (
@@ -192,7 +192,17 @@ def _give_up(
             failure = Failure(
                 event, envelope, step.error, step.attempt, consumer, spec.name, step.reason
             )
-            inbox = Run(spec, prepared, step.attempt, False).inbox_row(event)
+            try:
+                inbox = Run(spec, prepared, step.attempt, False).inbox_row(event)
+            except Exception:
+                # The handler failed on its key (a key function that raised): the channel's
+                # row records the message by its id, which no business key can be.
+                inbox = {
+                    "handler": spec.id,
+                    "dedup_key": MESSAGE_ID_KEY + str(envelope.message_id),
+                    "message_id": envelope.message_id,
+                    "message_type": envelope.type,
+                }
             handled, note = yield from channel_steps(
                 channel,
                 failure,

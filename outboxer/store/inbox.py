@@ -21,6 +21,7 @@ from .clock import clock_params, db_now_plus, now
 from .compiled import Compiled
 
 __all__ = [
+    "MESSAGE_ID_KEY",
     "InboxRow",
     "count_inbox",
     "prune_inbox",
@@ -31,6 +32,13 @@ __all__ = [
 
 _HASHED = "sha256:"
 _KEY_LIMIT = 255
+
+MESSAGE_ID_KEY = "message-id:"
+"""How a handler with a business key records a message that has none: ``message-id:`` and
+its id, so that no key ever stands for another message's id. Releases before 2026-11-30
+recorded the bare id: a message in that form whose row an earlier release wrote (its bare
+id, for this very message) is a duplicate too, so a redelivery across a rolling upgrade
+does not run twice (:func:`_recorded_earlier`)."""
 
 
 def stored_key(dedup_key: str) -> str:
@@ -85,7 +93,9 @@ def record_inbox(
         # SQLAlchemy keeps an INSERT's rowcount only when asked (otherwise -1: truthy).
         execution_options={"preserve_rowcount": True},
     )
-    return result.rowcount == 1
+    if result.rowcount != 1:
+        return False
+    return not _recorded_earlier(connection, [(handler, dedup_key)])
 
 
 @dataclass(frozen=True)
@@ -123,8 +133,7 @@ def record_inbox_many(connection: Connection, rows: Sequence[InboxRow]) -> list[
             "types": [rows[i].message_type[:255] for i in order],
         }
         returned = connection.exec_driver_sql(_unnest_insert(dialect), arrays).all()
-        inserted = {(handler, _text(key)) for handler, key in returned}
-        return [key in inserted for key in keys]
+        return _fresh(connection, rows, keys, {(handler, _text(key)) for handler, key in returned})
     plan = _insert_many(dialect, len(rows))
     values: dict[str, Any] = dict(clock_params(dialect.name))
     for position, index in enumerate(order):
@@ -134,8 +143,67 @@ def record_inbox_many(connection: Connection, rows: Sequence[InboxRow]) -> list[
         values[f"message_id_{position}"] = row.message_id
         values[f"message_type_{position}"] = row.message_type[:255]
     returned = connection.exec_driver_sql(plan.sql, plan.parameters(values)).all()
-    inserted = {(handler, _text(key)) for handler, key in returned}
-    return [key in inserted for key in keys]
+    return _fresh(connection, rows, keys, {(handler, _text(key)) for handler, key in returned})
+
+
+def _fresh(
+    connection: Connection,
+    rows: Sequence[InboxRow],
+    keys: list[tuple[str, str]],
+    inserted: set[tuple[str, str]],
+) -> list[bool]:
+    """Per row, whether it is new: inserted now, and not recorded by an earlier release."""
+    earlier = _recorded_earlier(
+        connection,
+        [
+            (row.handler, row.dedup_key)
+            for row, key in zip(rows, keys, strict=True)
+            if key in inserted
+        ],
+    )
+    return [
+        key in inserted and (row.handler, row.dedup_key) not in earlier
+        for row, key in zip(rows, keys, strict=True)
+    ]
+
+
+def _earlier_form(dedup_key: str) -> UUID | None:
+    """The message id of a key in the :data:`MESSAGE_ID_KEY` form, else None (a business
+    key that starts with the prefix carries it twice, and is no id)."""
+    if not dedup_key.startswith(MESSAGE_ID_KEY):
+        return None
+    rest = dedup_key[len(MESSAGE_ID_KEY) :]
+    try:
+        message_id = UUID(rest)
+    except ValueError:
+        return None
+    return message_id if str(message_id) == rest else None
+
+
+def _recorded_earlier(
+    connection: Connection, keys: Sequence[tuple[str, str]]
+) -> set[tuple[str, str]]:
+    """Which of ``(handler, dedup key)`` are in the :data:`MESSAGE_ID_KEY` form of a message
+    an earlier release recorded under its bare id: a row with that id as its key *and* as
+    its message id (a row another message wrote with a key spelling this id is not it)."""
+    wanted = {}
+    for handler, key in keys:
+        message_id = _earlier_form(key)
+        if message_id is not None:
+            wanted[(handler, str(message_id))] = (handler, key, message_id)
+    if not wanted:
+        return set()
+    found = connection.execute(
+        select(inbox.c.handler, inbox.c.dedup_key, inbox.c.message_id).where(
+            tuple_(inbox.c.handler, inbox.c.dedup_key).in_(list(wanted))
+        )
+    ).all()
+    recorded = set()
+    for handler, bare, message_id in found:
+        match = wanted.get((handler, _text(bare)))
+        if match is not None and match[2] == message_id:
+            recorded.add((match[0], match[1]))
+    return recorded
 
 
 def _text(value: object) -> str:
@@ -186,7 +254,7 @@ def inbox_has(connection: Connection, *, handler: str, dedup_key: str) -> bool:
             inbox.c.handler == handler, inbox.c.dedup_key == stored_key(dedup_key)
         )
     ).first()
-    return found is not None
+    return found is not None or bool(_recorded_earlier(connection, [(handler, dedup_key)]))
 
 
 @cache

@@ -36,9 +36,10 @@ from uuid import UUID, uuid5
 from . import wire
 from .errors import ConfigurationError, DecodeError
 from .handlers import HandlerSpec, Inbound, build_spec
-from .intake import Prepared, Rejected, malformed_dead_letter, one_line
+from .intake import Prepared, Rejected, malformed_dead_letter
 from .keys import FromBody, FromHeader
 from .message import Envelope
+from .redaction import one_line
 from .retry import Retry
 from .transports.base import Source
 

@@ -44,12 +44,24 @@ _MY_PRIVILEGE = {1142, 1143, 1227}  # table, column, global privilege denied
 # recovery, or at its connection limit. PostgreSQL sends these at start-up, where libpq
 # keeps no SQLSTATE: its words decide. MariaDB sends the error number.
 _PG_NOT_NOW = {"57P01", "57P02", "57P03", "53300"}
-_MY_NOT_NOW = {1040, 1053, 1203, 1927}  # too many, shutdown, per-user limit, killed
+# MySQL 3032: offline mode; ProxySQL 9001: no backend server within its connect timeout.
+_MY_NOT_NOW = {1040, 1053, 1203, 1927, 3032, 9001}  # too many, shutdown, per-user, killed
+# A pooler or proxy in front of the database (PgBouncer, ProxySQL) refuses in its own words
+# while the server behind it restarts, or while it is full or shutting down itself.
 _NOT_NOW_WORDS = re.compile(
     r"the database system is (?:shutting down|starting up|in recovery mode|"
     r"not yet accepting connections|not accepting connections)|too many clients|"
     r"remaining connection slots are reserved|terminating connection due to administrator "
-    r"command|server shutdown in progress|too many connections|max_user_connections",
+    r"command|server shutdown in progress|too many connections|max_user_connections|"
+    r"pgbouncer cannot connect to server|server login has been failing|"
+    r"no more connections allowed|query_wait_timeout|(?:pgbouncer|server) (?:is )?shutting "
+    r"down|max connect timeout reached while reaching hostgroup|server is currently in "
+    r"offline mode",
+    re.IGNORECASE,
+)
+# PostgreSQL refusing this user or client host (at start-up, where libpq keeps no SQLSTATE).
+_REFUSED_LOGIN = re.compile(
+    r"no pg_hba\.conf entry|is not permitted to log in|permission denied for database",
     re.IGNORECASE,
 )
 _DRIVERS = ("sqlalchemy", "psycopg", "psycopg2", "pymysql", "sqlite3", "asyncmy", "aiosqlite")
@@ -176,6 +188,12 @@ def _database(error: BaseException, url: str | None) -> OperatorError | None:
         return DatabaseUnavailable(
             f"what answers at {where} is not that database ({_detail(text)}): is the port "
             "in --db / OUTBOXER_DB the database's?"
+        )
+    if _REFUSED_LOGIN.search(text):
+        return DatabaseAccessDenied(
+            f"the database at {where} refuses this user or client host ({_detail(text)}): "
+            "allow them (pg_hba.conf, LOGIN, GRANT CONNECT), or use another user in --db / "
+            "OUTBOXER_DB"
         )
     if sqlstate in _PG_NOT_NOW or code in _MY_NOT_NOW or _NOT_NOW_WORDS.search(text):
         return DatabaseUnavailable(

@@ -19,9 +19,10 @@ from . import wire
 from .errors import DecodeError
 from .handlers import HandlerRegistry, HandlerSpec
 from .message import Envelope, registered_type
+from .redaction import one_line
 from .store.dead_letters import NewDeadLetter
 
-__all__ = ["Prepared", "Rejected", "malformed_dead_letter", "one_line", "prepare"]
+__all__ = ["Prepared", "Rejected", "malformed_dead_letter", "prepare"]
 
 
 @dataclass
@@ -144,9 +145,3 @@ def prepare(
         # A retry says which run it is; an outside sender must not skip or repeat retries.
         first = max(1, min(envelope.attempt, targets[0].retry.max_attempts))
     return Prepared(envelope, targets, events, first)
-
-
-def one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    line = text.splitlines()[0] if text else ""
-    return f"{type(exc).__name__}: {line[:300]}" if line else type(exc).__name__

@@ -15,7 +15,7 @@ import traceback
 
 from sqlalchemy.exc import StatementError
 
-__all__ = ["error_text", "printable", "redact", "traceback_text"]
+__all__ = ["error_text", "one_line", "printable", "redact", "traceback_text"]
 
 _DETAIL = re.compile(r"^\s*(DETAIL|HINT|CONTEXT):.*$", re.MULTILINE)
 
@@ -38,6 +38,14 @@ def redact(error: BaseException) -> BaseException:
 def error_text(error: BaseException) -> str:
     """``str(error)`` with its parameters hidden and PostgreSQL's row details left out."""
     return _DETAIL.sub("", str(redact(error))).strip()
+
+
+def one_line(error: BaseException) -> str:
+    """``Type: first line of its redacted message`` (at most 300 characters), for a log line
+    or a dead letter's reason."""
+    text = error_text(error)
+    line = text.splitlines()[0] if text else ""
+    return f"{type(error).__name__}: {line[:300]}" if line else type(error).__name__
 
 
 def traceback_text(error: BaseException) -> str:

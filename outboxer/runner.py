@@ -30,7 +30,7 @@ from . import heartbeat
 from .batching import Batcher
 from .errors import TransportError
 from .processing import Processor
-from .redaction import error_text, printable
+from .redaction import error_text, one_line, printable
 from .reports import ConsumerStats, MessageReport
 from .retry import Backoff
 from .transports.base import Delivery, Receiver, Subscription, Transport, acknowledge
@@ -397,8 +397,12 @@ class Runner:
         self.last_prune = now
         try:
             inbox_rows, dead = await self.prune()
-        except Exception:
-            log.warning("pruning the inbox failed; will try again later", exc_info=True)
+        except Exception as exc:  # the database may be restarting: one line, as an outage
+            log.debug("pruning the inbox failed", exc_info=True)
+            log.warning(
+                "pruning the inbox failed (%s); will try again later",
+                printable(f"{type(exc).__name__}: {error_text(exc)}", 300),
+            )
             return
         if inbox_rows or dead:
             log.info("pruned %d inbox rows and %d dead letters", inbox_rows, dead)
@@ -408,13 +412,15 @@ def _settle(settle: Callable[[], None]) -> None:
     """Acknowledge or give back; a broker that cannot be told redelivers on its own."""
     try:
         settle()
-    except Exception:
-        log.warning("could not settle a delivery; the broker will redeliver it", exc_info=True)
+    except Exception as exc:
+        log.warning("could not settle a delivery (%s); the broker will redeliver it", one_line(exc))
+        log.debug("settling failed", exc_info=True)
 
 
 def _extend_all(deliveries: list[Delivery], seconds: float) -> None:
     for delivery in deliveries:
         try:
             delivery.extend(seconds)
-        except Exception:
-            log.warning("could not extend a held message's visibility", exc_info=True)
+        except Exception as exc:
+            log.warning("could not extend a held message's visibility (%s)", one_line(exc))
+            log.debug("extending failed", exc_info=True)

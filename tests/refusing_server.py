@@ -1,5 +1,6 @@
 """A server on 127.0.0.1 that answers every connection as a database that cannot take one
-now: PostgreSQL shutting down or starting up, MariaDB with too many connections.
+now (PostgreSQL shutting down or starting up, MariaDB with too many connections), or one
+that never answers at all.
 
 The refusal is the server's own wire message (a PostgreSQL ``ErrorResponse`` after the
 startup packet; a MySQL ``ERR`` packet in place of the handshake), so the real driver
@@ -16,7 +17,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-__all__ = ["refusing_mariadb", "refusing_postgresql"]
+__all__ = ["refusing_mariadb", "refusing_postgresql", "silent_server"]
 
 _SSL_REQUEST = 80877103
 _GSSENC_REQUEST = 80877104
@@ -95,3 +96,25 @@ def refusing_mariadb(errno: int, sqlstate: str, message: str) -> Iterator[int]:
     """The port of a "MariaDB" that answers each connection with ERR ``errno``."""
     with _serving(lambda conn: _mariadb(conn, errno, sqlstate, message)) as port:
         yield port
+
+
+@contextmanager
+def silent_server() -> Iterator[int]:
+    """The port of a server that accepts connections and reads, but never answers (a
+    database hung on its disk, a pooler queueing its clients)."""
+
+    def swallow(conn: socket.socket) -> None:
+        conn.settimeout(0.2)
+        while not done.is_set():
+            try:
+                if not conn.recv(4096):
+                    return
+            except TimeoutError:
+                continue
+
+    done = threading.Event()
+    try:
+        with _serving(swallow) as port:
+            yield port
+    finally:
+        done.set()

@@ -13,15 +13,18 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine
+from sqlalchemy.exc import OperationalError
 
 from outboxer.diagnosis import diagnose
 from outboxer.errors import DatabaseUnavailable
+from outboxer.relay import relay_engine
 
-from .refusing_server import refusing_mariadb, refusing_postgresql
+from .refusing_server import refusing_mariadb, refusing_postgresql, silent_server
 from .relaying import OUTBOXER, output, spawn, start_relay, stop, wait_for
 from .services import RABBITMQ_URL, port_open, require
 from .test_cli_failures import as_process, one_error_line
@@ -115,3 +118,30 @@ def test_inbox_started_while_postgresql_shuts_down_waits_for_it() -> None:
         log = output(consumer)
     assert consumer.returncode == 0, log
     assert "Traceback" not in log, log
+
+
+def test_a_relay_connection_to_a_database_that_never_answers_fails_in_time() -> None:
+    """libpq waits for the server's first answer forever unless told otherwise: a relay
+    started against a hung PostgreSQL never even logged that it was waiting."""
+    with silent_server() as port:
+        engine = relay_engine(
+            f"postgresql+psycopg://postgres@127.0.0.1:{port}/app", network_timeout=2
+        )
+        started = time.monotonic()
+        with pytest.raises(OperationalError):
+            engine.connect().close()
+        engine.dispose()
+    assert time.monotonic() - started < 15
+
+
+def test_a_connect_timeout_in_the_url_is_the_operators() -> None:
+    with silent_server() as port:
+        engine = relay_engine(
+            f"postgresql+psycopg://postgres@127.0.0.1:{port}/app?connect_timeout=2",
+            network_timeout=120,
+        )
+        started = time.monotonic()
+        with pytest.raises(OperationalError):
+            engine.connect().close()
+        engine.dispose()
+    assert time.monotonic() - started < 15  # the URL's 2 s, not 120

@@ -41,6 +41,13 @@ F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("outboxer.cli")
 
 READY_CACHE_SECONDS = 5.0
+READY_TIMEOUT = 4.5
+"""Seconds ``/ready`` waits for its checks: a database or broker that accepted the
+connection but has not answered by then (a hung server, a pooler queueing its clients)
+is not ready. The check goes on in its own thread; its answer serves the next probes."""
+READY_RETRY = 60.0
+"""A check that has not answered for this long is left behind, and the next probe starts
+another one (a connection whose answer will never come must not make /ready fail forever)."""
 
 
 if TYPE_CHECKING:  # click < 8.2 has no generic ParamType at run time
@@ -84,6 +91,8 @@ class HealthServer:
         self.liveness_timeout = liveness_timeout
         self.checks = checks
         self._ready: tuple[float, str | None] | None = None
+        self._checking: tuple[float, threading.Event] | None = None
+        """The check in progress: when it started, and its end."""
         self._lock = threading.Lock()
         try:
             self._server = _server_class(address[0])(address, _handler(self))
@@ -119,12 +128,34 @@ class HealthServer:
     def ready(self) -> tuple[int, dict[str, Any]]:
         with self._lock:
             now = time.monotonic()
-            if self._ready is None or now - self._ready[0] > READY_CACHE_SECONDS:
-                self._ready = (now, self._problem())
-            problem = self._ready[1]
+            stale = self._ready is None or now - self._ready[0] > READY_CACHE_SECONDS
+            if stale and (self._checking is None or now - self._checking[0] > READY_RETRY):
+                self._checking = (now, threading.Event())
+                threading.Thread(
+                    target=self._refresh, args=(self._checking,), name="outboxer-ready", daemon=True
+                ).start()
+            checking = self._checking
+        if checking is not None:  # waited for outside the lock: a slow check holds up no probe
+            checking[1].wait(max(0.0, checking[0] + READY_TIMEOUT - time.monotonic()))
+        with self._lock:
+            if checking is not None and not checking[1].is_set():
+                problem: str | None = (
+                    "the database or the broker did not answer the readiness checks within "
+                    f"{READY_TIMEOUT:g} s: is it hung or overloaded?"
+                )
+            else:
+                problem = None if self._ready is None else self._ready[1]
         if problem is None:
             return 200, {"status": "ready"}
         return 503, {"status": "not ready", "problem": problem}
+
+    def _refresh(self, checking: tuple[float, threading.Event]) -> None:
+        problem = self._problem()
+        with self._lock:
+            self._ready = (time.monotonic(), problem)
+            if self._checking is checking:
+                self._checking = None
+        checking[1].set()
 
     def _problem(self) -> str | None:
         try:

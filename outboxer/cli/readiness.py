@@ -43,6 +43,7 @@ __all__ = [
     "async_database_check",
     "bound_url",
     "broker_check",
+    "in_memory_sqlite",
     "database_check",
     "wait_until",
 ]
@@ -54,11 +55,16 @@ Check = Callable[[], None]
 
 STARTUP_BACKOFF = Backoff(1.0, 2.0, 30.0, 0.2)
 
+_CHECK_SLICE = 0.2
+"""How often a start-up check that has not answered yet looks for a stop."""
+
 
 def database_check(engine: Engine, db_url: str, tables: list[str] | None = None) -> Check:
     """Connect, and find the outboxer tables (those named, or all)."""
 
     def check() -> None:
+        if in_memory_sqlite(engine.url):
+            return  # the checks run in a thread of their own: its connection, its database
         try:
             with engine.connect() as connection:
                 require_tables(connection, tables)
@@ -90,9 +96,7 @@ def async_database_check(session_factory: Callable[[], Any]) -> Check:
         if not async_support.AVAILABLE:
             raise ConfigurationError(async_support.MISSING_HINT)
         url = bound_url(session_factory)
-        if url is None or (
-            url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
-        ):
+        if url is None or in_memory_sqlite(url):
             return
         try:
             asyncio.run(_probe(session_factory))
@@ -118,6 +122,12 @@ async def _probe(session_factory: Callable[[], Any]) -> None:
             await connection.run_sync(require_tables)
     finally:
         await engine.dispose()
+
+
+def in_memory_sqlite(url: URL) -> bool:
+    """An in-memory SQLite database exists once per connection, and SQLAlchemy gives each
+    thread its own: a check from another thread would see an empty database."""
+    return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
 
 
 def bound_url(session_factory: Callable[[], Any]) -> URL | None:
@@ -157,14 +167,17 @@ def wait_until(
 
     A permanent failure is raised at once; an unreachable dependency is raised too unless
     ``wait``, in which case it is logged (one line) and tried again after a backoff.
-    ``tick`` is called before each attempt (a heartbeat: waiting is not being stuck).
+    ``tick`` is called before each attempt and while one lasts (a heartbeat: waiting is
+    not being stuck). The checks run in a thread of their own, so that ``stop`` ends the
+    wait at once even while a database or broker that accepted the connection answers
+    nothing (a hung server, a pooler queueing the client): that thread is left behind.
     """
     attempt = 0
     while not stop.is_set():
         tick()
         try:
-            for check in checks:
-                check()
+            if not _attempt(checks, stop, tick):
+                return False
         except (DatabaseAccessDenied, BrokerAccessDenied):
             raise
         except (DatabaseUnavailable, BrokerUnavailable) as exc:
@@ -179,3 +192,29 @@ def wait_until(
             log.info("the database and the broker are reachable; starting")
         return True
     return False
+
+
+def _attempt(checks: list[Check], stop: threading.Event, tick: Callable[[], None]) -> bool:
+    """Run ``checks`` in a daemon thread: True once they pass, False if ``stop`` came first;
+    what they raised is raised here."""
+    failed: list[BaseException] = []
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            for check in checks:
+                check()
+        except BaseException as exc:  # raised again in the caller's thread
+            failed.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="outboxer-start-up-check", daemon=True).start()
+    while not done.wait(_CHECK_SLICE):
+        if stop.is_set():
+            log.info("stopped while the start-up checks waited for an answer")
+            return False
+        tick()
+    if failed:
+        raise failed[0]
+    return True

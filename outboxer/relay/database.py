@@ -1,5 +1,5 @@
-"""The relay's database work: one thread, a settle with nothing to send again first, and how
-an outage is waited out."""
+"""The relay's database work: one thread, a settle with nothing to send again first, how
+long a stopping relay still waits for it, and how an outage is waited out."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
+from concurrent.futures import wait as wait_for_futures
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from ..redaction import one_line
 from ..retry import Backoff
 
-__all__ = ["DATABASE_BACKOFF", "DatabaseThread", "Outage"]
+__all__ = ["DATABASE_BACKOFF", "STOP_GRACE", "Abandoned", "DatabaseThread", "Outage"]
 
 log = logging.getLogger("outboxer.relay")
 
@@ -23,6 +25,21 @@ T = TypeVar("T")
 DATABASE_BACKOFF = Backoff(initial=0.2, multiplier=2.0, max_delay=10.0, jitter=0.2)
 """Pauses while the database is unreachable: 0.2 s doubling to 10 s, jitter included (a
 database that comes back is used again within seconds; one log line per try)."""
+
+
+STOP_GRACE = 10.0
+"""Seconds a stopping relay still waits for a database that does not answer (a server hung
+on its disk or a lock, a pooler queueing the relay): past them, the database work in
+progress is abandoned and the run returns. Nothing is lost: rows it claimed stay leased by
+this relay until its lease ends or its death is noticed, then they are sent again."""
+
+_SLICE = 0.5
+"""Longest uninterrupted wait for the database thread, so that a stop is noticed."""
+
+
+class Abandoned(BaseException):
+    """The relay is stopping and its database did not answer within :data:`STOP_GRACE` (a
+    BaseException: no handler of database trouble may swallow it)."""
 
 
 class DatabaseThread:
@@ -44,6 +61,8 @@ class DatabaseThread:
         self._closed = False
         self._thread = threading.Thread(target=self._work, name="outboxer-relay-db", daemon=True)
         self._thread.start()
+        self.abandoned = False
+        """The database did not answer a stopping relay: its work is left behind."""
 
     def submit_seq(self, fn: Callable[[int], T], *, urgent: bool = False) -> tuple[int, Future[T]]:
         with self._ready:
@@ -61,12 +80,29 @@ class DatabaseThread:
     def call(self, fn: Callable[[], T]) -> T:
         return self.submit(lambda _seq: fn()).result()
 
-    def shutdown(self) -> None:
-        """Run what is queued, then end the thread."""
+    def result(self, future: Future[T], stop: threading.Event) -> T:
+        """``future``'s result, waiting for this thread as long as it takes, but once
+        ``stop`` is set for :data:`STOP_GRACE` more at most (then :class:`Abandoned`, and at
+        once for every later wait)."""
+        give_up: float | None = None
+        while not future.done():
+            now = time.monotonic()
+            if give_up is None and stop.is_set():
+                give_up = now + STOP_GRACE
+            if self.abandoned or (give_up is not None and now >= give_up):
+                self.abandoned = True
+                raise Abandoned
+            wait_for_futures([future], timeout=_SLICE if give_up is None else give_up - now)
+        return future.result()
+
+    def shutdown(self, timeout: float | None = None) -> bool:
+        """Run what is queued, then end the thread; False if it is still busy after
+        ``timeout`` seconds (a database that does not answer: the thread is left behind)."""
         with self._ready:
             self._closed = True
             self._ready.notify()
-        self._thread.join()
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def _work(self) -> None:
         while True:
@@ -129,12 +165,6 @@ class Outage:
                 time.monotonic() - self._since,
             )
             self.failures = 0
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception as ``Type: first line of its message``, for a log line."""
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def count(n: int, noun: str) -> str:

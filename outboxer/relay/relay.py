@@ -219,9 +219,10 @@ def relay_engine(url: str, *, network_timeout: float = 30.0, **kwargs: Any) -> E
     relay's own connections only, never on an application's.
 
     ``network_timeout`` bounds how long a call waits on a network that went silent (a
-    partition, a firewall that dropped the connection's state): TCP keepalives and
-    ``tcp_user_timeout`` on PostgreSQL, socket read and write timeouts on MariaDB/MySQL
-    (PyMySQL). The call then fails, and the relay treats it as database trouble and
+    partition, a firewall that dropped the connection's state): TCP keepalives,
+    ``tcp_user_timeout`` and (unless the URL sets one) ``connect_timeout`` on PostgreSQL,
+    socket read and write timeouts on MariaDB/MySQL (PyMySQL, whose connect timeout is 10
+    s). The call then fails, and the relay treats it as database trouble and
     reconnects. ``kwargs`` go to :func:`sqlalchemy.create_engine`; ``connect_args`` given
     there win.
     """
@@ -238,6 +239,9 @@ def relay_engine(url: str, *, network_timeout: float = 30.0, **kwargs: Any) -> E
             "keepalives_count": 3,
             "tcp_user_timeout": seconds * 1000,
         }
+        if "connect_timeout" not in parsed.query:  # the URL's is the operator's choice
+            # libpq otherwise waits forever for a server that accepts and never answers.
+            connect_args["connect_timeout"] = seconds
     elif backend in ("mysql", "mariadb") and driver == "pymysql":
         connect_args = {"read_timeout": seconds, "write_timeout": seconds}
     given = dict(kwargs.pop("connect_args", {}))

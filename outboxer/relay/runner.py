@@ -15,16 +15,18 @@ from collections import deque
 from concurrent.futures import Future
 from dataclasses import replace
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from .. import heartbeat, instrumentation
 from ..diagnosis import diagnose
 from ..errors import TablesMissing
+from ..redaction import one_line
 from ..store import claims, settle
 from ..store import relay as relay_store
 from ..store.leases import LeaseScope, token
 from ..waiter import Waiter
-from .database import DatabaseThread, Outage, count
+from . import idle
+from .database import STOP_GRACE, Abandoned, DatabaseThread, Outage, count
 from .decide import Decisions, decide
 from .failures import SendFailure
 from .pipeline import Batch, Landed, Pipeline
@@ -36,6 +38,8 @@ if TYPE_CHECKING:
 __all__ = ["LIVENESS_INTERVAL", "PIPELINE_DEPTH", "Run"]
 
 log = logging.getLogger("outboxer.relay")
+
+T = TypeVar("T")
 
 LIVENESS_INTERVAL = 1.0
 """How often a relay checks its own lock and looks for dead relays."""
@@ -111,6 +115,8 @@ class Run:
                 self.pipeline.send(batch)
                 while len(self.pipeline) >= (1 if relay.breaker.is_open else PIPELINE_DEPTH):
                     self._land()
+        except Abandoned:
+            pass  # the database did not answer a stopping relay: _shut_down says so
         finally:
             self._shut_down()
         return self.totals
@@ -121,7 +127,7 @@ class Run:
         """Check the tables, register, take the liveness lock, learn who is dead."""
         while not self.relay._stop.is_set():
             try:
-                self.db.call(self.relay.liveness.check)
+                self._result(self.db.submit(lambda _seq: self.relay.liveness.check()))
             except Exception as exc:
                 self._database_trouble(exc)
                 continue
@@ -184,7 +190,7 @@ class Run:
             self._prefetch()
         _, pending = self.prefetch.popleft()
         try:
-            batch = pending.result()
+            batch = self._result(pending)
         except Exception as exc:
             self._discard_prefetch()  # queued behind the failed claim, counting on its rows
             self._database_trouble(exc)
@@ -306,7 +312,7 @@ class Run:
         while self.prefetch:
             _, pending = self.prefetch.popleft()
             try:
-                batch = pending.result()
+                batch = self._result(pending)
             except Exception:
                 log.debug("a discarded claim had failed", exc_info=True)
                 continue
@@ -324,57 +330,15 @@ class Run:
         """Add finished settles to the totals; a failed one is database trouble."""
         while self.settling and (block or self.settling[0].done()):
             try:
-                self.totals.add(self.settling.popleft().result())
+                self.totals.add(self._result(self.settling.popleft()))
             except Exception as exc:
                 # Its rows stay leased by this relay, which sends them again (at least once).
                 self._database_trouble(exc)
 
     def _idle(self, empty_claim: float | None) -> None:
         """Wait for rows; ``empty_claim``: when the claim that found none began."""
-        self._maintain()
-        self._wait(self._idle_timeout(empty_claim))
-
-    def _maintain(self) -> None:
-        """Periodic housekeeping when idle: prune sent rows past retention."""
-        relay = self.relay
-        if relay.retention is None:
-            return
-        now = relay._clock()
-        if now - relay._last_prune < relay.prune_interval:
-            return
-        relay._last_prune = now
-        try:
-            with relay.connect() as connection:
-                while not relay._stop.is_set():
-                    pruned = settle.prune_sent(connection, older_than=relay.retention)
-                    if pruned:
-                        log.debug("pruned %d sent rows past retention", pruned)
-                    if pruned < 1000:
-                        break
-        except Exception:
-            log.warning("pruning sent rows failed; trying again later", exc_info=True)
-
-    def _idle_timeout(self, empty_claim: float | None) -> float:
-        """The poll interval (jittered), or less until the next row this relay may take.
-
-        Rows due before a claim that found nothing are rows this relay cannot take (other
-        destinations', another live relay's, behind those of their key): counting them,
-        an idle relay claimed again at once, hundreds of times a second. Rows of its
-        destinations due since, or later, count; a NOTIFY (PostgreSQL) ends any wait."""
-        relay = self.relay
-        jittered = relay.poll_interval * (0.8 + 0.4 * relay._rand())
-        since = None if empty_claim is None else time.perf_counter() - empty_claim
-        try:
-            with relay.connect() as connection:
-                due = relay_store.next_due_in(
-                    connection, destinations=relay.destinations, since=since
-                )
-        except Exception:  # the database may be restarting; the next claim will tell
-            log.debug("could not read the next due time; polling", exc_info=True)
-            return jittered
-        if due is None:
-            return jittered
-        return max(0.0, min(jittered, due))
+        idle.maintain(self.relay, self.db)
+        self._wait(idle.next_wait(self.relay, self.db, empty_claim))
 
     def _database_trouble(self, exc: Exception) -> None:
         diagnosis = diagnose(exc, db_url=self.relay.engine.url.render_as_string())
@@ -383,6 +347,18 @@ class Run:
         if self.once:
             raise exc
         self._wait(self.outage.failed(exc, self.relay.name))
+
+    def _result(self, future: Future[T]) -> T:
+        return self.db.result(future, self.relay._stop)
+
+    def _abandoned(self) -> None:
+        if self.db.abandoned:
+            log.warning(
+                "relay %s: the database did not answer within %.0f s of the stop; stopping "
+                "without it (the rows this relay claimed are sent again once its lease ends)",
+                self.relay.name,
+                STOP_GRACE,
+            )
 
     def _wait(self, timeout: float) -> None:
         if self.waiter is None:
@@ -396,14 +372,22 @@ class Run:
                 self._land()
             self._discard_prefetch()
             self._collect(block=True)
-        except Exception:
-            log.warning("settling the batches in flight failed", exc_info=True)
+        except Abandoned:
+            pass
+        except Exception as exc:
+            log.debug("settling the batches in flight failed", exc_info=True)
+            log.warning("settling the batches in flight failed (%s)", one_line(exc))
         finally:
             try:
-                self.db.call(self.relay.liveness.stop)
+                self._result(self.db.submit(lambda _seq: self.relay.liveness.stop()))
+            except Abandoned:
+                pass
             except Exception:
                 log.debug("could not deregister", exc_info=True)
-            self.db.shutdown()
+            # A database thread stuck on a database that does not answer is left behind
+            # (a daemon thread): its connection goes with the process, or fails later.
+            self._abandoned()
+            self.db.shutdown(timeout=0 if self.db.abandoned else None)
 
 
 def _with_dead_letter_span(dead: relay_store.DeadLetterRow) -> relay_store.DeadLetterRow:

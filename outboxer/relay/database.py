@@ -63,6 +63,9 @@ class DatabaseThread:
         self._thread.start()
         self.abandoned = False
         """The database did not answer a stopping relay: its work is left behind."""
+        self._grace: float | None = None
+        """Seconds a stopping relay may still wait for this thread, all waits together
+        (STOP_GRACE once a wait saw the stop; the time spent waiting since is taken off)."""
 
     def submit_seq(self, fn: Callable[[int], T], *, urgent: bool = False) -> tuple[int, Future[T]]:
         with self._ready:
@@ -82,17 +85,23 @@ class DatabaseThread:
 
     def result(self, future: Future[T], stop: threading.Event) -> T:
         """``future``'s result, waiting for this thread as long as it takes, but once
-        ``stop`` is set for :data:`STOP_GRACE` more at most (then :class:`Abandoned`, and at
-        once for every later wait)."""
-        give_up: float | None = None
+        ``stop`` is set for :data:`STOP_GRACE` more at most, all waits after the stop
+        together (then :class:`Abandoned`, and at once for every later wait). Only time
+        spent waiting for this thread counts: a stop held up by the broker is not."""
         while not future.done():
-            now = time.monotonic()
-            if give_up is None and stop.is_set():
-                give_up = now + STOP_GRACE
-            if self.abandoned or (give_up is not None and now >= give_up):
+            if self.abandoned:
+                raise Abandoned
+            if not stop.is_set():
+                wait_for_futures([future], timeout=_SLICE)
+                continue
+            if self._grace is None:
+                self._grace = STOP_GRACE
+            if self._grace <= 0:
                 self.abandoned = True
                 raise Abandoned
-            wait_for_futures([future], timeout=_SLICE if give_up is None else give_up - now)
+            began = time.monotonic()
+            wait_for_futures([future], timeout=self._grace)
+            self._grace -= time.monotonic() - began
         return future.result()
 
     def shutdown(self, timeout: float | None = None) -> bool:

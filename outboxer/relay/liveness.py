@@ -61,6 +61,11 @@ class Liveness:
         each relay prefers the keys of its own share (see :mod:`outboxer.store.claims`)."""
         return self._share
 
+    def renewed(self) -> Liveness:
+        """A liveness for the same relay under a new id, sharing nothing with this one (whose
+        connection a thread left behind may still use)."""
+        return Liveness(self.engine, self.name, self.lease, limited=self.limited)
+
     def start(self) -> None:
         """Register and take the lock (under a fresh id if this one is taken)."""
         with self._lock:

@@ -63,6 +63,8 @@ class Run:
         self.once = once
         self.waiter = waiter
         self.db = DatabaseThread()
+        self.liveness = relay.liveness
+        """This run's liveness (an abandoned run's stays with its database thread)."""
         self.pipeline = Pipeline(relay.transport)
         self.prefetch: deque[tuple[str, Future[Batch]]] = deque()
         """Claims submitted and not yet taken by the loop, oldest first, with their tokens."""
@@ -127,7 +129,7 @@ class Run:
         """Check the tables, register, take the liveness lock, learn who is dead."""
         while not self.relay._stop.is_set():
             try:
-                self._result(self.db.submit(lambda _seq: self.relay.liveness.check()))
+                self._result(self.db.submit(lambda _seq: self.liveness.check()))
             except Exception as exc:
                 self._database_trouble(exc)
                 continue
@@ -142,8 +144,10 @@ class Run:
             self.db.submit(self._liveness_check)
 
     def _liveness_check(self, _seq: int) -> None:
+        if self.db.abandoned:
+            return  # left behind: a heartbeat would keep a stopped relay alive
         try:
-            self.relay.liveness.check()
+            self.liveness.check()
         except Exception:  # the next claim meets the same trouble and reports it
             log.debug("the liveness check failed", exc_info=True)
 
@@ -158,7 +162,7 @@ class Run:
         claim or an outage discards every claim queued behind it (:meth:`_discard_prefetch`).
         """
         self.batches += 1
-        owner = token(self.relay.liveness.relay_id, self.batches)
+        owner = token(self.liveness.relay_id, self.batches)
         tokens = self.pipeline.tokens()
         if ahead is not None:
             tokens.append(ahead.token)
@@ -166,13 +170,15 @@ class Run:
         self.prefetch.append((owner, self.db.submit(lambda seq: self._claim(owner, tokens, seq))))
 
     def _claim(self, owner: str, in_flight: list[str], seq: int) -> Batch:
+        if self.db.abandoned:
+            raise Abandoned  # left behind: nobody would send the rows it leased
         relay = self.relay
         scope = LeaseScope(
-            relay=relay.liveness.relay_id,
+            relay=self.liveness.relay_id,
             in_flight=in_flight,
-            dead=relay.liveness.dead,
+            dead=self.liveness.dead,
             destinations=relay.destinations,
-            share=relay.liveness.share,
+            share=self.liveness.share,
         )
         started = time.perf_counter()
         with relay.connect() as connection:
@@ -379,7 +385,7 @@ class Run:
             log.warning("settling the batches in flight failed (%s)", one_line(exc))
         finally:
             try:
-                self._result(self.db.submit(lambda _seq: self.relay.liveness.stop()))
+                self._result(self.db.submit(lambda _seq: self.liveness.stop()))
             except Abandoned:
                 pass
             except Exception:
@@ -387,6 +393,10 @@ class Run:
             # A database thread stuck on a database that does not answer is left behind
             # (a daemon thread): its connection goes with the process, or fails later.
             self._abandoned()
+            if self.db.abandoned:
+                # The thread left behind deregisters this run's id and drops its lock when
+                # the database answers: a later run of this relay goes on under a new id.
+                self.relay.liveness = self.liveness.renewed()
             self.db.shutdown(timeout=0 if self.db.abandoned else None)
 
 

@@ -168,7 +168,9 @@ def take_in(
 def _source_id(inbound: Inbound, body: bytes, headers: Mapping[str, str]) -> str | None:
     rule = inbound.message_id
     if rule is None:
-        return headers.get(wire.BROKER_MESSAGE_ID) or None
+        # As a header's or a body's: a blank id would make every message with it one.
+        found = headers.get(wire.BROKER_MESSAGE_ID)
+        return found if found and found.strip() else None
     if isinstance(rule, FromHeader):
         return rule.value(headers)
     return rule.value(body)

@@ -15,6 +15,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
@@ -59,21 +60,15 @@ def key_text(value: object, handler: str) -> str | None:
 
     Raises :class:`DedupKeyError` for a value whose text is no identity: ``True`` (every
     message with it would be one), a float (``1.0`` is not ``1``; every NaN would be one),
-    a dict or a set (their text depends on the order of their items, a set's on the
-    process), or an object whose text holds its address (new at every run: no redelivery
-    would ever be a duplicate).
+    a Decimal NaN or infinity, a dict or a set (their text depends on the order of their
+    items, a set's on the process; also inside a tuple or a list), or an object whose text
+    holds its address (new at every run: no redelivery would ever be a duplicate).
     """
     if value is None:
         return None
     if isinstance(value, str):
         return value if value.strip() else None
-    problem: str | None = None
-    if isinstance(value, bool):
-        problem = "a bool, which would make every message with it one"
-    elif isinstance(value, (float, complex)):
-        problem = f"a {type(value).__name__}, whose text is no id (1.0 is not 1; NaN is NaN)"
-    elif isinstance(value, (Mapping, set, frozenset)):
-        problem = f"a {type(value).__name__}, whose text depends on the order of its items"
+    problem = _no_identity(value)
     text = str(value) if problem is None else ""
     if problem is None and _ADDRESS.search(text):
         problem = f"a {type(value).__name__} whose text holds its address, new at every run"
@@ -83,6 +78,27 @@ def key_text(value: object, handler: str) -> str | None:
             "None for no key: the message id)"
         )
     return text if text.strip() else None
+
+
+def _no_identity(value: object) -> str | None:
+    """Why ``value`` identifies nothing (or a tuple or list holding a set or a dict), else
+    None."""
+    if isinstance(value, bool):
+        return "a bool, which would make every message with it one"
+    if isinstance(value, (float, complex)):
+        return f"a {type(value).__name__}, whose text is no id (1.0 is not 1; NaN is NaN)"
+    if isinstance(value, Decimal) and not value.is_finite():
+        return f"Decimal({str(value)!r}), which would make every message with it one"
+    if isinstance(value, (Mapping, set, frozenset)):
+        return f"a {type(value).__name__}, whose text depends on the order of its items"
+    if isinstance(value, (tuple, list)):
+        # Its items are parts of one key (a bool or a number among them tells keys apart),
+        # but the text of a set or a dict among them is no more stable than alone.
+        for item in value:
+            problem = _no_identity(item)
+            if problem is not None and isinstance(item, (Mapping, set, frozenset, tuple, list)):
+                return f"a {type(value).__name__} holding {problem}"
+    return None
 
 
 @dataclass(frozen=True)

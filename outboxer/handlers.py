@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from .callables import fits
-from .errors import ConfigurationError, HandlerMisuse
-from .keys import FromBody, FromHeader
+from .errors import ConfigurationError
+from .keys import FromBody, FromHeader, key_text
 from .message import Envelope, MessageType, message_type_for
 from .retry import Retry
 from .store.inbox import MESSAGE_ID_KEY
@@ -33,72 +31,14 @@ if TYPE_CHECKING:  # failures imports the plan, which imports this module
 __all__ = [
     "MESSAGE_ID_KEY",
     "Context",
-    "DedupKeyError",
     "HandlerRegistry",
     "HandlerSpec",
     "Inbound",
     "build_spec",
     "factory_is_async",
-    "key_text",
 ]
 
 KeyFn = Callable[[Any], object]
-
-
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+>")
-
-
-class DedupKeyError(HandlerMisuse):
-    """A handler's dedup key is a value that identifies nothing (a bool, a float, a dict,
-    an object whose text holds its address): every run would get the same, so the message
-    is dead-lettered at once, with this reason, instead of being taken for another."""
-
-
-def key_text(value: object, handler: str) -> str | None:
-    """The text of a dedup key value; None for no key (None, or text that is empty or only
-    whitespace). Keys are compared as text: ``1`` and ``"1"`` are one key.
-
-    Raises :class:`DedupKeyError` for a value whose text is no identity: ``True`` (every
-    message with it would be one), a float (``1.0`` is not ``1``; every NaN would be one),
-    a Decimal NaN or infinity, a dict or a set (their text depends on the order of their
-    items, a set's on the process; also inside a tuple or a list), or an object whose text
-    holds its address (new at every run: no redelivery would ever be a duplicate).
-    """
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return value if value.strip() else None
-    problem = _no_identity(value)
-    text = str(value) if problem is None else ""
-    if problem is None and _ADDRESS.search(text):
-        problem = f"a {type(value).__name__} whose text holds its address, new at every run"
-    if problem is not None:
-        raise DedupKeyError(
-            f"handler {handler}: its dedup key is {problem}; return a str or an int (or "
-            "None for no key: the message id)"
-        )
-    return text if text.strip() else None
-
-
-def _no_identity(value: object) -> str | None:
-    """Why ``value`` identifies nothing (or a tuple or list holding a set or a dict), else
-    None."""
-    if isinstance(value, bool):
-        return "a bool, which would make every message with it one"
-    if isinstance(value, (float, complex)):
-        return f"a {type(value).__name__}, whose text is no id (1.0 is not 1; NaN is NaN)"
-    if isinstance(value, Decimal) and not value.is_finite():
-        return f"Decimal({str(value)!r}), which would make every message with it one"
-    if isinstance(value, (Mapping, set, frozenset)):
-        return f"a {type(value).__name__}, whose text depends on the order of its items"
-    if isinstance(value, (tuple, list)):
-        # Its items are parts of one key (a bool or a number among them tells keys apart),
-        # but the text of a set or a dict among them is no more stable than alone.
-        for item in value:
-            problem = _no_identity(item)
-            if problem is not None and isinstance(item, (Mapping, set, frozenset, tuple, list)):
-                return f"a {type(value).__name__} holding {problem}"
-    return None
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ def test_a_decimal_that_is_no_number_is_refused_as_a_float_nan_is(
     line.deliver([({"n": 1}, headers_of()), ({"n": 2}, headers_of())])
     assert line.seen == []
     assert len(line.dead()) == 2
-    assert all(d.error_type == "outboxer.handlers.DedupKeyError" for d in line.dead())
+    assert all(d.error_type == "outboxer.keys.DedupKeyError" for d in line.dead())
 
 
 def test_a_tuple_holding_a_set_is_refused_as_a_set_is(Session: SessionFactory) -> None:
@@ -49,7 +49,7 @@ def test_a_tuple_holding_a_set_is_refused_as_a_set_is(Session: SessionFactory) -
     line = Line(Session, lambda event: ("order", frozenset({"a", "b", "c"})))
     line.deliver([({"n": 1}, headers_of())])
     assert line.seen == []
-    assert [d.error_type for d in line.dead()] == ["outboxer.handlers.DedupKeyError"]
+    assert [d.error_type for d in line.dead()] == ["outboxer.keys.DedupKeyError"]
 
 
 def test_a_tuple_of_parts_is_still_a_key(Session: SessionFactory) -> None:

@@ -188,7 +188,7 @@ def test_a_key_that_is_no_identity_is_dead_lettered_with_the_reason(
     assert len(letters) == 2
     for letter in letters:
         assert letter.handler == "pay" and letter.attempts == 1
-        assert letter.error_type == "outboxer.handlers.DedupKeyError"
+        assert letter.error_type == "outboxer.keys.DedupKeyError"
         assert "dedup key" in (letter.error_message or ""), letter.error_message
         assert "not retryable" in (letter.error_message or "")
 

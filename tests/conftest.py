@@ -36,6 +36,16 @@ def _keep_pytests_heap(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("outboxer.cli.heap.settle", lambda: None)
 
 
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """A SQLite database file with outboxer's tables (for commands run as processes)."""
+    url = f"sqlite:///{tmp_path / 'app.sqlite'}"
+    engine = create_engine(url)
+    outboxer.create_all(engine)
+    engine.dispose()
+    return url
+
+
 @pytest.fixture(scope="session")
 def database_urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """One database per kind for the whole run, created lazily; dropped at the end."""

@@ -17,7 +17,9 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-__all__ = ["refusing_mariadb", "refusing_postgresql", "silent_server"]
+from sqlalchemy import create_engine
+
+__all__ = ["connect_error", "refusing_mariadb", "refusing_postgresql", "silent_server"]
 
 _SSL_REQUEST = 80877103
 _GSSENC_REQUEST = 80877104
@@ -118,3 +120,15 @@ def silent_server() -> Iterator[int]:
             yield port
     finally:
         done.set()
+
+
+def connect_error(url: str) -> Exception:
+    """What connecting to ``url`` (one of these servers) raises."""
+    engine = create_engine(url)
+    try:
+        engine.connect().close()
+    except Exception as exc:
+        return exc
+    finally:
+        engine.dispose()
+    raise AssertionError("the refusing server let a connection in")

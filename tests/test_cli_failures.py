@@ -9,7 +9,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 from click.testing import CliRunner
 from sqlalchemy import create_engine
 
@@ -47,15 +46,6 @@ def outboxer_cli(*args: str, env: dict[str, str] | None = None) -> Ran:
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     return Ran(result.exit_code, result.stdout, result.stderr)
-
-
-@pytest.fixture
-def sqlite_url(tmp_path: Path) -> str:
-    url = f"sqlite:///{tmp_path / 'app.sqlite'}"
-    engine = create_engine(url)
-    outboxer.create_all(engine)
-    engine.dispose()
-    return url
 
 
 def one_error_line(result: Ran | subprocess.CompletedProcess[str]) -> str:

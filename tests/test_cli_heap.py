@@ -4,18 +4,16 @@ garbage of start-up collected, what survives frozen out of the collector's sight
 from __future__ import annotations
 
 import gc
-import subprocess
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine
 
-import outboxer
 from outboxer.cli.heap import settle  # the real one (conftest makes the module's a no-op)
 
 from .cli_apps import BIN, logapp_env, running, wait_for
+from .test_cli_failures import as_process
 
 
 @pytest.fixture
@@ -43,26 +41,13 @@ def test_settle_collects_the_garbage_of_start_up_then_freezes_the_rest(unfrozen:
     assert not gc.is_tracked(kept) or kept not in gc.get_objects(), "kept was not frozen"
 
 
-def _relay_db(tmp_path: Path) -> str:
-    url = f"sqlite:///{tmp_path / 'relay.sqlite'}"
-    engine = create_engine(url)
-    outboxer.create_all(engine)
-    engine.dispose()
-    return url
-
-
 @pytest.mark.parametrize("command", ["relay", "inbox"])
-def test_the_long_running_commands_settle_once_started(command: str, tmp_path: Path) -> None:
+def test_the_long_running_commands_settle_once_started(
+    command: str, tmp_path: Path, sqlite_url: str
+) -> None:
     env = logapp_env(tmp_path)
     if command == "relay":
-        args = [
-            str(BIN / "outboxer"),
-            "relay",
-            "--db",
-            _relay_db(tmp_path),
-            "--broker",
-            "memory://",
-        ]
+        args = [str(BIN / "outboxer"), "relay", "--db", sqlite_url, "--broker", "memory://"]
     else:
         args = [str(BIN / "outboxer-inbox"), "logapp:consumer", "--broker", "memory://logapp"]
     log = tmp_path / "log"
@@ -72,26 +57,9 @@ def test_the_long_running_commands_settle_once_started(command: str, tmp_path: P
     assert "start-up heap:" in log.read_text()
 
 
-def test_a_one_shot_run_does_not(tmp_path: Path) -> None:
-    env = logapp_env(tmp_path)
-    result = subprocess.run(
-        [
-            str(BIN / "outboxer"),
-            "relay",
-            "--once",
-            "--log-level",
-            "debug",
-            "--db",
-            _relay_db(tmp_path),
-            "--broker",
-            "memory://",
-        ],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+def test_a_one_shot_run_does_not(sqlite_url: str) -> None:
+    result = as_process(
+        "relay", "--once", "--log-level", "debug", "--db", sqlite_url, "--broker", "memory://"
     )
     assert result.returncode == 0, result.stderr
     assert "start-up heap:" not in result.stderr

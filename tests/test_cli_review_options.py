@@ -23,7 +23,7 @@ from .test_cli_failures import one_error_line, outboxer_cli
 
 
 @pytest.fixture
-def sqlite_url(tmp_path: Path) -> str:
+def migrated_url(tmp_path: Path) -> str:
     """A SQLite file with outboxer's tables, made by the migrations."""
     url = f"sqlite:///{tmp_path / 'app.sqlite'}"
     engine = create_engine(url)
@@ -33,9 +33,9 @@ def sqlite_url(tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def lagging_url(sqlite_url: str) -> str:
+def lagging_url(migrated_url: str) -> str:
     """... with a message due for a minute."""
-    engine = create_engine(sqlite_url)
+    engine = create_engine(migrated_url)
     with engine.begin() as connection:
         connection.execute(
             text(
@@ -47,7 +47,7 @@ def lagging_url(sqlite_url: str) -> str:
             )
         )
     engine.dispose()
-    return sqlite_url
+    return migrated_url
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN", "1e400"])
@@ -68,7 +68,7 @@ def test_a_finite_max_lag_still_works(lagging_url: str) -> None:
 
 @pytest.mark.parametrize("value", ["inf", "nan", "1e12", "1e12s", "99999999w"])
 def test_dead_letter_since_and_prune_older_than_refuse_impossible_durations(
-    sqlite_url: str, value: str
+    migrated_url: str, value: str
 ) -> None:
     for command in (
         ["dead-letter", "list", "--since", value],
@@ -76,16 +76,18 @@ def test_dead_letter_since_and_prune_older_than_refuse_impossible_durations(
         ["inbox", "prune", "--older-than", value],
         ["inbox", "prune", "--dead-letters-older-than", value],
     ):
-        result = outboxer_cli(*command, env={"OUTBOXER_DB": sqlite_url})
+        result = outboxer_cli(*command, env={"OUTBOXER_DB": migrated_url})
         assert result.returncode == 2, (command, result.stderr)
         assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("revision", ["nope", "head+1", "-1", "0099"])
 def test_an_unknown_revision_is_a_usage_error_naming_the_valid_ones(
-    sqlite_url: str, revision: str
+    migrated_url: str, revision: str
 ) -> None:
-    result = outboxer_cli("db", "upgrade", "--revision", revision, env={"OUTBOXER_DB": sqlite_url})
+    result = outboxer_cli(
+        "db", "upgrade", "--revision", revision, env={"OUTBOXER_DB": migrated_url}
+    )
     assert result.returncode == 2, result.stderr
     line = one_error_line(result)
     assert schema.head() in line and "0001" in line, line
@@ -111,16 +113,16 @@ def test_db_current_names_tables_made_by_create_all(tmp_path: Path) -> None:
     assert "create_all" in one_error_line(upgrade)
 
 
-def test_db_current_and_upgrade_on_a_database_of_a_newer_release(sqlite_url: str) -> None:
-    engine = create_engine(sqlite_url)
+def test_db_current_and_upgrade_on_a_database_of_a_newer_release(migrated_url: str) -> None:
+    engine = create_engine(migrated_url)
     with engine.begin() as connection:
         connection.execute(text(f"UPDATE {schema.VERSION_TABLE} SET version_num = '0999'"))
     engine.dispose()
-    current = outboxer_cli("db", "current", env={"OUTBOXER_DB": sqlite_url})
+    current = outboxer_cli("db", "current", env={"OUTBOXER_DB": migrated_url})
     assert current.returncode == 0, current.stderr
     assert "0999" in current.stdout and "newer" in current.stdout
     assert "behind" not in current.stdout
-    upgrade = outboxer_cli("db", "upgrade", env={"OUTBOXER_DB": sqlite_url})
+    upgrade = outboxer_cli("db", "upgrade", env={"OUTBOXER_DB": migrated_url})
     assert upgrade.returncode == 1, upgrade.stderr
     line = one_error_line(upgrade)
     assert "0999" in line and "newer" in line, line

@@ -17,14 +17,13 @@ import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine
 from sqlalchemy.exc import OperationalError
 
 from outboxer.diagnosis import diagnose
 from outboxer.errors import DatabaseUnavailable
 from outboxer.relay import relay_engine
 
-from .refusing_server import refusing_mariadb, refusing_postgresql, silent_server
+from .refusing_server import connect_error, refusing_mariadb, refusing_postgresql, silent_server
 from .relaying import OUTBOXER, output, spawn, start_relay, stop, wait_for
 from .services import RABBITMQ_URL, port_open, require
 from .test_cli_failures import as_process, one_error_line
@@ -46,23 +45,12 @@ MARIADB_STATES = [
 ]
 
 
-def _connect_error(url: str) -> Exception:
-    engine = create_engine(url)
-    try:
-        engine.connect().close()
-    except Exception as exc:
-        return exc
-    finally:
-        engine.dispose()
-    raise AssertionError("the refusing server let a connection in")
-
-
 @pytest.mark.parametrize(("sqlstate", "message"), POSTGRESQL_STATES)
 def test_a_postgresql_not_accepting_connections_now_is_unavailable(
     sqlstate: str, message: str
 ) -> None:
     with refusing_postgresql(sqlstate, message) as port:
-        exc = _connect_error(f"postgresql+psycopg://postgres@127.0.0.1:{port}/app")
+        exc = connect_error(f"postgresql+psycopg://postgres@127.0.0.1:{port}/app")
     problem = diagnose(exc, db_url=f"postgresql+psycopg://postgres@127.0.0.1:{port}/app")
     assert isinstance(problem, DatabaseUnavailable), exc
     assert message in str(problem)  # the server's own words, not "is it running?"
@@ -73,23 +61,35 @@ def test_a_mariadb_not_accepting_connections_now_is_unavailable(
     errno: int, sqlstate: str, message: str
 ) -> None:
     with refusing_mariadb(errno, sqlstate, message) as port:
-        exc = _connect_error(f"mysql+pymysql://root@127.0.0.1:{port}/app")
+        exc = connect_error(f"mysql+pymysql://root@127.0.0.1:{port}/app")
     problem = diagnose(exc)
     assert isinstance(problem, DatabaseUnavailable), exc
     assert message in str(problem)
 
 
-def test_relay_once_against_a_database_shutting_down_exits_4_with_one_line() -> None:
-    with refusing_postgresql("57P03", "the database system is shutting down") as port:
+REFUSED_NOW = [
+    ("57P03", "the database system is shutting down"),
+    ("08P01", "pgbouncer cannot connect to server"),  # a PgBouncer whose server restarts
+]
+
+
+@pytest.mark.parametrize(("sqlstate", "message"), REFUSED_NOW)
+def test_relay_once_against_a_database_that_takes_no_connection_now_exits_4_with_one_line(
+    sqlstate: str, message: str
+) -> None:
+    with refusing_postgresql(sqlstate, message) as port:
         url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/app"
         result = as_process("relay", "--once", "--db", url, "--broker", "memory://")
     assert result.returncode == 4, result.stderr
-    assert "shutting down" in one_error_line(result)
+    assert message in one_error_line(result)
 
 
-def test_a_relay_started_while_postgresql_shuts_down_waits_for_it() -> None:
+@pytest.mark.parametrize(("sqlstate", "message"), REFUSED_NOW)
+def test_a_relay_started_while_its_database_takes_no_connection_waits_for_it(
+    sqlstate: str, message: str
+) -> None:
     require("RabbitMQ", port_open("127.0.0.1", 5672), "start: rabbitmq-server -detached")
-    with refusing_postgresql("57P03", "the database system is shutting down") as port:
+    with refusing_postgresql(sqlstate, message) as port:
         url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/app"
         relay = start_relay(url, RABBITMQ_URL)
         try:
@@ -98,7 +98,7 @@ def test_a_relay_started_while_postgresql_shuts_down_waits_for_it() -> None:
         finally:
             log = stop(relay)  # exit 0 on SIGTERM while waiting
     assert "Traceback" not in log, log
-    assert "shutting down" in log
+    assert message in log
 
 
 def test_inbox_started_while_postgresql_shuts_down_waits_for_it() -> None:

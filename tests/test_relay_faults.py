@@ -88,12 +88,15 @@ class Running:
         except BaseException as exc:  # surfaced by stop()
             self.error = exc
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30) -> float:
+        """Stop the relay; how many seconds that took (it must stop within ``timeout``)."""
+        started = time.monotonic()
         self.relay.stop()
-        self.thread.join(timeout=30)
+        self.thread.join(timeout=timeout)
         assert not self.thread.is_alive(), "the relay did not stop"
         if self.error is not None:
             raise self.error
+        return time.monotonic() - started
 
 
 @pytest.fixture

@@ -24,6 +24,8 @@ from outboxer.message import Envelope
 from outboxer.store.inbox import record_inbox
 from outboxer.testing import MemoryBroker, MemoryTransport
 
+from .test_consumer_hostile import good_headers
+
 SessionFactory = sessionmaker[outboxer.OutboxSession]
 ONCE = outboxer.Retry(max_attempts=1)
 TYPE = "test.review.payment"
@@ -31,15 +33,7 @@ Key = str | Callable[[Any], object] | FromHeader
 
 
 def headers_of(**extra: str) -> dict[str, str]:
-    headers = {
-        wire.MESSAGE_ID: str(outboxer.uuid7()),
-        wire.TYPE: TYPE,
-        wire.OCCURRED_AT: datetime.now(timezone.utc).isoformat(),
-        wire.CORRELATION_ID: "c-1",
-        wire.CONTENT_TYPE: "application/json",
-    }
-    headers.update(extra)
-    return headers
+    return good_headers(TYPE, **extra)
 
 
 class Line:

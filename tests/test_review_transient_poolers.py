@@ -14,16 +14,15 @@ credentials' problem: exit 5, not "wait".
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import create_engine
 
 from outboxer.diagnosis import diagnose
 from outboxer.errors import DatabaseAccessDenied, DatabaseUnavailable
 
-from .refusing_server import refusing_mariadb, refusing_postgresql
-from .relaying import output, start_relay, stop, wait_for
-from .services import RABBITMQ_URL, port_open, require
+from .refusing_server import connect_error, refusing_mariadb, refusing_postgresql
 from .test_cli_failures import as_process, one_error_line
 
+# The relay's one-shot exit and its wait, behind a PgBouncer whose server restarts, are
+# tests/test_database_not_accepting.py's (REFUSED_NOW).
 PGBOUNCER_REFUSALS = [
     "pgbouncer cannot connect to server",
     "server login has been failing, try again later (server_login_retry)",
@@ -46,21 +45,10 @@ POSTGRESQL_DENIALS = [
 ]
 
 
-def _connect_error(url: str) -> Exception:
-    engine = create_engine(url)
-    try:
-        engine.connect().close()
-    except Exception as exc:
-        return exc
-    finally:
-        engine.dispose()
-    raise AssertionError("the refusing server let a connection in")
-
-
 @pytest.mark.parametrize("message", PGBOUNCER_REFUSALS)
 def test_a_pgbouncer_that_cannot_serve_now_is_unavailable(message: str) -> None:
     with refusing_postgresql("08P01", message) as port:
-        exc = _connect_error(f"postgresql+psycopg://app@127.0.0.1:{port}/app")
+        exc = connect_error(f"postgresql+psycopg://app@127.0.0.1:{port}/app")
     problem = diagnose(exc)
     assert isinstance(problem, DatabaseUnavailable), exc
     assert not isinstance(problem, DatabaseAccessDenied), problem
@@ -72,7 +60,7 @@ def test_a_mysql_proxy_that_cannot_serve_now_is_unavailable(
     errno: int, sqlstate: str, message: str
 ) -> None:
     with refusing_mariadb(errno, sqlstate, message) as port:
-        exc = _connect_error(f"mysql+pymysql://root@127.0.0.1:{port}/app")
+        exc = connect_error(f"mysql+pymysql://root@127.0.0.1:{port}/app")
     problem = diagnose(exc)
     assert isinstance(problem, DatabaseUnavailable), exc
     assert not isinstance(problem, DatabaseAccessDenied), problem
@@ -83,16 +71,8 @@ def test_a_postgresql_that_refuses_this_user_or_host_is_access_denied(
     sqlstate: str, message: str
 ) -> None:
     with refusing_postgresql(sqlstate, message) as port:
-        exc = _connect_error(f"postgresql+psycopg://app@127.0.0.1:{port}/app")
+        exc = connect_error(f"postgresql+psycopg://app@127.0.0.1:{port}/app")
     assert isinstance(diagnose(exc), DatabaseAccessDenied), exc
-
-
-def test_relay_once_behind_a_pgbouncer_whose_server_restarts_exits_4_with_one_line() -> None:
-    with refusing_postgresql("08P01", "pgbouncer cannot connect to server") as port:
-        url = f"postgresql+psycopg://app@127.0.0.1:{port}/app"
-        result = as_process("relay", "--once", "--db", url, "--broker", "memory://")
-    assert result.returncode == 4, result.stderr
-    assert "pgbouncer cannot connect to server" in one_error_line(result)
 
 
 def test_status_behind_a_full_pgbouncer_exits_4_with_one_line() -> None:
@@ -101,16 +81,3 @@ def test_status_behind_a_full_pgbouncer_exits_4_with_one_line() -> None:
         result = as_process("status", env={"OUTBOXER_DB": url})
     assert result.returncode == 4, result.stderr
     assert "no more connections allowed" in one_error_line(result)
-
-
-def test_a_relay_started_behind_a_pgbouncer_whose_server_restarts_waits_for_it() -> None:
-    require("RabbitMQ", port_open("127.0.0.1", 5672), "start: rabbitmq-server -detached")
-    with refusing_postgresql("08P01", "pgbouncer cannot connect to server") as port:
-        relay = start_relay(f"postgresql+psycopg://app@127.0.0.1:{port}/app", RABBITMQ_URL)
-        try:
-            wait_for(lambda: "trying again" in output(relay), 30, "the relay to wait")
-            assert relay.poll() is None, output(relay)
-        finally:
-            log = stop(relay)  # exit 0 on SIGTERM while waiting
-    assert "Traceback" not in log, log
-    assert "pgbouncer cannot connect to server" in log

@@ -11,7 +11,6 @@ import logging
 import signal
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,31 +25,9 @@ from outboxer.testing import MemoryBroker, MemoryTransport
 from .faultproxy import FaultProxy
 from .relaying import SessionFactory, output, start_relay
 from .services import RABBITMQ_URL, port_open, require
-from .test_relay_faults import publish_numbered, wait_until
+from .test_relay_faults import Running, publish_numbered, wait_until
 
 DEFAULT_PORTS = {"postgresql": 5432, "mariadb": 3306}
-
-
-class Running:
-    """A relay in a thread; :meth:`stop` asks it to stop and says how long it took."""
-
-    def __init__(self, relay: outboxer.Relay) -> None:
-        self.relay = relay
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            self.relay.run()
-        except BaseException as exc:  # surfaced by the test
-            self.error = exc
-
-    def stop(self, timeout: float) -> float:
-        started = time.monotonic()
-        self.relay.stop()
-        self.thread.join(timeout=timeout)
-        return time.monotonic() - started
 
 
 @pytest.fixture
@@ -105,7 +82,6 @@ def test_a_connection_cut_while_pruning_sent_rows_is_one_line_and_the_relay_goes
         wait_until(lambda: len(broker.published) >= 2, 30, "the next message")
     finally:
         r.stop(timeout=30)
-    assert r.error is None, r.error
     assert not _loud_tracebacks(caplog.records)
     assert any("prun" in x.getMessage() for x in caplog.records if x.levelno == logging.WARNING)
 
@@ -138,10 +114,8 @@ def test_a_relay_whose_claim_hangs_on_a_stalled_database_still_stops(
         wait_until(lambda: len(broker.published) == 1, 30, "the first message")
         stalled_armed.set()
         wait_until(stalled.is_set, 30, "a claim to stall")
-        took = r.stop(timeout=20)
-        assert not r.thread.is_alive(), "the relay hung on SIGTERM while the database stalled"
+        took = r.stop(timeout=20)  # asserts it stopped, and with no error
         assert took < 15, took
-        assert r.error is None, r.error
     finally:
         proxy.heal()
         r.thread.join(timeout=30)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
@@ -54,7 +55,18 @@ def key_text(value: object, handler: str) -> str | None:
     if isinstance(value, str):
         return value if value.strip() else None
     problem = _no_identity(value)
-    text = str(value) if problem is None else ""
+    text = ""
+    if problem is None:
+        try:
+            text = str(value)
+        except ValueError as exc:
+            if "integer string conversion" not in str(exc):
+                raise  # the key's own __str__ failed: the handler's failure, retried
+            # No passing failure: Python turns no int this long into text, at any attempt.
+            problem = (
+                f"an int of more than {sys.get_int_max_str_digits()} digits, which Python "
+                "does not turn into text (return it as a str)"
+            )
     if problem is None and _ADDRESS.search(text):
         problem = f"a {type(value).__name__} whose text holds its address, new at every run"
     if problem is not None:

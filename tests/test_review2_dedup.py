@@ -138,3 +138,17 @@ def test_two_consumers_inserting_one_keyless_message_at_once_run_it_once(
     first.close()
     thread.join(10)
     assert answers == [False]
+
+
+@pytest.mark.parametrize("value", [10**5000, ("order", -(10**5000))], ids=["int", "in-tuple"])
+def test_an_int_too_long_for_text_is_refused_with_the_fix_at_once(
+    Session: SessionFactory, value: object
+) -> None:
+    """Python refuses str() of an int of more than 4,300 digits (ValueError): that is no
+    passing failure to retry, but a key the handler must give as text."""
+    line = Line(Session, lambda event: value)
+    line.deliver([({"n": 1}, headers_of())])
+    assert line.seen == []
+    [dead] = line.dead()
+    assert dead.error_type == "outboxer.keys.DedupKeyError"
+    assert "digits" in dead.error_message and "str" in dead.error_message

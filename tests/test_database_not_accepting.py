@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -145,3 +146,38 @@ def test_a_connect_timeout_in_the_url_is_the_operators() -> None:
             engine.connect().close()
         engine.dispose()
     assert time.monotonic() - started < 15  # the URL's 2 s, not 120
+
+
+def test_a_start_up_check_that_gets_no_answer_says_so_and_names_the_fix(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An application engine without connect_timeout, against a server that accepts and
+    never answers: libpq waits forever, and `outboxer-inbox` used to log nothing at all."""
+    from sqlalchemy import create_engine, text
+
+    from outboxer.cli import readiness
+
+    monkeypatch.setattr(readiness, "_QUIET_AFTER", 0.5, raising=False)
+    stop = threading.Event()
+    with silent_server() as port:
+        engine = create_engine(f"postgresql+psycopg://postgres@127.0.0.1:{port}/app")
+
+        def check() -> None:
+            with engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+
+        waiting = threading.Thread(
+            target=readiness.wait_until, args=([check],), kwargs={"wait": True, "stop": stop}
+        )
+        with caplog.at_level("WARNING", logger="outboxer.cli"):
+            waiting.start()
+            deadline = time.monotonic() + 10
+            while not caplog.records and time.monotonic() < deadline:
+                time.sleep(0.05)
+            stop.set()
+            waiting.join(5)
+    assert not waiting.is_alive()
+    [record] = [r for r in caplog.records if r.levelname == "WARNING"]
+    line = record.getMessage()
+    assert "no answer" in line and "connect_timeout" in line, line
+    assert "\n" not in line

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -57,6 +58,9 @@ STARTUP_BACKOFF = Backoff(1.0, 2.0, 30.0, 0.2)
 
 _CHECK_SLICE = 0.2
 """How often a start-up check that has not answered yet looks for a stop."""
+
+_QUIET_AFTER = 10.0
+"""Seconds without an answer after which a start-up check says it is still waiting."""
 
 
 def database_check(engine: Engine, db_url: str, tables: list[str] | None = None) -> Check:
@@ -210,10 +214,20 @@ def _attempt(checks: list[Check], stop: threading.Event, tick: Callable[[], None
             done.set()
 
     threading.Thread(target=run, name="outboxer-start-up-check", daemon=True).start()
+    quiet_until = time.monotonic() + _QUIET_AFTER
     while not done.wait(_CHECK_SLICE):
         if stop.is_set():
             log.info("stopped while the start-up checks waited for an answer")
             return False
+        if time.monotonic() >= quiet_until:
+            quiet_until = float("inf")  # once per attempt
+            log.warning(
+                "no answer yet from the database or the broker after %.0f s; still waiting "
+                "(a server that accepts connections but does not answer: overloaded, hung, or "
+                "a pooler queueing clients; connect_timeout=<seconds> in a PostgreSQL URL "
+                "bounds each try)",
+                _QUIET_AFTER,
+            )
         tick()
     if failed:
         raise failed[0]

@@ -30,7 +30,7 @@ from .errors import (
 from .ids import uuid7
 from .message import Envelope, describe_unserializable, message_type_for
 from .store import NewMessage
-from .wire import surrogate_at
+from .wire import control_at, surrogate_at
 
 __all__ = [
     "NO_KEY",
@@ -154,6 +154,8 @@ def build_message(
     ):
         if text is not None:
             problem = _unstorable(text)
+            if problem is None and what in _ENVELOPE_TEXT:
+                problem = _control(text)
             if problem is not None:
                 raise MessageError(f"{what} {text!r} {problem}")
     # correlation_id None: this message starts its conversation (it correlates to itself).
@@ -257,6 +259,21 @@ def _check_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
             raise InvalidHeaders(f"the value of header {name!r} ({value!r:.80}) {problem}")
         clean[name] = value
     return clean
+
+
+_ENVELOPE_TEXT = ("type", "key", "correlation_id")
+"""What a consumer reads as envelope text, and dead-letters if it holds a control character."""
+
+
+def _control(text: str) -> str | None:
+    where = control_at(text)
+    if where is None:
+        return None
+    return (
+        f"holds a control character (U+{ord(text[where]):04X} at position {where}), which "
+        "every consumer refuses (it would dead-letter the message as malformed_envelope): "
+        "remove it"
+    )
 
 
 def _unstorable(text: str) -> str | None:

@@ -8,6 +8,7 @@ language reads the event directly and finds the envelope in the headers.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from datetime import datetime
 from uuid import UUID
@@ -30,6 +31,7 @@ __all__ = [
     "TRACESTATE",
     "TYPE",
     "UNDECODABLE",
+    "control_at",
     "decode",
     "encode_headers",
     "surrogate_at",
@@ -119,6 +121,20 @@ def unencodable(headers: Mapping[str, str]) -> str | None:
     return None
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+"""Unicode's control characters (category Cc: C0, DEL and C1). Other text that
+``str.isprintable()`` refuses is no control: a no-break space, a soft hyphen, the
+zero-width joiner inside an emoji, a right-to-left mark."""
+
+
+def control_at(text: str) -> int | None:
+    """The position of the first control character of ``text`` (tab, newline, escape,
+    NUL...), or None. Envelope text (type, key, correlation id) holds none: ``publish()``
+    refuses it and a consumer dead-letters it."""
+    found = _CONTROL.search(text)
+    return None if found is None else found.start()
+
+
 def surrogate_at(text: str) -> int | None:
     """The position of the first character of ``text`` that UTF-8 cannot encode (a lone
     surrogate), or None."""
@@ -182,8 +198,12 @@ def decode(body: bytes, headers: Mapping[str, str], destination: str) -> Envelop
             raise DecodeError(f"{name} is not text")
         if len(value) > limit:
             raise DecodeError(f"{name} is {len(value)} characters long; the limit is {limit}")
-        if not value.isprintable():
-            raise DecodeError(f"{name} holds control characters: {value[:80]!r}")
+        where = control_at(value)
+        if where is not None:
+            raise DecodeError(
+                f"{name} holds a control character (U+{ord(value[where]):04X} at position "
+                f"{where}): {value[:80]!r}"
+            )
     try:
         message_id = UUID(headers[MESSAGE_ID])
     except (ValueError, TypeError, AttributeError) as exc:

@@ -95,6 +95,10 @@ def seconds(service: str, name: str, value: object) -> float:
     return float(value)
 
 
+_REGION = re.compile(r"[a-z0-9]+(-[a-z0-9]+)*")
+"""What botocore takes as a region name (eu-west-1, us-gov-west-1, local ones alike)."""
+
+
 def open_session(
     service: str,
     *,
@@ -113,6 +117,11 @@ def open_session(
     if endpoint_url is not None and not re.match(r"https?://[^/]", endpoint_url):
         raise ConfigurationError(
             f"{service} endpoint_url must be an http:// or https:// URL, got {endpoint_url!r}"
+        )
+    if region is not None and not _REGION.fullmatch(region):
+        raise ConfigurationError(
+            f"{service} region {region!r} is not an AWS region name: use one such as "
+            "eu-west-1 or us-east-1 (lower-case letters, digits and '-')"
         )
     if (aws_access_key_id is None) != (aws_secret_access_key is None):
         raise ConfigurationError(

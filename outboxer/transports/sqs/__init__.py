@@ -37,7 +37,11 @@ Receiving. A receiver long-polls its queues (the consumer's own queue, created i
 missing, and every bound destination, also created if missing); SQS does not route by
 type, so everything in those queues is delivered. With several queues, one poll per queue
 is kept in flight, so none starves and a receive waits about ``timeout`` in all; messages
-a poll brings after ``receive`` returned are handed out by the next ``receive``.
+a poll brings after ``receive`` returned are handed out by the next ``receive``. A queue
+whose poll fails makes ``receive`` raise when no other queue brought messages, and is
+logged as a warning (once a minute) when one did. A message without envelope attributes
+whose body is an SNS notification (a subscription without raw delivery) is marked
+undecodable, so its dead letter names the fix.
 ``ack`` deletes, ``release`` makes the message visible again at once, ``extend`` pushes
 its visibility timeout; they never raise: a message that is gone is logged at debug
 level, other failures as warnings (the message then comes back after its visibility

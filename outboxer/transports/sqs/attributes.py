@@ -80,7 +80,10 @@ def decode_attributes(attributes: Mapping[str, Mapping[str, Any]]) -> dict[str, 
         except (ValueError, RecursionError):  # not JSON, or nested too deep to parse
             extra = None
         if isinstance(extra, dict) and all(isinstance(v, str) for v in extra.values()):
-            headers.update(extra)
+            # A field's own attribute wins over the same name packed here, as
+            # docs/wire-format.md tells every reader (outboxer packs only what has none).
+            for name, value in extra.items():
+                headers.setdefault(name, value)
         else:
             # Kept as it came: the consumer dead-letters it with this reason.
             headers[wire.UNDECODABLE] = (
@@ -88,3 +91,22 @@ def decode_attributes(attributes: Mapping[str, Mapping[str, Any]]) -> dict[str, 
             )
             headers[PACKED_HEADERS] = packed[:1024]
     return headers
+
+
+_NOTIFICATION_FIELDS = ("Type", "TopicArn", "Message")
+
+
+def sns_notification(body: str) -> str | None:
+    """The topic ARN if ``body`` is an SNS notification (what a queue subscribed without
+    raw message delivery gets instead of the message), else None; never raises."""
+    if not body.startswith("{") or '"Notification"' not in body:
+        return None
+    try:
+        parsed = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(parsed, dict) or parsed.get("Type") != "Notification":
+        return None
+    if not all(isinstance(parsed.get(name), str) for name in _NOTIFICATION_FIELDS):
+        return None
+    return str(parsed["TopicArn"])

@@ -11,6 +11,7 @@ import itertools
 import logging
 import math
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -20,7 +21,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from ... import wire
 from ...errors import TransportError
 from ..base import Delivery, Receiver
-from .attributes import decode_attributes
+from .attributes import decode_attributes, sns_notification
 from .errors import _GONE, _error_message, error_code
 from .options import MAX_BATCH_ENTRIES, MAX_VISIBILITY_SECONDS, MAX_WAIT_SECONDS
 
@@ -104,6 +105,28 @@ class _SQSDelivery(Delivery):
         return True
 
 
+_REPORT_EVERY = 60.0
+"""Seconds between warnings about one queue's failed polls that were not raised."""
+
+
+class _PollFailed(TransportError):
+    """Receiving from one queue failed (``queue``: its name)."""
+
+    def __init__(self, queue: str, message: str) -> None:
+        super().__init__(message)
+        self.queue = queue
+
+
+def _poll_error(name: str, exc: BaseException) -> str:
+    """One line: receiving from queue ``name`` failed with ``exc``, and the fix if known."""
+    if isinstance(exc, ClientError) and error_code(exc) == "QueueDoesNotExist":
+        return (
+            f"SQS queue {name!r} does not exist (deleted while the consumer ran?): create "
+            "it again, or restart the consumer, which creates its queues"
+        )
+    return f"receiving from SQS queue {name!r} failed: {exc}"
+
+
 class _SQSReceiver(Receiver):
     """Long polls; with several queues, one poll in flight per queue (see the docstring)."""
 
@@ -125,6 +148,8 @@ class _SQSReceiver(Receiver):
         self._buffer: deque[Delivery] = deque()
         self._polls: dict[int, concurrent.futures.Future[list[Delivery]]] = {}
         self._turn = itertools.count()
+        self._reported: dict[str, float] = {}
+        """When a failed poll of each queue was last logged as a warning."""
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         if len(queues) > 1:
             self._pool = concurrent.futures.ThreadPoolExecutor(
@@ -145,13 +170,16 @@ class _SQSReceiver(Receiver):
         try:
             response = self._client.receive_message(**request)
         except (ClientError, BotoCoreError) as exc:
-            raise TransportError(f"receiving from SQS queue {name!r} failed: {exc}") from exc
+            raise _PollFailed(name, _poll_error(name, exc)) from exc
         deliveries = [
             _SQSDelivery(self._client, name, url, m) for m in response.get("Messages", ())
         ]
         if name in self._sources:
             for delivery in deliveries:  # an inbound adapter's: it takes the broker's id
                 delivery.headers[wire.BROKER_MESSAGE_ID] = delivery.message_id
+        else:
+            for delivery in deliveries:
+                _mark_notification(delivery, name)
         return list(deliveries)
 
     def receive(self, max_messages: int, timeout: float) -> list[Delivery]:
@@ -163,7 +191,7 @@ class _SQSReceiver(Receiver):
         with self._lock:
             if self._closed:
                 return []
-            self._harvest()
+            earlier = self._harvest()
             if not self._buffer:
                 start = next(self._turn) % len(self._queues)
                 for offset in range(len(self._queues)):
@@ -181,24 +209,39 @@ class _SQSReceiver(Receiver):
                 pending, timeout=max(0.0, timeout) + 1.0, return_when="FIRST_COMPLETED"
             )
         with self._lock:
-            error = self._harvest()
+            error = self._harvest() or earlier
             taken = [self._buffer.popleft() for _ in range(min(max_messages, len(self._buffer)))]
-        if not taken and error is not None:
-            raise error
+        if error is not None:
+            if not taken:
+                raise error
+            # Other queues brought messages: hand them out, and say what failed (a queue
+            # that keeps failing while another is busy would otherwise never be heard of).
+            self._report(error)
         return taken
 
-    def _harvest(self) -> TransportError | None:
-        """Move finished polls' deliveries into the buffer (lock held)."""
-        error: TransportError | None = None
+    def _harvest(self) -> _PollFailed | None:
+        """Move finished polls' deliveries into the buffer (lock held); the last failure."""
+        error: _PollFailed | None = None
         for index, future in list(self._polls.items()):
             if not future.done():
                 continue
             del self._polls[index]
             try:
                 self._buffer.extend(future.result())
-            except TransportError as exc:
+            except _PollFailed as exc:
                 error = exc
         return error
+
+    def _report(self, error: _PollFailed) -> None:
+        """Log a failed poll that ``receive`` does not raise: a warning per queue at most
+        every minute, debug level in between."""
+        now = time.monotonic()
+        last = self._reported.get(error.queue)
+        if last is not None and now - last < _REPORT_EVERY:
+            log.debug("%s", error)
+            return
+        self._reported[error.queue] = now
+        log.warning("%s; the receiver's other queues are still read", error)
 
     def close(self) -> None:
         with self._lock:
@@ -215,6 +258,22 @@ class _SQSReceiver(Receiver):
             future.add_done_callback(_release_all)
         if self._pool is not None:
             self._pool.shutdown(wait=False)
+
+
+def _mark_notification(delivery: _SQSDelivery, queue: str) -> None:
+    """An SNS notification without envelope attributes (the queue's subscription has raw
+    delivery off) is marked undecodable with the fix, so its dead letter says what to do."""
+    headers = delivery.headers
+    if headers.get(wire.MESSAGE_ID) or headers.get(wire.TYPE) or wire.UNDECODABLE in headers:
+        return
+    topic = sns_notification(delivery.body.decode("utf-8", "replace"))
+    if topic is not None:
+        headers[wire.UNDECODABLE] = (
+            f"it is an SNS notification from topic {topic[:300]!r}, not the message: the "
+            f"subscription of SQS queue {queue!r} to that topic has raw message delivery "
+            "off; turn it on (RawMessageDelivery=true; outboxer-inbox with sns:// sets it "
+            "at start), then publish the notification's Message again"
+        )
 
 
 def _delete_batch(deliveries: list[_SQSDelivery]) -> None:

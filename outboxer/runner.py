@@ -356,13 +356,13 @@ class Runner:
             return
         self.stats.failed_deliveries += 1
         self.failures += 1
-        # The traceback once per streak: a database outage fails every message alike.
         log.warning(
             "consumer %s could not record a message's outcome (%s); giving it back",
             self.name,
             printable(f"{type(outcome).__name__}: {error_text(outcome)}", 300),
-            exc_info=outcome if self.failures == 1 else None,
         )
+        if self.failures == 1:  # the traceback once per streak, at debug level
+            log.debug("recording the outcome failed", exc_info=outcome)
 
     async def _broker_down(self, error: TransportError) -> None:
         """The broker could not be reached: wait longer each time, up to 30 s."""
@@ -373,8 +373,9 @@ class Runner:
             self.name,
             printable(str(error), 300),
             pause,
-            exc_info=error if self.broker_outages == 1 else None,  # the traceback once
         )
+        if self.broker_outages == 1:  # the traceback once per outage, at debug level
+            log.debug("receiving failed", exc_info=error)
         await self.stop.sleep(pause)
 
     async def _keep_visible(self) -> None:

@@ -219,8 +219,9 @@ class Scheduler:
                     spec.id,
                     printable(error_text(exc), 300),
                     pause,
-                    exc_info=exc if outages == 1 else None,
                 )
+                if outages == 1:  # the traceback once per outage, at debug level
+                    log.debug("reading the schedule failed", exc_info=exc)
             if once:
                 return
             await stop.sleep(min(pause, 1.0))

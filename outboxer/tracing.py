@@ -35,6 +35,7 @@ from typing import Any
 
 from . import instrumentation
 from .instrumentation import Instrumentation
+from .redaction import one_line
 from .telemetry import OpenTelemetryInstrumentation
 
 __all__ = ["OpenTelemetryInstrumentation", "configure_from_env", "install", "uninstall"]
@@ -139,7 +140,8 @@ def configure_from_env(service_name: str, metric_readers: Sequence[Any] = ()) ->
         for stop in shutdowns:
             try:
                 stop()
-            except Exception:
-                log.warning("OpenTelemetry shutdown failed", exc_info=True)
+            except Exception as exc:  # an exporter that cannot flush: one line
+                log.warning("OpenTelemetry shutdown failed (%s)", one_line(exc))
+                log.debug("OpenTelemetry shutdown failed", exc_info=True)
 
     return shutdown

@@ -202,8 +202,9 @@ class Consumer(Registration):
         ``concurrency`` messages are processed at a time (threads for sync handlers,
         tasks for async ones). A delivery is acknowledged after its handlers' outcomes
         are committed; if that fails (database down) it is given back to the broker.
-        Deliveries held longer than ``extend_after`` seconds, in progress or waiting for
-        a worker, have their visibility extended by ``extend_by`` (SQS). A consumer with
+        Deliveries held longer than ``extend_after`` seconds (or half the queue's
+        visibility timeout, if shorter), in progress or waiting for a worker, have their
+        visibility extended by ``extend_by`` (SQS). A consumer with
         async handlers runs its own event loop here; inside a running loop use
         :meth:`run_async`.
         """

@@ -42,6 +42,10 @@ log = logging.getLogger("outboxer.consumer")
 OUTAGE_BACKOFF = Backoff(initial=0.5, multiplier=2.0, max_delay=30.0, jitter=0.1)
 """Pauses while the broker cannot be reached or outcomes cannot be recorded."""
 
+MIN_EXTEND_AFTER = 0.5
+"""Seconds a delivery is held at least before its visibility is extended (a queue whose
+visibility timeout is shorter than twice this redelivers whatever the consumer does)."""
+
 
 class StopSignal:
     """A stop request that any thread may set and that wakes the loop's pauses at once."""
@@ -154,7 +158,7 @@ class Runner:
             )
         kind = "async handlers" if self.is_async else "handlers"
         log.info("consumer %s started (%s)", self.name, kind)
-        extender = asyncio.create_task(self._keep_visible())
+        extender = asyncio.create_task(self._keep_visible(receiver.visibility_timeout))
         try:
             await self._receive_loop(receiver)
         except BaseException:
@@ -378,9 +382,12 @@ class Runner:
             log.debug("receiving failed", exc_info=error)
         await self.stop.sleep(pause)
 
-    async def _keep_visible(self) -> None:
-        """Extend every delivery held longer than ``extend_after`` (in progress or waiting)."""
+    async def _keep_visible(self, visibility: float | None) -> None:
+        """Extend every delivery held longer than ``extend_after`` (in progress or
+        waiting), or than half the queue's ``visibility`` timeout if that is shorter."""
         after, by = self.options.extend_after, self.options.extend_by
+        if visibility is not None:
+            after = min(after, max(MIN_EXTEND_AFTER, visibility / 2))
         while True:
             await asyncio.sleep(min(1.0, after / 2))
             now = time.monotonic()

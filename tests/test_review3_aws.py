@@ -327,11 +327,6 @@ def test_hostile_messages_are_each_dead_lettered_with_a_reason_and_nothing_is_lo
 
 
 @SQLITE
-@pytest.mark.xfail(
-    strict=True,
-    reason="outboxer/runner.py extends after extend_after (20 s) whatever the queue's "
-    "visibility timeout; a queue with a shorter one redelivers messages still in progress",
-)
 def test_a_handler_slower_than_the_queues_visibility_timeout_is_not_redelivered(
     engine: Engine, Session: SessionFactory, sqs: Any, moto_endpoint: str
 ) -> None:

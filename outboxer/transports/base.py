@@ -168,6 +168,12 @@ def acknowledge(deliveries: Sequence[Delivery]) -> None:
 class Receiver(abc.ABC):
     """A consumer's open subscription."""
 
+    visibility_timeout: float | None = None
+    """Seconds a received message stays hidden before the broker delivers it again unless
+    its visibility is extended (SQS: the shortest of the receiver's queues); None: the
+    broker holds it until it is settled (RabbitMQ). A consumer extends what it holds
+    before half of this has passed."""
+
     @abc.abstractmethod
     def receive(self, max_messages: int, timeout: float) -> list[Delivery]:
         """Wait up to ``timeout`` seconds for at most ``max_messages`` deliveries."""

@@ -141,6 +141,9 @@ class _SQSReceiver(Receiver):
         self._queues = queues
         self._sources = sources
         self._visibility = visibility_timeout
+        self.visibility_timeout = (
+            float(visibility_timeout) if visibility_timeout is not None else self._shortest()
+        )
         read_timeout = getattr(client.meta.config, "read_timeout", None) or 60
         self._max_wait = max(0, min(MAX_WAIT_SECONDS, int(read_timeout) - 2))
         self._lock = threading.Lock()
@@ -155,6 +158,20 @@ class _SQSReceiver(Receiver):
             self._pool = concurrent.futures.ThreadPoolExecutor(
                 max_workers=len(queues), thread_name_prefix="outboxer-sqs-poll"
             )
+
+    def _shortest(self) -> float | None:
+        """The shortest visibility timeout of the queues (each queue's own setting, which
+        a receive without ``VisibilityTimeout`` gets); None if SQS did not say."""
+        found: list[float] = []
+        for name, url in self._queues:
+            try:
+                attributes = self._client.get_queue_attributes(
+                    QueueUrl=url, AttributeNames=["VisibilityTimeout"]
+                )["Attributes"]
+                found.append(float(attributes["VisibilityTimeout"]))
+            except (ClientError, BotoCoreError, KeyError, ValueError) as exc:
+                log.debug("could not read the visibility timeout of SQS queue %r: %s", name, exc)
+        return min(found, default=None)
 
     def _poll(self, index: int, max_messages: int, wait: int) -> list[Delivery]:
         name, url = self._queues[index]

@@ -34,12 +34,16 @@ from . import instrumentation, store, wire
 from .errors import ConfigurationError, DeadLetterNotFound, OutboxerError
 from .message import Envelope
 from .plan import FIRST_FAILED_AT
+from .store import dead_letter_replay as replay_store
 from .store import dead_letters as dead_letter_store
 from .store.dead_letters import DeadLetter, DeadLetterFilter
+from .store.relay import MALFORMED_HEADERS
 
 __all__ = ["DeadLetter", "DeadLetterFilter", "DeadLetters"]
 
 Progress = Callable[[int], None]
+Skipped = Callable[[int, str], None]
+"""Told the id of a dead letter a bulk replay left where it is, and why."""
 
 
 class DeadLetters:
@@ -90,7 +94,12 @@ class DeadLetters:
             return dead_letter_store.count_dead_letters(connection)
 
     def replay(self, dead_letter_id: int, *, keep: bool = False) -> UUID:
-        """Send a dead letter again (see the module docs for where); returns its message id."""
+        """Send a dead letter again (see the module docs for where); returns its message id.
+
+        :class:`DeadLetterNotFound` if there is none with that id (or another replay took
+        it meanwhile); :class:`~outboxer.OutboxerError` naming the fix if it cannot be
+        replayed as it is stored. Two replays of one letter at once send it once.
+        """
         with self._transaction() as connection:
             letter = dead_letter_store.get_dead_letter(connection, dead_letter_id, for_update=True)
             if letter is None:
@@ -102,7 +111,11 @@ class DeadLetters:
                     f"dead letter {dead_letter_id} was already replayed at "
                     f"{letter.replayed_at.isoformat()}; a second replay would send it twice"
                 )
-            self._replay_one(connection, letter, keep)
+            if not self._replay_one(connection, letter, replay_envelope(letter), keep):
+                raise DeadLetterNotFound(
+                    f"dead letter {dead_letter_id} was replayed or deleted by someone else "
+                    "meanwhile; it was not sent again"
+                )
             assert letter.message_id is not None
             return letter.message_id
 
@@ -119,25 +132,39 @@ class DeadLetters:
         keep: bool = False,
         batch_size: int = 100,
         progress: Progress | None = None,
+        skipped: Skipped | None = None,
+        up_to_id: int | None = None,
     ) -> int:
         """Replay every dead letter matching the filters, ``batch_size`` per transaction.
 
-        Letters that cannot be replayed (no readable envelope) are skipped and stay.
-        Returns how many were replayed; ``progress`` is called with each batch's count.
+        The letters are those matching when the call starts (ids up to ``up_to_id`` if
+        given): a replay that fails again while this runs is a new dead letter, left for
+        the next replay-all. Letters that cannot be replayed as stored (no readable
+        envelope, headers edited into something else than a JSON object of text...) stay,
+        and ``skipped`` is called with each one's id and why. Returns how many were
+        replayed; ``progress`` is called with each batch's count.
         """
         where = DeadLetterFilter(origin, consumer, handler, message_type, error_type, since, until)
         replayed = 0
-        for ids in self._batches(where, batch_size):
+        for ids in self._batches(where, batch_size, up_to_id):
             done = 0
             with self._transaction() as connection:
                 for dead_letter_id in ids:
                     letter = dead_letter_store.get_dead_letter(
                         connection, dead_letter_id, for_update=True
                     )
-                    if letter is None or letter.replayed_at is not None or not replayable(letter):
+                    if letter is None or letter.replayed_at is not None:
+                        continue  # replayed or deleted by someone else meanwhile
+                    try:
+                        envelope = replay_envelope(letter)
+                        # Too large for this database's outbox: said before any write, so
+                        # the other letters of the batch still go.
+                        store.check_size(store.NewMessage(envelope), connection.engine)
+                    except OutboxerError as exc:
+                        if skipped is not None:
+                            skipped(letter.id, str(exc))
                         continue
-                    self._replay_one(connection, letter, keep)
-                    done += 1
+                    done += self._replay_one(connection, letter, envelope, keep)
             replayed += done
             if progress is not None:
                 progress(len(ids))
@@ -162,13 +189,19 @@ class DeadLetters:
         include_replayed: bool = True,
         batch_size: int = 500,
         progress: Progress | None = None,
+        up_to_id: int | None = None,
     ) -> int:
-        """Delete every dead letter matching the filters, ``batch_size`` per transaction."""
+        """Delete every dead letter matching the filters, ``batch_size`` per transaction.
+
+        Those matching when the call starts (ids up to ``up_to_id`` if given): a letter
+        written while it runs is not deleted unseen. Interrupted, it has deleted whole
+        batches; run it again for the rest.
+        """
         where = DeadLetterFilter(
             origin, consumer, handler, message_type, error_type, since, until, include_replayed
         )
         deleted = 0
-        for ids in self._batches(where, batch_size):
+        for ids in self._batches(where, batch_size, up_to_id):
             with self._transaction() as connection:
                 deleted += dead_letter_store.delete_dead_letters(connection, ids)
             if progress is not None:
@@ -196,7 +229,12 @@ class DeadLetters:
 
     # -----------------------------------------------------------------------------------
 
-    def _replay_one(self, connection: Connection, letter: DeadLetter, keep: bool) -> None:
+    def _replay_one(
+        self, connection: Connection, letter: DeadLetter, envelope: Envelope, keep: bool
+    ) -> bool:
+        """Send ``envelope`` for ``letter`` unless another replay claimed the letter first."""
+        if not replay_store.claim_for_replay(connection, letter.id, keep=keep):
+            return False
         tracer = instrumentation.get()
         attributes: dict[str, Any] = {
             "outboxer.dead_letter.id": letter.id,
@@ -207,7 +245,6 @@ class DeadLetters:
                 f"{letter.consumer}:{letter.handler}" if letter.consumer else letter.handler
             )
         with tracer.replay(letter.trace_headers, attributes) as span:
-            envelope = replay_envelope(letter)
             trace = span.trace_headers()
             if trace:
                 envelope = replace(
@@ -216,16 +253,21 @@ class DeadLetters:
                     tracestate=trace.get("tracestate"),
                 )
             store.insert_messages(connection, [store.NewMessage(envelope)])
-            if keep:
-                dead_letter_store.mark_replayed(connection, [letter.id])
-            else:
-                dead_letter_store.delete_dead_letters(connection, [letter.id])
+        return True
 
-    def _batches(self, where: DeadLetterFilter, size: int) -> Iterator[builtins.list[int]]:
+    def _batches(
+        self, where: DeadLetterFilter, size: int, up_to_id: int | None
+    ) -> Iterator[builtins.list[int]]:
+        """The ids matching ``where``, ``size`` at a time, up to the newest matching now."""
         after = 0
-        while True:
+        with self._transaction() as connection:
+            newest = replay_store.newest_matching(connection, where)
+        up_to = newest if up_to_id is None else min(newest, up_to_id)
+        while after < up_to:
             with self._transaction() as connection:
-                ids = dead_letter_store.ids_matching(connection, where, after_id=after, limit=size)
+                ids = replay_store.ids_matching(
+                    connection, where, after_id=after, up_to_id=up_to, limit=size
+                )
             if not ids:
                 return
             yield ids
@@ -250,15 +292,28 @@ def replay_envelope(letter: DeadLetter) -> Envelope:
             f"'outboxer dead-letter show {letter.id}', then delete it"
         )
     assert letter.message_id is not None and letter.message_type is not None
+    if letter.origin not in dead_letter_store.ORIGINS:
+        raise OutboxerError(
+            f"dead letter {letter.id} has origin {letter.origin!r}; outboxer writes "
+            f"{', '.join(dead_letter_store.ORIGINS)} only, and replays each its own way. Set "
+            f"it back (UPDATE outboxer_dead_letter SET origin = ... WHERE id = {letter.id}), "
+            "or delete it"
+        )
+    _check_headers(letter)
     if letter.origin == "handler":
         if not letter.consumer or not letter.handler:
-            raise ConfigurationError(f"dead letter {letter.id} names no consumer and handler")
+            raise OutboxerError(
+                f"dead letter {letter.id} is a handler's but names no consumer and handler "
+                "to replay to; set its consumer and handler columns (UPDATE "
+                f"outboxer_dead_letter SET consumer = ..., handler = ... WHERE id = {letter.id})"
+                ", or delete it"
+            )
         destination, handler = letter.consumer, f"{letter.consumer}:{letter.handler}"
     elif letter.origin == "consumer":
         destination, handler = letter.consumer or letter.destination or "", None
         if letter.consumer and letter.handler:  # an inbound adapter's: back to it alone
             handler = f"{letter.consumer}:{letter.handler}"
-    else:
+    else:  # relay: the envelope's own handler (consumer:handler) for a retry or replay
         destination, handler = letter.destination or "", letter.handler
     if not destination:
         raise OutboxerError(f"dead letter {letter.id} has no destination to replay to")
@@ -282,6 +337,29 @@ def replay_envelope(letter: DeadLetter) -> Envelope:
         handler=handler,
         attempt=1,
     )
+
+
+def _check_headers(letter: DeadLetter) -> None:
+    """Refuse headers no message can carry: a replay would send them to fail again."""
+    fix = (
+        f"set its headers to a JSON object of names to text (UPDATE outboxer_dead_letter SET "
+        f"headers = '{{...}}' WHERE id = {letter.id}), or delete it"
+    )
+    if MALFORMED_HEADERS in letter.headers:
+        raise OutboxerError(
+            f"dead letter {letter.id} cannot be replayed: its headers are not a JSON object of "
+            f"names to text (they are kept as the header {MALFORMED_HEADERS!r}: see "
+            f"'outboxer dead-letter show {letter.id}'); {fix}"
+        )
+    for name, value in letter.headers.items():
+        try:
+            name.encode("utf-8")
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise OutboxerError(
+                f"dead letter {letter.id} cannot be replayed: its header {name[:100]!r} is not "
+                f"UTF-8 text (a lone surrogate), which no broker carries; {fix}"
+            ) from None
 
 
 def _is_envelope_header(name: str) -> bool:

@@ -94,9 +94,7 @@ def list_(
     ):
         table.add_column(column, overflow="fold")
     for letter in letters:
-        where = (
-            f"{letter.consumer}:{letter.handler}" if letter.handler else (letter.destination or "")
-        )
+        where = _target(letter)
         error = Text.assemble(
             (_clean(letter.error_type), "bold"), ": ", _clean(_shorten(letter.error_message, 80))
         )
@@ -183,25 +181,57 @@ def replay(db_url: str, dead_letter_id: int, keep: bool) -> None:
 @option("--keep", is_flag=True, help="Keep them as history instead of deleting them.")
 @option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 def replay_all(db_url: str, keep: bool, yes: bool, **values: Any) -> None:
-    """Replay every dead letter matching the filters."""
+    """Replay every dead letter matching the filters.
+
+    Exits 1 if some could not be replayed as stored (each is named, with why).
+    """
     dead = _dead_letters(db_url)
     chosen = _filters(**values)
     total = dead.matching(**chosen)
     if not total:
         console.print("no dead letters match")
         return
+    # What matches now, and nothing newer: the replays that fail again while this runs,
+    # or letters written after the confirmation, wait for the next replay-all.
+    up_to_id = _newest(dead, chosen, include_replayed=False)
     if not yes:
         click.confirm(f"replay {total} dead letter{'s' * (total != 1)}?", abort=True, err=True)
+    skipped: list[str] = []  # the first few reasons (memory stays bounded), and a count
+    left = 0
+
+    def skip(_id: int, why: str) -> None:
+        nonlocal left
+        left += 1
+        if len(skipped) < _SHOWN_SKIPPED:
+            skipped.append(why)
+
     with _progress() as progress:
         task = progress.add_task("replaying", total=total)
         replayed = dead.replay_all(
-            **chosen, keep=keep, progress=lambda n: progress.advance(task, n)
+            **chosen,
+            keep=keep,
+            progress=lambda n: progress.advance(task, n),
+            skipped=skip,
+            up_to_id=up_to_id,
         )
     console.print(f"replayed {replayed} of {plural(total, 'dead letter')}")
-    if replayed < total:
+    for why in skipped:
+        err_console.print(_text(f"not replayed: {_shorten(why, 500)}"))
+    if left > len(skipped):
         err_console.print(
-            f"{total - replayed} could not be replayed (no readable envelope); see 'show'"
+            f"and {left - len(skipped)} more not replayed; 'outboxer dead-letter list' shows them"
         )
+    if left:
+        raise click.exceptions.Exit(1)
+
+
+_SHOWN_SKIPPED = 20
+"""replay-all names this many letters it left, and counts the others."""
+
+
+def _newest(dead: DeadLetters, chosen: dict[str, Any], *, include_replayed: bool) -> int:
+    newest = dead.list(**chosen, include_replayed=include_replayed, limit=1)
+    return newest[0].id if newest else 0
 
 
 @dead_letter.command()
@@ -228,13 +258,16 @@ def purge(db_url: str, yes: bool, **values: Any) -> None:
     if not total:
         console.print("no dead letters match")
         return
+    up_to_id = _newest(dead, chosen, include_replayed=True)  # not what arrives meanwhile
     if not yes:
         click.confirm(
             f"delete {total} dead letter{'s' * (total != 1)} for good?", abort=True, err=True
         )
     with _progress() as progress:
         task = progress.add_task("deleting", total=total)
-        deleted = dead.purge(**chosen, progress=lambda n: progress.advance(task, n))
+        deleted = dead.purge(
+            **chosen, progress=lambda n: progress.advance(task, n), up_to_id=up_to_id
+        )
     console.print(f"deleted {plural(deleted, 'dead letter')}")
 
 
@@ -294,6 +327,14 @@ def _summary(letter: DeadLetter) -> dict[str, Any]:
         "last_failed_at": letter.last_failed_at.isoformat(),
         "replayed_at": letter.replayed_at.isoformat() if letter.replayed_at else None,
     }
+
+
+def _target(letter: DeadLetter) -> str:
+    """consumer:handler, or the destination. The relay parks a retry it could not send with
+    the envelope's handler (already consumer:handler) and no consumer."""
+    if not letter.handler:
+        return letter.destination or ""
+    return f"{letter.consumer}:{letter.handler}" if letter.consumer else letter.handler
 
 
 def _shorten(text: str, width: int) -> str:

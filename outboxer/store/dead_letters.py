@@ -1,4 +1,5 @@
-"""SQL on ``outboxer_dead_letter``: park, list, fetch, replay bookkeeping, delete, purge.
+"""SQL on ``outboxer_dead_letter``: park, list, fetch, delete, purge (the replay's own
+bookkeeping is in :mod:`outboxer.store.dead_letter_replay`).
 
 Every function runs in the caller's transaction.
 """
@@ -12,15 +13,17 @@ from datetime import datetime, timezone
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import bindparam, delete, func, insert, select, update
+from sqlalchemy import bindparam, delete, func, insert, select
 from sqlalchemy.engine import Connection, RowMapping
 from sqlalchemy.sql.elements import ColumnElement
 
 from ..message import CONTENT_TYPE_JSON, Envelope
 from ..tables import UTCDateTime, dead_letter
 from .clock import db_now, db_now_plus
+from .relay import MALFORMED_HEADERS
 
 __all__ = [
+    "MAX_ID",
     "DeadLetter",
     "count_matching",
     "DeadLetterFilter",
@@ -30,12 +33,15 @@ __all__ = [
     "get_dead_letter",
     "insert_dead_letters",
     "list_dead_letters",
-    "mark_replayed",
     "prune_dead_letters",
     "quarantine",
 ]
 
 ORIGINS = ("relay", "handler", "consumer")
+MAX_ID = 2**63 - 1
+"""The largest id a dead letter can have (BIGINT; SQLite's INTEGER). The databases refuse
+to compare an id with a larger number ("bigint out of range"), so an id beyond it is looked
+for nowhere: no letter has it."""
 
 
 @dataclass(frozen=True)
@@ -125,7 +131,9 @@ class DeadLetterFilter:
             (c.error_type, self.error_type),
         ):
             if value is not None:
-                where.append(column == value)
+                # As the value was stored (NUL and lone surrogates replaced, cut to the
+                # column): it then matches, and no driver refuses it.
+                where.append(column == _text(value, _length(column.name)))
         if self.since is not None:
             where.append(c.last_failed_at >= bindparam("since", self.since, type_=UTCDateTime()))
         if self.until is not None:
@@ -290,7 +298,7 @@ def list_dead_letters(
 ) -> list[DeadLetter]:
     """Newest first; pass the last id seen as ``before_id`` for the next page."""
     conditions = where.conditions()
-    if before_id is not None:
+    if before_id is not None and before_id <= MAX_ID:  # every id is below a larger one
         conditions.append(dead_letter.c.id < before_id)
     rows = connection.execute(
         select(dead_letter).where(*conditions).order_by(dead_letter.c.id.desc()).limit(limit)
@@ -303,9 +311,12 @@ def get_dead_letter(
 ) -> DeadLetter | None:
     """The dead letter ``dead_letter_id``, in the caller's transaction.
 
-    ``for_update`` locks it (PostgreSQL, MariaDB) so two replays of one letter cannot
-    both happen.
+    ``for_update`` locks it (PostgreSQL, MariaDB): a second replay of the letter waits,
+    then finds it gone or replayed (SQLite takes no lock here: see
+    :func:`outboxer.store.dead_letter_replay.claim_for_replay`).
     """
+    if not -MAX_ID <= dead_letter_id <= MAX_ID:
+        return None
     query = select(dead_letter).where(dead_letter.c.id == dead_letter_id)
     if for_update and connection.dialect.name != "sqlite":
         query = query.with_for_update()
@@ -321,32 +332,9 @@ def count_matching(connection: Connection, where: DeadLetterFilter) -> int:
     )
 
 
-def ids_matching(
-    connection: Connection, where: DeadLetterFilter, *, after_id: int, limit: int
-) -> list[int]:
-    """Ids in ascending order after ``after_id``: for walking a filter in small batches."""
-    return list(
-        connection.execute(
-            select(dead_letter.c.id)
-            .where(*where.conditions(), dead_letter.c.id > after_id)
-            .order_by(dead_letter.c.id)
-            .limit(limit)
-        ).scalars()
-    )
-
-
-def mark_replayed(connection: Connection, ids: Sequence[int]) -> None:
-    """Keep the rows as history, hidden from default lists (caller's transaction)."""
-    connection.execute(
-        update(dead_letter)
-        .where(dead_letter.c.id.in_(bindparam("ids", expanding=True)))
-        .values(replayed_at=db_now(connection.dialect)),
-        {"ids": list(ids)},
-    )
-
-
 def delete_dead_letters(connection: Connection, ids: Sequence[int]) -> int:
     """Delete these dead letters (caller's transaction); returns how many existed."""
+    ids = [i for i in ids if -MAX_ID <= i <= MAX_ID]
     if not ids:
         return 0
     result = connection.execute(
@@ -392,7 +380,7 @@ def _read(row: RowMapping) -> DeadLetter:
         consumer=row["consumer"],
         handler=row["handler"],
         payload=bytes(row["payload"]),
-        headers=json.loads(row["headers"]) if row["headers"] else {},
+        headers=_stored_headers(row["headers"]),
         content_type=row["content_type"] or CONTENT_TYPE_JSON,
         correlation_id=row["correlation_id"],
         causation_id=row["causation_id"],
@@ -407,3 +395,18 @@ def _read(row: RowMapping) -> DeadLetter:
         last_failed_at=row["last_failed_at"],
         replayed_at=row["replayed_at"],
     )
+
+
+def _stored_headers(text: str | None) -> dict[str, str]:
+    """The headers as stored; text that is not a JSON object of names to text (a row
+    edited by hand) is kept whole as the header ``outboxer-malformed-headers``, as the
+    relay keeps a malformed outbox row's: the letter is listed and shown, not replayed."""
+    if not text:
+        return {}
+    try:
+        decoded = json.loads(text)
+    except (ValueError, RecursionError):
+        decoded = None
+    if isinstance(decoded, dict) and all(isinstance(v, str) for v in decoded.values()):
+        return decoded
+    return {MALFORMED_HEADERS: text}

@@ -14,7 +14,8 @@ history. Two ways to run them:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import logging
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from alembic.operations import Operations
 from alembic.runtime.environment import EnvironmentContext
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection, Engine
 
 from .errors import ConfigurationError
@@ -46,6 +47,15 @@ __all__ = [
 
 VERSION_TABLE = "outboxer_alembic_version"
 """Where outboxer records its migration revision (never the application's table)."""
+
+MIGRATION_LOCK = 0x6F7574626F786572  # "outboxer": PostgreSQL's advisory lock key, per database
+"""Deploys that upgrade one database at the same moment take turns on this lock: the
+others wait, then find the newest revision (PostgreSQL: an advisory lock held until the
+migrations' transaction ends; MariaDB/MySQL: ``GET_LOCK`` named after the database)."""
+MIGRATION_LOCK_WAIT = 86400
+"""Seconds MariaDB/MySQL waits for another deploy's migrations (a day: as long as they take)."""
+
+log = logging.getLogger(__name__)
 
 
 def migrations_dir() -> Path:
@@ -87,16 +97,40 @@ def current(bind: Engine | Connection) -> str | None:
     """The revision the database is at (None: outboxer's migrations never ran)."""
     with _connection(bind) as connection:
         context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
-        return context.get_current_revision()
+        return _revision(context)
 
 
-def upgrade(bind: Engine | Connection, revision: str = "head") -> str | None:
+def _revision(context: MigrationContext) -> str | None:
+    """The one revision in the version table (None: empty or missing); ConfigurationError
+    when it holds several (a stamp run by hand), naming them."""
+    heads = context.get_current_heads()
+    if len(heads) > 1:
+        found = ", ".join(sorted(heads))
+        raise ConfigurationError(
+            f"{VERSION_TABLE} holds several revisions ({found}), where outboxer's "
+            f"migrations record one: keep the row of the revision the tables are at "
+            f"(usually the newest, {max(heads)}) and delete the others"
+        )
+    return heads[0] if heads else None
+
+
+def upgrade(
+    bind: Engine | Connection,
+    revision: str = "head",
+    *,
+    check: Callable[[Connection, str | None], None] | None = None,
+) -> str | None:
     """Upgrade the outboxer tables to ``revision``; returns the revision reached.
 
     With an Engine, or a Connection with no transaction in progress, outboxer commits.
     With a Connection inside a transaction, it runs in that transaction and the caller
     commits. From an application's Alembic ``env.py``, call it after the
     ``with context.begin_transaction(): context.run_migrations()`` block.
+
+    Processes that upgrade one database at once take turns (:data:`MIGRATION_LOCK`): the
+    later ones wait, then start from the revision the first reached. ``check`` is called
+    with the connection and that revision, in its turn, before any migration runs (raise
+    to refuse the database).
     """
     script = script_directory()
 
@@ -111,9 +145,58 @@ def upgrade(bind: Engine | Connection, revision: str = "head") -> str | None:
         # Alembic's own transaction rules: one transaction where DDL is transactional
         # (PostgreSQL, SQLite under Alembic's control), a commit per migration where it is
         # not (MariaDB), and nothing of its own inside a transaction the caller began.
-        with Operations.context(context), context.begin_transaction():
+        with (
+            Operations.context(context),
+            context.begin_transaction(),
+            _migration_lock(connection),
+        ):
+            before = _revision(context)
+            if check is not None:
+                check(connection, before)
             context.run_migrations()
         return context.get_current_revision()
+
+
+@contextmanager
+def _migration_lock(connection: Connection) -> Iterator[None]:
+    """Hold :data:`MIGRATION_LOCK` on ``connection``'s database while the block runs.
+
+    PostgreSQL: a transaction-level advisory lock, so that it is held until the migrations
+    are committed (by outboxer, or by the caller whose transaction they ran in). MariaDB and
+    MySQL, whose DDL commits as it goes: a named lock of the session, released at the end.
+    SQLite: none (one process in development)."""
+    dialect = connection.dialect.name
+    if dialect == "postgresql":
+        key = {"key": MIGRATION_LOCK}
+        if not connection.execute(text("SELECT pg_try_advisory_xact_lock(:key)"), key).scalar():
+            log.info("another process is upgrading the outboxer tables: waiting for it")
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), key)
+        yield
+        return
+    if dialect not in ("mysql", "mariadb"):
+        yield
+        return
+    name = "CONCAT('outboxer_migrations_', SHA1(COALESCE(DATABASE(), '')))"
+    if connection.execute(text(f"SELECT GET_LOCK({name}, 0)")).scalar() != 1:
+        log.info("another process is upgrading the outboxer tables: waiting for it")
+        got = connection.execute(
+            text(f"SELECT GET_LOCK({name}, :wait)"), {"wait": MIGRATION_LOCK_WAIT}
+        ).scalar()
+        if got != 1:
+            raise ConfigurationError(
+                f"another process has been upgrading the outboxer tables for "
+                f"{MIGRATION_LOCK_WAIT} s (holding their GET_LOCK): end it, then run "
+                "`outboxer db upgrade` again"
+            )
+    try:
+        yield
+    except BaseException:
+        try:  # the failure propagates; a connection too broken to unlock has lost the lock
+            connection.execute(text(f"SELECT RELEASE_LOCK({name})"))
+        except Exception:
+            log.debug("could not release the migration lock", exc_info=True)
+        raise
+    connection.execute(text(f"SELECT RELEASE_LOCK({name})"))
 
 
 def differences(bind: Engine | Connection) -> list[str]:

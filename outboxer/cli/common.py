@@ -129,12 +129,15 @@ def failure(exc: BaseException) -> str:
 
 def make_engine(url: str, factory: Callable[..., Engine] = create_engine, **kwargs: Any) -> Engine:
     """An engine for ``url``, or :class:`~outboxer.errors.InvalidURL` naming what is wrong
-    with it (the URL masked).
+    with it (the URL masked). Whitespace around it is dropped; an asyncio driver
+    (``postgresql+psycopg_async``, ``+asyncpg``, ``sqlite+aiosqlite``, ``mysql+asyncmy``,
+    ``+aiomysql``) is replaced by the database's synchronous one (psycopg, sqlite3, PyMySQL).
 
     Its errors never carry bound parameters (``hide_parameters``): row values would
     otherwise reach logs and dead letters.
     """
     kwargs.setdefault("hide_parameters", True)
+    url = url.strip()  # a secret file's trailing newline, a pasted space: never part of a URL
     try:
         parsed = make_url(url)
     except Exception as exc:  # ArgumentError, ValueError on a bad port...
@@ -150,6 +153,11 @@ def make_engine(url: str, factory: Callable[..., Engine] = create_engine, **kwar
             f"invalid database URL {mask_url(url)}: percent-encode '@' in the user name and "
             "password (%40)"
         )
+    sync = _SYNC_DRIVERS.get(parsed.get_driver_name())
+    if sync is not None:
+        # An asyncio application's URL, reused: the commands are synchronous, so they take
+        # the same database through its synchronous driver.
+        parsed = parsed.set(drivername=f"{parsed.get_backend_name()}+{sync}")
     try:
         return factory(parsed.render_as_string(hide_password=False), **kwargs)
     except Exception as exc:  # missing driver, bad option: say which
@@ -157,6 +165,16 @@ def make_engine(url: str, factory: Callable[..., Engine] = create_engine, **kwar
         if parsed.password:
             reason = reason.replace(str(parsed.password), "***")
         raise InvalidURL(f"cannot use {mask_url(url)}: {reason}") from exc
+
+
+_SYNC_DRIVERS = {
+    "psycopg_async": "psycopg",
+    "asyncpg": "psycopg",
+    "aiosqlite": "pysqlite",
+    "asyncmy": "pymysql",
+    "aiomysql": "pymysql",
+}
+"""The synchronous driver the commands use for a URL naming an asyncio one."""
 
 
 def safe_url(url: str) -> str:

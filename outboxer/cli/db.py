@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import click
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 
 from .. import schema
 from ..errors import ConfigurationError
-from .common import console, db_option, make_engine, option, safe_url
+from .common import console, db_option, failure, make_engine, option, safe_url
 
 CREATE_ALL_FIX = (
     "they have no migration history, so `outboxer db upgrade` cannot upgrade them: run "
     "`outboxer db adopt` to put them under the migrations (docs/migrations.md)"
 )
+
+
+def _revisions_for_help() -> str:
+    try:
+        return "one of " + ", ".join(schema.revisions())
+    except ConfigurationError:  # the scripts are missing: `db upgrade` itself says so
+        return "one of the revisions this outboxer ships"
+
+
+_REVISIONS = _revisions_for_help()
 
 
 @click.group()
@@ -22,7 +33,7 @@ def db() -> None:
 
 @db.command()
 @db_option()
-@option("--revision", default="head", help="Revision to upgrade to (head, or one of --help's).")
+@option("--revision", default="head", help=f"Revision to upgrade to: head, or {_REVISIONS}.")
 def upgrade(db_url: str, revision: str) -> None:
     """Upgrade the outboxer tables to the newest revision (a no-op when up to date)."""
     known = schema.revisions()
@@ -33,8 +44,12 @@ def upgrade(db_url: str, revision: str) -> None:
             param_hint="--revision",
         )
     engine = make_engine(db_url)
-    try:
-        before = _usable_revision(engine, db_url, known)
+    found: list[str | None] = []
+
+    def usable(connection: Connection, before: str | None) -> None:
+        # In the migrations' turn (schema.upgrade): a deploy that waited for another one
+        # judges the revision that one reached, not the tables it saw half made.
+        _check_usable(connection, before, db_url, known)
         if (
             before is not None
             and revision != "head"
@@ -44,20 +59,87 @@ def upgrade(db_url: str, revision: str) -> None:
                 f"{safe_url(db_url)} is at revision {before}, past {revision}: outboxer db "
                 "upgrade never downgrades"
             )
-        after = schema.upgrade(engine, revision)
+        found.append(before)
+
+    try:
+        after = schema.upgrade(engine, revision, check=usable)
+    except ConfigurationError as exc:  # what the database holds stops the migrations
+        raise click.ClickException(f"{safe_url(db_url)}: {exc}") from exc
+    except DBAPIError as exc:
+        refusal = _refusal(exc, db_url, "upgrade")
+        if refusal is None:
+            raise
+        raise refusal from exc
     finally:
         engine.dispose()
+    before = found[0]
     if before == after:
         console.print(f"{safe_url(db_url)}: already at revision {after}")
     else:
         console.print(f"{safe_url(db_url)}: upgraded from {before or 'empty'} to {after}")
 
 
-def _usable_revision(engine: Engine, db_url: str, known: list[str]) -> str | None:
-    """The database's revision, when the migrations can start from it; otherwise a
-    ClickException naming the fix (tables made by create_all, a newer release's revision)."""
-    before = schema.current(engine)
-    if before is None and schema.tables_present(engine):
+def _refusal(exc: DBAPIError, db_url: str, command: str) -> Exception | None:
+    """The one line for a database that would not let ``outboxer db COMMAND`` write: a
+    read-only one or a search_path to no schema (exit 3: the URL to fix), or a wait its
+    timeout cut short (exit 1)."""
+    if _read_only(exc):  # shell prints a ConfigurationError in one line, exit 3
+        return ConfigurationError(
+            f"{safe_url(db_url)} is read-only ({failure(exc.orig or exc)}): a replica or a reader "
+            "endpoint, or a read-only session default; point --db / OUTBOXER_DB at the "
+            "primary (writer) database"
+        )
+    if getattr(exc.orig, "sqlstate", None) == "3F000":  # PostgreSQL invalid_schema_name
+        return ConfigurationError(
+            f"{safe_url(db_url)}: no schema to create the outboxer tables in (the "
+            "search_path names none that exists): CREATE SCHEMA the one it names, or fix "
+            "the search_path in --db / OUTBOXER_DB"
+        )
+    setting = _timeout_setting(exc)
+    if setting is None:
+        return None
+    return click.ClickException(
+        f"{safe_url(db_url)}: outboxer db {command} waited longer than the database's "
+        f"{setting} allows ({failure(exc.orig or exc)}): another deploy may be upgrading it, or a "
+        f"long transaction holds the outboxer tables. Run `outboxer db {command}` again once "
+        f"it ends, or give this user a longer {setting}"
+    )
+
+
+def _errno(exc: DBAPIError) -> int | None:
+    """MariaDB/MySQL's error number (PyMySQL, asyncmy: the first argument)."""
+    args = getattr(exc.orig, "args", ())
+    return args[0] if args and isinstance(args[0], int) else None
+
+
+def _read_only(exc: DBAPIError) -> bool:
+    """Whether the database refused to write: a read-only session, replica or server."""
+    if getattr(exc.orig, "sqlstate", None) == "25006":  # PostgreSQL read_only_sql_transaction
+        return True
+    # MariaDB/MySQL: a READ ONLY transaction (1792); a server started --read-only (1290)
+    errno = _errno(exc)
+    return errno == 1792 or (errno == 1290 and "read-only" in str(exc.orig).lower())
+
+
+def _timeout_setting(exc: DBAPIError) -> str | None:
+    """The database setting that cut a wait short, when ``exc`` is such a timeout."""
+    sqlstate = getattr(exc.orig, "sqlstate", None)  # psycopg
+    if sqlstate in ("55P03", "57014"):
+        return "lock_timeout" if sqlstate == "55P03" else "statement_timeout"
+    errno = _errno(exc)
+    if errno == 1205:  # MariaDB/MySQL: a row or metadata lock waited too long
+        return "lock_wait_timeout (innodb_lock_wait_timeout)"
+    if errno in (1969, 3024):  # MariaDB's max_statement_time, MySQL's max_execution_time
+        return "max_statement_time" if errno == 1969 else "max_execution_time"
+    return None
+
+
+def _check_usable(
+    connection: Connection, before: str | None, db_url: str, known: list[str]
+) -> None:
+    """A ClickException naming the fix when the migrations cannot start from the database's
+    revision ``before`` (tables made by create_all, a newer release's revision)."""
+    if before is None and schema.tables_present(connection):
         raise click.ClickException(
             f"the outboxer tables of {safe_url(db_url)} were made by outboxer.create_all: "
             + CREATE_ALL_FIX
@@ -67,7 +149,6 @@ def _usable_revision(engine: Engine, db_url: str, known: list[str]) -> str | Non
             f"{safe_url(db_url)} is at revision {before}, newer than this outboxer knows "
             f"(its newest is {known[-1]}): run the outboxer release that upgraded it"
         )
-    return before
 
 
 @db.command()
@@ -78,6 +159,8 @@ def current(db_url: str) -> None:
     try:
         revision = schema.current(engine)
         tables = schema.tables_present(engine) if revision is None else []
+    except ConfigurationError as exc:
+        raise click.ClickException(f"{safe_url(db_url)}: {exc}") from exc
     finally:
         engine.dispose()
     known = schema.revisions()
@@ -111,6 +194,11 @@ def adopt(db_url: str) -> None:
         revision = schema.adopt(engine)
     except ConfigurationError as exc:
         raise click.ClickException(f"{safe_url(db_url)}: {exc}") from exc
+    except DBAPIError as exc:
+        refusal = _refusal(exc, db_url, "adopt")
+        if refusal is None:
+            raise
+        raise refusal from exc
     finally:
         engine.dispose()
     console.print(f"{safe_url(db_url)}: adopted at revision {revision}")

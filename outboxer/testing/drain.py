@@ -57,8 +57,9 @@ def drain(
     """Relay once, run each consumer once, until a round moves nothing; returns the totals.
 
     Each consumer's queue is declared first, so the relay's sends reach it. Messages held
-    back by a delay (delayed retries included) stay in the outbox: give retries in tests
-    ``initial_delay=0``, or rely on ``fail_fast``. ``idle_timeout`` is how long a consumer
+    back by a delay (delayed retries included) stay in the outbox: in tests, give
+    consumers ``Retry(max_attempts=1)`` (a failure goes straight to the dead-letter
+    table), or rely on ``fail_fast``. ``idle_timeout`` is how long a consumer
     waits for a message before its round ends: 0.01 s on the in-memory broker (delivery
     is immediate), 1 s on a network broker. Sync consumers only; see :func:`drain_async`.
     """

@@ -223,8 +223,9 @@ def relay_engine(url: str, *, network_timeout: float = 30.0, **kwargs: Any) -> E
     ``tcp_user_timeout`` and (unless the URL sets one) ``connect_timeout`` on PostgreSQL,
     socket read and write timeouts on MariaDB/MySQL (PyMySQL, whose connect timeout is 10
     s). The call then fails, and the relay treats it as database trouble and
-    reconnects. ``kwargs`` go to :func:`sqlalchemy.create_engine`; ``connect_args`` given
-    there win.
+    reconnects. What the URL sets wins over these (its ``options``, a search_path say,
+    are kept beside ``synchronous_commit=off``), and so do ``connect_args`` given in
+    ``kwargs``, which go to :func:`sqlalchemy.create_engine`.
     """
     parsed = make_url(url)
     backend, driver = parsed.get_backend_name(), parsed.get_driver_name()
@@ -244,9 +245,18 @@ def relay_engine(url: str, *, network_timeout: float = 30.0, **kwargs: Any) -> E
             connect_args["connect_timeout"] = seconds
     elif backend in ("mysql", "mariadb") and driver == "pymysql":
         connect_args = {"read_timeout": seconds, "write_timeout": seconds}
+    # The URL's settings and ``connect_args`` given here are the operator's: they win. Its
+    # libpq ``options`` (search_path, statement_timeout...) go after the relay's own
+    # ``-c`` settings, so a setting given twice is the operator's (the last one counts).
+    for name, value in parsed.query.items():
+        if name == "options" and "options" in connect_args:
+            url_options = value if isinstance(value, str) else " ".join(value)
+            connect_args["options"] = f"{connect_args['options']} {url_options}"
+        else:
+            connect_args.pop(name, None)
     given = dict(kwargs.pop("connect_args", {}))
     if "options" in given and "options" in connect_args:
-        given["options"] = f"{given['options']} {connect_args['options']}"
+        given["options"] = f"{connect_args['options']} {given['options']}"
     connect_args.update(given)
     if connect_args:
         kwargs["connect_args"] = connect_args

@@ -59,6 +59,11 @@ _NOT_NOW_WORDS = re.compile(
     r"offline mode",
     re.IGNORECASE,
 )
+# A database that refuses writes: PostgreSQL's read_only_sql_transaction; MariaDB/MySQL's
+# READ ONLY transaction (1792) and --read-only server (1290, whose number has other uses).
+_PG_READ_ONLY = "25006"
+_MY_READ_ONLY = 1792
+_READ_ONLY_WORDS = re.compile(r"--read-only option|read-only transaction", re.IGNORECASE)
 # PostgreSQL refusing this user or client host (at start-up, where libpq keeps no SQLSTATE).
 _REFUSED_LOGIN = re.compile(
     r"no pg_hba\.conf entry|is not permitted to log in|permission denied for database",
@@ -143,6 +148,17 @@ def diagnose(
     return None
 
 
+def _refuses_writes(error: BaseException) -> bool:
+    """Whether ``error`` is a database refusing to write: a replica or reader endpoint, a
+    read-only session or server."""
+    code = error.args[0] if error.args and isinstance(error.args[0], int) else None
+    return (
+        getattr(error, "sqlstate", None) == _PG_READ_ONLY
+        or code == _MY_READ_ONLY
+        or bool(_READ_ONLY_WORDS.search(str(error)))
+    )
+
+
 def _from_database(error: BaseException) -> bool:
     module = type(error).__module__
     return module.split(".")[0] in _DRIVERS
@@ -194,6 +210,14 @@ def _database(error: BaseException, url: str | None) -> OperatorError | None:
             f"the database at {where} refuses this user or client host ({_detail(text)}): "
             "allow them (pg_hba.conf, LOGIN, GRANT CONNECT), or use another user in --db / "
             "OUTBOXER_DB"
+        )
+    if _refuses_writes(error):
+        # Waitable: a relay left on a failed-over primary, or on an endpoint that moves
+        # back, goes on once it takes writes again.
+        return DatabaseUnavailable(
+            f"the database at {where} is read-only ({_detail(text)}): a replica or reader "
+            "endpoint, or read-only sessions; point --db / OUTBOXER_DB at the primary "
+            "(writer) database"
         )
     if sqlstate in _PG_NOT_NOW or code in _MY_NOT_NOW or _NOT_NOW_WORDS.search(text):
         return DatabaseUnavailable(

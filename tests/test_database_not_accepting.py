@@ -181,3 +181,43 @@ def test_a_start_up_check_that_gets_no_answer_says_so_and_names_the_fix(
     line = record.getMessage()
     assert "no answer" in line and "connect_timeout" in line, line
     assert "\n" not in line
+
+
+READ_ONLY = {
+    "postgresql": "options=-cdefault_transaction_read_only%3Don",
+    "mariadb": "init_command=SET%20SESSION%20TRANSACTION%20READ%20ONLY",
+}
+
+
+@pytest.mark.parametrize("kind", ["postgresql", "mariadb"])
+def test_a_read_only_database_is_one_line_naming_the_primary(kind: str) -> None:
+    """A replica, a reader endpoint, or read-only sessions (a failed-over primary): the relay's
+    first write failed with a traceback and exit 1 (`--once`), and a running relay logged
+    "database trouble" without saying what to do."""
+    from .services import SERVERS
+
+    server = SERVERS[kind]
+    require(kind, server.available, server.admin_url)
+    url = server.create_database("outboxer_ro")
+    try:
+        assert as_process("db", "upgrade", env={"OUTBOXER_DB": url}).returncode == 0
+        read_only = f"{url}?{READ_ONLY[kind]}"
+        env = {"OUTBOXER_DB": read_only, "OUTBOXER_BROKER": "memory://"}
+        result = as_process("relay", "--once", env=env)
+        assert result.returncode == 4, result.stderr
+        line = one_error_line(result)
+        assert "read-only" in line and "primary" in line, line
+    finally:
+        server.drop_database(url)
+
+
+def test_a_running_relay_on_a_read_only_database_says_what_to_do(pg_url: str) -> None:
+    assert as_process("db", "upgrade", env={"OUTBOXER_DB": pg_url}).returncode == 0
+    relay = start_relay(f"{pg_url}?{READ_ONLY['postgresql']}", "memory://")
+    try:
+        wait_for(lambda: "read-only" in output(relay), 30, "the relay's warning")
+    finally:
+        log = stop(relay)
+    warning = next(line for line in log.splitlines() if "read-only" in line)
+    assert "WARNING" in warning and "primary" in warning, warning
+    assert "Traceback" not in log, log

@@ -398,7 +398,8 @@ def test_db_commands_on_a_read_only_database_name_it_in_one_line(
     server_db: str, command: str
 ) -> None:
     """The first deploy points OUTBOXER_DB at a replica or a reader endpoint (read-only
-    sessions): one line saying so and naming the variable to fix, exit 3 (configuration)."""
+    sessions): one line saying so and naming the variable to fix, exit 4 (the database's
+    code: every command says the same, outboxer.diagnosis)."""
     kind = "postgresql" if server_db.startswith("postgresql") else "mariadb"
     if command == "adopt":
         engine = create_engine(server_db)
@@ -410,7 +411,7 @@ def test_db_commands_on_a_read_only_database_name_it_in_one_line(
         env={"OUTBOXER_DB": server_db + READ_ONLY[kind], "COLUMNS": "200"},
     )
     assert isinstance(result.exception, SystemExit), result.exception
-    assert result.exit_code == 3, result.output
+    assert result.exit_code == 4, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
     assert len(errors) == 1, result.output
     assert "read-only" in errors[0] and "OUTBOXER_DB" in errors[0], errors[0]

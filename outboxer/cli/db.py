@@ -81,14 +81,8 @@ def upgrade(db_url: str, revision: str) -> None:
 
 def _refusal(exc: DBAPIError, db_url: str, command: str) -> Exception | None:
     """The one line for a database that would not let ``outboxer db COMMAND`` write: a
-    read-only one or a search_path to no schema (exit 3: the URL to fix), or a wait its
-    timeout cut short (exit 1)."""
-    if _read_only(exc):  # shell prints a ConfigurationError in one line, exit 3
-        return ConfigurationError(
-            f"{safe_url(db_url)} is read-only ({failure(exc.orig or exc)}): a replica or a reader "
-            "endpoint, or a read-only session default; point --db / OUTBOXER_DB at the "
-            "primary (writer) database"
-        )
+    search_path to no schema (exit 3: the URL to fix), or a wait its timeout cut short
+    (exit 1). A read-only database is :mod:`outboxer.diagnosis`'s, as for every command."""
     if getattr(exc.orig, "sqlstate", None) == "3F000":  # PostgreSQL invalid_schema_name
         return ConfigurationError(
             f"{safe_url(db_url)}: no schema to create the outboxer tables in (the "
@@ -110,15 +104,6 @@ def _errno(exc: DBAPIError) -> int | None:
     """MariaDB/MySQL's error number (PyMySQL, asyncmy: the first argument)."""
     args = getattr(exc.orig, "args", ())
     return args[0] if args and isinstance(args[0], int) else None
-
-
-def _read_only(exc: DBAPIError) -> bool:
-    """Whether the database refused to write: a read-only session, replica or server."""
-    if getattr(exc.orig, "sqlstate", None) == "25006":  # PostgreSQL read_only_sql_transaction
-        return True
-    # MariaDB/MySQL: a READ ONLY transaction (1792); a server started --read-only (1290)
-    errno = _errno(exc)
-    return errno == 1792 or (errno == 1290 and "read-only" in str(exc.orig).lower())
 
 
 def _timeout_setting(exc: DBAPIError) -> str | None:

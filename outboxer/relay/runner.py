@@ -352,7 +352,8 @@ class Run:
             raise diagnosis from exc  # waiting would not bring the tables
         if self.once:
             raise exc
-        self._wait(self.outage.failed(exc, self.relay.name))
+        # What the operator can do about it, when known (a read-only database: the primary).
+        self._wait(self.outage.failed(diagnosis or exc, self.relay.name))
 
     def _result(self, future: Future[T]) -> T:
         return self.db.result(future, self.relay._stop)

@@ -38,6 +38,7 @@ from .store import dead_letter_replay as replay_store
 from .store import dead_letters as dead_letter_store
 from .store.dead_letters import DeadLetter, DeadLetterFilter
 from .store.relay import MALFORMED_HEADERS
+from .tables import outbox
 
 __all__ = ["DeadLetter", "DeadLetterFilter", "DeadLetters"]
 
@@ -219,13 +220,15 @@ class DeadLetters:
         since: datetime | None = None,
         until: datetime | None = None,
         include_replayed: bool = False,
+        up_to_id: int | None = None,
     ) -> int:
-        """How many dead letters match the filters (for progress bars and confirmations)."""
+        """How many dead letters match the filters, with ids up to ``up_to_id`` if given
+        (for progress bars and confirmations: give the ``up_to_id`` the bulk call gets)."""
         where = DeadLetterFilter(
             origin, consumer, handler, message_type, error_type, since, until, include_replayed
         )
         with self._transaction() as connection:
-            return dead_letter_store.count_matching(connection, where)
+            return dead_letter_store.count_matching(connection, where, up_to_id=up_to_id)
 
     # -----------------------------------------------------------------------------------
 
@@ -317,6 +320,14 @@ def replay_envelope(letter: DeadLetter) -> Envelope:
         destination, handler = letter.destination or "", letter.handler
     if not destination:
         raise OutboxerError(f"dead letter {letter.id} has no destination to replay to")
+    if handler is not None and len(handler) > _HANDLER_LENGTH:
+        raise OutboxerError(
+            f"dead letter {letter.id} cannot be replayed: it goes to handler "
+            f"{handler[:60]!r}... ({len(handler)} characters, more than the {_HANDLER_LENGTH} "
+            "an outbox row and every consumer take; were its consumer or handler columns "
+            "edited?); set them back (UPDATE outboxer_dead_letter SET consumer = ..., "
+            f"handler = ... WHERE id = {letter.id}), or delete it"
+        )
     headers = {k: v for k, v in letter.headers.items() if k != FIRST_FAILED_AT}
     if letter.origin == "consumer":
         # The raw header map as delivered: keep only the application's headers.
@@ -337,6 +348,10 @@ def replay_envelope(letter: DeadLetter) -> Envelope:
         handler=handler,
         attempt=1,
     )
+
+
+_HANDLER_LENGTH: int = getattr(outbox.c.target_handler.type, "length", None) or 255
+"""The longest consumer:handler a replay can address (the outbox column)."""
 
 
 def _check_headers(letter: DeadLetter) -> None:

@@ -187,13 +187,13 @@ def replay_all(db_url: str, keep: bool, yes: bool, **values: Any) -> None:
     """
     dead = _dead_letters(db_url)
     chosen = _filters(**values)
-    total = dead.matching(**chosen)
+    # What matches now, and nothing newer: the replays that fail again while this runs,
+    # or letters written after the count, wait for the next replay-all.
+    up_to_id = _newest(dead, chosen, include_replayed=False)
+    total = dead.matching(**chosen, up_to_id=up_to_id) if up_to_id else 0
     if not total:
         console.print("no dead letters match")
         return
-    # What matches now, and nothing newer: the replays that fail again while this runs,
-    # or letters written after the confirmation, wait for the next replay-all.
-    up_to_id = _newest(dead, chosen, include_replayed=False)
     if not yes:
         click.confirm(f"replay {total} dead letter{'s' * (total != 1)}?", abort=True, err=True)
     skipped: list[str] = []  # the first few reasons (memory stays bounded), and a count
@@ -254,11 +254,11 @@ def purge(db_url: str, yes: bool, **values: Any) -> None:
     """Delete every dead letter matching the filters (replayed history included)."""
     dead = _dead_letters(db_url)
     chosen = _filters(**values)
-    total = dead.matching(**chosen, include_replayed=True)
+    up_to_id = _newest(dead, chosen, include_replayed=True)  # not what arrives meanwhile
+    total = dead.matching(**chosen, include_replayed=True, up_to_id=up_to_id) if up_to_id else 0
     if not total:
         console.print("no dead letters match")
         return
-    up_to_id = _newest(dead, chosen, include_replayed=True)  # not what arrives meanwhile
     if not yes:
         click.confirm(
             f"delete {total} dead letter{'s' * (total != 1)} for good?", abort=True, err=True

@@ -298,6 +298,8 @@ def list_dead_letters(
 ) -> list[DeadLetter]:
     """Newest first; pass the last id seen as ``before_id`` for the next page."""
     conditions = where.conditions()
+    if before_id is not None and before_id < -MAX_ID:  # no id is below the column's least
+        return []
     if before_id is not None and before_id <= MAX_ID:  # every id is below a larger one
         conditions.append(dead_letter.c.id < before_id)
     rows = connection.execute(
@@ -324,10 +326,19 @@ def get_dead_letter(
     return None if row is None else _read(row)
 
 
-def count_matching(connection: Connection, where: DeadLetterFilter) -> int:
+def count_matching(
+    connection: Connection, where: DeadLetterFilter, *, up_to_id: int | None = None
+) -> int:
+    """How many dead letters match ``where`` (with ids up to ``up_to_id`` if given)."""
+    conditions = where.conditions()
+    if up_to_id is not None:
+        if up_to_id < -MAX_ID:
+            return 0
+        if up_to_id <= MAX_ID:
+            conditions.append(dead_letter.c.id <= up_to_id)
     return int(
         connection.execute(
-            select(func.count()).select_from(dead_letter).where(*where.conditions())
+            select(func.count()).select_from(dead_letter).where(*conditions)
         ).scalar_one()
     )
 

@@ -7,6 +7,7 @@ packed in ``outboxer-headers``.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -34,21 +35,40 @@ OWN_ATTRIBUTES = frozenset(
 
 _OWN_OVERHEAD = {name: len(name) + len("String") for name in OWN_ATTRIBUTES}
 
+SQS_REFUSES = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+"""A character SQS refuses in a message body or a String attribute value: it takes tab,
+newline, carriage return and the rest of Unicode from U+0020 on, except the surrogates
+and the noncharacters U+FFFE and U+FFFF (SNS passes both on to its SQS subscribers)."""
+
+_NONCHARACTER = re.compile("[\ufffe\uffff]")
+"""What SQS refuses and ``json.dumps`` leaves raw (it escapes the controls below U+0020)."""
+
+
+def _carried(value: str) -> bool:
+    """Whether SQS takes ``value`` as an attribute value as it is."""
+    if value.isascii() and value.isprintable():
+        return True
+    return SQS_REFUSES.search(value) is None
+
 
 def encode_attributes(
     headers: Mapping[str, str],
 ) -> tuple[dict[str, MessageAttributeValueTypeDef], int]:
     """SQS message attributes for a canonical header map, and their size as SQS counts it.
 
-    SQS counts each attribute's name, data type and value (UTF-8 bytes).
+    SQS counts each attribute's name, data type and value (UTF-8 bytes). A value SQS
+    refuses as it is (a control character in an older row's key, a noncharacter such as
+    U+FFFF, which ``publish()`` accepts) travels in the packed JSON object, escaped: every
+    reader takes a field from there when it has no attribute of its own.
     """
     attributes: dict[str, MessageAttributeValueTypeDef] = {}
     packed: dict[str, str] | None = None
     size = 0
     for name, value in headers.items():
         overhead = _OWN_OVERHEAD.get(name)
-        # SQS refuses empty attribute values: those travel in the packed object.
-        if overhead is not None and value:
+        # SQS refuses empty attribute values, and some characters: those travel in the
+        # packed object.
+        if overhead is not None and value and _carried(value):
             attributes[name] = {"DataType": "String", "StringValue": value}
             size += overhead + (len(value) if value.isascii() else len(value.encode()))
         elif packed is None:
@@ -57,6 +77,9 @@ def encode_attributes(
             packed[name] = value
     if packed is not None:
         text = json.dumps(packed, ensure_ascii=False, separators=(",", ":"))
+        if not text.isascii():
+            # Only inside JSON strings, where an escape reads back as the character.
+            text = _NONCHARACTER.sub(lambda found: f"\\u{ord(found.group()):04x}", text)
         attributes[PACKED_HEADERS] = {"DataType": "String", "StringValue": text}
         size += len(PACKED_HEADERS) + 6 + len(text.encode())
     return attributes, size

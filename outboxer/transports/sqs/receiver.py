@@ -105,6 +105,10 @@ class _SQSDelivery(Delivery):
         return True
 
 
+HELD_FOR_ZERO = 30
+"""Seconds a receive from a queue whose own visibility timeout is 0 asks for (SQS's
+default timeout); the consumer extends it while a handler runs."""
+
 _REPORT_EVERY = 60.0
 """Seconds between warnings about one queue's failed polls that were not raised."""
 
@@ -141,6 +145,9 @@ class _SQSReceiver(Receiver):
         self._queues = queues
         self._sources = sources
         self._visibility = visibility_timeout
+        self._held_for: dict[int, int] = {}
+        """Queues (by index) whose own visibility timeout is 0: their receives ask for
+        this many seconds instead (see :meth:`_shortest`)."""
         self.visibility_timeout = (
             float(visibility_timeout) if visibility_timeout is not None else self._shortest()
         )
@@ -161,16 +168,46 @@ class _SQSReceiver(Receiver):
 
     def _shortest(self) -> float | None:
         """The shortest visibility timeout of the queues (each queue's own setting, which
-        a receive without ``VisibilityTimeout`` gets); None if SQS did not say."""
+        a receive without ``VisibilityTimeout`` gets); None if SQS did not say.
+
+        A queue whose timeout is 0 hands a message out again at once, to every poll,
+        while the handler still runs (dozens of duplicates a second, and a redrive
+        policy's receive count spent in seconds): its receives ask for
+        :data:`HELD_FOR_ZERO` seconds instead, which the consumer extends, and one
+        warning names the fix."""
         found: list[float] = []
-        for name, url in self._queues:
+        for index, (name, url) in enumerate(self._queues):
             try:
                 attributes = self._client.get_queue_attributes(
                     QueueUrl=url, AttributeNames=["VisibilityTimeout"]
                 )["Attributes"]
-                found.append(float(attributes["VisibilityTimeout"]))
+                seconds = float(attributes["VisibilityTimeout"])
             except (ClientError, BotoCoreError, KeyError, ValueError) as exc:
-                log.debug("could not read the visibility timeout of SQS queue %r: %s", name, exc)
+                # Not knowing it, the consumer extends what it holds after its own
+                # extend_after: a queue whose timeout is shorter redelivers slow messages.
+                log.debug("reading the visibility timeout of %r failed", name, exc_info=True)
+                log.warning(
+                    "could not read the visibility timeout of SQS queue %r (%s): if it is "
+                    "shorter than twice the consumer's extend_after, a message whose handler "
+                    "runs longer is delivered again meanwhile; allow sqs:GetQueueAttributes, "
+                    "or pass visibility_timeout= to the transport",
+                    name,
+                    _one_line(exc),
+                )
+                continue
+            if seconds < 1:
+                self._held_for[index] = HELD_FOR_ZERO
+                seconds = HELD_FOR_ZERO
+                log.warning(
+                    "SQS queue %r has a visibility timeout of 0: it would hand each message "
+                    "out again while its handler runs; the consumer asks for %d s on each "
+                    "receive instead. Give the queue a visibility timeout (aws sqs "
+                    "set-queue-attributes --attributes VisibilityTimeout=30), or pass "
+                    "visibility_timeout= to the transport",
+                    name,
+                    HELD_FOR_ZERO,
+                )
+            found.append(seconds)
         return min(found, default=None)
 
     def _poll(self, index: int, max_messages: int, wait: int) -> list[Delivery]:
@@ -184,6 +221,8 @@ class _SQSReceiver(Receiver):
         }
         if self._visibility is not None:
             request["VisibilityTimeout"] = self._visibility
+        elif index in self._held_for:
+            request["VisibilityTimeout"] = self._held_for[index]
         try:
             response = self._client.receive_message(**request)
         except (ClientError, BotoCoreError) as exc:
@@ -275,6 +314,12 @@ class _SQSReceiver(Receiver):
             future.add_done_callback(_release_all)
         if self._pool is not None:
             self._pool.shutdown(wait=False)
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, ClientError):
+        return f"{error_code(exc) or 'ClientError'}: {_error_message(exc)}"[:300]
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
 
 
 def _mark_notification(delivery: _SQSDelivery, queue: str) -> None:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from ... import wire
 from ...message import Envelope
 from ..base import SendResult
-from .attributes import encode_attributes
+from .attributes import SQS_REFUSES, encode_attributes
 
 if TYPE_CHECKING:
     from mypy_boto3_sqs.type_defs import MessageAttributeValueTypeDef
@@ -35,8 +35,10 @@ class Encoded:
 
 def encode_message(envelope: Envelope, limit: int, service: str) -> Encoded | SendResult:
     """``envelope`` as ``service`` (``SQS``, ``SNS``) takes it, or why it cannot: a body
-    that is not UTF-8 text or is empty, a header that is not UTF-8 text (a lone
-    surrogate), or body and attributes over ``limit`` bytes."""
+    that is not UTF-8 text, is empty or holds a character SQS refuses (a control
+    character other than tab, newline and carriage return, U+FFFE, U+FFFF), a header
+    that is not UTF-8 text (a lone surrogate), or body and attributes over ``limit``
+    bytes."""
     try:
         body = envelope.payload.decode()
     except UnicodeDecodeError as exc:
@@ -47,6 +49,15 @@ def encode_message(envelope: Envelope, limit: int, service: str) -> Encoded | Se
     if not body:
         return SendResult.rejected(
             "invalid_body", f"{service} does not accept an empty message body"
+        )
+    refused = None if body.isascii() and body.isprintable() else SQS_REFUSES.search(body)
+    if refused is not None:
+        return SendResult.rejected(
+            "invalid_body",
+            f"{service} refuses the character U+{ord(refused.group()):04X} at position "
+            f"{refused.start()} of this message body (it takes tab, newline, carriage return "
+            "and text from U+0020 on, without U+FFFE and U+FFFF): leave it out of the "
+            "payload, or escape it (JSON: \\u escapes)",
         )
     headers = wire.encode_headers(envelope)
     try:

@@ -101,3 +101,28 @@ def test_a_row_with_a_header_value_that_is_not_text_does_not_hold_the_batch_on_a
     )
     assert sorted(p["n"] for p in payloads(target.collect(2))) == [1, 3]
     assert outbox_count(engine) == 0
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [("message_key", "a\tb"), ("message_type", "orders\nplaced"), ("correlation_id", "c\x1bd")],
+)
+@pytest.mark.parametrize("db_kind", ["postgresql", "mariadb", "sqlite"], indirect=True)
+def test_a_row_with_a_control_character_in_envelope_text_is_a_replayable_relay_dead_letter(
+    engine: Engine, column: str, value: str
+) -> None:
+    """A row an older outboxer (or other SQL) wrote with a control character in its key,
+    type or correlation id: every consumer dead-letters it as malformed_envelope, without
+    its message id, so that letter could never be replayed. The relay keeps it instead, as
+    a relay dead letter with its envelope."""
+    broker = MemoryBroker()
+    transport = MemoryTransport(broker)
+    transport.receiver(Subscription(queue="billing", bindings=[("orders", "#")]))
+    insert_row(engine, "k", **{column: value})
+    stats = outboxer.Relay(engine, transport).run(once=True)
+    assert (stats.sent, stats.dead_lettered) == (0, 1)
+    assert broker.published == []
+    [dead] = dead_letters(engine)
+    assert dead["error_type"] == "invalid_message"
+    assert dead["message_id"] is not None and dead[column] == value
+    assert "control character" in dead["error_message"]

@@ -17,7 +17,7 @@ from sqlalchemy.engine import Connection
 
 from ..message import Envelope
 from ..tables import outbox
-from ..wire import unencodable
+from ..wire import control_at, unencodable
 from .clock import db_now, db_now_plus
 
 __all__ = [
@@ -207,6 +207,14 @@ def claimed_from_row(row: Any, headers_seen: dict[str, Mapping[str, str]] | None
                 "its dead letter once the headers are fixed"
             )
             decoded_headers = {MALFORMED_HEADERS: headers}  # kept in the dead letter
+    if malformed is None and not (
+        message_type.isprintable()
+        and (key is None or key.isprintable())
+        and (correlation_id is None or correlation_id.isprintable())
+    ):  # printable text holds no control character: one C loop a field, as a rule
+        malformed = _control_in(row_id, message_type, key, correlation_id)
+        if malformed is not None:
+            malformed_type = "invalid_message"
     if occurred_at.tzinfo is not timezone.utc:  # rows straight from the driver (PostgreSQL)
         occurred_at = occurred_at.astimezone(timezone.utc)
     if first_failed_at is not None and first_failed_at.tzinfo is not timezone.utc:
@@ -233,6 +241,22 @@ def claimed_from_row(row: Any, headers_seen: dict[str, Mapping[str, str]] | None
 
 
 _new_envelope = object.__new__
+
+
+def _control_in(row_id: int, type_: str, key: str | None, correlation: str | None) -> str | None:
+    """Why the row cannot be sent, if its type, key or correlation id holds a control
+    character (an older outboxer's publish(), or other SQL): every consumer would
+    dead-letter it without its id, so the relay keeps it as a dead letter instead."""
+    for what, text in (("type", type_), ("key", key), ("correlation id", correlation)):
+        where = None if text is None else control_at(text)
+        if text is not None and where is not None:
+            return (
+                f"outbox row {row_id}: its {what} holds a control character "
+                f"(U+{ord(text[where]):04X} at position {where}), which every consumer "
+                "refuses; fix the row (or delete it), or fix the dead letter's column and "
+                "replay it"
+            )
+    return None
 
 
 class _NotText(ValueError):

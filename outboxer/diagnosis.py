@@ -148,14 +148,14 @@ def diagnose(
     return None
 
 
-def _refuses_writes(error: BaseException) -> bool:
-    """Whether ``error`` is a database refusing to write: a replica or reader endpoint, a
-    read-only session or server."""
+def _refuses_writes(error: BaseException, text: str) -> bool:
+    """Whether ``error`` (whose driver's message is ``text``) is a database refusing to
+    write: a replica or reader endpoint, a read-only session or server."""
     code = error.args[0] if error.args and isinstance(error.args[0], int) else None
     return (
         getattr(error, "sqlstate", None) == _PG_READ_ONLY
         or code == _MY_READ_ONLY
-        or bool(_READ_ONLY_WORDS.search(str(error)))
+        or bool(_READ_ONLY_WORDS.search(text))
     )
 
 
@@ -179,7 +179,10 @@ def _database(error: BaseException, url: str | None) -> OperatorError | None:
     where = _shown(url)
     sqlstate = getattr(error, "sqlstate", None)
     code = error.args[0] if error.args and isinstance(error.args[0], int) else None
-    text = str(error)
+    # SQLAlchemy's error shows the statement and its parameters (an application's engine
+    # may show row values): only the driver's own message says what the database meant.
+    orig = getattr(error, "orig", None)
+    text = str(orig if isinstance(orig, BaseException) else error)
     if type(error).__name__ == "ArgumentError" and "URL" in text:
         return InvalidURL(f"not a database URL: {where}; use dialect+driver://user@host/db")
     if sqlstate == _PG_NO_DATABASE or code == _MY_NO_DATABASE or _NO_DATABASE.search(text):
@@ -211,7 +214,7 @@ def _database(error: BaseException, url: str | None) -> OperatorError | None:
             "allow them (pg_hba.conf, LOGIN, GRANT CONNECT), or use another user in --db / "
             "OUTBOXER_DB"
         )
-    if _refuses_writes(error):
+    if _refuses_writes(error, text):
         # Waitable: a relay left on a failed-over primary, or on an endpoint that moves
         # back, goes on once it takes writes again.
         return DatabaseUnavailable(

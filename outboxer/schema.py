@@ -138,6 +138,8 @@ def upgrade(
         return script._upgrade_revs(revision, rev)
 
     with _connection(bind) as connection:
+        # A transaction the caller began (as Alembic decides below): its commit is theirs.
+        theirs = connection.in_transaction()
         context = MigrationContext.configure(
             connection,
             opts={"version_table": VERSION_TABLE, "target_metadata": metadata, "fn": steps},
@@ -148,7 +150,7 @@ def upgrade(
         with (
             Operations.context(context),
             context.begin_transaction(),
-            _migration_lock(connection),
+            _migration_lock(connection, theirs),
         ):
             before = _revision(context)
             if check is not None:
@@ -158,45 +160,70 @@ def upgrade(
 
 
 @contextmanager
-def _migration_lock(connection: Connection) -> Iterator[None]:
+def _migration_lock(connection: Connection, theirs: bool = False) -> Iterator[None]:
     """Hold :data:`MIGRATION_LOCK` on ``connection``'s database while the block runs.
 
-    PostgreSQL: a transaction-level advisory lock, so that it is held until the migrations
-    are committed (by outboxer, or by the caller whose transaction they ran in). MariaDB and
-    MySQL, whose DDL commits as it goes: a named lock of the session, released at the end.
-    SQLite: none (one process in development)."""
+    PostgreSQL: a transaction-level advisory lock, held until the migrations are committed
+    (by outboxer, or by the caller whose transaction they ran in: ``theirs``), which a
+    transaction pooler (PgBouncer) keeps on one server connection. In a transaction of
+    outboxer's own it is taken under READ COMMITTED, so that what the migrations read is
+    what the previous holder committed, even where the database defaults to repeatable
+    read or serializable (whose snapshot would predate that commit). An AUTOCOMMIT
+    connection has no transaction to hold it: there, a lock of the session, released at
+    the end. MariaDB and MySQL, whose DDL commits as it goes: a named lock of the session
+    (``GET_LOCK``), released at the end. SQLite: none (one process in development)."""
     dialect = connection.dialect.name
     if dialect == "postgresql":
-        key = {"key": MIGRATION_LOCK}
-        if not connection.execute(text("SELECT pg_try_advisory_xact_lock(:key)"), key).scalar():
-            log.info("another process is upgrading the outboxer tables: waiting for it")
-            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), key)
-        yield
-        return
-    if dialect not in ("mysql", "mariadb"):
-        yield
-        return
-    name = "CONCAT('outboxer_migrations_', SHA1(COALESCE(DATABASE(), '')))"
-    if connection.execute(text(f"SELECT GET_LOCK({name}, 0)")).scalar() != 1:
-        log.info("another process is upgrading the outboxer tables: waiting for it")
-        got = connection.execute(
-            text(f"SELECT GET_LOCK({name}, :wait)"), {"wait": MIGRATION_LOCK_WAIT}
-        ).scalar()
-        if got != 1:
+        if not _autocommit(connection):
+            if not theirs:  # the first statement of outboxer's own transaction
+                connection.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            _take(connection, "pg_try_advisory_xact_lock(:key)", "pg_advisory_xact_lock(:key)")
+            yield
+            return
+        _take(connection, "pg_try_advisory_lock(:key)", "pg_advisory_lock(:key)")
+        unlock = "pg_advisory_unlock(:key)"
+    elif dialect in ("mysql", "mariadb"):
+        name = "CONCAT('outboxer_migrations_', SHA1(COALESCE(DATABASE(), '')))"
+        if not _take(connection, f"GET_LOCK({name}, 0)", f"GET_LOCK({name}, :wait)"):
             raise ConfigurationError(
                 f"another process has been upgrading the outboxer tables for "
                 f"{MIGRATION_LOCK_WAIT} s (holding their GET_LOCK): end it, then run "
                 "`outboxer db upgrade` again"
             )
+        unlock = f"RELEASE_LOCK({name})"
+    else:
+        yield
+        return
     try:
         yield
     except BaseException:
         try:  # the failure propagates; a connection too broken to unlock has lost the lock
-            connection.execute(text(f"SELECT RELEASE_LOCK({name})"))
+            connection.execute(text(f"SELECT {unlock}"), {"key": MIGRATION_LOCK})
         except Exception:
             log.debug("could not release the migration lock", exc_info=True)
         raise
-    connection.execute(text(f"SELECT RELEASE_LOCK({name})"))
+    connection.execute(text(f"SELECT {unlock}"), {"key": MIGRATION_LOCK})
+
+
+def _autocommit(connection: Connection) -> bool:
+    """Whether ``connection`` commits each statement (``isolation_level="AUTOCOMMIT"``)."""
+    return bool(getattr(connection.connection.dbapi_connection, "autocommit", False))
+
+
+def _take(connection: Connection, at_once: str, waiting: str) -> bool:
+    """Take the migration lock with ``at_once``, or say so and wait with ``waiting``;
+    whether it was taken (MariaDB's wait can time out; PostgreSQL's returns nothing)."""
+    if connection.execute(text(f"SELECT {at_once}"), {"key": MIGRATION_LOCK}).scalar() in (
+        True,
+        1,
+    ):
+        return True
+    log.info("another process is upgrading the outboxer tables: waiting for it")
+    if ":wait" in waiting:
+        got = connection.execute(text(f"SELECT {waiting}"), {"wait": MIGRATION_LOCK_WAIT})
+        return got.scalar() == 1
+    connection.execute(text(f"SELECT {waiting}"), {"key": MIGRATION_LOCK})
+    return True
 
 
 def differences(bind: Engine | Connection) -> list[str]:
@@ -224,7 +251,9 @@ def adopt(bind: Engine | Connection) -> str:
 
     On PostgreSQL the outbox's storage options (fill factor, autovacuum threshold) are set
     as the newest revision sets them: a comparison of tables does not see them, and tables
-    made by an older ``create_all`` may lack them.
+    made by an older ``create_all`` may lack them. On SQLite a dead-letter table without
+    AUTOINCREMENT (an older ``create_all``'s) is recorded at revision 0005, so that
+    ``upgrade`` rebuilds it (0006).
     """
     if isinstance(bind, Engine):
         with bind.begin() as connection:  # one transaction: checked and recorded together
@@ -252,9 +281,22 @@ def adopt(bind: Engine | Connection) -> str:
     if connection.dialect.name == "postgresql":
         connection.exec_driver_sql(OUTBOX_AUTOVACUUM)
         connection.exec_driver_sql(OUTBOX_FILLFACTOR)
+    if connection.dialect.name == "sqlite" and not _sqlite_autoincrement(connection):
+        # An older create_all's dead-letter table, whose ids SQLite reuses (a comparison of
+        # tables does not see it): recorded before 0006, whose rebuild `upgrade` then runs.
+        newest = "0005"
     context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
     context.stamp(script_directory(), newest)
     return newest
+
+
+def _sqlite_autoincrement(connection: Connection) -> bool:
+    """Whether SQLite's dead-letter table never reuses ids (AUTOINCREMENT)."""
+    sql = connection.execute(
+        text("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = :name"),
+        {"name": "outboxer_dead_letter"},
+    ).scalar()
+    return "AUTOINCREMENT" in str(sql or "").upper()
 
 
 def _only_outboxer(obj: Any, name: str | None, type_: str, reflected: bool, other: Any) -> bool:

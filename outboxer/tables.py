@@ -268,6 +268,9 @@ dead_letter = Table(
     Column("replayed_at", UTCDateTime(), nullable=True),
     Index("ix_outboxer_dead_letter_failed", "last_failed_at"),
     Index("ix_outboxer_dead_letter_handler", "handler", "last_failed_at"),
+    # SQLite: AUTOINCREMENT, or the id of the newest letter, once deleted, is given to the
+    # next one, and `outboxer dead-letter replay ID` would act on a letter never looked at.
+    sqlite_autoincrement=True,
     **MYSQL_TABLE_OPTIONS,
 )
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 from rich.console import Console
 from sqlalchemy import create_engine
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import URL, Engine, make_url
 
 from ..diagnosis import diagnose
 from ..errors import InvalidURL, OperatorError
@@ -131,7 +131,8 @@ def make_engine(url: str, factory: Callable[..., Engine] = create_engine, **kwar
     """An engine for ``url``, or :class:`~outboxer.errors.InvalidURL` naming what is wrong
     with it (the URL masked). Whitespace around it is dropped; an asyncio driver
     (``postgresql+psycopg_async``, ``+asyncpg``, ``sqlite+aiosqlite``, ``mysql+asyncmy``,
-    ``+aiomysql``) is replaced by the database's synchronous one (psycopg, sqlite3, PyMySQL).
+    ``+aiomysql``) is replaced by the database's synchronous one (psycopg, sqlite3, PyMySQL),
+    with asyncpg's query settings in libpq's words (``ssl`` is ``sslmode``).
 
     Its errors never carry bound parameters (``hide_parameters``): row values would
     otherwise reach logs and dead letters.
@@ -157,6 +158,8 @@ def make_engine(url: str, factory: Callable[..., Engine] = create_engine, **kwar
     if sync is not None:
         # An asyncio application's URL, reused: the commands are synchronous, so they take
         # the same database through its synchronous driver.
+        if parsed.get_driver_name() == "asyncpg":
+            parsed = _libpq_query(parsed)
         parsed = parsed.set(drivername=f"{parsed.get_backend_name()}+{sync}")
     try:
         return factory(parsed.render_as_string(hide_password=False), **kwargs)
@@ -175,6 +178,37 @@ _SYNC_DRIVERS = {
     "aiomysql": "pymysql",
 }
 """The synchronous driver the commands use for a URL naming an asyncio one."""
+
+
+_ASYNCPG_ONLY = frozenset(
+    {
+        "prepared_statement_cache_size",
+        "prepared_statement_name_func",
+        "statement_cache_size",
+        "max_cached_statement_lifetime",
+        "max_cacheable_statement_size",
+        "command_timeout",
+    }
+)
+"""asyncpg's query settings of its own client (statement caches, a per-call timeout):
+nothing for libpq; a psycopg connection refuses them ('invalid connection option')."""
+
+
+def _libpq_query(parsed: URL) -> URL:
+    """An asyncpg URL's query in libpq's words: ``ssl`` is libpq's ``sslmode`` (never
+    dropped: the connection would go unencrypted), ``timeout`` its ``connect_timeout``
+    (whole seconds), asyncpg's own client settings (:data:`_ASYNCPG_ONLY`) dropped."""
+    query = {name: value for name, value in parsed.query.items() if name not in _ASYNCPG_ONLY}
+    if "ssl" in query and "sslmode" not in query:
+        query["sslmode"] = query.pop("ssl")
+    timeout = query.get("timeout")
+    if isinstance(timeout, str) and "connect_timeout" not in query:
+        del query["timeout"]
+        try:
+            query["connect_timeout"] = str(max(1, math.ceil(float(timeout))))
+        except ValueError:
+            query["connect_timeout"] = timeout  # libpq names the bad value
+    return parsed.set(query=query)
 
 
 def safe_url(url: str) -> str:

@@ -24,9 +24,9 @@ from .errors import (
     OperatorError,
 )
 from .secrets import mask_url
-from .store.schema import tables_missing
+from .store.schema import read_only, tables_missing
 
-__all__ = ["AWS_BAD_CREDENTIALS", "causes", "diagnose"]
+__all__ = ["AWS_BAD_CREDENTIALS", "causes", "diagnose", "refuses_writes"]
 
 # PostgreSQL SQLSTATEs.
 _PG_AUTH = {"28P01", "28000"}  # invalid_password, invalid_authorization_specification
@@ -148,6 +148,14 @@ def diagnose(
     return None
 
 
+def refuses_writes(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is a database refusing every write: a replica or
+    reader endpoint, a read-only session or server. No row is at fault."""
+    return any(
+        _from_database(error) and _refuses_writes(error, str(error)) for error in causes(exc)
+    )
+
+
 def _refuses_writes(error: BaseException, text: str) -> bool:
     """Whether ``error`` (whose driver's message is ``text``) is a database refusing to
     write: a replica or reader endpoint, a read-only session or server."""
@@ -217,11 +225,7 @@ def _database(error: BaseException, url: str | None) -> OperatorError | None:
     if _refuses_writes(error, text):
         # Waitable: a relay left on a failed-over primary, or on an endpoint that moves
         # back, goes on once it takes writes again.
-        return DatabaseUnavailable(
-            f"the database at {where} is read-only ({_detail(text)}): a replica or reader "
-            "endpoint, or read-only sessions; point --db / OUTBOXER_DB at the primary "
-            "(writer) database"
-        )
+        return read_only(url, _detail(text))
     if sqlstate in _PG_NOT_NOW or code in _MY_NOT_NOW or _NOT_NOW_WORDS.search(text):
         return DatabaseUnavailable(
             f"the database at {where} takes no connections now ({_detail(text)}): wait for "

@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
+from .diagnosis import refuses_writes
 from .redaction import error_text, printable
 from .store import dead_letters as dead_letter_store
 from .store.dead_letters import NewDeadLetter
@@ -41,9 +42,10 @@ def lost_database(error: BaseException) -> bool:
 
 def no_connection(error: BaseException) -> bool:
     """No connection could be opened (refused, "the database system is starting up", too
-    many clients): the database is down, and nothing was sent to it. SQLAlchemy raises
-    those with no statement."""
-    return isinstance(error, DBAPIError) and error.statement is None
+    many clients), or the database takes no write at all (a replica, a failed-over
+    primary): the database is unusable, not refusing this row. SQLAlchemy raises the first
+    kind with no statement."""
+    return isinstance(error, DBAPIError) and (error.statement is None or refuses_writes(error))
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from . import heartbeat
 from .batching import Batcher
+from .diagnosis import diagnose
 from .errors import TransportError
 from .processing import Processor
 from .redaction import error_text, one_line, printable
@@ -360,10 +361,13 @@ class Runner:
             return
         self.stats.failed_deliveries += 1
         self.failures += 1
+        problem = diagnose(outcome) if isinstance(outcome, Exception) else None
         log.warning(
             "consumer %s could not record a message's outcome (%s); giving it back",
             self.name,
-            printable(f"{type(outcome).__name__}: {error_text(outcome)}", 300),
+            printable(
+                str(problem) if problem else f"{type(outcome).__name__}: {error_text(outcome)}", 300
+            ),
         )
         if self.failures == 1:  # the traceback once per streak, at debug level
             log.debug("recording the outcome failed", exc_info=outcome)

@@ -221,3 +221,80 @@ def test_a_running_relay_on_a_read_only_database_says_what_to_do(pg_url: str) ->
     warning = next(line for line in log.splitlines() if "read-only" in line)
     assert "WARNING" in warning and "primary" in warning, warning
     assert "Traceback" not in log, log
+
+
+@pytest.mark.parametrize("relay", ["--relay", "--no-relay"])
+def test_inbox_once_on_a_read_only_database_exits_4_naming_the_primary(
+    pg_url: str, relay: str
+) -> None:
+    """`outboxer-inbox --no-relay` on a replica passed its start-up check (it only reads),
+    then gave every message back forever, logging "writing a simpler one" (`--once` never
+    ended). With its own relay, the relay's first write said so, but named --db /
+    OUTBOXER_DB, which `outboxer-inbox` does not take."""
+    assert as_process("db", "upgrade", env={"OUTBOXER_DB": pg_url}).returncode == 0
+    env = {
+        **os.environ,
+        "APP_DB": f"{pg_url}?{READ_ONLY['postgresql']}",
+        "APP_DESTINATION": "d",
+        "APP_CONSUMER": "c",
+        "COLUMNS": "200",
+    }
+    result = subprocess.run(
+        [INBOX, "tests.consumer_app:consumer", "--broker", "memory://c", "--once", relay],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 4, result.stderr
+    line = one_error_line(result)
+    assert "read-only" in line and "primary" in line and "--db" not in line, line
+
+
+def test_a_consumer_whose_database_turned_read_only_gives_messages_back_saying_so(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failover under a running consumer: its database takes no write. That refuses no
+    particular row, so no "simpler row" is written in its place: the delivery goes back,
+    and the warning says what is wrong."""
+    import logging
+    import uuid
+
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import sessionmaker
+
+    import outboxer
+    from outboxer.publishing import build_message
+    from outboxer.testing import MemoryBroker, MemoryTransport
+
+    from .models import Base, OrderPlaced
+
+    setup = create_engine(pg_url)
+    outboxer.create_all(setup)
+    Base.metadata.create_all(setup)
+    setup.dispose()
+    engine = create_engine(f"{pg_url}?{READ_ONLY['postgresql']}")
+    destination = f"d-{uuid.uuid4().hex[:8]}"
+    consumer = outboxer.Consumer(sessionmaker(engine, class_=outboxer.OutboxSession), name="ro")
+
+    @consumer.handler(OrderPlaced, destination=destination)
+    def reserve(event: OrderPlaced) -> None:
+        pass
+
+    broker = MemoryBroker()
+    transport = MemoryTransport(broker)
+    transport.receiver(consumer.subscription()).close()
+    transport.send([build_message(OrderPlaced(order_id=1), destination=destination).envelope])
+    caplog.set_level(logging.INFO, logger="outboxer")
+    stop = threading.Timer(3.0, consumer.stop)
+    stop.start()
+    try:
+        consumer.run(transport, concurrency=1)
+    finally:
+        stop.cancel()
+        engine.dispose()
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not [line for line in lines if "simpler one" in line], lines
+    assert any("read-only" in line and "primary" in line for line in lines), lines
+    assert broker.queue_depth(consumer.subscription().queue) == 1  # given back, not lost

@@ -21,7 +21,7 @@ from ..relay.embedded import OwnRelay, consumer_engine
 from ..secrets import mask_url
 from ..store import dead_letters as dead_letter_store
 from ..store import inbox as inbox_store
-from ..store.schema import require_tables
+from ..store.schema import require_tables, require_writable
 from ..transports import Transport, transport_from_url
 from . import heap
 from .common import (
@@ -279,6 +279,7 @@ def consumer_database_check(consumer: Consumer) -> Check:
         try:
             with consumer.session_factory() as session:
                 require_tables(session.connection())
+                require_writable(session.connection(), url and url.render_as_string(False))
         except OperatorError:
             raise
         except Exception as exc:

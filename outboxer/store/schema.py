@@ -15,11 +15,11 @@ from collections.abc import Iterable
 from sqlalchemy import inspect
 from sqlalchemy.engine import Connection
 
-from ..errors import TablesMissing
+from ..errors import DatabaseUnavailable, TablesMissing
 from ..secrets import mask_url
 from ..tables import metadata
 
-__all__ = ["missing_tables", "require_tables", "tables_missing"]
+__all__ = ["missing_tables", "read_only", "require_tables", "require_writable", "tables_missing"]
 
 
 def missing_tables(connection: Connection, tables: Iterable[str] | None = None) -> list[str]:
@@ -46,4 +46,36 @@ def tables_missing(db_url: str | None, missing: list[str] | None = None) -> Tabl
     where = mask_url(db_url) if db_url else "URL"
     return TablesMissing(
         f"the outboxer tables are missing{which}: run `outboxer db upgrade --db {where}`"
+    )
+
+
+_READ_ONLY_SETTING = {
+    "postgresql": "SHOW transaction_read_only",
+    "mysql": "SELECT @@session.transaction_read_only",  # MySQL 8 has no tx_read_only
+    "mariadb": "SELECT @@session.tx_read_only",  # MariaDB before 11.1 has only this one
+}
+"""How each database says a session's transactions are read-only (a replica, a reader
+endpoint, ``default_transaction_read_only``)."""
+
+
+def require_writable(connection: Connection, db_url: str | None = None) -> None:
+    """Raise :func:`read_only`'s error if the connection's transactions cannot write: a
+    start-up check that only reads would pass on a replica, and every message would then
+    be given back, forever."""
+    dialect = connection.dialect
+    name = "mariadb" if getattr(dialect, "is_mariadb", False) else dialect.name
+    query = _READ_ONLY_SETTING.get(name)
+    if query is None:
+        return
+    value = connection.exec_driver_sql(query).scalar()
+    if str(value).lower() in ("on", "1", "true"):
+        raise read_only(db_url, "its transactions are read-only")
+
+
+def read_only(db_url: str | None, detail: str) -> DatabaseUnavailable:
+    """The error for a database that refuses writes (the URL masked)."""
+    where = mask_url(db_url) if db_url else "URL"
+    return DatabaseUnavailable(
+        f"the database at {where} is read-only ({detail}): a replica or reader endpoint, or "
+        "read-only sessions; point its URL at the primary (writer) database"
     )

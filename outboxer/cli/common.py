@@ -27,11 +27,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 from rich.console import Console
 from sqlalchemy import create_engine
-from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.engine import Engine, make_url
 
 from ..diagnosis import diagnose
 from ..errors import InvalidURL, OperatorError
 from ..secrets import mask_url
+from ..sync_urls import sync_url
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -154,13 +155,9 @@ def make_engine(url: str, factory: Callable[..., Engine] = create_engine, **kwar
             f"invalid database URL {mask_url(url)}: percent-encode '@' in the user name and "
             "password (%40)"
         )
-    sync = _SYNC_DRIVERS.get(parsed.get_driver_name())
-    if sync is not None:
-        # An asyncio application's URL, reused: the commands are synchronous, so they take
-        # the same database through its synchronous driver.
-        if parsed.get_driver_name() == "asyncpg":
-            parsed = _libpq_query(parsed)
-        parsed = parsed.set(drivername=f"{parsed.get_backend_name()}+{sync}")
+    # An asyncio application's URL, reused: the commands are synchronous, so they take the
+    # same database through its synchronous driver.
+    parsed = sync_url(parsed)
     try:
         return factory(parsed.render_as_string(hide_password=False), **kwargs)
     except Exception as exc:  # missing driver, bad option: say which
@@ -168,47 +165,6 @@ def make_engine(url: str, factory: Callable[..., Engine] = create_engine, **kwar
         if parsed.password:
             reason = reason.replace(str(parsed.password), "***")
         raise InvalidURL(f"cannot use {mask_url(url)}: {reason}") from exc
-
-
-_SYNC_DRIVERS = {
-    "psycopg_async": "psycopg",
-    "asyncpg": "psycopg",
-    "aiosqlite": "pysqlite",
-    "asyncmy": "pymysql",
-    "aiomysql": "pymysql",
-}
-"""The synchronous driver the commands use for a URL naming an asyncio one."""
-
-
-_ASYNCPG_ONLY = frozenset(
-    {
-        "prepared_statement_cache_size",
-        "prepared_statement_name_func",
-        "statement_cache_size",
-        "max_cached_statement_lifetime",
-        "max_cacheable_statement_size",
-        "command_timeout",
-    }
-)
-"""asyncpg's query settings of its own client (statement caches, a per-call timeout):
-nothing for libpq; a psycopg connection refuses them ('invalid connection option')."""
-
-
-def _libpq_query(parsed: URL) -> URL:
-    """An asyncpg URL's query in libpq's words: ``ssl`` is libpq's ``sslmode`` (never
-    dropped: the connection would go unencrypted), ``timeout`` its ``connect_timeout``
-    (whole seconds), asyncpg's own client settings (:data:`_ASYNCPG_ONLY`) dropped."""
-    query = {name: value for name, value in parsed.query.items() if name not in _ASYNCPG_ONLY}
-    if "ssl" in query and "sslmode" not in query:
-        query["sslmode"] = query.pop("ssl")
-    timeout = query.get("timeout")
-    if isinstance(timeout, str) and "connect_timeout" not in query:
-        del query["timeout"]
-        try:
-            query["connect_timeout"] = str(max(1, math.ceil(float(timeout))))
-        except ValueError:
-            query["connect_timeout"] = timeout  # libpq names the bad value
-    return parsed.set(query=query)
 
 
 def safe_url(url: str) -> str:

@@ -25,6 +25,7 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.pool import StaticPool
 
 from ..errors import ConfigurationError
+from ..sync_urls import sync_url
 from ..transports.base import Transport
 from .relay import Relay, relay_engine
 from .reports import RelayStats
@@ -32,15 +33,6 @@ from .reports import RelayStats
 __all__ = ["OwnRelay", "consumer_engine"]
 
 log = logging.getLogger("outboxer.relay")
-
-_SYNC_DRIVERS = {
-    "asyncpg": "psycopg",
-    "psycopg_async": "psycopg",
-    "asyncmy": "pymysql",
-    "aiomysql": "pymysql",
-    "aiosqlite": "pysqlite",
-}
-"""The sync driver a relay thread uses for an async consumer's database."""
 
 
 class OwnRelay:
@@ -144,7 +136,4 @@ def consumer_engine(session_factory: Callable[[], Any]) -> tuple[Engine, bool]:
                 "--no-relay, or give the engine poolclass=StaticPool"
             )
         return engine, False
-    driver = _SYNC_DRIVERS.get(url.get_driver_name())
-    if driver is not None:
-        url = url.set(drivername=f"{url.get_backend_name()}+{driver}")
-    return relay_engine(url.render_as_string(hide_password=False)), True
+    return relay_engine(sync_url(url).render_as_string(hide_password=False)), True

@@ -77,5 +77,6 @@ def read_only(db_url: str | None, detail: str) -> DatabaseUnavailable:
     where = mask_url(db_url) if db_url else "URL"
     return DatabaseUnavailable(
         f"the database at {where} is read-only ({detail}): a replica or reader endpoint, or "
-        "read-only sessions; point its URL at the primary (writer) database"
+        "read-only sessions; point its URL at the primary (writer) database (outboxer's "
+        "commands: --db / OUTBOXER_DB)"
     )

@@ -38,8 +38,9 @@ missing, and every bound destination, also created if missing); SQS does not rou
 type, so everything in those queues is delivered. With several queues, one poll per queue
 is kept in flight, so none starves and a receive waits about ``timeout`` in all; messages
 a poll brings after ``receive`` returned are handed out by the next ``receive``. A queue
-whose poll fails makes ``receive`` raise when no other queue brought messages, and is
-logged as a warning (once a minute) when one did. A message without envelope attributes
+whose poll fails rests (1 s, doubling to 30 s) before it is polled again, and is logged as
+a warning (once a minute) while the other queues are read as usual; ``receive`` raises
+only when every queue is failing (an outage). A message without envelope attributes
 whose body is an SNS notification (a subscription without raw delivery) is marked
 undecodable, so its dead letter names the fix.
 ``ack`` deletes, ``release`` makes the message visible again at once, ``extend`` pushes

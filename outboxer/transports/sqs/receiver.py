@@ -20,6 +20,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from ... import wire
 from ...errors import TransportError
+from ...retry import Backoff
 from ..base import Delivery, Receiver
 from .attributes import decode_attributes, sns_notification
 from .errors import _GONE, _error_message, error_code
@@ -112,6 +113,10 @@ default timeout); the consumer extends it while a handler runs."""
 _REPORT_EVERY = 60.0
 """Seconds between warnings about one queue's failed polls that were not raised."""
 
+_REST = Backoff(initial=1.0, multiplier=2.0, max_delay=30.0, jitter=0.2)
+"""How long a queue whose poll failed rests before it is polled again (per queue: a
+deleted queue must not be polled on every receive, nor slow its receiver's other queues)."""
+
 
 class _PollFailed(TransportError):
     """Receiving from one queue failed (``queue``: its name)."""
@@ -160,6 +165,9 @@ class _SQSReceiver(Receiver):
         self._turn = itertools.count()
         self._reported: dict[str, float] = {}
         """When a failed poll of each queue was last logged as a warning."""
+        self._resting: dict[int, tuple[float, int]] = {}
+        """Queues whose last polls failed: until when they rest, and how many failed."""
+        self._last_error: _PollFailed | None = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         if len(queues) > 1:
             self._pool = concurrent.futures.ThreadPoolExecutor(
@@ -249,13 +257,16 @@ class _SQSReceiver(Receiver):
                 return []
             earlier = self._harvest()
             if not self._buffer:
+                now = time.monotonic()
                 start = next(self._turn) % len(self._queues)
                 for offset in range(len(self._queues)):
                     index = (start + offset) % len(self._queues)
-                    if index not in self._polls:
+                    if index not in self._polls and self._rests_until(index) <= now:
                         self._polls[index] = self._pool.submit(
                             self._poll, index, max_messages, wait
                         )
+                if not self._polls and self._last_error is not None:
+                    raise self._last_error  # every queue failed and rests: an outage
                 pending = list(self._polls.values())
             else:
                 pending = []
@@ -268,12 +279,22 @@ class _SQSReceiver(Receiver):
             error = self._harvest() or earlier
             taken = [self._buffer.popleft() for _ in range(min(max_messages, len(self._buffer)))]
         if error is not None:
-            if not taken:
+            if not taken and not self._any_healthy():
                 raise error
-            # Other queues brought messages: hand them out, and say what failed (a queue
-            # that keeps failing while another is busy would otherwise never be heard of).
+            # Other queues brought messages, or are being read: hand those out, and say
+            # what failed (a queue that keeps failing while another is busy would otherwise
+            # never be heard of).
             self._report(error)
         return taken
+
+    def _rests_until(self, index: int) -> float:
+        resting = self._resting.get(index)
+        return 0.0 if resting is None else resting[0]
+
+    def _any_healthy(self) -> bool:
+        """Whether some queue's last poll did not fail (it is read as usual)."""
+        with self._lock:
+            return len(self._resting) < len(self._queues)
 
     def _harvest(self) -> _PollFailed | None:
         """Move finished polls' deliveries into the buffer (lock held); the last failure."""
@@ -285,7 +306,13 @@ class _SQSReceiver(Receiver):
             try:
                 self._buffer.extend(future.result())
             except _PollFailed as exc:
-                error = exc
+                error = self._last_error = exc
+                failures = self._resting.get(index, (0.0, 0))[1] + 1
+                self._resting[index] = (time.monotonic() + _REST.delay(failures), failures)
+            else:
+                self._resting.pop(index, None)
+                if not self._resting:
+                    self._last_error = None
         return error
 
     def _report(self, error: _PollFailed) -> None:

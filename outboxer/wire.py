@@ -131,6 +131,8 @@ def control_at(text: str) -> int | None:
     """The position of the first control character of ``text`` (tab, newline, escape,
     NUL...), or None. Envelope text (type, key, correlation id) holds none: ``publish()``
     refuses it and a consumer dead-letters it."""
+    if text.isprintable():  # printable text holds no control (one C loop, as a rule)
+        return None
     found = _CONTROL.search(text)
     return None if found is None else found.start()
 

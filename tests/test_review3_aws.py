@@ -11,11 +11,8 @@ import json
 import logging
 import threading
 import time
-import uuid
-from collections.abc import Iterator
 from typing import Any
 
-import boto3
 import pytest
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -37,13 +34,12 @@ from .test_consumer_hostile import (
     reserving_consumer,
     wait_until,
 )
+from .test_transport_sqs import sqs, transport, unique
 
 SessionFactory = sessionmaker[outboxer.OutboxSession]
 SQLITE = pytest.mark.parametrize("db_kind", ["sqlite"], indirect=True)
 
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+__all__ = ["sqs", "transport"]
 
 
 def queue_empty(client: Any, url: str) -> bool:
@@ -59,19 +55,33 @@ def string_attributes(headers: dict[str, str]) -> dict[str, Any]:
     return {name: {"DataType": "String", "StringValue": v} for name, v in headers.items()}
 
 
-@pytest.fixture
-def sqs(moto_endpoint: str) -> Iterator[Any]:
-    """A raw boto3 client, to do what a hostile sender or an operator does."""
-    client = boto3.client("sqs", endpoint_url=moto_endpoint, region_name="us-east-1")
-    yield client
-    client.close()
+def slow_order_runs_once(
+    engine: Engine,
+    Session: SessionFactory,
+    transport: SQSTransport,
+    destination: str,
+    seconds: float,
+) -> None:
+    """One order whose handler takes ``seconds`` (longer than the queue's visibility
+    timeout), relayed to ``destination`` and consumed by two workers: one effect, and no
+    delivery of it while it ran (no duplicate)."""
+    consumer = outboxer.Consumer(Session, name=unique("slow"), retry=ONCE)
 
+    @consumer.handler(OrderPlaced, destination=destination)
+    def slow(event: OrderPlaced, session: Session) -> None:
+        time.sleep(seconds)  # the work itself, longer than the visibility timeout
+        session.add(Effect(handler="slow", message_key=str(event.order_id)))
 
-@pytest.fixture
-def transport(moto_endpoint: str) -> Iterator[SQSTransport]:
-    made = SQSTransport(endpoint_url=moto_endpoint, region="us-east-1")
-    yield made
-    made.close()
+    transport.receiver(consumer.subscription()).close()
+    with Session.begin() as session:
+        session.publish(OrderPlaced(order_id=1), destination=destination)
+    outboxer.Relay(engine, transport).run(once=True)
+    with Running(consumer, transport, concurrency=2) as running:
+        wait_until(lambda: len(effects(engine)) == 1, 30, "the order")
+        url = transport.ensure_queue(destination)
+        wait_until(lambda: queue_empty(transport.queue_client, url), 30, "all settled")
+    assert effects(engine) == {"1": 1}
+    assert running.result.duplicates == 0, running.result
 
 
 # Defect 1: a queue that fails while another has messages is never reported -------------------
@@ -336,26 +346,8 @@ def test_a_handler_slower_than_the_queues_visibility_timeout_is_not_redelivered(
     destination = unique("dest")
     sqs.create_queue(QueueName=destination, Attributes={"VisibilityTimeout": "2"})
     transport = SQSTransport(endpoint_url=moto_endpoint, region="us-east-1")
-    started = threading.Event()
     try:
-        consumer = outboxer.Consumer(Session, name=unique("slow"), retry=ONCE)
-
-        @consumer.handler(OrderPlaced, destination=destination)
-        def slow(event: OrderPlaced, session: Session) -> None:
-            started.set()
-            time.sleep(3.0)  # the work itself, longer than the visibility timeout
-            session.add(Effect(handler="slow", message_key=str(event.order_id)))
-
-        transport.receiver(consumer.subscription()).close()
-        with Session.begin() as session:
-            session.publish(OrderPlaced(order_id=1), destination=destination)
-        outboxer.Relay(engine, transport).run(once=True)
-        with Running(consumer, transport, concurrency=2) as running:
-            wait_until(lambda: len(effects(engine)) == 1, 30, "the order")
-            url = transport.ensure_queue(destination)
-            wait_until(lambda: queue_empty(sqs, url), 30, "every delivery settled")
-        assert effects(engine) == {"1": 1}
-        assert running.result.duplicates == 0, running.result
+        slow_order_runs_once(engine, Session, transport, destination, 3.0)
     finally:
         transport.close()
 

@@ -22,6 +22,7 @@ from outboxer import schema, tables
 from outboxer.cli import main
 
 from .services import SERVERS, require
+from .test_migrations import schema_differences
 
 OUTBOXER = str(Path(sys.executable).parent / "outboxer")
 DEADLINE = 60.0
@@ -48,15 +49,20 @@ def finish(process: subprocess.Popen[str]) -> tuple[int, str, str]:
     return process.returncode, out, err
 
 
-@pytest.fixture(params=["postgresql", "mariadb"])
-def server_db(request: pytest.FixtureRequest) -> Iterator[str]:
-    server = SERVERS[request.param]
-    require(request.param, server.available, server.admin_url)
-    url = server.create_database("outboxer_r3")
+def fresh_database(kind: str) -> Iterator[str]:
+    """A new empty database on the ``kind`` server, dropped afterwards."""
+    server = SERVERS[kind]
+    require(kind, server.available, server.admin_url)
+    url = server.create_database("outboxer_r")
     try:
         yield url
     finally:
         server.drop_database(url)
+
+
+@pytest.fixture(params=["postgresql", "mariadb"])
+def server_db(request: pytest.FixtureRequest) -> Iterator[str]:
+    yield from fresh_database(request.param)
 
 
 def version_rows(url: str) -> list[str]:
@@ -94,13 +100,7 @@ def test_deploys_upgrading_at_the_same_moment_all_succeed_and_one_migrates(
 
 @pytest.fixture
 def pg_db() -> Iterator[str]:
-    server = SERVERS["postgresql"]
-    require("postgresql", server.available, server.admin_url)
-    url = server.create_database("outboxer_r3")
-    try:
-        yield url
-    finally:
-        server.drop_database(url)
+    yield from fresh_database("postgresql")
 
 
 def wait_until_blocked(connection: Connection, pid: int) -> None:
@@ -117,27 +117,34 @@ def wait_until_blocked(connection: Connection, pid: int) -> None:
     pytest.fail("the second outboxer db upgrade never waited for the first")
 
 
-def test_an_upgrade_that_starts_while_another_is_uncommitted_waits_for_it(pg_db: str) -> None:
-    """On PostgreSQL the first deploy's migrations are one transaction: a second deploy
-    that starts meanwhile waits for it, then finds the newest revision (no duplicate key
-    in pg_type, no 'made by create_all')."""
-    engine = create_engine(pg_db)
-    watcher = create_engine(pg_db, isolation_level="AUTOCOMMIT")
+def upgrade_behind_an_open_one(url: str) -> tuple[int, str, str]:
+    """A deploy's migrations run in a transaction left open until a second ``outboxer db
+    upgrade`` (a process) waits for a lock; then committed. The second's exit code and
+    output."""
+    engine = create_engine(url)
+    watcher = create_engine(url, isolation_level="AUTOCOMMIT")
     try:
         with engine.connect() as first, watcher.connect() as watch:
             transaction = first.begin()
             schema.upgrade(first)  # in the caller's transaction: not committed yet
             pid = first.exec_driver_sql("SELECT pg_backend_pid()").scalar()
             assert isinstance(pid, int)
-            second = start_upgrade(pg_db)
+            second = start_upgrade(url)
             try:
                 wait_until_blocked(watch, pid)
             finally:
                 transaction.commit()
-            returncode, out, err = finish(second)
+            return finish(second)
     finally:
         engine.dispose()
         watcher.dispose()
+
+
+def test_an_upgrade_that_starts_while_another_is_uncommitted_waits_for_it(pg_db: str) -> None:
+    """On PostgreSQL the first deploy's migrations are one transaction: a second deploy
+    that starts meanwhile waits for it, then finds the newest revision (no duplicate key
+    in pg_type, no 'made by create_all')."""
+    returncode, out, err = upgrade_behind_an_open_one(pg_db)
     assert returncode == 0, err
     assert f"already at revision {schema.head()}" in out, out + err
     assert version_rows(pg_db) == [schema.head()]
@@ -264,14 +271,6 @@ def test_an_upgrade_from_every_older_revision_keeps_every_row_and_inbox_key(
     assert schema_differences(empty_db_url) == []
 
 
-def schema_differences(url: str) -> list[str]:
-    engine = create_engine(url)
-    try:
-        return schema.differences(engine)
-    finally:
-        engine.dispose()
-
-
 def _upgrade_cli(url: str, *args: str) -> tuple[int, str]:
     result = CliRunner().invoke(main, ["db", "upgrade", *args], env={"OUTBOXER_DB": url})
     assert result.exception is None or isinstance(result.exception, SystemExit), result.output
@@ -349,13 +348,7 @@ def test_an_upgrade_that_waits_longer_than_lock_timeout_says_so_in_one_line(pg_d
 
 @pytest.fixture
 def mariadb_db() -> Iterator[str]:
-    server = SERVERS["mariadb"]
-    require("mariadb", server.available, server.admin_url)
-    url = server.create_database("outboxer_r3")
-    try:
-        yield url
-    finally:
-        server.drop_database(url)
+    yield from fresh_database("mariadb")
 
 
 def test_a_mariadb_migration_that_waits_longer_than_lock_wait_timeout_says_so(

@@ -8,8 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,75 +22,17 @@ from outboxer.diagnosis import diagnose
 from outboxer.store import dead_letters
 
 from .services import SERVERS, require
+from .test_review3_deployment import (
+    DEADLINE,
+    finish,
+    pg_db,
+    server_db,
+    start_upgrade,
+    upgrade_behind_an_open_one,
+    version_rows,
+)
 
-OUTBOXER = str(Path(sys.executable).parent / "outboxer")
-DEADLINE = 60.0
-
-
-def start_upgrade(url: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [OUTBOXER, "db", "upgrade"],
-        env={**os.environ, "OUTBOXER_DB": url, "COLUMNS": "200"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def finish(process: subprocess.Popen[str]) -> tuple[int, str, str]:
-    try:
-        out, err = process.communicate(timeout=DEADLINE)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        out, err = process.communicate()
-        pytest.fail(f"outboxer db upgrade still running after {DEADLINE} s: {out} {err}")
-    return process.returncode, out, err
-
-
-@pytest.fixture
-def pg_db() -> Iterator[str]:
-    server = SERVERS["postgresql"]
-    require("postgresql", server.available, server.admin_url)
-    url = server.create_database("outboxer_r4")
-    try:
-        yield url
-    finally:
-        server.drop_database(url)
-
-
-@pytest.fixture(params=["postgresql", "mariadb"])
-def server_db(request: pytest.FixtureRequest) -> Iterator[str]:
-    server = SERVERS[request.param]
-    require(request.param, server.available, server.admin_url)
-    url = server.create_database("outboxer_r4")
-    try:
-        yield url
-    finally:
-        server.drop_database(url)
-
-
-def version_rows(url: str) -> list[str]:
-    engine = create_engine(url)
-    try:
-        with engine.connect() as connection:
-            rows = connection.execute(text(f"SELECT version_num FROM {schema.VERSION_TABLE}"))
-            return [row[0] for row in rows]
-    finally:
-        engine.dispose()
-
-
-def wait_until_blocked(connection: Connection, pid: int) -> None:
-    """Until a backend of the database other than ``pid`` waits for a lock."""
-    deadline = time.monotonic() + DEADLINE
-    query = text(
-        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-        "WHERE NOT l.granted AND a.datname = current_database() AND l.pid <> :pid"
-    )
-    while time.monotonic() < deadline:
-        if connection.execute(query, {"pid": pid}).scalar():
-            return
-        time.sleep(0.05)  # a poll with a deadline, not a synchronisation
-    pytest.fail("the second outboxer db upgrade never waited for the first")
+__all__ = ["pg_db", "server_db"]
 
 
 def advisory_locks_held(watch: Connection, pid: int) -> int:
@@ -151,23 +91,7 @@ def test_a_database_defaulting_to_repeatable_read_still_takes_turns(
             f"ALTER DATABASE {database} SET default_transaction_isolation = '{isolation}'"
         )
     admin.dispose()
-    engine = create_engine(pg_db)
-    watcher = create_engine(pg_db, isolation_level="AUTOCOMMIT")
-    try:
-        with engine.connect() as first, watcher.connect() as watch:
-            transaction = first.begin()
-            schema.upgrade(first)
-            pid = first.exec_driver_sql("SELECT pg_backend_pid()").scalar()
-            assert isinstance(pid, int)
-            second = start_upgrade(pg_db)
-            try:
-                wait_until_blocked(watch, pid)
-            finally:
-                transaction.commit()
-            returncode, out, err = finish(second)
-    finally:
-        engine.dispose()
-        watcher.dispose()
+    returncode, out, err = upgrade_behind_an_open_one(pg_db)
     assert returncode == 0, err[-2000:]
     assert f"already at revision {schema.head()}" in out, out + err[-2000:]
     assert version_rows(pg_db) == [schema.head()]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -18,7 +17,6 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import sessionmaker
 
 import outboxer
@@ -30,9 +28,7 @@ from outboxer.transports.base import Outcome, SendResult
 from outboxer.transports.sqs import SQSTransport, decode_attributes
 from outboxer.transports.sqs.sending import Encoded, encode_message
 
-from .models import Effect, OrderPlaced
-from .test_consumer_hostile import ONCE, Running, effects, wait_until
-from .test_review3_aws import queue_empty
+from .test_review3_aws import slow_order_runs_once
 from .test_review3_dead_letters import _edit, _outbox_rows, _park
 
 SQS_REFUSES = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
@@ -215,23 +211,7 @@ def test_a_queue_with_a_tiny_visibility_timeout_delivers_each_message_once(
         QueueName=destination, Attributes={"VisibilityTimeout": visibility}
     )
     try:
-        consumer = outboxer.Consumer(Session, name=f"tiny-{uuid.uuid4().hex[:6]}", retry=ONCE)
-
-        @consumer.handler(OrderPlaced, destination=destination)
-        def slow(event: OrderPlaced, session: OrmSession) -> None:
-            time.sleep(2.0)  # longer than the queue's visibility timeout
-            session.add(Effect(handler="slow", message_key=str(event.order_id)))
-
-        transport.receiver(consumer.subscription()).close()
-        with Session.begin() as session:
-            session.publish(OrderPlaced(order_id=1), destination=destination)
-        outboxer.Relay(engine, transport).run(once=True)
-        with Running(consumer, transport, concurrency=2) as running:
-            wait_until(lambda: len(effects(engine)) == 1, 30, "the order")
-            url = transport.ensure_queue(destination)
-            wait_until(lambda: queue_empty(transport.queue_client, url), 30, "all settled")
-        assert effects(engine) == {"1": 1}
-        assert running.result.duplicates == 0, running.result
+        slow_order_runs_once(engine, Session, transport, destination, 2.0)
         warned = [
             r.getMessage() for r in caplog.records if "visibility timeout of 0" in r.getMessage()
         ]

@@ -17,7 +17,7 @@ from outboxer.errors import TransportError
 from outboxer.transports import Delivery
 from outboxer.transports.sqs import SQSTransport
 
-from .test_review3_aws import sqs, transport, unique
+from .test_transport_sqs import sqs, transport, unique
 
 __all__ = ["sqs", "transport"]
 

@@ -22,20 +22,19 @@ depends_on = None
 
 
 def upgrade() -> None:
-    if op.get_bind().dialect.name == "sqlite":
-        with op.batch_alter_table(
-            "outboxer_dead_letter",
-            recreate="always",
-            table_kwargs={"sqlite_autoincrement": True},
-        ):
-            pass
+    _rebuild(autoincrement=True)
 
 
 def downgrade() -> None:
+    _rebuild(autoincrement=False)
+
+
+def _rebuild(*, autoincrement: bool) -> None:
+    """SQLite: the dead-letter table made again, with or without AUTOINCREMENT."""
     if op.get_bind().dialect.name == "sqlite":
         with op.batch_alter_table(
             "outboxer_dead_letter",
             recreate="always",
-            table_kwargs={"sqlite_autoincrement": False},
+            table_kwargs={"sqlite_autoincrement": autoincrement},
         ):
             pass

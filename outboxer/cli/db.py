@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import click
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from .. import schema
@@ -61,22 +64,30 @@ def upgrade(db_url: str, revision: str) -> None:
             )
         found.append(before)
 
-    try:
+    with _one_line(engine, db_url, "upgrade"):
         after = schema.upgrade(engine, revision, check=usable)
-    except ConfigurationError as exc:  # what the database holds stops the migrations
-        raise click.ClickException(f"{safe_url(db_url)}: {exc}") from exc
-    except DBAPIError as exc:
-        refusal = _refusal(exc, db_url, "upgrade")
-        if refusal is None:
-            raise
-        raise refusal from exc
-    finally:
-        engine.dispose()
     before = found[0]
     if before == after:
         console.print(f"{safe_url(db_url)}: already at revision {after}")
     else:
         console.print(f"{safe_url(db_url)}: upgraded from {before or 'empty'} to {after}")
+
+
+@contextmanager
+def _one_line(engine: Engine, db_url: str, command: str) -> Iterator[None]:
+    """What stops ``outboxer db COMMAND`` (what the database holds, or a refusal of
+    :func:`_refusal`) as one line; the engine disposed of in any case."""
+    try:
+        yield
+    except ConfigurationError as exc:
+        raise click.ClickException(f"{safe_url(db_url)}: {exc}") from exc
+    except DBAPIError as exc:
+        refusal = _refusal(exc, db_url, command)
+        if refusal is None:
+            raise
+        raise refusal from exc
+    finally:
+        engine.dispose()
 
 
 def _refusal(exc: DBAPIError, db_url: str, command: str) -> Exception | None:
@@ -175,15 +186,6 @@ def adopt(db_url: str) -> None:
     `outboxer db upgrade` runs take them from there. Tables that differ are refused,
     with what differs."""
     engine = make_engine(db_url)
-    try:
+    with _one_line(engine, db_url, "adopt"):
         revision = schema.adopt(engine)
-    except ConfigurationError as exc:
-        raise click.ClickException(f"{safe_url(db_url)}: {exc}") from exc
-    except DBAPIError as exc:
-        refusal = _refusal(exc, db_url, "adopt")
-        if refusal is None:
-            raise
-        raise refusal from exc
-    finally:
-        engine.dispose()
     console.print(f"{safe_url(db_url)}: adopted at revision {revision}")

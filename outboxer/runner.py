@@ -7,11 +7,12 @@ hand each outcome back to the loop; async handlers run as tasks in the caller's 
 failure streak, the totals) is touched by the loop's thread only, so it needs no lock;
 blocking broker calls (receive, acknowledge, extend) go to threads.
 
-Side by side with receiving, one task keeps every held delivery visible: any delivery
-held longer than ``extend_after`` (in progress, or still waiting for a worker) has its
-visibility extended by ``extend_by`` (SQS), also while the runner drains on shutdown.
-Pauses after a broker or database outage come from :class:`~outboxer.retry.Backoff` and
-end at once on :meth:`StopSignal.set`, from any thread.
+Side by side with receiving, one task keeps every held delivery visible
+(:mod:`outboxer.visibility`): any delivery held longer than ``extend_after`` (in progress,
+or still waiting for a worker) has its visibility extended by ``extend_by`` (SQS), also
+while the runner drains on shutdown. Pauses after a broker or database outage end at once
+on :meth:`~outboxer.stopping.StopSignal.set`, from any thread (:mod:`outboxer.stopping`;
+``StopSignal`` and ``OUTAGE_BACKOFF`` are importable from here too).
 """
 
 from __future__ import annotations
@@ -33,58 +34,14 @@ from .errors import TransportError
 from .processing import Processor
 from .redaction import error_text, one_line, printable
 from .reports import ConsumerStats, MessageReport
-from .retry import Backoff
+from .stopping import OUTAGE_BACKOFF, StopSignal
 from .transports.base import Delivery, Receiver, Subscription, Transport, acknowledge
+from .visibility import extend_all as _extend_all  # noqa: F401 - its name before the split
+from .visibility import keep_visible
 
-__all__ = ["RunOptions", "Runner", "StopSignal"]
+__all__ = ["OUTAGE_BACKOFF", "RunOptions", "Runner", "StopSignal"]
 
 log = logging.getLogger("outboxer.consumer")
-
-OUTAGE_BACKOFF = Backoff(initial=0.5, multiplier=2.0, max_delay=30.0, jitter=0.1)
-"""Pauses while the broker cannot be reached or outcomes cannot be recorded."""
-
-MIN_EXTEND_AFTER = 0.5
-"""Seconds a delivery is held at least before its visibility is extended (a queue whose
-visibility timeout is shorter than twice this redelivers whatever the consumer does)."""
-
-
-class StopSignal:
-    """A stop request that any thread may set and that wakes the loop's pauses at once."""
-
-    def __init__(self) -> None:
-        self._flag = threading.Event()
-        self._lock = threading.Lock()
-        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
-
-    def set(self) -> None:
-        self._flag.set()
-        with self._lock:
-            waiters = list(self._waiters)
-        for loop, event in waiters:
-            with contextlib.suppress(RuntimeError):  # that loop has closed
-                loop.call_soon_threadsafe(event.set)
-
-    def clear(self) -> None:
-        self._flag.clear()
-
-    def is_set(self) -> bool:
-        return self._flag.is_set()
-
-    async def sleep(self, seconds: float) -> None:
-        """Sleep ``seconds``, or less if a stop is requested meanwhile."""
-        if self.is_set() or seconds <= 0:
-            return
-        entry = (asyncio.get_running_loop(), asyncio.Event())
-        with self._lock:
-            self._waiters.append(entry)
-        try:
-            if self.is_set():
-                return
-            with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
-                await asyncio.wait_for(entry[1].wait(), seconds)
-        finally:
-            with self._lock:
-                self._waiters.remove(entry)
 
 
 @dataclass(frozen=True)
@@ -159,7 +116,14 @@ class Runner:
             )
         kind = "async handlers" if self.is_async else "handlers"
         log.info("consumer %s started (%s)", self.name, kind)
-        extender = asyncio.create_task(self._keep_visible(receiver.visibility_timeout))
+        extender = asyncio.create_task(
+            keep_visible(
+                self.held,
+                receiver.visibility_timeout,
+                self.options.extend_after,
+                self.options.extend_by,
+            )
+        )
         try:
             await self._receive_loop(receiver)
         except BaseException:
@@ -386,22 +350,6 @@ class Runner:
             log.debug("receiving failed", exc_info=error)
         await self.stop.sleep(pause)
 
-    async def _keep_visible(self, visibility: float | None) -> None:
-        """Extend every delivery held longer than ``extend_after`` (in progress or
-        waiting), or than half the queue's ``visibility`` timeout if that is shorter."""
-        after, by = self.options.extend_after, self.options.extend_by
-        if visibility is not None:
-            after = min(after, max(MIN_EXTEND_AFTER, visibility / 2))
-        while True:
-            await asyncio.sleep(min(1.0, after / 2))
-            now = time.monotonic()
-            due = [d for d, since in self.held.items() if now - since >= after]
-            if not due:
-                continue
-            for delivery in due:
-                self.held[delivery] = now
-            await asyncio.to_thread(_extend_all, due, by)
-
     async def _maintain(self) -> None:
         now = time.monotonic()
         if now - self.last_prune < self.options.prune_interval:
@@ -427,12 +375,3 @@ def _settle(settle: Callable[[], None]) -> None:
     except Exception as exc:
         log.warning("could not settle a delivery (%s); the broker will redeliver it", one_line(exc))
         log.debug("settling failed", exc_info=True)
-
-
-def _extend_all(deliveries: list[Delivery], seconds: float) -> None:
-    for delivery in deliveries:
-        try:
-            delivery.extend(seconds)
-        except Exception as exc:
-            log.warning("could not extend a held message's visibility (%s)", one_line(exc))
-            log.debug("extending failed", exc_info=True)

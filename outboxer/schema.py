@@ -253,7 +253,8 @@ def adopt(bind: Engine | Connection) -> str:
     as the newest revision sets them: a comparison of tables does not see them, and tables
     made by an older ``create_all`` may lack them. On SQLite a dead-letter table without
     AUTOINCREMENT (an older ``create_all``'s) is recorded at revision 0005, so that
-    ``upgrade`` rebuilds it (0006).
+    ``upgrade`` rebuilds it (0006). Tables beside an empty version table, which create_all
+    does not make, are a killed upgrade's first revision: ``upgrade`` finishes it.
     """
     if isinstance(bind, Engine):
         with bind.begin() as connection:  # one transaction: checked and recorded together
@@ -271,6 +272,11 @@ def adopt(bind: Engine | Connection) -> str:
             "there are no outboxer tables to adopt: `outboxer db upgrade` creates them"
         )
     found = differences(connection)
+    if found and inspect(connection).has_table(VERSION_TABLE):  # not create_all's: see below
+        raise ConfigurationError(
+            f"an interrupted `outboxer db upgrade` made part of revision {revisions()[0]} "
+            "(the version table, some tables): run `outboxer db upgrade` to finish it"
+        )
     if found:
         more = f"; and {len(found) - 5} more" if len(found) > 5 else ""
         raise ConfigurationError(

@@ -11,12 +11,15 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import mysql
 
+from outboxer.migration_steps import Steps
 from outboxer.tables import MYSQL_TABLE_OPTIONS, OUTBOX_AUTOVACUUM, UTCDateTime
 
 revision = "0001"
 down_revision = None
 branch_labels = None
 depends_on = None
+
+step = Steps(revision)  # a rerun keeps what a killed run of it made (migration_steps)
 
 
 def _big_id() -> sa.types.TypeEngine:  # type: ignore[type-arg]
@@ -32,7 +35,7 @@ def _long_text() -> sa.types.TypeEngine:  # type: ignore[type-arg]
 
 
 def upgrade() -> None:
-    op.create_table(
+    step.create_table(
         "outboxer_outbox",
         sa.Column("id", _big_id(), primary_key=True, autoincrement=True),
         sa.Column("message_id", sa.Uuid(), nullable=False),
@@ -61,10 +64,10 @@ def upgrade() -> None:
     )
     if op.get_bind().dialect.name == "postgresql":
         op.execute(OUTBOX_AUTOVACUUM)
-    op.create_index("ix_outboxer_outbox_pending", "outboxer_outbox", ["available_at", "id"])
-    op.create_index("ix_outboxer_outbox_key", "outboxer_outbox", ["message_key", "id"])
+    step.create_index("ix_outboxer_outbox_pending", "outboxer_outbox", ["available_at", "id"])
+    step.create_index("ix_outboxer_outbox_key", "outboxer_outbox", ["message_key", "id"])
 
-    op.create_table(
+    step.create_table(
         "outboxer_sent",
         sa.Column("id", _big_id(), primary_key=True, autoincrement=False),
         sa.Column("message_id", sa.Uuid(), nullable=False),
@@ -84,10 +87,10 @@ def upgrade() -> None:
         sa.Column("sent_at", UTCDateTime(), nullable=False),
         **MYSQL_TABLE_OPTIONS,
     )
-    op.create_index("ix_outboxer_sent_sent_at", "outboxer_sent", ["sent_at"])
-    op.create_index("ix_outboxer_sent_message_id", "outboxer_sent", ["message_id"])
+    step.create_index("ix_outboxer_sent_sent_at", "outboxer_sent", ["sent_at"])
+    step.create_index("ix_outboxer_sent_message_id", "outboxer_sent", ["message_id"])
 
-    op.create_table(
+    step.create_table(
         "outboxer_inbox",
         sa.Column("handler", sa.String(255), nullable=False),
         sa.Column("dedup_key", sa.String(255), nullable=False),
@@ -97,9 +100,9 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("handler", "dedup_key", name="pk_outboxer_inbox"),
         **MYSQL_TABLE_OPTIONS,
     )
-    op.create_index("ix_outboxer_inbox_processed_at", "outboxer_inbox", ["processed_at"])
+    step.create_index("ix_outboxer_inbox_processed_at", "outboxer_inbox", ["processed_at"])
 
-    op.create_table(
+    step.create_table(
         "outboxer_dead_letter",
         sa.Column("id", _big_id(), primary_key=True, autoincrement=True),
         sa.Column("origin", sa.String(16), nullable=False),
@@ -126,8 +129,8 @@ def upgrade() -> None:
         sa.Column("replayed_at", UTCDateTime(), nullable=True),
         **MYSQL_TABLE_OPTIONS,
     )
-    op.create_index("ix_outboxer_dead_letter_failed", "outboxer_dead_letter", ["last_failed_at"])
-    op.create_index(
+    step.create_index("ix_outboxer_dead_letter_failed", "outboxer_dead_letter", ["last_failed_at"])
+    step.create_index(
         "ix_outboxer_dead_letter_handler", "outboxer_dead_letter", ["handler", "last_failed_at"]
     )
 

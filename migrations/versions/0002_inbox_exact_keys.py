@@ -15,20 +15,24 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import mysql
 
+from outboxer.migration_steps import Steps
+
 revision = "0002"
 down_revision = "0001"
 branch_labels = None
 depends_on = None
 
+step = Steps(revision)  # a rerun after a killed run of it: an altered column is kept
+
 
 def upgrade() -> None:
     if op.get_bind().dialect.name in ("mysql", "mariadb"):
-        op.alter_column(
+        step.alter_column_type(
             "outboxer_inbox",
             "dedup_key",
             existing_type=sa.String(255),
             type_=mysql.VARBINARY(1020),
-            existing_nullable=False,
+            nullable=False,
         )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from outboxer.migration_steps import Steps
 from outboxer.tables import MYSQL_TABLE_OPTIONS, UTCDateTime
 
 revision = "0003"
@@ -17,9 +18,11 @@ down_revision = "0002"
 branch_labels = None
 depends_on = None
 
+step = Steps(revision)  # a rerun keeps what a killed run of it made (migration_steps)
+
 
 def upgrade() -> None:
-    op.create_table(
+    step.create_table(
         "outboxer_relay",
         sa.Column("relay_id", sa.String(16), primary_key=True),
         sa.Column("name", sa.String(255), nullable=False),

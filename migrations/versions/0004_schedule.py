@@ -10,6 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from outboxer.migration_steps import Steps
 from outboxer.tables import MYSQL_TABLE_OPTIONS, UTCDateTime
 
 revision = "0004"
@@ -17,9 +18,11 @@ down_revision = "0003"
 branch_labels = None
 depends_on = None
 
+step = Steps(revision)  # a rerun keeps what a killed run of it made (migration_steps)
+
 
 def upgrade() -> None:
-    op.create_table(
+    step.create_table(
         "outboxer_schedule",
         sa.Column("name", sa.String(255), primary_key=True),
         sa.Column("last_tick", sa.BigInteger(), nullable=False),

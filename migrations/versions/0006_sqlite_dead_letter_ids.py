@@ -15,10 +15,14 @@ from __future__ import annotations
 
 from alembic import op
 
+from outboxer.migration_steps import Steps
+
 revision = "0006"
 down_revision = "0005"
 branch_labels = None
 depends_on = None
+
+step = Steps(revision)  # a killed run's leftover copy of the table is dropped first
 
 
 def upgrade() -> None:
@@ -32,6 +36,7 @@ def downgrade() -> None:
 def _rebuild(*, autoincrement: bool) -> None:
     """SQLite: the dead-letter table made again, with or without AUTOINCREMENT."""
     if op.get_bind().dialect.name == "sqlite":
+        step.drop_leftover_copy("outboxer_dead_letter")
         with op.batch_alter_table(
             "outboxer_dead_letter",
             recreate="always",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -11,12 +12,15 @@ from sqlalchemy.exc import DBAPIError
 
 from .. import schema
 from ..errors import ConfigurationError
+from ..migration_steps import first_revision_interrupted
 from .common import console, db_option, failure, make_engine, option, safe_url
 
 CREATE_ALL_FIX = (
     "they have no migration history, so `outboxer db upgrade` cannot upgrade them: run "
     "`outboxer db adopt` to put them under the migrations (docs/migrations.md)"
 )
+
+log = logging.getLogger(__name__)
 
 
 def _revisions_for_help() -> str:
@@ -80,6 +84,7 @@ def _one_line(engine: Engine, db_url: str, command: str) -> Iterator[None]:
     try:
         yield
     except ConfigurationError as exc:
+        log.debug("the traceback of the failure below", exc_info=exc)
         raise click.ClickException(f"{safe_url(db_url)}: {exc}") from exc
     except DBAPIError as exc:
         refusal = _refusal(exc, db_url, command)
@@ -135,6 +140,14 @@ def _check_usable(
 ) -> None:
     """A ClickException naming the fix when the migrations cannot start from the database's
     revision ``before`` (tables made by create_all, a newer release's revision)."""
+    if before is None and first_revision_interrupted(connection):
+        if not schema.differences(connection):  # the newest revision's tables, unrecorded
+            raise click.ClickException(
+                f"the outboxer tables of {safe_url(db_url)} match revision {known[-1]} and "
+                "no revision is recorded (an interrupted `outboxer db adopt`): run `outboxer "
+                "db adopt` again"
+            )
+        return  # a killed upgrade's first revision, half made: the migrations finish it
     if before is None and schema.tables_present(connection):
         raise click.ClickException(
             f"the outboxer tables of {safe_url(db_url)} were made by outboxer.create_all: "
@@ -155,13 +168,26 @@ def current(db_url: str) -> None:
     try:
         revision = schema.current(engine)
         tables = schema.tables_present(engine) if revision is None else []
+        with engine.connect() as connection:
+            interrupted = bool(tables) and first_revision_interrupted(connection)
+            adopting = interrupted and not schema.differences(connection)
     except ConfigurationError as exc:
         raise click.ClickException(f"{safe_url(db_url)}: {exc}") from exc
     finally:
         engine.dispose()
     known = schema.revisions()
     head = known[-1]
-    if revision is None and tables:
+    if adopting:
+        state = (
+            f"tables of revision {head}, which no revision is recorded for (an interrupted "
+            "`outboxer db adopt`): run `outboxer db adopt` again"
+        )
+    elif interrupted:
+        state = (
+            f"revision {known[0]} half made: an `outboxer db upgrade` was interrupted in it "
+            f"(newest revision is {head}): run `outboxer db upgrade` to finish"
+        )
+    elif revision is None and tables:
         state = f"tables made by outboxer.create_all (newest revision is {head}): {CREATE_ALL_FIX}"
     elif revision is None:
         state = f"no outboxer tables (newest revision is {head}): run `outboxer db upgrade`"

@@ -24,7 +24,7 @@ from sqlalchemy.engine import Connection
 
 from .errors import ConfigurationError
 
-__all__ = ["HalfApplied", "Steps", "first_revision_interrupted"]
+__all__ = ["HalfApplied", "Steps", "first_revision_interrupted", "refuse_interrupted_adopt"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,19 @@ def first_revision_interrupted(connection: Connection) -> bool:
         and current(connection) is None
         and bool(tables_present(connection))
     )
+
+
+def refuse_interrupted_adopt(connection: Connection) -> None:
+    """ConfigurationError when the newest revision's tables stand beside an empty version
+    table: an ``outboxer db adopt`` killed between making the version table and recording
+    the revision (not a first revision to finish: its tables have later revisions' shapes)."""
+    from .schema import differences, head
+
+    if first_revision_interrupted(connection) and not differences(connection):
+        raise ConfigurationError(
+            f"the outboxer tables match revision {head()} and no revision is recorded (an "
+            "interrupted `outboxer db adopt`): run `outboxer db adopt` again"
+        )
 
 
 class Steps:

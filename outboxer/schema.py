@@ -29,6 +29,7 @@ from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection, Engine
 
 from .errors import ConfigurationError
+from .migration_steps import refuse_interrupted_adopt
 from .tables import OUTBOX_AUTOVACUUM, OUTBOX_FILLFACTOR, metadata
 
 __all__ = [
@@ -153,6 +154,7 @@ def upgrade(
             _migration_lock(connection, theirs),
         ):
             before = _revision(context)
+            refuse_interrupted_adopt(connection)
             if check is not None:
                 check(connection, before)
             context.run_migrations()
@@ -253,8 +255,7 @@ def adopt(bind: Engine | Connection) -> str:
     as the newest revision sets them: a comparison of tables does not see them, and tables
     made by an older ``create_all`` may lack them. On SQLite a dead-letter table without
     AUTOINCREMENT (an older ``create_all``'s) is recorded at revision 0005, so that
-    ``upgrade`` rebuilds it (0006). Tables beside an empty version table, which create_all
-    does not make, are a killed upgrade's first revision: ``upgrade`` finishes it.
+    ``upgrade`` rebuilds it (0006).
     """
     if isinstance(bind, Engine):
         with bind.begin() as connection:  # one transaction: checked and recorded together

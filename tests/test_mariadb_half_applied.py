@@ -23,6 +23,7 @@ from sqlalchemy.engine import Engine
 
 from outboxer import schema
 from outboxer.cli import main
+from outboxer.errors import ConfigurationError
 
 from .test_migrations import schema_differences
 from .test_review3_deployment import (
@@ -254,6 +255,22 @@ def test_an_interrupted_adopt_is_named_and_finished_by_adopt(
     code, output = cli(mariadb_db, "upgrade")
     assert code == 0 and f"already at revision {schema.head()}" in output, output
     assert_clean_head(mariadb_db, clean_shape)
+
+
+def test_an_interrupted_adopt_is_named_by_the_python_api_too(mariadb_db: str) -> None:
+    """``outboxer.schema.upgrade(engine)`` (an application's start-up) on the same state:
+    the same fix, not a table of "another shape"."""
+    engine = create_engine(mariadb_db)
+    try:
+        schema.upgrade(engine)
+        with engine.begin() as connection:
+            connection.execute(text(f"DELETE FROM {schema.VERSION_TABLE}"))
+        with pytest.raises(ConfigurationError, match="run `outboxer db adopt` again"):
+            schema.upgrade(engine)
+        assert schema.adopt(engine) == schema.head()
+        assert schema.upgrade(engine) == schema.head()
+    finally:
+        engine.dispose()
 
 
 def run_cli(url: str, *args: str) -> tuple[int, str]:

@@ -141,12 +141,6 @@ def _check_usable(
     """A ClickException naming the fix when the migrations cannot start from the database's
     revision ``before`` (tables made by create_all, a newer release's revision)."""
     if before is None and first_revision_interrupted(connection):
-        if not schema.differences(connection):  # the newest revision's tables, unrecorded
-            raise click.ClickException(
-                f"the outboxer tables of {safe_url(db_url)} match revision {known[-1]} and "
-                "no revision is recorded (an interrupted `outboxer db adopt`): run `outboxer "
-                "db adopt` again"
-            )
         return  # a killed upgrade's first revision, half made: the migrations finish it
     if before is None and schema.tables_present(connection):
         raise click.ClickException(

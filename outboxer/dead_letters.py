@@ -13,8 +13,14 @@ unless ``include_replayed=True``). Where it goes depends on where it failed:
   a fresh attempt count; the other handlers of the message do not run again;
 * ``relay``: to its original destination;
 * ``consumer`` (it could not be used): back to the consumer, for all its handlers, once
-  the code can handle it (for an inbound adapter's message, to that adapter alone); a
-  message with no readable envelope (or, from an adapter, no id) cannot be replayed.
+  the code can handle it; one that was for a single handler (a retry or replay for a
+  handler the consumer does not have, an inbound adapter's message) to that handler
+  alone; a message with no readable envelope (or, from an adapter, no id) cannot be
+  replayed.
+
+``replay(id, to_handler="consumer:handler")`` re-addresses it: to that consumer's queue,
+for that one handler, with a fresh attempt count (a handler that was renamed, say);
+``replay_all(handler=..., to_handler=...)`` does so for every letter of one handler.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from sqlalchemy.orm import Session
 
 from . import instrumentation, store, wire
 from .errors import ConfigurationError, DeadLetterNotFound, OutboxerError
+from .handler_address import check_address, split_address
 from .message import Envelope
 from .plan import FIRST_FAILED_AT
 from .store import dead_letter_replay as replay_store
@@ -94,13 +101,18 @@ class DeadLetters:
         with self._transaction() as connection:
             return dead_letter_store.count_dead_letters(connection)
 
-    def replay(self, dead_letter_id: int, *, keep: bool = False) -> UUID:
+    def replay(
+        self, dead_letter_id: int, *, keep: bool = False, to_handler: str | None = None
+    ) -> UUID:
         """Send a dead letter again (see the module docs for where); returns its message id.
 
+        ``to_handler`` (``consumer:handler``) sends it to that handler alone instead.
         :class:`DeadLetterNotFound` if there is none with that id (or another replay took
-        it meanwhile); :class:`~outboxer.OutboxerError` naming the fix if it cannot be
-        replayed as it is stored. Two replays of one letter at once send it once.
+        it meanwhile); :class:`~outboxer.ConfigurationError` for a ``to_handler`` that is
+        no handler's address; :class:`~outboxer.OutboxerError` naming the fix if it cannot
+        be replayed as it is stored. Two replays of one letter at once send it once.
         """
+        check_address(to_handler)
         with self._transaction() as connection:
             letter = dead_letter_store.get_dead_letter(connection, dead_letter_id, for_update=True)
             if letter is None:
@@ -112,7 +124,8 @@ class DeadLetters:
                     f"dead letter {dead_letter_id} was already replayed at "
                     f"{letter.replayed_at.isoformat()}; a second replay would send it twice"
                 )
-            if not self._replay_one(connection, letter, replay_envelope(letter), keep):
+            envelope = _envelope(letter, to_handler)
+            if not self._replay_one(connection, letter, envelope, keep):
                 raise DeadLetterNotFound(
                     f"dead letter {dead_letter_id} was replayed or deleted by someone else "
                     "meanwhile; it was not sent again"
@@ -135,8 +148,13 @@ class DeadLetters:
         progress: Progress | None = None,
         skipped: Skipped | None = None,
         up_to_id: int | None = None,
+        to_handler: str | None = None,
     ) -> int:
         """Replay every dead letter matching the filters, ``batch_size`` per transaction.
+
+        ``to_handler`` (``consumer:handler``) sends each to that handler alone; it needs
+        the ``handler`` filter (the handler the letters were for), so that the letters of
+        other handlers, or of none, are not re-addressed with them.
 
         The letters are those matching when the call starts (ids up to ``up_to_id`` if
         given): a replay that fails again while this runs is a new dead letter, left for
@@ -145,6 +163,12 @@ class DeadLetters:
         and ``skipped`` is called with each one's id and why. Returns how many were
         replayed; ``progress`` is called with each batch's count.
         """
+        check_address(to_handler)
+        if to_handler is not None and handler is None:
+            raise ConfigurationError(
+                f"replay_all(to_handler={to_handler!r}) needs handler=... too (the handler "
+                "the letters were for), so that other handlers' letters are not re-addressed"
+            )
         where = DeadLetterFilter(origin, consumer, handler, message_type, error_type, since, until)
         replayed = 0
         for ids in self._batches(where, batch_size, up_to_id):
@@ -157,7 +181,7 @@ class DeadLetters:
                     if letter is None or letter.replayed_at is not None:
                         continue  # replayed or deleted by someone else meanwhile
                     try:
-                        envelope = replay_envelope(letter)
+                        envelope = _envelope(letter, to_handler)
                         # Too large for this database's outbox: said before any write, so
                         # the other letters of the batch still go.
                         store.check_size(store.NewMessage(envelope), connection.engine)
@@ -243,10 +267,8 @@ class DeadLetters:
             "outboxer.dead_letter.id": letter.id,
             "outboxer.dead_letter.origin": letter.origin,
         }
-        if letter.handler:
-            attributes["outboxer.handler"] = (
-                f"{letter.consumer}:{letter.handler}" if letter.consumer else letter.handler
-            )
+        if envelope.handler:
+            attributes["outboxer.handler"] = envelope.handler
         with tracer.replay(letter.trace_headers, attributes) as span:
             trace = span.trace_headers()
             if trace:
@@ -282,12 +304,19 @@ class DeadLetters:
             yield session.connection()
 
 
+def _envelope(letter: DeadLetter, to_handler: str | None) -> Envelope:
+    # Called as replay_envelope(letter) when not re-addressed: the one-argument form
+    # tests wrap to hold two replays of one letter at the same point.
+    return replay_envelope(letter) if to_handler is None else replay_envelope(letter, to_handler)
+
+
 def replayable(letter: DeadLetter) -> bool:
     return letter.message_id is not None and letter.message_type is not None
 
 
-def replay_envelope(letter: DeadLetter) -> Envelope:
-    """The message a replay sends, per the rules in the module docs."""
+def replay_envelope(letter: DeadLetter, to_handler: str | None = None) -> Envelope:
+    """The message a replay sends, per the rules in the module docs (``to_handler``: to
+    that handler alone, checked by :func:`check_address` first)."""
     if not replayable(letter):
         raise OutboxerError(
             f"dead letter {letter.id} cannot be replayed: it has no readable envelope "
@@ -303,18 +332,36 @@ def replay_envelope(letter: DeadLetter) -> Envelope:
             "or delete it"
         )
     _check_headers(letter)
-    if letter.origin == "handler":
+    readdress = (
+        f"replay it to the handler it is for (outboxer dead-letter replay {letter.id} "
+        "--to-handler CONSUMER:HANDLER)"
+    )
+    if to_handler is not None:
+        check_address(to_handler)
+        owner = split_address(to_handler, letter.consumer)
+        assert owner is not None
+        destination, handler = owner[0], to_handler
+    elif dead_letter_store.was_cut(letter.handler, "handler"):
+        assert letter.handler is not None
+        raise OutboxerError(
+            f"dead letter {letter.id} cannot be replayed as stored: the name of the handler "
+            f"it was for was longer than its column, and was cut ({letter.handler[:60]!r}...); "
+            f"{readdress}, or delete it"
+        )
+    elif letter.origin == "handler":
         if not letter.consumer or not letter.handler:
             raise OutboxerError(
                 f"dead letter {letter.id} is a handler's but names no consumer and handler "
                 "to replay to; set its consumer and handler columns (UPDATE "
                 f"outboxer_dead_letter SET consumer = ..., handler = ... WHERE id = {letter.id})"
-                ", or delete it"
+                f", {readdress}, or delete it"
             )
         destination, handler = letter.consumer, f"{letter.consumer}:{letter.handler}"
     elif letter.origin == "consumer":
         destination, handler = letter.consumer or letter.destination or "", None
-        if letter.consumer and letter.handler:  # an inbound adapter's: back to it alone
+        # For one handler (a retry or replay for a handler the consumer does not have,
+        # an inbound adapter's message): back to it alone.
+        if letter.consumer and letter.handler:
             handler = f"{letter.consumer}:{letter.handler}"
     else:  # relay: the envelope's own handler (consumer:handler) for a retry or replay
         destination, handler = letter.destination or "", letter.handler
@@ -326,7 +373,7 @@ def replay_envelope(letter: DeadLetter) -> Envelope:
             f"{handler[:60]!r}... ({len(handler)} characters, more than the {_HANDLER_LENGTH} "
             "an outbox row and every consumer take; were its consumer or handler columns "
             "edited?); set them back (UPDATE outboxer_dead_letter SET consumer = ..., "
-            f"handler = ... WHERE id = {letter.id}), or delete it"
+            f"handler = ... WHERE id = {letter.id}), {readdress}, or delete it"
         )
     headers = {k: v for k, v in letter.headers.items() if k != FIRST_FAILED_AT}
     if letter.origin == "consumer":

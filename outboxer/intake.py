@@ -17,6 +17,7 @@ from typing import Any
 
 from . import wire
 from .errors import DecodeError
+from .handler_address import own_name
 from .handlers import HandlerRegistry, HandlerSpec
 from .message import Envelope, registered_type
 from .redaction import one_line
@@ -94,22 +95,28 @@ def prepare(
     except Exception as exc:  # nothing a delivery carries may raise out of the intake
         return reject("malformed_envelope", f"the envelope cannot be read: {one_line(exc)}")
     if envelope.handler is not None:
+        # A retry or replay for a handler this consumer does not have (renamed, retired,
+        # or another consumer's), or of another type: parked still addressed to it, so
+        # that its replay goes to that handler alone, never to every handler of the type.
+        addressed_to = own_name(envelope.handler, consumer)
         target = registry.by_id.get(envelope.handler)
         if target is None:
-            # A retry or replay for a handler this consumer does not have (renamed, or
-            # another consumer's): park it rather than lose it.
             return reject(
                 "unknown_handler",
                 f"message {envelope.message_id} is addressed to handler "
-                f"{envelope.handler!r}, which consumer {consumer!r} does not have",
+                f"{envelope.handler!r}, which consumer {consumer!r} does not have; "
+                + _readdress(registry, envelope.type),
                 envelope,
+                addressed_to,
             )
         if target.type_name != envelope.type:
             return reject(
                 "handler_type_mismatch",
                 f"message {envelope.message_id} of type {envelope.type!r} is addressed to "
-                f"handler {envelope.handler!r}, which handles {target.type_name!r} only",
+                f"handler {envelope.handler!r}, which handles {target.type_name!r} only; "
+                + _readdress(registry, envelope.type),
                 envelope,
+                addressed_to,
             )
         targets = [target]
     else:
@@ -145,3 +152,13 @@ def prepare(
         # A retry says which run it is; an outside sender must not skip or repeat retries.
         first = max(1, min(envelope.attempt, targets[0].retry.max_attempts))
     return Prepared(envelope, targets, events, first)
+
+
+def _readdress(registry: HandlerRegistry, message_type: str) -> str:
+    """How to fix a letter addressed to a handler that cannot take it."""
+    here = [spec.id for spec in registry.by_type.get(message_type, ())][:5]
+    return (
+        "deploy that handler and replay the dead letter, or replay it to the handler that "
+        "does this work now: outboxer dead-letter replay ID --to-handler CONSUMER:HANDLER"
+        + (f" (here {message_type!r} goes to {', '.join(here)})" if here else "")
+    )

@@ -15,8 +15,9 @@ from rich.table import Table
 from rich.text import Text
 from sqlalchemy.orm import sessionmaker
 
-from ..dead_letters import DeadLetter, DeadLetters
+from ..dead_letters import DeadLetter, DeadLetters, replay_envelope
 from ..errors import DeadLetterNotFound, OutboxerError
+from ..handler_address import address_problem
 from ..plan import plural
 from .common import When, console, db_option, err_console, make_engine, option
 
@@ -151,40 +152,79 @@ def show(db_url: str, dead_letter_id: int) -> None:
         console.print(Panel(_text(letter.traceback.rstrip(), keep_lines=True), title="traceback"))
 
 
+def _address(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    problem = None if value is None else address_problem(value)
+    if problem is not None:
+        raise click.BadParameter(problem)
+    return value
+
+
+def to_handler_option(help: str) -> Callable[[F], F]:
+    return option("--to-handler", metavar="CONSUMER:HANDLER", callback=_address, help=help)
+
+
 @dead_letter.command()
 @db_option()
 @click.argument("dead_letter_id", type=int)
 @option(
     "--keep", is_flag=True, help="Keep it as history (hidden from list) instead of deleting it."
 )
-def replay(db_url: str, dead_letter_id: int, keep: bool) -> None:
-    """Send one dead letter again: to its handler alone, or to its destination."""
+@to_handler_option(
+    "Send it to this handler alone (consumer:handler, as list shows it), e.g. to the new "
+    "name of a handler that was renamed."
+)
+def replay(db_url: str, dead_letter_id: int, keep: bool, to_handler: str | None) -> None:
+    """Send one dead letter again: to its handler alone, or to its destination.
+
+    A letter for a handler the consumer no longer has (renamed, retired) goes back to that
+    handler, and comes back as unknown_handler while it is missing: --to-handler sends it
+    to the handler that does its work now.
+    """
     dead = _dead_letters(db_url)
     letter = _get(dead, dead_letter_id)
     try:
-        message_id = dead.replay(dead_letter_id, keep=keep)
+        message_id = dead.replay(dead_letter_id, keep=keep, to_handler=to_handler)
     except OutboxerError as exc:
         raise click.ClickException(str(exc)) from exc
-    target = (
-        f"handler {letter.consumer}:{letter.handler}"
-        if letter.origin == "handler"
-        else (f"{letter.consumer or letter.destination}")
-    )
     console.print(
-        _text(f"replayed dead letter {dead_letter_id} (message {message_id}) to {target}")
+        _text(
+            f"replayed dead letter {dead_letter_id} (message {message_id}) to "
+            f"{_replay_target(letter, to_handler)}"
+        )
     )
+
+
+def _replay_target(letter: DeadLetter, to_handler: str | None) -> str:
+    """Where a replay of ``letter`` went: a handler, or a destination."""
+    try:
+        envelope = replay_envelope(letter, to_handler)
+    except OutboxerError:  # edited since it was read: the replay itself judged it
+        where = letter.consumer or letter.destination or "?"
+        return f"handler {to_handler}" if to_handler else where
+    return f"handler {envelope.handler}" if envelope.handler else envelope.destination
 
 
 @dead_letter.command("replay-all")
 @db_option()
 @filters
 @option("--keep", is_flag=True, help="Keep them as history instead of deleting them.")
+@to_handler_option(
+    "Send each to this handler alone (consumer:handler); needs --handler, the handler "
+    "they were for."
+)
 @option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
-def replay_all(db_url: str, keep: bool, yes: bool, **values: Any) -> None:
+def replay_all(db_url: str, keep: bool, to_handler: str | None, yes: bool, **values: Any) -> None:
     """Replay every dead letter matching the filters.
 
-    Exits 1 if some could not be replayed as stored (each is named, with why).
+    With --to-handler consumer:handler, the letters of the --handler given go to that
+    handler instead (a handler that was renamed). Exits 1 if some could not be replayed
+    as stored (each is named, with why).
     """
+    if to_handler is not None and values["handler"] is None:
+        raise click.UsageError(
+            "--to-handler needs --handler (the handler the letters were for), so that "
+            "other handlers' letters are not re-addressed with them"
+        )
     dead = _dead_letters(db_url)
     chosen = _filters(**values)
     # What matches now, and nothing newer: the replays that fail again while this runs,
@@ -195,7 +235,10 @@ def replay_all(db_url: str, keep: bool, yes: bool, **values: Any) -> None:
         console.print("no dead letters match")
         return
     if not yes:
-        click.confirm(f"replay {total} dead letter{'s' * (total != 1)}?", abort=True, err=True)
+        where = f" to handler {_clean(to_handler)}" if to_handler else ""
+        click.confirm(
+            f"replay {total} dead letter{'s' * (total != 1)}{where}?", abort=True, err=True
+        )
     skipped: list[str] = []  # the first few reasons (memory stays bounded), and a count
     left = 0
 
@@ -213,6 +256,7 @@ def replay_all(db_url: str, keep: bool, yes: bool, **values: Any) -> None:
             progress=lambda n: progress.advance(task, n),
             skipped=skip,
             up_to_id=up_to_id,
+            to_handler=to_handler,
         )
     console.print(f"replayed {replayed} of {plural(total, 'dead letter')}")
     for why in skipped:

@@ -35,6 +35,7 @@ __all__ = [
     "list_dead_letters",
     "prune_dead_letters",
     "quarantine",
+    "was_cut",
 ]
 
 ORIGINS = ("relay", "handler", "consumer")
@@ -205,6 +206,15 @@ def _text(value: object, limit: int | None) -> str | None:
     if limit is not None and len(text) > limit:
         text = text[: limit - len(_TRUNCATED)] + _TRUNCATED
     return text
+
+
+def was_cut(value: str | None, column: str) -> bool:
+    """Whether ``value``, read from ``column``, is text that was longer than the column
+    and cut to it (it ends in the marker and fills the column): not the value written."""
+    limit = _length(column)
+    if value is None or limit is None:
+        return False
+    return len(value) == limit and value.endswith(_TRUNCATED)
 
 
 def _length(column: str) -> int | None:

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from .redaction import one_line
 from .transports.base import Delivery
@@ -51,7 +52,37 @@ async def keep_visible(
 
 
 def extend_all(deliveries: Sequence[Delivery], seconds: float) -> None:
-    """Extend each of ``deliveries`` by ``seconds``; a failure is one warning line."""
+    """Extend each of ``deliveries`` by ``seconds``, with as few broker calls as their
+    brokers allow (grouped by class, as :func:`~outboxer.transports.base.acknowledge`
+    does); a failure is one warning line.
+
+    A class whose ``extend_many`` is its own (SQS: ten a call) extends its group; one
+    without (the default calls :meth:`~outboxer.transports.base.Delivery.extend` once
+    each, and the first failure would leave the rest) goes one by one here. A broker
+    without visibility (RabbitMQ: neither is overridden) costs nothing."""
+    kinds: dict[type, list[Delivery]] = {}
+    for delivery in deliveries:
+        kinds.setdefault(type(delivery), []).append(delivery)
+    for kind, group in kinds.items():
+        own_extend = getattr(kind, "extend", None) is not Delivery.extend
+        together = getattr(kind, "extend_many", None)
+        if together is not None and _overrides(together, Delivery.extend_many):
+            try:
+                together(group, seconds)
+                continue
+            except Exception as exc:
+                log.debug("extending %d together failed (%s); one by one", len(group), exc)
+        elif not own_extend:
+            continue  # nothing to extend
+        _one_by_one(group, seconds)
+
+
+def _overrides(method: Any, base: Any) -> bool:
+    """Whether the classmethod ``method`` (bound) is not ``base``'s (bound) own."""
+    return getattr(method, "__func__", method) is not getattr(base, "__func__", base)
+
+
+def _one_by_one(deliveries: Sequence[Delivery], seconds: float) -> None:
     for delivery in deliveries:
         try:
             delivery.extend(seconds)

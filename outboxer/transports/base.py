@@ -149,6 +149,13 @@ class Delivery(abc.ABC):
         """Keep it invisible to other consumers ``seconds`` longer (slow handlers on SQS)."""
 
     @classmethod
+    def extend_many(cls, deliveries: Sequence[Delivery], seconds: float) -> None:
+        """:meth:`extend` ``deliveries`` (all of this class) together, where the broker can
+        (SQS: ``ChangeMessageVisibilityBatch``); by default one :meth:`extend` each."""
+        for delivery in deliveries:
+            delivery.extend(seconds)
+
+    @classmethod
     def ack_many(cls, deliveries: Sequence[Delivery]) -> None:
         """Acknowledge ``deliveries`` (all of this class) together, where the broker can
         (SQS: ``DeleteMessageBatch``); by default one :meth:`ack` each."""

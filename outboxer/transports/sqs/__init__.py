@@ -46,7 +46,9 @@ undecodable, so its dead letter names the fix.
 ``ack`` deletes, ``release`` makes the message visible again at once, ``extend`` pushes
 its visibility timeout; they never raise: a message that is gone is logged at debug
 level, other failures as warnings (the message then comes back after its visibility
-timeout, and the inbox deduplicates it).
+timeout, and the inbox deduplicates it). ``ack_many`` and ``extend_many`` do the same
+for many deliveries, ten of a queue per call (``DeleteMessageBatch``,
+``ChangeMessageVisibilityBatch``).
 """
 
 from __future__ import annotations

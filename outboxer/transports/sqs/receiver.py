@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import itertools
 import logging
 import math
@@ -64,19 +65,28 @@ class _SQSDelivery(Delivery):
     def ack_many(cls, deliveries: Sequence[Delivery]) -> None:
         """``DeleteMessageBatch`` per queue, ten at a time; what it cannot delete is
         deleted one by one (which knows a message that is already gone)."""
-        queues: dict[tuple[int, str], list[_SQSDelivery]] = {}
-        for delivery in deliveries:
-            assert isinstance(delivery, _SQSDelivery)
-            queues.setdefault((id(delivery._client), delivery._url), []).append(delivery)
-        for group in queues.values():
+        for group in _by_queue(deliveries):
             for start in range(0, len(group), MAX_BATCH_ENTRIES):
                 _delete_batch(group[start : start + MAX_BATCH_ENTRIES])
 
     def extend(self, seconds: float) -> None:
-        timeout = min(MAX_VISIBILITY_SECONDS, max(0, math.ceil(seconds)))
+        timeout = _visibility_seconds(seconds)
         with self._lock:
             if not self._settled:
                 self._call("extend", lambda: self._set_visibility(timeout))
+
+    @classmethod
+    def extend_many(cls, deliveries: Sequence[Delivery], seconds: float) -> None:
+        """``ChangeMessageVisibilityBatch`` per queue, ten at a time (one left over: one
+        ``ChangeMessageVisibility``); never raises (see :func:`_extend_batch`)."""
+        timeout = _visibility_seconds(seconds)
+        for group in _by_queue(deliveries):
+            for start in range(0, len(group), MAX_BATCH_ENTRIES):
+                chunk = group[start : start + MAX_BATCH_ENTRIES]
+                if len(chunk) == 1:
+                    chunk[0].extend(seconds)
+                else:
+                    _extend_batch(chunk, timeout)
 
     def _delete(self) -> None:
         self._client.delete_message(QueueUrl=self._url, ReceiptHandle=self._receipt)
@@ -363,6 +373,83 @@ def _mark_notification(delivery: _SQSDelivery, queue: str) -> None:
             "off; turn it on (RawMessageDelivery=true; outboxer-inbox with sns:// sets it "
             "at start), then publish the notification's Message again"
         )
+
+
+def _visibility_seconds(seconds: float) -> int:
+    """``seconds`` as SQS takes a visibility timeout: whole seconds, 0 to 12 hours."""
+    return min(MAX_VISIBILITY_SECONDS, max(0, math.ceil(seconds)))
+
+
+def _by_queue(deliveries: Sequence[Delivery]) -> list[list[_SQSDelivery]]:
+    """``deliveries`` (all SQS's) by queue and client, in order: one batch call's worth."""
+    queues: dict[tuple[int, str], list[_SQSDelivery]] = {}
+    for delivery in deliveries:
+        assert isinstance(delivery, _SQSDelivery)
+        queues.setdefault((id(delivery._client), delivery._url), []).append(delivery)
+    return list(queues.values())
+
+
+def _gone(code: str, message: str) -> bool:
+    """Whether an error (SQS's code and message) says the message is no longer held."""
+    code = code.removeprefix("AWS.SimpleQueueService.")
+    return code in _GONE or "receipt handle" in message.lower()
+
+
+def _extend_batch(deliveries: list[_SQSDelivery], seconds: int) -> None:
+    """One ``ChangeMessageVisibilityBatch`` for up to ten deliveries of one queue.
+
+    A delivery being settled meanwhile (its lock taken) and a settled one are left out.
+    An entry that fails because its message is gone (deleted, or its receipt handle
+    expired) is logged at debug level, as :meth:`_SQSDelivery.extend` does; one that fails
+    otherwise is extended alone (which warns if that fails too). A call that SQS refuses
+    as a whole: each alone. A call that does not reach SQS (connection, timeout): one
+    warning; each alone would wait for the same timeout, one after another, while the
+    others' time runs out."""
+    taken = [d for d in deliveries if d._lock.acquire(blocking=False)]
+    try:
+        waiting = {str(i): d for i, d in enumerate(taken) if not d._settled}
+        if not waiting:
+            return
+        first = next(iter(waiting.values()))
+        alone: list[_SQSDelivery] = []
+        try:
+            response = first._client.change_message_visibility_batch(
+                QueueUrl=first._url,
+                Entries=[
+                    {"Id": key, "ReceiptHandle": d._receipt, "VisibilityTimeout": seconds}
+                    for key, d in waiting.items()
+                ],
+            )
+        except ClientError as exc:
+            log.debug(
+                "ChangeMessageVisibilityBatch on %s failed (%s); one at a time", first._url, exc
+            )
+            alone = list(waiting.values())
+        except Exception as exc:
+            log.warning(
+                "extend of %d messages from %r failed: %s; they come back after their "
+                "visibility timeout",
+                len(waiting),
+                first.destination,
+                _one_line(exc),
+            )
+            log.debug("ChangeMessageVisibilityBatch failed", exc_info=True)
+            return
+        else:
+            for entry in response.get("Failed", ()):
+                delivery = waiting.get(entry.get("Id", ""))
+                if delivery is None:
+                    continue
+                code, message = entry.get("Code", ""), entry.get("Message", "")
+                if _gone(code, message):
+                    log.debug("extend of %r: the message is gone (%s: %s)", delivery, code, message)
+                else:
+                    alone.append(delivery)
+        for delivery in alone:
+            delivery._call("extend", functools.partial(delivery._set_visibility, seconds))
+    finally:
+        for delivery in taken:
+            delivery._lock.release()
 
 
 def _delete_batch(deliveries: list[_SQSDelivery]) -> None:

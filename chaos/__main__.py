@@ -49,6 +49,12 @@ SCENARIOS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
         "RabbitMQ (a private node) stopped for 10 s mid-drain",
         {"messages": 20_000, "down": 5.0},
     ),
+    "rabbitmq-alarm": (
+        "chaos.scenarios",
+        "rabbitmq_alarm",
+        "RabbitMQ (a private node) blocks publishing (disk alarm) for 60 s as a drain starts",
+        {"messages": 20_000, "blocked": 35.0},
+    ),
     "cut-rabbitmq": (
         "chaos.scenarios",
         "cut_rabbitmq",

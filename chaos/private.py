@@ -140,6 +140,11 @@ class PrivateRabbitMQ:
     def stop_app(self) -> None:
         self._ctl("stop_app")
 
+    def alarm(self, on: bool = True) -> None:
+        """Raise (or clear) a disk alarm: the node blocks every publishing connection until
+        it clears, as on a broker that runs out of disk or memory."""
+        self._ctl("set_disk_free_limit", "1000000GB" if on else "50MB")
+
     def start_app(self) -> None:
         self._ctl("start_app")
         deadline = time.monotonic() + 60

@@ -20,7 +20,7 @@ from tests.faultproxy import DOWN, UP, FaultProxy
 
 from .drain import Drain, cut_loop, kill_loop, rabbitmq_drain, sqs_drain
 from .ledger import Figures
-from .private import stoppable_postgresql, stoppable_rabbitmq
+from .private import private_rabbitmq, stoppable_postgresql, stoppable_rabbitmq
 from .world import PG_SERVER, RABBITMQ_URL, RelayProcess, fresh_database
 
 RECOVER_TIMEOUT = 120.0  # longer than the relay's 60 s lease: a stall shows as its length
@@ -97,6 +97,33 @@ def rabbitmq_stop(
         drain.recovered(back, drain.pending(), RECOVER_TIMEOUT, settle=COLLECTOR_SETTLE)
         drain.notes.append(f"RabbitMQ: {broker.kind}")
         return drain.finish(down_seconds=down)
+
+
+def rabbitmq_alarm(
+    messages: int = 100_000, keys: int = 100, blocked: float = 60.0, seed: int = 0
+) -> Figures:
+    """A disk alarm on RabbitMQ (a private node) for ``blocked`` seconds as the relay starts
+    a drain: the broker blocks the relay's connection (``connection.blocked``) and stops
+    reading from it, for longer than the relay's 30 s confirm timeout. Nothing may be lost
+    or sent twice."""
+    with (
+        private_rabbitmq() as node,
+        fresh_database() as db,
+        rabbitmq_drain("rabbitmq-alarm", db, node.url, messages, keys) as drain,
+    ):
+        # The alarm first: setting it takes the CLI a second or two, in which the relay
+        # would have sent most of the drain. The relay's connection is blocked by its
+        # first publish, with its first batches on the wire.
+        node.alarm()
+        try:
+            relay(drain, db, node.url)
+            time.sleep(blocked)
+            drain.notes.append(f"{drain.ledger.delivered} delivered during the {blocked:g} s alarm")
+        finally:
+            node.alarm(False)
+        back = time.monotonic()
+        drain.recovered(back, drain.pending(), RECOVER_TIMEOUT, settle=COLLECTOR_SETTLE)
+        return drain.finish(blocked_seconds=blocked)
 
 
 def cut_rabbitmq(

@@ -30,9 +30,11 @@ first; outboxer cannot take back what the broker accepted.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future
+from concurrent.futures import wait as wait_for_futures
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
@@ -44,6 +46,12 @@ from ..transports.base import Outcome, SendResult, Transport, held_back
 __all__ = ["Batch", "Landed", "Pipeline"]
 
 log = logging.getLogger("outboxer.relay")
+
+STOP_GRACE = 10.0
+"""Seconds a stopping relay waits, in all, for the broker's answers about the batches on the
+wire (a broker blocked by a resource alarm may hold them for hours); then they are handed
+back as unavailable: they may or may not have been stored."""
+_SLICE = 0.1
 
 
 @dataclass
@@ -102,8 +110,10 @@ class _Hold:
 class Pipeline:
     """Batches on the wire, oldest first, and the keys held back by failed rows."""
 
-    def __init__(self, transport: Transport) -> None:
+    def __init__(self, transport: Transport, stop: threading.Event | None = None) -> None:
         self.transport = transport
+        self._stop = stop
+        self._stopped_at: float | None = None
         self._wire: deque[_OnWire] = deque()
         self._last: Future[list[SendResult]] | None = None
         self._holds: list[_Hold] = []
@@ -199,6 +209,14 @@ class Pipeline:
         return group.results
 
     def _read(self, group: _Group) -> list[SendResult]:
+        if not self._answered(group.future):
+            return [
+                SendResult.unavailable(
+                    "stopped",
+                    f"the relay stopped and the broker had not answered within {STOP_GRACE:g} "
+                    "s; the messages may or may not have been stored",
+                )
+            ] * len(group.indexes)
         try:
             results = group.future.result()
             if len(results) != len(group.indexes):
@@ -216,6 +234,24 @@ class Pipeline:
         if failures:
             group.span.set_attribute("error.type", failures[0].error_type or "error")
         return results
+
+    def _answered(self, future: Future[list[SendResult]]) -> bool:
+        """Wait for ``future``; once the relay is stopping, for what is left of the grace."""
+        stop = self._stop
+        while not future.done():
+            if stop is None:
+                wait_for_futures([future])
+                break
+            if not stop.is_set():
+                wait_for_futures([future], timeout=_SLICE)
+                continue
+            if self._stopped_at is None:
+                self._stopped_at = time.monotonic()
+            left = STOP_GRACE - (time.monotonic() - self._stopped_at)
+            if left <= 0:
+                return False
+            wait_for_futures([future], timeout=min(left, _SLICE))
+        return True
 
 
 _NO_RESULT = SendResult.retry("no_result", "the transport did not report on this message")

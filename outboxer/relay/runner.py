@@ -65,7 +65,7 @@ class Run:
         self.db = DatabaseThread()
         self.liveness = relay.liveness
         """This run's liveness (an abandoned run's stays with its database thread)."""
-        self.pipeline = Pipeline(relay.transport)
+        self.pipeline = Pipeline(relay.transport, relay._stop)
         self.prefetch: deque[tuple[str, Future[Batch]]] = deque()
         """Claims submitted and not yet taken by the loop, oldest first, with their tokens."""
         self.backlog = False

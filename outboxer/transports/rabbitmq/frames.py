@@ -16,11 +16,14 @@ frames of at most ``frame_max - 8`` bytes.
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
+
+from ..base import SendResult
 
 __all__ = [
     "FrameTooLarge",
+    "batch_frames",
     "body_frames",
     "encode_properties",
     "header_frame",
@@ -139,3 +142,51 @@ def body_frames(channel: int, body: bytes, max_length: int) -> list[bytes]:
         pack(3, channel, len(chunk)) + chunk + FRAME_END
         for chunk in (body[i : i + max_length] for i in range(0, len(body), max_length))
     ]
+
+
+def batch_frames(
+    outgoing: Sequence[tuple[int, str, str, bytes, bytes, str]],
+    refused: Mapping[str, SendResult],
+    results: list[SendResult | None],
+    tag_index: list[int],
+    channel: int,
+    frame_max: int,
+    max_body: int,
+) -> tuple[bytes, int]:
+    """A batch's frames, ready for one socket write, and how many frames they are.
+
+    ``outgoing``: (index, exchange, routing key, body, encoded properties, message id) per
+    message. A message for a ``refused`` exchange, or whose header frame exceeds
+    ``frame_max``, gets its result in ``results`` and no frames; every other message's
+    index is appended to ``tag_index`` in publish order (its delivery tag's offset).
+    """
+    methods: dict[tuple[str, str], bytes] = {}
+    frames: list[bytes] = []
+    count = 0
+    body_head = _FRAME_HEAD.pack
+    for index, exchange, routing_key, body, properties, _id in outgoing:
+        if refused and exchange in refused:
+            results[index] = refused[exchange]
+            continue
+        method = methods.get((exchange, routing_key))
+        if method is None:
+            method = methods[exchange, routing_key] = publish_frame(channel, exchange, routing_key)
+        header = header_frame(channel, properties, len(body))
+        if len(header) > frame_max:
+            results[index] = SendResult.rejected(
+                "message_too_large",
+                f"the message's properties and headers are {len(header)} bytes; AMQP "
+                f"carries them in one frame of at most {frame_max} bytes",
+            )
+            continue
+        frames.append(method)
+        frames.append(header)
+        if 0 < len(body) <= max_body:
+            frames.append(body_head(3, channel, len(body)) + body + FRAME_END)
+            count += 3
+        else:
+            bodies = body_frames(channel, body, max_body or frame_max - 8)
+            frames.extend(bodies)
+            count += 2 + len(bodies)
+        tag_index.append(index)
+    return b"".join(frames), count

@@ -12,8 +12,8 @@ confirm bookkeeping: settling batches from confirms, returns and failures.
 from __future__ import annotations
 
 import functools
-import struct
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future
 
@@ -24,10 +24,8 @@ from pika.connection import Parameters
 
 from ..base import HELD_BACK, SendResult, unavailable_after
 from .confirms import _Batch, _closed_result, _Confirms
-from .frames import FRAME_END, body_frames, header_frame, publish_frame
-from .ioloop import _cause, _IOThread, _logged
-
-_body_frame = struct.Struct(">BHI").pack
+from .frames import batch_frames
+from .ioloop import _cause, _IOThread, _logged, log
 
 
 class _Publisher(_Confirms):
@@ -60,6 +58,8 @@ class _Publisher(_Confirms):
         self._max_in_flight = max_in_flight
         self._waiting: deque[_Batch] = deque()
         self._shutdown: threading.Event | None = None
+        self._blocked: tuple[str, float] | None = None
+        """While RabbitMQ blocks the connection (a resource alarm): its reason, and since when."""
         self.connections_opened = 0
         """How many connections were opened (tests tell a kept connection from a new one)."""
 
@@ -86,7 +86,12 @@ class _Publisher(_Confirms):
     def _next_batch(self) -> None:
         """Start the next waiting batch if nothing is being set up and there is room on
         the wire: a batch is published while earlier ones still wait for confirms."""
-        if self._batch is None and self._waiting and len(self._in_flight) < self._max_in_flight:
+        if (
+            self._batch is None
+            and self._waiting
+            and len(self._in_flight) < self._max_in_flight
+            and self._blocked is None
+        ):
             self._begin(self._waiting.popleft())
 
     def _begin(self, batch: _Batch) -> None:
@@ -119,44 +124,17 @@ class _Publisher(_Confirms):
         """Write the whole batch to the socket at once (see :mod:`.frames`)."""
         assert self._channel is not None and self._connection is not None
         connection = self._connection
-        channel = self._channel.channel_number
-        max_body = getattr(connection, "_body_max_length", 0)
-        frame_max = connection.params.frame_max
-        refused = batch.refused
-        results = batch.results
         tag_index = batch.tag_index
-        methods: dict[tuple[str, str], bytes] = {}
-        frames: list[bytes] = []
-        count = 0
-        for index, exchange, routing_key, body, properties, _id in batch.outgoing:
-            if refused and exchange in refused:
-                results[index] = refused[exchange]
-                continue
-            method = methods.get((exchange, routing_key))
-            if method is None:
-                method = methods[exchange, routing_key] = publish_frame(
-                    channel, exchange, routing_key
-                )
-            header = header_frame(channel, properties, len(body))
-            if len(header) > frame_max:
-                results[index] = SendResult.rejected(
-                    "message_too_large",
-                    f"the message's properties and headers are {len(header)} bytes; AMQP "
-                    f"carries them in one frame of at most {frame_max} bytes",
-                )
-                continue
-            frames.append(method)
-            frames.append(header)
-            if 0 < len(body) <= max_body:
-                frames.append(_body_frame(3, channel, len(body)) + body + FRAME_END)
-                count += 3
-            else:
-                bodies = body_frames(channel, body, max_body or frame_max - 8)
-                frames.extend(bodies)
-                count += 2 + len(bodies)
-            tag_index.append(index)
-        if frames:
-            data = b"".join(frames)
+        data, count = batch_frames(
+            batch.outgoing,
+            batch.refused,
+            batch.results,
+            tag_index,
+            self._channel.channel_number,
+            connection.params.frame_max,
+            getattr(connection, "_body_max_length", 0),
+        )
+        if data:
             connection.bytes_sent += len(data)  # type: ignore[attr-defined]
             connection.frames_sent += count  # type: ignore[attr-defined]
             connection._adapter_emit_data(data)  # type: ignore[attr-defined]
@@ -169,13 +147,62 @@ class _Publisher(_Confirms):
         if count == 0:
             self._finish(batch)
             return
-        if batch.timer is not None:
-            self._io.ioloop.remove_timeout(batch.timer)  # type: ignore[arg-type]
+        self._stop_timer(batch)
+        if self._blocked is None:
+            self._confirm_timer(batch)
+        self._batch = None
+        self._in_flight.append(batch)
+        self._next_batch()
+
+    def _confirm_timer(self, batch: _Batch) -> None:
         batch.timer = self._io.ioloop.call_later(
             self._confirm_timeout, functools.partial(self._on_confirm_timeout, batch)
         )
-        self._batch = None
-        self._in_flight.append(batch)
+
+    def _stop_timer(self, batch: _Batch) -> None:
+        if batch.timer is not None:
+            self._io.ioloop.remove_timeout(batch.timer)  # type: ignore[arg-type]
+            batch.timer = None
+
+    # A resource alarm ----------------------------------------------------------------------
+
+    @_logged
+    def _on_blocked(self, connection: SelectConnection, frame: object) -> None:
+        """RabbitMQ is low on memory or disk: it stops reading from publishing connections
+        until the alarm clears. The broker is not gone: what was written is stored once it
+        reads on. So no timeout runs while it lasts (giving the connection up would send
+        every batch on the wire again on a new connection, and the blocked one would store
+        its copy when the alarm clears), and no new batch is written."""
+        if connection is not self._connection or self._blocked is not None:
+            return
+        reason = str(getattr(getattr(frame, "method", None), "reason", "") or "no reason given")
+        self._blocked = (reason, time.monotonic())
+        for batch in (self._batch, *self._in_flight):
+            if batch is not None:
+                self._stop_timer(batch)
+        log.warning(
+            "RabbitMQ at %s blocked publishing (%s): a resource alarm on the broker (memory "
+            "or disk; `rabbitmq-diagnostics alarms` shows it); the messages sent wait for "
+            "their confirms and the rest wait until the alarm clears",
+            self._where,
+            reason,
+        )
+
+    @_logged
+    def _on_unblocked(self, connection: SelectConnection, _frame: object) -> None:
+        if connection is not self._connection or self._blocked is None:
+            return
+        since = self._blocked[1]
+        self._blocked = None
+        took = time.monotonic() - since
+        log.info("RabbitMQ at %s unblocked publishing after %.1f s", self._where, took)
+        for batch in self._in_flight:
+            self._confirm_timer(batch)
+        if self._batch is not None and not self._batch.published:
+            self._batch.timer = self._io.ioloop.call_later(
+                self._setup_timeout, self._on_setup_timeout
+            )
+        self._advance()
         self._next_batch()
 
     @_logged
@@ -185,6 +212,7 @@ class _Publisher(_Confirms):
             return
         batch.timer = None
         connection, self._connection = self._connection, None
+        self._blocked = None
         self._reset_channel()
         if connection is not None and not (connection.is_closing or connection.is_closed):
             connection.close()
@@ -206,6 +234,7 @@ class _Publisher(_Confirms):
         # everything not confirmed fails together, this batch and those behind it, so no
         # later message of a key goes out ahead of the retry of an earlier one.
         connection, self._connection = self._connection, None
+        self._blocked = None
         self._reset_channel()
         self._fail_all(
             SendResult.unavailable(
@@ -221,7 +250,7 @@ class _Publisher(_Confirms):
 
     def _connect(self) -> None:
         try:
-            self._connection = SelectConnection(
+            self._connection = connection = SelectConnection(
                 self._params,
                 on_open_callback=self._on_connection_open,
                 on_open_error_callback=self._on_connection_error,
@@ -231,6 +260,9 @@ class _Publisher(_Confirms):
         except Exception as exc:
             self._connection = None
             self._fail_unavailable(exc, "cannot connect to")
+            return
+        connection.add_on_connection_blocked_callback(self._on_blocked)
+        connection.add_on_connection_unblocked_callback(self._on_unblocked)
 
     @_logged
     def _on_connection_open(self, connection: SelectConnection) -> None:
@@ -257,6 +289,7 @@ class _Publisher(_Confirms):
 
     def _lost(self) -> None:
         self._connection = None
+        self._blocked = None
         self._reset_channel()
 
     def _fail_unavailable(self, error: BaseException, what: str) -> None:
@@ -363,6 +396,13 @@ class _Publisher(_Confirms):
         self._waiting.clear()
         connection = self._connection
         if connection is None or connection.is_closing or connection.is_closed:
+            self._lost()
+            done.set()
+            return
+        if self._blocked is not None:
+            # A blocked broker reads nothing, not even connection.close: waiting for its
+            # close-ok would hold the stop until the alarm clears. The socket goes with the
+            # process (or the ioloop's connection when it is collected).
             self._lost()
             done.set()
             return

@@ -7,7 +7,14 @@ import math
 
 from .errors import ConfigurationError
 
-__all__ = ["check_number"]
+__all__ = ["MAX_DURATION", "check_number"]
+
+MAX_DURATION = 36500 * 86400.0
+"""100 years: the longest duration outboxer takes (a command line option, ``publish(delay=)``).
+
+A time that far ahead or ago is still a date on every database; ``1e12`` seconds would
+overflow the date arithmetic it feeds (SQLite's datetime, MariaDB's TIMESTAMPADD,
+PostgreSQL's interval)."""
 
 
 def check_number(

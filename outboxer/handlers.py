@@ -20,7 +20,7 @@ from uuid import UUID
 from .callables import fits
 from .errors import ConfigurationError
 from .keys import FromBody, FromHeader, key_text
-from .message import Envelope, MessageType, message_type_for
+from .message import Envelope, MessageType, message_type_for, wildcard_in
 from .retry import Retry
 from .store.inbox import MESSAGE_ID_KEY
 from .transports.base import Source, Subscription
@@ -238,6 +238,11 @@ def build_spec(
     if isinstance(message, str):
         message_type = None
         type_name = message
+        problem = wildcard_in(message)
+        if problem is not None:
+            raise ConfigurationError(
+                f"handler {handler_name!r}: message type {message!r} {problem}"
+            )
         if not destination:
             raise ConfigurationError(
                 f"handler {handler_name!r} takes dicts of type {message!r}: pass "

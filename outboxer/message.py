@@ -31,6 +31,7 @@ __all__ = [
     "message",
     "message_type_for",
     "registered_type",
+    "wildcard_in",
 ]
 
 T = TypeVar("T")
@@ -39,6 +40,26 @@ TypeT = TypeVar("TypeT", bound=type[Any])
 CONTENT_TYPE_JSON = "application/json"
 
 KeyFn = Callable[[Any], object]
+
+TOPIC_WILDCARDS = "*#"
+"""Characters no message type name may hold: AMQP topic wildcards."""
+
+
+def wildcard_in(type_name: str) -> str | None:
+    """Why ``type_name`` cannot name a message type (the end of an error message), or None.
+
+    On RabbitMQ a consumer's queue is bound to the destination's topic exchange with the
+    type name as its binding key: a handler of ``orders.*`` would receive every
+    ``orders.placed`` (and dead-letter it as ``unknown_type``), one of ``#`` everything.
+    """
+    for char in TOPIC_WILDCARDS:
+        if char in type_name:
+            return (
+                f"holds {char!r}, an AMQP topic wildcard: RabbitMQ binds consumers' queues "
+                "with the type name, so its handlers would receive messages of other types "
+                "(and dead-letter them); use a name without '*' and '#'"
+            )
+    return None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -115,6 +136,9 @@ def message(
     """
     if not isinstance(name, str) or not name.strip():
         raise ConfigurationError(f"@outboxer.message needs a non-empty type name, got {name!r}")
+    problem = wildcard_in(name)
+    if problem is not None:
+        raise ConfigurationError(f"@outboxer.message: message type {name!r} {problem}")
 
     def register(cls: TypeT) -> TypeT:
         if not (dataclasses.is_dataclass(cls) or hasattr(cls, "model_dump_json")):

@@ -19,6 +19,7 @@ from uuid import UUID
 from pydantic_core import PydanticSerializationError, to_json
 
 from . import instrumentation
+from .checks import MAX_DURATION
 from .errors import (
     ConfigurationError,
     InvalidHeaders,
@@ -28,12 +29,13 @@ from .errors import (
     UnknownMessageType,
 )
 from .ids import uuid7
-from .message import Envelope, describe_unserializable, message_type_for
+from .message import Envelope, describe_unserializable, message_type_for, wildcard_in
 from .store import NewMessage
 from .wire import control_at, surrogate_at
 
 __all__ = [
     "NO_KEY",
+    "BROKER_HEADERS",
     "RESERVED_HEADER_PREFIX",
     "NoKey",
     "build_message",
@@ -43,6 +45,14 @@ __all__ = [
 
 RESERVED_HEADER_PREFIX = "outboxer-"
 _RESERVED_HEADERS = frozenset({"traceparent", "tracestate", "content-type"})
+
+_SENDER_SELECTED = (
+    "is read by RabbitMQ as sender-selected distribution (extra routing keys), which "
+    "must be an array: RabbitMQ closes the channel on a string, failing every message "
+    "sent beside it"
+)
+BROKER_HEADERS = {"CC": _SENDER_SELECTED, "BCC": _SENDER_SELECTED}
+"""User header names a broker interprets instead of carrying (case-sensitive), and why."""
 
 
 class NoKey(enum.Enum):
@@ -103,6 +113,9 @@ def build_message(
             )
         if not isinstance(type, str):
             raise UnknownMessageType(f"type= must be a string, got {type!r}")
+        problem = wildcard_in(type)
+        if problem is not None:
+            raise UnknownMessageType(f"type {type!r} {problem}")
         type_name = type
         default_destination = None
         default_key = None
@@ -228,6 +241,13 @@ def _delay_seconds(delay: float | timedelta | None) -> float:
         raise ConfigurationError(f"delay must be a finite number of seconds, got {delay!r}")
     if seconds < 0:
         raise ConfigurationError(f"delay cannot be negative, got {delay!r}")
+    if seconds > MAX_DURATION:
+        # Past this the database's date arithmetic overflows: the application's COMMIT
+        # failed with a driver error (SQLite OverflowError, MariaDB 1441, PostgreSQL
+        # "interval out of range") and the business transaction rolled back.
+        raise ConfigurationError(
+            f"delay is at most 100 years ({MAX_DURATION:.0f} seconds, 36500 days), got {delay!r}"
+        )
     return float(seconds)
 
 
@@ -250,6 +270,12 @@ def _check_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
         if lowered.startswith(RESERVED_HEADER_PREFIX) or lowered in _RESERVED_HEADERS:
             raise InvalidHeaders(
                 f"header {name!r} is reserved for outboxer's envelope; choose another name"
+            )
+        if name in BROKER_HEADERS:
+            raise InvalidHeaders(
+                f"header {name!r} {BROKER_HEADERS[name]}: rename the header (RabbitMQ "
+                f"matches the name exactly: {name.lower()!r} or 'x-{name.lower()}' is an "
+                "ordinary header)"
             )
         problem = _unstorable(name)
         if problem is not None:

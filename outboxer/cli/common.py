@@ -29,6 +29,7 @@ from rich.console import Console
 from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine, make_url
 
+from ..checks import MAX_DURATION
 from ..diagnosis import diagnose
 from ..errors import InvalidURL, OperatorError
 from ..secrets import mask_url
@@ -173,8 +174,6 @@ def safe_url(url: str) -> str:
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-MAX_DURATION = 36500 * 86400.0
-"""100 years: the longest duration an option takes (a time that long ago is still a date)."""
 
 
 def parse_duration(value: str) -> float:

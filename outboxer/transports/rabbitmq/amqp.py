@@ -1,7 +1,8 @@
 """The AMQP mapping: outboxer's canonical header map to pika properties and table, and back.
 
 See the package docstring for which header becomes which property. Sending, a message
-that cannot be carried (too large, an overlong type or destination) gets its result here
+that cannot be carried (too large, an overlong type or destination, a ``CC`` or ``BCC``
+header) gets its result here
 instead of being published; receiving, :func:`canonical_headers` rebuilds the exact map.
 """
 
@@ -16,6 +17,7 @@ from pika.spec import BasicProperties
 
 from ... import wire
 from ...message import Envelope
+from ...publishing import BROKER_HEADERS
 from ..base import SendResult
 from .frames import FrameTooLarge, encode_properties
 
@@ -49,6 +51,14 @@ def _prepare(
 def _encode(
     index: int, envelope: Envelope, limit: int, max_table_bytes: int
 ) -> _Outgoing | SendResult:
+    for name, why in BROKER_HEADERS.items():
+        if name in envelope.headers:
+            # A row an older version (or SQL by hand) wrote: publish() refuses the name.
+            return SendResult.rejected(
+                "invalid_message",
+                f"the message cannot be sent to RabbitMQ: header {name!r} {why}; rename "
+                "the header and publish the message again",
+            )
     headers = wire.encode_headers(envelope)
     body = envelope.payload
     table_chars = sum(map(len, headers)) + sum(map(len, headers.values()))

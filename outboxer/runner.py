@@ -31,6 +31,7 @@ from . import heartbeat
 from .batching import Batcher
 from .diagnosis import diagnose
 from .errors import TransportError
+from .outage_hold import OutageHold
 from .processing import Processor
 from .redaction import error_text, one_line, printable
 from .reports import ConsumerStats, MessageReport
@@ -91,6 +92,8 @@ class Runner:
         self.held: dict[Delivery, float] = {}
         """Each held delivery, and when it was received or last extended."""
         self.failures = 0
+        self.outage = OutageHold(name, stop, enabled=not options.once)
+        """Deliveries whose outcome the database could not take are kept, not given back."""
         self.broker_outages = 0
         self.give_back = False
         self.last_prune = time.monotonic()
@@ -271,43 +274,60 @@ class Runner:
         pairs = list(zip(batch, outcomes, strict=True))
         done = [d for d, outcome in pairs if isinstance(outcome, MessageReport)]
         _settle(lambda: acknowledge(done))
-        for delivery, outcome in pairs:
-            if not isinstance(outcome, MessageReport):
-                _settle(delivery.release)
+        if done:
+            self.outage.over()
+        failed = [(i, o) for i, o in enumerate(outcomes) if not isinstance(o, MessageReport)]
+        pause = self.outage.pause(failed[0][1]) if failed else None
+        if pause is not None and self.outage.wait(pause):
+            for i, _ in failed:  # kept through the outage: one at a time from here
+                outcomes[i] = self._process_sync(batch[i])
+            return outcomes
+        for i, _ in failed:
+            _settle(batch[i].release)
         return outcomes
 
     def _process_sync(self, delivery: Delivery) -> MessageReport | BaseException:
-        try:
-            report = self.processor.process(
-                delivery.body,
-                delivery.headers,
-                delivery.destination,
-                delivery.redelivered,
-                self.transport.description,
-            )
-        except BaseException as exc:
-            delivery.release()
-            return exc
-        delivery.ack()
-        return report
+        while True:
+            try:
+                report = self.processor.process(
+                    delivery.body,
+                    delivery.headers,
+                    delivery.destination,
+                    delivery.redelivered,
+                    self.transport.description,
+                )
+            except BaseException as exc:
+                pause = self.outage.pause(exc)
+                if pause is not None and self.outage.wait(pause):
+                    continue
+                delivery.release()
+                return exc
+            self.outage.over()
+            delivery.ack()
+            return report
 
     async def _process_async(self, delivery: Delivery) -> MessageReport | BaseException:
-        try:
-            report = await self.processor.process_async(
-                delivery.body,
-                delivery.headers,
-                delivery.destination,
-                delivery.redelivered,
-                self.transport.description,
-            )
-        except asyncio.CancelledError:
-            await asyncio.shield(asyncio.to_thread(_settle, delivery.release))
-            raise
-        except BaseException as exc:
-            await asyncio.to_thread(_settle, delivery.release)
-            return exc
-        await asyncio.to_thread(_settle, delivery.ack)
-        return report
+        while True:
+            try:
+                report = await self.processor.process_async(
+                    delivery.body,
+                    delivery.headers,
+                    delivery.destination,
+                    delivery.redelivered,
+                    self.transport.description,
+                )
+            except asyncio.CancelledError:
+                await asyncio.shield(asyncio.to_thread(_settle, delivery.release))
+                raise
+            except BaseException as exc:
+                pause = self.outage.pause(exc)
+                if pause is not None and await self.outage.wait_async(pause):
+                    continue
+                await asyncio.to_thread(_settle, delivery.release)
+                return exc
+            self.outage.over()
+            await asyncio.to_thread(_settle, delivery.ack)
+            return report
 
     def _record(self, outcome: MessageReport | BaseException) -> None:
         if isinstance(outcome, MessageReport):

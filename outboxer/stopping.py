@@ -42,6 +42,10 @@ class StopSignal:
     def is_set(self) -> bool:
         return self._flag.is_set()
 
+    def wait(self, seconds: float) -> bool:
+        """Block this thread ``seconds``, or less if a stop is requested; whether it was."""
+        return self._flag.wait(seconds)
+
     async def sleep(self, seconds: float) -> None:
         """Sleep ``seconds``, or less if a stop is requested meanwhile."""
         if self.is_set() or seconds <= 0:

@@ -891,7 +891,7 @@ def test_stop_interrupts_the_async_database_outage_back_off(
     caplog.set_level("WARNING", logger="outboxer.consumer")
 
     def failures() -> int:
-        return caplog.text.count("giving it back")
+        return caplog.text.count("could not record a message's outcome")
 
     async def scenario() -> float:
         task = asyncio.create_task(consumer.run_async(transport))

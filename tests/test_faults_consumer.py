@@ -103,5 +103,5 @@ def test_a_database_restart_under_a_consumer_applies_each_effect_once(
         if not handled:  # what the processes saw, for the failure report
             print(f"\n--- outboxer-inbox ---\n{log[-8000:]}\n--- relay ---\n{relay_log[-4000:]}")
     assert_each_order_reserved_once(line, total)
-    assert "giving it back" in log, "the consumer should have seen the restart"
+    assert "keeping it and trying again" in log, "the consumer should have seen the restart"
     print(f"\ndatabase restart under a consumer: {total} orders, each reserved once")

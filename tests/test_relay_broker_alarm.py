@@ -41,6 +41,29 @@ def node() -> Iterator[PrivateRabbitMQ]:
         require("a private RabbitMQ node", False, str(exc))
 
 
+class Collector:
+    """A plain consumer of everything sent to ``destination`` on the node (a consumer's
+    connection publishes nothing: the alarm does not block it)."""
+
+    def __init__(self, url: str, destination: str) -> None:
+        self.transport = outboxer.transport_from_url(url)
+        self.receiver = self.transport.receiver(
+            Subscription(queue=f"collect-{destination}", bindings=[(destination, "#")])
+        )
+        self.got: list[bytes] = []
+
+    def collected(self, count: int) -> bool:
+        """Take what arrived; whether ``count`` messages are in."""
+        for delivery in self.receiver.receive(max_messages=500, timeout=0.2):
+            self.got.append(delivery.body)
+            delivery.ack()
+        return len(self.got) >= count
+
+    def close(self) -> None:
+        self.receiver.close()
+        self.transport.close()
+
+
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -59,17 +82,8 @@ def test_a_blocked_broker_is_waited_for_on_one_connection_and_nothing_is_sent_tw
     destination = f"alarm-{uuid.uuid4().hex[:8]}"
     url = f"{node.url}?confirm_timeout={CONFIRM_TIMEOUT:g}"
     transport = outboxer.transport_from_url(url)
-    reading = outboxer.transport_from_url(node.url)
-    receiver = reading.receiver(
-        Subscription(queue=f"collect-{destination}", bindings=[(destination, "#")])
-    )
-    got: list[bytes] = []
-
-    def collected(count: int) -> bool:
-        for delivery in receiver.receive(max_messages=500, timeout=0.2):
-            got.append(delivery.body)
-            delivery.ack()
-        return len(got) >= count
+    collector = Collector(node.url, destination)
+    got, collected = collector.got, collector.collected
 
     relay = outboxer.Relay(engine, transport, poll_interval=0.05)
     caplog.set_level(logging.INFO, logger="outboxer")
@@ -89,8 +103,7 @@ def test_a_blocked_broker_is_waited_for_on_one_connection_and_nothing_is_sent_tw
     finally:
         node.alarm(False)
         running.stop()
-        receiver.close()
-        reading.close()
+        collector.close()
         transport.close()
     assert numbers(got) == list(range(50)), "each message once, in order"
     publisher = transport._publisher  # type: ignore[attr-defined]
@@ -110,17 +123,8 @@ def test_a_relay_stopped_during_an_alarm_stops_and_the_next_run_sends_everything
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     destination = f"alarm-{uuid.uuid4().hex[:8]}"
-    reading = outboxer.transport_from_url(node.url)
-    receiver = reading.receiver(
-        Subscription(queue=f"collect-{destination}", bindings=[(destination, "#")])
-    )
-    got: list[bytes] = []
-
-    def collected(count: int) -> bool:
-        for delivery in receiver.receive(max_messages=500, timeout=0.2):
-            got.append(delivery.body)
-            delivery.ack()
-        return len(got) >= count
+    collector = Collector(node.url, destination)
+    got, collected = collector.got, collector.collected
 
     caplog.set_level(logging.INFO, logger="outboxer")
     transport = outboxer.transport_from_url(node.url)
@@ -148,7 +152,6 @@ def test_a_relay_stopped_during_an_alarm_stops_and_the_next_run_sends_everything
         collected(21)
     finally:
         node.alarm(False)
-        receiver.close()
-        reading.close()
+        collector.close()
         transport.close()
     assert first_deliveries(numbers(got)) == list(range(20)), "every message, in order"

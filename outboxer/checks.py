@@ -7,7 +7,7 @@ import math
 
 from .errors import ConfigurationError
 
-__all__ = ["MAX_DURATION", "check_number"]
+__all__ = ["LIMIT_TEXT", "MAX_DURATION", "check_number", "too_long"]
 
 MAX_DURATION = 36500 * 86400.0
 """100 years: the longest duration outboxer takes (a command line option, ``publish(delay=)``).
@@ -17,6 +17,18 @@ overflow the date arithmetic it feeds (SQLite's datetime, MariaDB's TIMESTAMPADD
 PostgreSQL's interval)."""
 
 
+LIMIT_TEXT = "100 years (3153600000 seconds)"
+""":data:`MAX_DURATION` in words, for error messages."""
+
+
+def too_long(name: str, value: object) -> str:
+    """The one-line refusal of a duration past :data:`MAX_DURATION`."""
+    return (
+        f"{name} must be at most {LIMIT_TEXT}, got {value!r}: a date that far away "
+        "overflows the database's date arithmetic; use a shorter duration"
+    )
+
+
 def check_number(
     name: str,
     value: object,
@@ -24,10 +36,12 @@ def check_number(
     whole: bool = False,
     minimum: float | None = None,
     positive: bool = False,
+    duration: bool = False,
 ) -> None:
     """ConfigurationError unless ``value`` is a number (``whole``: an int, not a bool) that
-    is at least ``minimum`` and, with ``positive``, above 0 and finite (a duration in
-    seconds: an infinite one overflows the waits and date arithmetic it feeds)."""
+    is at least ``minimum`` and, with ``positive``, above 0. With ``positive`` or
+    ``duration`` it is seconds: finite and at most :data:`MAX_DURATION` (an infinite or
+    huge duration overflows the waits and date arithmetic it feeds)."""
     kinds: tuple[type, ...] = (int,) if whole else (int, float)
     if not isinstance(value, kinds) or isinstance(value, bool):
         kind = "a whole number" if whole else "a number"
@@ -39,8 +53,10 @@ def check_number(
         raise ConfigurationError(f"{name} must be >= {minimum:g}, got {value!r}")
     if positive and not number > 0:
         raise ConfigurationError(f"{name} must be > 0 seconds, got {value!r}")
-    if positive and math.isinf(number):
+    if (positive or duration) and math.isinf(number):
         raise ConfigurationError(
             f"{name} must be a finite number of seconds, got {value!r} (None, where the "
             "setting takes it, turns it off)"
         )
+    if (positive or duration) and number > MAX_DURATION:
+        raise ConfigurationError(too_long(name, value))

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .checks import MAX_DURATION, too_long
 from .errors import RetryConfigError
 
 __all__ = ["Backoff", "CircuitBreaker", "Decision", "Retry", "Verdict"]
@@ -41,15 +42,29 @@ class Backoff:
                 f"{name} must be a number of seconds or a factor, got {value!r}",
             )
         _check(self.initial > 0 and math.isfinite(self.initial), "initial delay must be > 0")
-        _check(self.multiplier >= 1, "multiplier must be >= 1")
+        _check(self.initial <= MAX_DURATION, too_long("initial delay", self.initial))
+        _check(
+            self.multiplier >= 1 and math.isfinite(self.multiplier),
+            f"multiplier must be a finite number >= 1, got {self.multiplier!r}",
+        )
+        _check(
+            not math.isnan(self.max_delay),
+            f"max_delay must be a number of seconds, got {self.max_delay!r}",
+        )
         _check(self.max_delay >= self.initial, "max_delay must be >= the initial delay")
+        _check(self.max_delay <= MAX_DURATION, too_long("max_delay", self.max_delay))
         _check(0 <= self.jitter <= 1, "jitter must be between 0 and 1")
 
     def delay(self, retry_number: int, random: Random = _random.random) -> float:
-        """Seconds to wait before retry ``retry_number`` (1 for the first retry)."""
+        """Seconds to wait before retry ``retry_number`` (1 for the first retry), never
+        more than ``max_delay`` however large the number (the growth is capped before it
+        can overflow a float, and so before any date arithmetic)."""
         exponent = max(retry_number - 1, 0)
-        # Cap the exponent so huge attempt numbers cannot overflow a float.
-        base = min(self.initial * self.multiplier ** min(exponent, 1000), self.max_delay)
+        try:
+            grown = self.initial * self.multiplier ** min(exponent, 1000)
+        except OverflowError:  # 1e300 ** 2: past any cap
+            grown = math.inf
+        base = min(grown, self.max_delay)
         spread = base * self.jitter * (2 * random() - 1)
         return max(0.0, min(base + spread, self.max_delay))
 

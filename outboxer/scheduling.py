@@ -34,6 +34,7 @@ from typing import Any
 from sqlalchemy.engine import Connection, Engine
 
 from .callables import call_sync, is_async_callable
+from .checks import MAX_DURATION, too_long
 from .errors import ConfigurationError
 from .failures import ErrorChannel, Failure, RunChannel, default_channel
 from .ids import uuid7
@@ -45,9 +46,23 @@ from .runner import OUTAGE_BACKOFF, StopSignal
 from .store import schedule as schedule_store
 from .tables import schedules
 
-__all__ = ["DEFAULT_LEASE", "SCHEDULED_TYPE", "Scheduled", "Scheduler", "Tick", "build_scheduled"]
+__all__ = [
+    "DEFAULT_LEASE",
+    "MIN_EVERY",
+    "SCHEDULED_TYPE",
+    "Scheduled",
+    "Scheduler",
+    "Tick",
+    "build_scheduled",
+]
 
 log = logging.getLogger("outboxer.consumer")
+
+MIN_EVERY = 0.001
+"""The shortest period of a scheduled handler, in seconds. Each tick is claimed in the
+database (a transaction) and numbered ``now // every`` from the epoch: a shorter one
+gives tick numbers past a BIGINT. Ticks that pass while a run or a claim is under way
+are skipped, not queued."""
 
 DEFAULT_LEASE = 60.0
 """Seconds a replica that died in a run keeps the others from running the handler (a
@@ -128,6 +143,11 @@ def build_scheduled(
     seconds = _seconds(every, f"{where}: every")
     if seconds <= 0:
         raise ConfigurationError(f"{where}: every must be more than 0 seconds, got {every!r}")
+    if seconds < MIN_EVERY:
+        raise ConfigurationError(
+            f"{where}: every must be at least {MIN_EVERY:g} seconds (a tick is a row claimed "
+            f"in the database, numbered from the epoch), got {every!r}"
+        )
     retry = retry if retry is not None else Retry(max_attempts=1)
     if not isinstance(retry, Retry):
         raise ConfigurationError(f"{where}: retry must be an outboxer.Retry, got {retry!r}")
@@ -146,11 +166,16 @@ def build_scheduled(
 
 
 def _seconds(value: timedelta | float, what: str) -> float:
+    """``value`` in seconds: finite, and at most :data:`~outboxer.checks.MAX_DURATION`."""
     if isinstance(value, timedelta):
-        return value.total_seconds()
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    raise ConfigurationError(f"{what} must be a timedelta or seconds, got {value!r}")
+        seconds = value.total_seconds()
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        seconds = float(value)
+    else:
+        raise ConfigurationError(f"{what} must be a timedelta or seconds, got {value!r}")
+    if seconds > MAX_DURATION:
+        raise ConfigurationError(too_long(what, value))
+    return seconds
 
 
 def _parameters(fn: Callable[..., Any], where: str) -> frozenset[str]:

@@ -145,7 +145,7 @@ def test_a_password_in_a_query_parameter_is_masked_by_status_and_the_relay(
         "--once",
         env={
             "OUTBOXER_DB": secret_db,
-            "OUTBOXER_BROKER": "memory://?aws_secret_access_key=s3cr3t",
+            "OUTBOXER_BROKER": "memory://?aws_secret_access_key=s3cr3t&discard=true",
         },
     )
     assert relay.returncode == 0, relay.stderr

@@ -53,7 +53,13 @@ def test_relay_serves_liveness_readiness_and_prometheus_metrics(tmp_path: Path) 
     path = tmp_path / "relay.sqlite"
     publish(f"sqlite:///{path}", 3)
     health, metrics = closed_port(), closed_port()
-    relay = [str(BIN / "outboxer"), "relay", "--broker", "memory://health", "--poll-interval"]
+    relay = [
+        str(BIN / "outboxer"),
+        "relay",
+        "--broker",
+        "memory://health?discard=true",
+        "--poll-interval",
+    ]
     relay += ["0.2", "--health-port", f"127.0.0.1:{health}", "--metrics-port", str(metrics)]
     env = {**os.environ, "OUTBOXER_DB": f"sqlite:///{path}"}
     with running(relay, env, tmp_path, subprocess.DEVNULL) as process:

@@ -15,6 +15,9 @@ from outboxer.cli.heap import settle  # the real one (conftest makes the module'
 from .cli_apps import BIN, logapp_env, running, wait_for
 from .test_cli_failures import as_process
 
+DISCARD = "memory://?discard=true"
+"""The in-process broker, which a relay process of its own takes only when told to."""
+
 
 @pytest.fixture
 def unfrozen() -> Iterator[None]:
@@ -47,7 +50,7 @@ def test_the_long_running_commands_settle_once_started(
 ) -> None:
     env = logapp_env(tmp_path)
     if command == "relay":
-        args = [str(BIN / "outboxer"), "relay", "--db", sqlite_url, "--broker", "memory://"]
+        args = [str(BIN / "outboxer"), "relay", "--db", sqlite_url, "--broker", DISCARD]
     else:
         args = [str(BIN / "outboxer-inbox"), "logapp:consumer", "--broker", "memory://logapp"]
     log = tmp_path / "log"
@@ -59,7 +62,7 @@ def test_the_long_running_commands_settle_once_started(
 
 def test_a_one_shot_run_does_not(sqlite_url: str) -> None:
     result = as_process(
-        "relay", "--once", "--log-level", "debug", "--db", sqlite_url, "--broker", "memory://"
+        "relay", "--once", "--log-level", "debug", "--db", sqlite_url, "--broker", DISCARD
     )
     assert result.returncode == 0, result.stderr
     assert "start-up heap:" not in result.stderr

@@ -92,7 +92,13 @@ def test_a_multi_line_database_error_is_one_record(pg_app_url: str, tmp_path: Pa
     Session = sessionmaker(create_engine(pg_app_url), class_=outboxer.OutboxSession)
     with Session.begin() as session:
         session.publish({"n": 1}, type="logs.ping", destination="logs")
-    relay = [str(BIN / "outboxer"), "relay", "--broker", "memory://logs", "--no-listen"]
+    relay = [
+        str(BIN / "outboxer"),
+        "relay",
+        "--broker",
+        "memory://logs?discard=true",
+        "--no-listen",
+    ]
     relay += ["--log-format", "json", "--poll-interval", "0.2"]
     engine = create_engine(pg_app_url)
     with running(relay, {**os.environ, "OUTBOXER_DB": pg_app_url}, tmp_path) as process:

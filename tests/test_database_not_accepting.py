@@ -80,7 +80,7 @@ def test_relay_once_against_a_database_that_takes_no_connection_now_exits_4_with
 ) -> None:
     with refusing_postgresql(sqlstate, message) as port:
         url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/app"
-        result = as_process("relay", "--once", "--db", url, "--broker", "memory://")
+        result = as_process("relay", "--once", "--db", url, "--broker", "memory://?discard=true")
     assert result.returncode == 4, result.stderr
     assert message in one_error_line(result)
 
@@ -202,7 +202,7 @@ def test_a_read_only_database_is_one_line_naming_the_primary(kind: str) -> None:
     try:
         assert as_process("db", "upgrade", env={"OUTBOXER_DB": url}).returncode == 0
         read_only = f"{url}?{READ_ONLY[kind]}"
-        env = {"OUTBOXER_DB": read_only, "OUTBOXER_BROKER": "memory://"}
+        env = {"OUTBOXER_DB": read_only, "OUTBOXER_BROKER": "memory://?discard=true"}
         result = as_process("relay", "--once", env=env)
         assert result.returncode == 4, result.stderr
         line = one_error_line(result)
@@ -213,7 +213,7 @@ def test_a_read_only_database_is_one_line_naming_the_primary(kind: str) -> None:
 
 def test_a_running_relay_on_a_read_only_database_says_what_to_do(pg_url: str) -> None:
     assert as_process("db", "upgrade", env={"OUTBOXER_DB": pg_url}).returncode == 0
-    relay = start_relay(f"{pg_url}?{READ_ONLY['postgresql']}", "memory://")
+    relay = start_relay(f"{pg_url}?{READ_ONLY['postgresql']}", "memory://?discard=true")
     try:
         wait_for(lambda: "read-only" in output(relay), 30, "the relay's warning")
     finally:

@@ -303,7 +303,7 @@ def test_the_relay_command_exports_its_spans_over_otlp_http(
     }
     outboxer_cli = Path(sys.executable).parent / "outboxer"
     done = subprocess.run(
-        [str(outboxer_cli), "relay", "--db", url, "--broker", "memory://", "--once"],
+        [str(outboxer_cli), "relay", "--db", url, "--broker", "memory://?discard=true", "--once"],
         env=env,
         check=False,
         capture_output=True,

@@ -22,14 +22,16 @@ import os
 import sys
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import parse_qs, urlsplit
 
 import click
 from rich.console import Console
 from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine, make_url
 
-from ..checks import MAX_DURATION
+from ..checks import LIMIT_TEXT, MAX_DURATION
 from ..diagnosis import diagnose
 from ..errors import InvalidURL, OperatorError
 from ..secrets import mask_url
@@ -80,7 +82,19 @@ def db_option(required: bool = True) -> Callable[[F], F]:
     )
 
 
-def broker_option() -> Callable[[F], F]:
+def _stripped(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    # A secret file's trailing newline, a pasted space: never part of a URL (as --db).
+    return value.strip() if isinstance(value, str) else value
+
+
+BROKERS_HELP = "amqp://..., sqs://?region=..., sns://?region=..."
+
+
+def broker_option(
+    memory: str = "memory:// (this process's own broker: only what this process sends)",
+) -> Callable[[F], F]:
+    """``--broker`` (``OUTBOXER_BROKER``), stripped of surrounding spaces; ``memory`` is what
+    the command's help says of ``memory://``."""
     return click.option(
         "--broker",
         "broker_url",
@@ -88,15 +102,33 @@ def broker_option() -> Callable[[F], F]:
         metavar="URL",
         envvar="OUTBOXER_BROKER",
         show_envvar=True,
-        help="amqp://..., sqs://?region=..., sns://?region=..., memory://. Pass credentials "
-        "through OUTBOXER_BROKER (or AWS_* variables), not the command line.",
+        callback=_stripped,
+        help=f"{BROKERS_HELP}; {memory}. Pass credentials through OUTBOXER_BROKER (or "
+        "AWS_* variables), not the command line.",
     )
 
 
+def in_process_broker(url: str) -> bool:
+    """Whether ``url`` names the in-process broker (``memory://``) without
+    ``?discard=true`` (what a relay sends to it is lost with its process, and says so)."""
+    parts = urlsplit(url.strip())
+    if parts.scheme.lower() != "memory":
+        return False
+    discard = parse_qs(parts.query).get("discard", [""])[-1].lower()
+    return discard not in ("1", "true", "yes")
+
+
+def running_as_command() -> bool:
+    """Whether this process is an outboxer command (the ``outboxer`` or ``outboxer-inbox``
+    script), not a program that called its click command (a test, ``CliRunner``), which
+    shares its in-process broker with the command."""
+    return Path(sys.argv[0]).stem.removesuffix("-script") in ("outboxer", "outboxer-inbox")
+
+
 def import_target(target: str, param_hint: str, example: str) -> Any:
-    """Import ``package.module:attribute`` and return the attribute (None when missing);
-    click's BadParameter, naming ``param_hint``, when it is not of that form or the module
-    cannot be imported."""
+    """Import ``package.module:attribute`` (``attribute`` may be dotted, ``obj.attr``) and
+    return the attribute; click's BadParameter, naming ``param_hint``, when it is not of
+    that form, the module cannot be imported or has no such attribute."""
     module_name, _, attribute = target.partition(":")
     if not module_name or not attribute:
         raise click.BadParameter(
@@ -120,7 +152,17 @@ def import_target(target: str, param_hint: str, example: str) -> Any:
             f"cannot import {module_name!r} (from {target}): {failure(exc)}",
             param_hint=param_hint,
         ) from exc
-    return getattr(module, attribute, None)
+    found: Any = module
+    walked: list[str] = []
+    for part in attribute.split("."):
+        if not hasattr(found, part):
+            where = f"{module_name}:{'.'.join(walked)}" if walked else f"module {module_name!r}"
+            raise click.BadParameter(
+                f"{where} has no attribute {part!r} (from {target})", param_hint=param_hint
+            )
+        found = getattr(found, part)
+        walked.append(part)
+    return found
 
 
 def failure(exc: BaseException) -> str:
@@ -239,8 +281,9 @@ class When(_TimeType):
 
 
 class Seconds(click.FloatRange):
-    """A duration in seconds, at least ``minimum``: a finite number (click's FloatRange lets
-    ``nan`` and ``inf`` through, which the waits and date arithmetic they feed cannot use)."""
+    """A duration in seconds, from ``minimum`` to :data:`MAX_DURATION`: a finite number
+    (click's FloatRange lets ``nan`` and ``inf`` through, and ``1e13`` overflows the waits
+    and date arithmetic it feeds)."""
 
     name = "seconds"
 
@@ -251,4 +294,11 @@ class Seconds(click.FloatRange):
         number = super().convert(value, param, ctx)
         if math.isnan(number) or math.isinf(number):
             self.fail(f"{value!r} is not a finite number of seconds", param, ctx)
+        if number > MAX_DURATION:
+            self.fail(
+                f"{value!r} is more than {LIMIT_TEXT}, past what a date holds; use a shorter "
+                "duration",
+                param,
+                ctx,
+            )
         return number

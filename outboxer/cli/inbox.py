@@ -32,6 +32,7 @@ from .common import (
     db_option,
     failure,
     import_target,
+    in_process_broker,
     make_engine,
     setting,
 )
@@ -134,6 +135,14 @@ def main(
         if own is not None:
             own.relay.stop()
 
+    if not relay and in_process_broker(broker_url):
+        log.warning(
+            "--broker %s is this process's own in-process broker: with --no-relay it "
+            "receives only what this process sends; nothing relayed from another process "
+            "(an outboxer relay) can arrive. Drop --no-relay, or use the broker the relay "
+            "sends to (amqp://, sqs://, sns://)",
+            mask_url(broker_url),
+        )
     log.info(
         "consumer %s starting on %s (concurrency %d, batches of up to %d%s%s)",
         consumer.name,

@@ -9,14 +9,23 @@ import threading
 import click
 
 from .. import heartbeat
-from ..errors import BrokerUnavailable
+from ..errors import BrokerUnavailable, ConfigurationError
 from ..plan import plural
 from ..relay import Relay, relay_engine
 from ..retry import Backoff
 from ..secrets import mask_url
 from ..transports import transport_from_url
 from . import heap
-from .common import Seconds, broker_option, db_option, import_target, make_engine, setting
+from .common import (
+    Seconds,
+    broker_option,
+    db_option,
+    import_target,
+    in_process_broker,
+    make_engine,
+    running_as_command,
+    setting,
+)
 from .health import observability, service_options
 from .readiness import broker_check, database_check, wait_until
 from .signals import graceful_stop
@@ -26,7 +35,10 @@ log = logging.getLogger("outboxer.relay")
 
 @click.command()
 @db_option()
-@broker_option()
+@broker_option(
+    memory="not memory://, which only works inside one process (Relay(...) and the consumer "
+    "in one program: tests, outboxer demo)"
+)
 @setting("--batch-size", default=1000, type=click.IntRange(1, 10_000), help="Rows per claim.")
 @setting(
     "--max-attempts",
@@ -105,6 +117,15 @@ def relay(
                 param_hint="--on-failure",
             )
     engine = make_engine(db_url, factory=relay_engine)
+    if in_process_broker(broker_url) and running_as_command():
+        engine.dispose()
+        raise ConfigurationError(
+            f"--broker {mask_url(broker_url)} is an in-process broker: memory:// only works "
+            "inside one process (outboxer.Relay(...) and the consumer in the same program, "
+            "as in tests and outboxer demo), and this relay would send every message where "
+            "no consumer can read it, then delete it from the outbox; use the broker the "
+            "consumers read (amqp://, sqs://?region=..., sns://?region=...)"
+        )
     transport = transport_from_url(broker_url)
     worker = Relay(
         engine,

@@ -98,7 +98,7 @@ class Relay:
         ):
             check_number(setting, seconds, positive=True)
         if retention is not None:
-            check_number("retention", retention, minimum=0)
+            check_number("retention", retention, minimum=0, duration=True)
         _require(
             isinstance(backoff, Backoff),
             f"backoff must be an outboxer.Backoff(initial, multiplier, max_delay, jitter), "

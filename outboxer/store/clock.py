@@ -11,6 +11,7 @@ expressions with bind parameters: :func:`now` and :func:`later` build them, and
 
 from __future__ import annotations
 
+import math
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -18,9 +19,10 @@ from sqlalchemy import BigInteger, Float, bindparam, func, literal_column, selec
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.sql.elements import ColumnElement
 
+from ..checks import MAX_DURATION
 from ..tables import UTCDateTime
 
-__all__ = ["clock_params", "db_now", "db_now_plus", "later", "now", "read_db_now"]
+__all__ = ["bounded", "clock_params", "db_now", "db_now_plus", "later", "now", "read_db_now"]
 
 _NOW = "clock_now"
 
@@ -38,15 +40,28 @@ def now(dialect_name: str) -> ColumnElement[datetime]:
     return type_coerce(expr, UTCDateTime())
 
 
+def bounded(seconds: float) -> float:
+    """``seconds`` within +/- :data:`~outboxer.checks.MAX_DURATION` (100 years): a time
+    further away overflows the date arithmetic of every database (PostgreSQL's interval,
+    MariaDB's DATETIME, Python's datetime on SQLite), an error that would read as
+    database trouble. Settings are refused past it where they are given; this is the
+    last guard, for a computed value."""
+    if math.isnan(seconds):
+        raise ValueError("a duration of nan seconds")
+    return max(-MAX_DURATION, min(float(seconds), MAX_DURATION))
+
+
 def later(
     dialect_name: str, name: str | None, seconds: float | None = None
 ) -> ColumnElement[datetime]:
     """The server's current time plus the seconds given as parameter ``name``.
 
     With ``seconds``, the value is bound now (``name`` may then be None: an anonymous
-    parameter), for statements built for one execution.
+    parameter), for statements built for one execution. Seconds are :func:`bounded`.
     """
     expr: ColumnElement[Any]
+    if seconds is not None:
+        seconds = bounded(seconds)
     if dialect_name == "postgresql":
         offset = bindparam(name, seconds, type_=Float(), unique=name is None)
         expr = func.statement_timestamp() + offset * literal_column("interval '1 second'")
@@ -65,7 +80,9 @@ def later(
 
 
 def clock_params(dialect_name: str, **seconds: float) -> dict[str, Any]:
-    """Values for :func:`now` and for :func:`later` parameters (name=seconds from now)."""
+    """Values for :func:`now` and for :func:`later` parameters (name=seconds from now,
+    :func:`bounded`)."""
+    seconds = {name: bounded(value) for name, value in seconds.items()}
     if dialect_name == "postgresql":
         return {name: float(value) for name, value in seconds.items()}
     if dialect_name in ("mysql", "mariadb"):

@@ -52,6 +52,7 @@ from sqlalchemy.exc import UnboundExecutionError
 from sqlalchemy.orm import Session, SessionTransaction
 
 from . import store
+from .errors import ConfigurationError
 from .tables import outbox
 
 __all__ = ["RECORDED", "Pending", "install_hooks", "keep", "kept", "write_before_savepoint"]
@@ -226,7 +227,16 @@ def _check_size(session: Session, message: store.NewMessage) -> None:
     try:
         bind = session.get_bind(clause=_BIND_ARGUMENTS["clause"])
     except UnboundExecutionError:
-        return  # no database yet: the commit will say so
+        # binds= for the application's tables only (``Session.binds`` in newer SQLAlchemy
+        # releases, ``_Session__binds`` in older ones): the commit would fail with
+        # SQLAlchemy's "Could not locate a bind", naming neither table nor fix.
+        if getattr(session, "binds", None) or getattr(session, "_Session__binds", None):
+            raise ConfigurationError(
+                "this session has no database for outboxer's tables (outboxer_outbox): its "
+                "binds= cover other tables only; add outboxer's, e.g. sessionmaker(binds="
+                "{Base: engine, **dict.fromkeys(outboxer.metadata.sorted_tables, engine)})"
+            ) from None
+        return  # no database yet: the commit will say so, as for Session.add()
     store.check_size(message, bind.engine if isinstance(bind, Connection) else bind)
 
 

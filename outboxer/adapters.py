@@ -41,6 +41,7 @@ from .keys import FromBody, FromHeader
 from .message import Envelope
 from .redaction import one_line
 from .retry import Retry
+from .times import aware_utc
 from .transports.base import Source
 
 __all__ = ["INBOUND_NAMESPACE", "build_adapter", "message_id_of", "take_in"]
@@ -212,18 +213,10 @@ def _envelope(
 
 
 def _occurred_at(headers: Mapping[str, str]) -> datetime:
-    """The sender's time (RabbitMQ's ``timestamp`` property, as the receiver maps it), or
-    now when it has none that can be read."""
-    raw = headers.get(wire.OCCURRED_AT)
-    if raw:
-        try:
-            moment = datetime.fromisoformat(raw)
-        except (ValueError, TypeError):
-            pass
-        else:
-            if moment.tzinfo is not None:
-                return moment
-    return datetime.now(timezone.utc)
+    """The sender's time (RabbitMQ's ``timestamp`` property, as the receiver maps it), in
+    UTC; now when it has none that outboxer takes (:mod:`outboxer.times`): another
+    system's message is handled all the same, its time being for information only."""
+    return aware_utc(headers.get(wire.OCCURRED_AT)) or datetime.now(timezone.utc)
 
 
 def _envelope_header(name: str) -> bool:

@@ -20,6 +20,7 @@ from .redaction import error_text, traceback_text
 from .retry import Retry, Verdict
 from .store import NewMessage
 from .store.dead_letters import NewDeadLetter
+from .times import aware_utc
 
 __all__ = [
     "FIRST_FAILED_AT",
@@ -160,15 +161,9 @@ def handler_dead_letter(
 
 
 def _first_failed_at(envelope: Envelope) -> datetime | None:
-    """The retry header's time; None when absent, or not an aware ISO time (forged)."""
-    raw = envelope.headers.get(FIRST_FAILED_AT)
-    if not raw:
-        return None
-    try:
-        moment = datetime.fromisoformat(raw)
-    except (ValueError, TypeError):
-        return None
-    return moment if moment.tzinfo is not None else None
+    """The retry header's time, in UTC; None when absent, or not an aware ISO time that
+    outboxer stores (forged: the retry row and the dead letter then take now instead)."""
+    return aware_utc(envelope.headers.get(FIRST_FAILED_AT))
 
 
 def error_type_name(error: BaseException) -> str:

@@ -28,9 +28,12 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.types import DateTime, TypeDecorator
 
 from .message import CONTENT_TYPE_JSON
+from .times import ABOVE, BELOW, EARLIEST, LATEST
 
 __all__ = [
     "DedupKey",
@@ -50,7 +53,13 @@ class UTCDateTime(TypeDecorator[datetime]):
     """Timezone-aware UTC datetimes on every database.
 
     PostgreSQL stores ``timestamptz``; MariaDB/MySQL store ``DATETIME(6)`` in UTC and
-    SQLite an ISO string in UTC. Values read back are always aware UTC datetimes.
+    SQLite an ISO string in UTC. Values are put in UTC in Python before they are stored,
+    on every database (a time whose UTC date Python cannot hold is refused, not stored as
+    a year PostgreSQL can write and no read can load); values read back are always aware
+    UTC datetimes. PostgreSQL reads a stored time outside :data:`~outboxer.times.EARLIEST`
+    to :data:`~outboxer.times.LATEST` (a row of an older outboxer, or written by hand) as
+    :data:`~outboxer.times.BELOW` or :data:`~outboxer.times.ABOVE`, which every session's
+    time zone and Python can hold: see :class:`_ReadableTime`.
     """
 
     impl = DateTime(timezone=True)
@@ -66,9 +75,17 @@ class UTCDateTime(TypeDecorator[datetime]):
             return None
         if value.tzinfo is None:
             raise ValueError(f"outboxer stores aware datetimes only, got naive {value!r}")
+        if value.tzinfo is not timezone.utc:
+            try:
+                value = value.astimezone(timezone.utc)
+            except (OverflowError, ValueError) as exc:
+                raise ValueError(
+                    f"{value.isoformat()} cannot be stored: it is outside the years 1 to "
+                    "9999 once in UTC"
+                ) from exc
         if dialect.name == "postgresql":
             return value
-        return value.astimezone(timezone.utc).replace(tzinfo=None)
+        return value.replace(tzinfo=None)
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
@@ -76,6 +93,46 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value.tzinfo is None:
             return value.replace(tzinfo=timezone.utc)
         return value.astimezone(timezone.utc)
+
+    def column_expression(self, colexpr: Any) -> Any:
+        return _ReadableTime(colexpr, type_=self)
+
+
+class _ReadableTime(FunctionElement[datetime]):
+    """A :class:`UTCDateTime` in a SELECT's columns or a RETURNING: on PostgreSQL, a
+    stored time before :data:`~outboxer.times.EARLIEST` reads as
+    :data:`~outboxer.times.BELOW`, one after :data:`~outboxer.times.LATEST` as
+    :data:`~outboxer.times.ABOVE`; other databases read the column as it is.
+
+    psycopg cannot load a time before the year 1 or after 9999 *in the session's time
+    zone* (``0001-12-31 10:00:00+00 BC``, ``infinity``): it raised ``DataError`` for the
+    whole result, so one such row stopped every relay claim and every dead-letter list.
+    The relay dead-letters a row whose occurred-at reads outside the range
+    (:func:`outboxer.store.relay.claimed_from_row`). Three comparisons per value, in the
+    database."""
+
+    name = "outboxer_readable_time"
+    inherit_cache = True
+
+    def __init__(self, column: Any, type_: UTCDateTime) -> None:
+        super().__init__(column)
+        self.type = type_
+
+
+@compiles(_ReadableTime)
+def _as_stored(element: _ReadableTime, compiler: Any, **kw: Any) -> str:
+    return str(compiler.process(element.clauses, **kw))
+
+
+@compiles(_ReadableTime, "postgresql")
+def _readable_in_every_zone(element: _ReadableTime, compiler: Any, **kw: Any) -> str:
+    value = compiler.process(element.clauses, **kw)
+    return (
+        f"CASE WHEN {value} < TIMESTAMPTZ '{EARLIEST.isoformat()}' "
+        f"THEN TIMESTAMPTZ '{BELOW.isoformat()}' "
+        f"WHEN {value} > TIMESTAMPTZ '{LATEST.isoformat()}' "
+        f"THEN TIMESTAMPTZ '{ABOVE.isoformat()}' ELSE {value} END"
+    )
 
 
 def _big_id() -> Any:

@@ -15,6 +15,7 @@ from uuid import UUID
 
 from .errors import DecodeError
 from .message import CONTENT_TYPE_JSON, Envelope
+from .times import STORED_TIMES, in_utc
 
 __all__ = [
     "ATTEMPT",
@@ -178,7 +179,8 @@ def decode(body: bytes, headers: Mapping[str, str], destination: str) -> Envelop
     """Rebuild the envelope of a delivered message; :class:`DecodeError` says what is wrong.
 
     The envelope fields are checked against what outboxer can store: text of bounded
-    length without control characters, an aware occurred-at time. Trace context that is
+    length without control characters, an aware occurred-at time that every database and
+    time zone can hold (:mod:`outboxer.times`), given in UTC. Trace context that is
     not valid W3C is dropped (the message starts a new trace), as the W3C rules ask. The
     payload itself is not parsed here: the consumer decodes it for the type it handles.
     """
@@ -219,6 +221,12 @@ def decode(body: bytes, headers: Mapping[str, str], destination: str) -> Envelop
         raise DecodeError(f"message {message_id} is missing envelope header {OCCURRED_AT}")
     if occurred_at.tzinfo is None:
         raise DecodeError(f"{OCCURRED_AT} has no time zone: {occurred_raw!r:.80}")
+    utc = in_utc(occurred_at)
+    if utc is None:  # a hostile publisher's: the database could store it, no read load it
+        raise DecodeError(
+            f"{OCCURRED_AT} {occurred_raw!r:.80} is not a time outboxer takes: it takes "
+            f"times {STORED_TIMES}"
+        )
     attempt_raw = headers.get(ATTEMPT, "1")
     try:
         attempt = int(attempt_raw)
@@ -242,7 +250,7 @@ def decode(body: bytes, headers: Mapping[str, str], destination: str) -> Envelop
         type=headers[TYPE],
         destination=destination,
         payload=body,
-        occurred_at=occurred_at,
+        occurred_at=utc,
         key=headers.get(KEY),
         correlation_id=None if correlation in (None, "", str(message_id)) else correlation,
         causation_id=headers.get(CAUSATION_ID) or None,

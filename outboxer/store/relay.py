@@ -17,6 +17,7 @@ from sqlalchemy.engine import Connection
 
 from ..message import Envelope
 from ..tables import outbox
+from ..times import EARLIEST, LATEST, STORED_TIMES
 from ..wire import control_at, unencodable
 from .clock import db_now, db_now_plus
 
@@ -217,8 +218,15 @@ def claimed_from_row(row: Any, headers_seen: dict[str, Mapping[str, str]] | None
             malformed_type = "invalid_message"
     if occurred_at.tzinfo is not timezone.utc:  # rows straight from the driver (PostgreSQL)
         occurred_at = occurred_at.astimezone(timezone.utc)
-    if first_failed_at is not None and first_failed_at.tzinfo is not timezone.utc:
-        first_failed_at = first_failed_at.astimezone(timezone.utc)
+    if not EARLIEST <= occurred_at <= LATEST:  # an older outboxer's row, or other SQL
+        reason, occurred_at = _time_outside(row_id, occurred_at)
+        if malformed is None:
+            malformed, malformed_type = reason, "invalid_message"
+    if first_failed_at is not None:  # the relay's own history: a time it cannot use is none
+        if first_failed_at.tzinfo is not timezone.utc:
+            first_failed_at = first_failed_at.astimezone(timezone.utc)
+        if not EARLIEST <= first_failed_at <= LATEST:
+            first_failed_at = None
     envelope = _new_envelope(Envelope)
     envelope.__dict__.update(
         message_id=message_id,
@@ -241,6 +249,23 @@ def claimed_from_row(row: Any, headers_seen: dict[str, Mapping[str, str]] | None
 
 
 _new_envelope = object.__new__
+
+
+def _time_outside(row_id: int, occurred_at: datetime) -> tuple[str, datetime]:
+    """Why a row whose occurred-at is outside the times outboxer takes is dead-lettered,
+    and the time its dead letter gets instead (the nearest one outboxer takes).
+
+    PostgreSQL reads such a time as :data:`~outboxer.times.BELOW` or
+    :data:`~outboxer.times.ABOVE` (``0001-12-31 10:00:00+00 BC``, ``infinity``: see
+    :class:`outboxer.tables.UTCDateTime`); another database as it is."""
+    early = occurred_at < EARLIEST
+    instead = EARLIEST if early else LATEST
+    return (
+        f"outbox row {row_id}: its occurred_at is {'before' if early else 'after'} the times "
+        f"outboxer takes ({STORED_TIMES}), which every consumer refuses and some PostgreSQL "
+        f"sessions cannot read; this dead letter holds {instead.isoformat()} instead: replay "
+        "it to send the message with that time"
+    ), instead
 
 
 def _control_in(row_id: int, type_: str, key: str | None, correlation: str | None) -> str | None:

@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -31,10 +31,10 @@ from outboxer.message import Envelope
 from outboxer.store import dead_letters as dead_letter_store
 from outboxer.testing import MemoryBroker, MemoryTransport
 
-from .broker_rabbitmq import RabbitMQCase, rabbitmq_address
+from .broker_rabbitmq import RabbitMQCase
 from .broker_sqs import SQSCase
 from .models import Effect, OrderPlaced
-from .services import RABBITMQ_URL, port_open, require
+from .services import RABBITMQ_URL
 
 SessionFactory = sessionmaker[outboxer.OutboxSession]
 ONCE = outboxer.Retry(max_attempts=1)
@@ -109,13 +109,8 @@ class Running:
 
 
 @pytest.fixture
-def rabbit() -> Iterator[RabbitMQCase]:
-    require("RabbitMQ", port_open(*rabbitmq_address()), "start: rabbitmq-server -detached")
-    case = RabbitMQCase()
-    try:
-        yield case
-    finally:
-        case.close()
+def rabbit(rabbitmq_case: RabbitMQCase) -> RabbitMQCase:
+    return rabbitmq_case
 
 
 def raw_publish(exchange: str, body: bytes, properties: pika.BasicProperties) -> None:

@@ -21,15 +21,14 @@ from sqlalchemy.orm import sessionmaker
 import outboxer
 from outboxer.transports.rabbitmq import RabbitMQTransport
 
-from . import test_consumer_hostile, test_consumer_outages
+from . import test_consumer_outages
 from .broker_rabbitmq import RabbitMQCase
 from .models import OrderPlaced
 from .services import RABBITMQ_URL
 from .test_consumer_hostile import Running, effects, reserving_consumer
 from .test_consumer_outages import Refusals
 
-rabbit = test_consumer_hostile.rabbit  # fixtures
-unpooled = test_consumer_outages.unpooled
+unpooled = test_consumer_outages.unpooled  # a fixture
 
 SessionFactory = sessionmaker[outboxer.OutboxSession]
 
@@ -53,8 +52,9 @@ def poison_depth(rabbit: RabbitMQCase, queue: str) -> int:
 
 
 def test_an_outage_longer_than_the_delivery_limit_parks_nothing(
-    engine: Engine, unpooled: Engine, rabbit: RabbitMQCase
+    engine: Engine, unpooled: Engine, rabbitmq_case: RabbitMQCase
 ) -> None:
+    rabbit = rabbitmq_case
     transport = RabbitMQTransport.from_url(
         f"{RABBITMQ_URL}?queue_type=quorum&delivery_limit=1", connect_timeout=5
     )

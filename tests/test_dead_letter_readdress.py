@@ -14,7 +14,6 @@ import contextlib
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
 
@@ -35,9 +34,8 @@ from outboxer.store.dead_letters import NewDeadLetter, insert_dead_letters
 from outboxer.tables import dead_letter, outbox
 from outboxer.testing import drain
 
-from .broker_rabbitmq import RabbitMQCase, rabbitmq_address
+from .broker_rabbitmq import RabbitMQCase
 from .models import OrderPlaced, OrderShipped
-from .services import port_open, require
 
 SessionFactory = sessionmaker[OrmSession]
 ONCE = outboxer.Retry(max_attempts=1)
@@ -524,13 +522,8 @@ def test_the_help_explains_to_handler(name: str) -> None:
 
 
 @pytest.fixture
-def rabbitmq() -> Iterator[RabbitMQCase]:
-    require("RabbitMQ", port_open(*rabbitmq_address()), "start: rabbitmq-server -detached")
-    case = RabbitMQCase()
-    try:
-        yield case
-    finally:
-        case.close()
+def rabbitmq(rabbitmq_case: RabbitMQCase) -> RabbitMQCase:
+    return rabbitmq_case
 
 
 def test_a_renamed_handlers_letter_through_rabbitmq(

@@ -19,7 +19,6 @@ sends the rest, and the dead-letter tools list them.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -38,9 +37,9 @@ from outboxer.cli import main as cli_main
 from outboxer.errors import DecodeError
 from outboxer.testing import MemoryBroker, MemoryTransport
 
-from .broker_rabbitmq import RabbitMQCase, rabbitmq_address
+from .broker_rabbitmq import RabbitMQCase
 from .models import OrderPlaced
-from .services import RABBITMQ_URL, port_open, require
+from .services import RABBITMQ_URL
 
 SessionFactory = sessionmaker[outboxer.OutboxSession]
 
@@ -51,13 +50,8 @@ FIRST_FAILED_AT = "outboxer-first-failed-at"
 
 
 @pytest.fixture
-def rabbit() -> Iterator[RabbitMQCase]:
-    require("RabbitMQ", port_open(*rabbitmq_address()), "start: rabbitmq-server -detached")
-    case = RabbitMQCase()
-    try:
-        yield case
-    finally:
-        case.close()
+def rabbit(rabbitmq_case: RabbitMQCase) -> RabbitMQCase:
+    return rabbitmq_case
 
 
 def subscribed(case: RabbitMQCase, consumer: outboxer.Consumer) -> None:

@@ -1,27 +1,34 @@
 """Deliveries kept through a database outage, instead of given back to the broker.
 
 When a delivery's outcome cannot be recorded because the consumer's database cannot be
-used (unreachable, restarting, read-only, tables missing: anything
-:func:`~outboxer.diagnosis.diagnose` names for the operator), the message is not at fault.
-Giving it back (``basic.nack`` with requeue, a zero visibility timeout) counts as a
-delivery on the broker: on a quorum queue with a delivery limit the broker parks it in
-``<queue>.poison`` after a few tries, and RabbitMQ 4 gives every quorum queue a limit of
-20. A long-running consumer therefore keeps such a delivery and tries it again after the
-outage pause (:data:`~outboxer.stopping.OUTAGE_BACKOFF`, growing with every failed try
-of the streak and reset by the next success) for as long as the outage lasts; the
-deliveries it holds stay visible (:mod:`outboxer.visibility`). A stop ends the pause at
-once and gives the delivery back. ``once`` runs give back at once, as before.
+used (unreachable, restarting, read-only: what :func:`~outboxer.diagnosis.diagnose` names
+for the operator), the message is not at fault. Giving it back (``basic.nack`` with
+requeue, a zero visibility timeout) counts as a delivery on the broker: on a quorum queue
+with a delivery limit the broker parks it in ``<queue>.poison`` after a few tries, and
+RabbitMQ 4 gives every quorum queue a limit of 20. A long-running consumer therefore keeps
+such a delivery and tries it again after the outage pause
+(:data:`~outboxer.stopping.OUTAGE_BACKOFF`, growing with every failed try of the streak
+and reset by the next success) for as long as the outage lasts; the deliveries it holds
+stay visible (:mod:`outboxer.visibility`). A stop ends the pause at once and gives the
+delivery back. ``once`` runs give back at once, as before.
 
-Any other failure (a bug, something only this message triggers) is given back as before:
-kept, it would hold its worker forever.
+A lost connection is not always an outage: a handler can lose its own (a statement that
+makes the server drop it, a value over MariaDB's ``max_allowed_packet``, a
+``pg_terminate_backend``), and kept, such a message would hold its worker forever. So
+before keeping a delivery the consumer asks its database (``SELECT 1`` in a transaction of
+its own): if it answers, the failure was the message's doing and the delivery is given
+back, as before (a quorum queue's delivery limit then parks it). A database that refuses
+writes is an outage without asking. Any other failure is given back as before too.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Awaitable, Callable
 
-from .diagnosis import diagnose
+from .diagnosis import diagnose, refuses_writes
+from .errors import OperatorError
 from .redaction import printable
 from .stopping import OUTAGE_BACKOFF, StopSignal
 
@@ -40,13 +47,29 @@ class OutageHold:
         self._lock = threading.Lock()
         self._tries = 0
 
-    def pause(self, error: BaseException) -> float | None:
-        """Seconds to wait before trying the delivery again, or None: give it back."""
+    def pause(self, error: BaseException, answers: Callable[[], bool]) -> float | None:
+        """Seconds to wait before trying the delivery again, or None: give it back.
+
+        ``answers``: whether the consumer's database takes a statement now."""
+        problem = self._outage(error)
+        if problem is None or (not refuses_writes(error) and answers()):
+            return None
+        return self._count(problem, error)
+
+    async def pause_async(
+        self, error: BaseException, answers: Callable[[], Awaitable[bool]]
+    ) -> float | None:
+        problem = self._outage(error)
+        if problem is None or (not refuses_writes(error) and await answers()):
+            return None
+        return self._count(problem, error)
+
+    def _outage(self, error: BaseException) -> OperatorError | None:
         if not self._enabled or self._stop.is_set() or not isinstance(error, Exception):
             return None
-        problem = diagnose(error)
-        if problem is None:
-            return None
+        return diagnose(error)
+
+    def _count(self, problem: OperatorError, error: BaseException) -> float:
         with self._lock:
             self._tries += 1
             tries = self._tries

@@ -27,6 +27,8 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from sqlalchemy.engine import Connection
+
 from . import heartbeat
 from .batching import Batcher
 from .diagnosis import diagnose
@@ -277,7 +279,7 @@ class Runner:
         if done:
             self.outage.over()
         failed = [(i, o) for i, o in enumerate(outcomes) if not isinstance(o, MessageReport)]
-        pause = self.outage.pause(failed[0][1]) if failed else None
+        pause = self.outage.pause(failed[0][1], self._answers) if failed else None
         if pause is not None and self.outage.wait(pause):
             for i, _ in failed:  # kept through the outage: one at a time from here
                 outcomes[i] = self._process_sync(batch[i])
@@ -297,7 +299,7 @@ class Runner:
                     self.transport.description,
                 )
             except BaseException as exc:
-                pause = self.outage.pause(exc)
+                pause = self.outage.pause(exc, self._answers)
                 if pause is not None and self.outage.wait(pause):
                     continue
                 delivery.release()
@@ -320,7 +322,7 @@ class Runner:
                 await asyncio.shield(asyncio.to_thread(_settle, delivery.release))
                 raise
             except BaseException as exc:
-                pause = self.outage.pause(exc)
+                pause = await self.outage.pause_async(exc, self._answers_async)
                 if pause is not None and await self.outage.wait_async(pause):
                     continue
                 await asyncio.to_thread(_settle, delivery.release)
@@ -328,6 +330,21 @@ class Runner:
             self.outage.over()
             await asyncio.to_thread(_settle, delivery.ack)
             return report
+
+    def _answers(self) -> bool:
+        """Whether the consumer's database takes a statement now (a worker thread)."""
+        try:
+            self.processor.transaction_sync(_select_one)
+        except Exception:
+            return False
+        return True
+
+    async def _answers_async(self) -> bool:
+        try:
+            await self.processor.transaction_async(_select_one)
+        except Exception:
+            return False
+        return True
 
     def _record(self, outcome: MessageReport | BaseException) -> None:
         if isinstance(outcome, MessageReport):
@@ -386,6 +403,10 @@ class Runner:
             return
         if inbox_rows or dead:
             log.info("pruned %d inbox rows and %d dead letters", inbox_rows, dead)
+
+
+def _select_one(connection: Connection) -> None:
+    connection.exec_driver_sql("SELECT 1")
 
 
 def _settle(settle: Callable[[], None]) -> None:

@@ -153,8 +153,9 @@ class DeadLetters:
         """Replay every dead letter matching the filters, ``batch_size`` per transaction.
 
         ``to_handler`` (``consumer:handler``) sends each to that handler alone; it needs
-        the ``handler`` filter (the handler the letters were for), so that the letters of
-        other handlers, or of none, are not re-addressed with them.
+        the ``consumer`` and ``handler`` filters (whose handler the letters were for), so
+        that the letters of other handlers, or of another consumer's handler of the same
+        name, or of none, are not re-addressed with them.
 
         The letters are those matching when the call starts (ids up to ``up_to_id`` if
         given): a replay that fails again while this runs is a new dead letter, left for
@@ -164,10 +165,11 @@ class DeadLetters:
         replayed; ``progress`` is called with each batch's count.
         """
         check_address(to_handler)
-        if to_handler is not None and handler is None:
+        if to_handler is not None and (consumer is None or handler is None):
             raise ConfigurationError(
-                f"replay_all(to_handler={to_handler!r}) needs handler=... too (the handler "
-                "the letters were for), so that other handlers' letters are not re-addressed"
+                f"replay_all(to_handler={to_handler!r}) needs consumer=... and handler=... "
+                "too (whose handler the letters were for), so that other handlers' letters, "
+                "another consumer's of the same name included, are not re-addressed"
             )
         where = DeadLetterFilter(origin, consumer, handler, message_type, error_type, since, until)
         replayed = 0

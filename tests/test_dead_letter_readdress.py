@@ -88,7 +88,9 @@ def _outbox_rows(engine: Engine) -> list[Any]:
         return list(connection.execute(select(outbox).order_by(outbox.c.id)).mappings())
 
 
-def _park(engine: Engine, *, handler: str, error_type: str = "unknown_handler") -> int:
+def _park(
+    engine: Engine, *, handler: str, error_type: str = "unknown_handler", consumer: str = "billing"
+) -> int:
     """A consumer dead letter of an OrderPlaced message addressed to ``handler``, written
     straight into the table (as an older release, or another process, wrote it)."""
     row = NewDeadLetter(
@@ -99,12 +101,12 @@ def _park(engine: Engine, *, handler: str, error_type: str = "unknown_handler") 
         envelope=Envelope(
             message_id=uuid.uuid4(),
             type="test.order_placed",
-            destination="billing",
+            destination=consumer,
             payload=b'{"order_id": 7, "customer": "ada"}',
             occurred_at=datetime.now(timezone.utc),
         ),
-        destination="billing",
-        consumer="billing",
+        destination=consumer,
+        consumer=consumer,
         handler=handler,
     )
     with engine.begin() as connection:
@@ -345,6 +347,7 @@ def test_replay_all_readdressing_skips_a_letter_without_an_envelope_and_names_it
     [unreadable] = [d.id for d in dead.list() if d.id != good]
     skipped: list[tuple[int, str]] = []
     replayed = dead.replay_all(
+        consumer="billing",
         handler="charge_v1",
         to_handler="billing:charge",
         skipped=lambda i, why: skipped.append((i, why)),
@@ -379,25 +382,26 @@ def test_a_malformed_address_is_refused_in_one_line_naming_the_form(
     message = str(refused.value)
     assert "consumer:handler" in message and "\n" not in message and "\x1b" not in message
     with pytest.raises(ConfigurationError):
-        dead.replay_all(handler="charge_v1", to_handler=address)
+        dead.replay_all(consumer="billing", handler="charge_v1", to_handler=address)
     assert [d.id for d in dead.list()] == [letter_id] and _outbox_rows(engine) == []
 
 
-def test_replay_all_readdresses_only_with_a_handler_filter(
+def test_replay_all_readdresses_only_with_a_consumer_and_handler_filter(
     engine: Engine, Session: SessionFactory, billing: Billing
 ) -> None:
     billing.deliver("billing:charge_v1")
     billing.deliver("billing:charge_v1")
     billing.deliver("billing:reserve_v1")
     dead = outboxer.DeadLetters(Session)
-    with pytest.raises(ConfigurationError, match="handler=") as refused:
-        dead.replay_all(to_handler="billing:charge")
-    assert "\n" not in str(refused.value)
-    with pytest.raises(ConfigurationError, match="handler="):
-        dead.replay_all(consumer="billing", to_handler="billing:charge")
+    for chosen in ({}, {"consumer": "billing"}, {"handler": "charge_v1"}):
+        with pytest.raises(ConfigurationError) as refused:
+            dead.replay_all(**chosen, to_handler="billing:charge")
+        message = str(refused.value)
+        assert "consumer=" in message and "handler=" in message and "\n" not in message
     assert len(dead.list()) == 3 and _outbox_rows(engine) == []
 
-    assert dead.replay_all(handler="charge_v1", to_handler="billing:charge") == 2
+    replayed = dead.replay_all(consumer="billing", handler="charge_v1", to_handler="billing:charge")
+    assert replayed == 2
     assert {row["target_handler"] for row in _outbox_rows(engine)} == {"billing:charge"}
     drain(engine, [billing.consumer], fail_fast=False)
     assert billing.runs == {"charge": 2}
@@ -459,7 +463,11 @@ def test_the_command_refuses_a_malformed_address_in_one_line(engine: Engine, add
     runner = CliRunner(env={"COLUMNS": "200"})
     for args in (
         ["replay", str(letter_id), "--to-handler", address],
-        ["replay-all", "--handler", "charge_v1", "--to-handler", address, "--yes"],
+        [
+            "replay-all",
+            *("--consumer", "billing", "--handler", "charge_v1"),
+            *("--to-handler", address, "--yes"),
+        ],
     ):
         result = runner.invoke(main, ["dead-letter", *args, "--db", _url(engine)])
         assert result.exit_code == 2, (args, result.output, result.exception)
@@ -468,25 +476,27 @@ def test_the_command_refuses_a_malformed_address_in_one_line(engine: Engine, add
     assert _outbox_rows(engine) == []
 
 
-def test_replay_all_readdresses_with_a_handler_filter_and_refuses_without(engine: Engine) -> None:
+def test_replay_all_readdresses_with_consumer_and_handler_filters_and_refuses_without(
+    engine: Engine,
+) -> None:
     first, second = _park(engine, handler="charge_v1"), _park(engine, handler="charge_v1")
     other = _park(engine, handler="reserve_v1")
+    shipping = _park(engine, handler="charge_v1", consumer="shipping")
     runner = CliRunner(env={"COLUMNS": "200"})
-    refused = runner.invoke(
-        main,
-        [
-            "dead-letter",
-            "replay-all",
-            "--to-handler",
-            "billing:charge",
-            "--yes",
-            "--db",
-            _url(engine),
-        ],
-    )
-    assert refused.exit_code == 2, (refused.output, refused.exception)
-    [error] = _errors(refused.output)
-    assert "--handler" in error and "--to-handler" in error
+    for chosen in ([], ["--consumer", "billing"], ["--handler", "charge_v1"]):
+        refused = runner.invoke(
+            main,
+            [
+                "dead-letter",
+                "replay-all",
+                *chosen,
+                *("--to-handler", "billing:charge", "--yes"),
+                *("--db", _url(engine)),
+            ],
+        )
+        assert refused.exit_code == 2, (chosen, refused.output, refused.exception)
+        [error] = _errors(refused.output)
+        assert "--consumer" in error and "--handler" in error and "--to-handler" in error
     assert _outbox_rows(engine) == []
 
     asked = runner.invoke(
@@ -494,12 +504,9 @@ def test_replay_all_readdresses_with_a_handler_filter_and_refuses_without(engine
         [
             "dead-letter",
             "replay-all",
-            "--handler",
-            "charge_v1",
-            "--to-handler",
-            "billing:charge",
-            "--db",
-            _url(engine),
+            *("--consumer", "billing", "--handler", "charge_v1"),
+            *("--to-handler", "billing:charge"),
+            *("--db", _url(engine)),
         ],
         input="y\n",
     )
@@ -507,8 +514,27 @@ def test_replay_all_readdresses_with_a_handler_filter_and_refuses_without(engine
     assert "replay 2 dead letters to handler billing:charge?" in asked.output
     assert "replayed 2 of 2 dead letters" in asked.output
     assert [row["target_handler"] for row in _outbox_rows(engine)] == ["billing:charge"] * 2
-    assert [d.id for d in outboxer.DeadLetters(sessionmaker(engine)).list()] == [other]
+    left = [d.id for d in outboxer.DeadLetters(sessionmaker(engine)).list()]
+    assert sorted(left) == [other, shipping]
     assert first != second
+
+
+def test_readdressing_leaves_another_consumers_handler_of_the_same_name(
+    engine: Engine, Session: SessionFactory
+) -> None:
+    """billing and shipping both have a handler named ``handle``: re-addressing billing's
+    letters must not take shipping's (deleted, and run by billing's handler)."""
+    billing = _park(engine, handler="handle")
+    shipping = _park(engine, handler="handle", consumer="shipping")
+    dead = outboxer.DeadLetters(Session)
+    with pytest.raises(ConfigurationError):
+        dead.replay_all(handler="handle", to_handler="billing:handle_v2")
+    assert {d.id for d in dead.list()} == {billing, shipping} and _outbox_rows(engine) == []
+    replayed = dead.replay_all(consumer="billing", handler="handle", to_handler="billing:handle_v2")
+    assert replayed == 1
+    [row] = _outbox_rows(engine)
+    assert (row["destination"], row["target_handler"]) == ("billing", "billing:handle_v2")
+    assert [d.id for d in dead.list()] == [shipping]
 
 
 @pytest.mark.parametrize("name", ["replay", "replay-all"])

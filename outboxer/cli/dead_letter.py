@@ -209,21 +209,22 @@ def _replay_target(letter: DeadLetter, to_handler: str | None) -> str:
 @filters
 @option("--keep", is_flag=True, help="Keep them as history instead of deleting them.")
 @to_handler_option(
-    "Send each to this handler alone (consumer:handler); needs --handler, the handler "
-    "they were for."
+    "Send each to this handler alone (consumer:handler); needs --consumer and --handler, "
+    "whose handler they were for."
 )
 @option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 def replay_all(db_url: str, keep: bool, to_handler: str | None, yes: bool, **values: Any) -> None:
     """Replay every dead letter matching the filters.
 
-    With --to-handler consumer:handler, the letters of the --handler given go to that
-    handler instead (a handler that was renamed). Exits 1 if some could not be replayed
+    With --to-handler consumer:handler, the letters of the --consumer's --handler given
+    go to that handler instead (a handler that was renamed). Exits 1 if some could not be replayed
     as stored (each is named, with why).
     """
-    if to_handler is not None and values["handler"] is None:
+    if to_handler is not None and (values["consumer"] is None or values["handler"] is None):
         raise click.UsageError(
-            "--to-handler needs --handler (the handler the letters were for), so that "
-            "other handlers' letters are not re-addressed with them"
+            "--to-handler needs --consumer and --handler (whose handler the letters were "
+            "for), so that other handlers' letters, another consumer's of the same name "
+            "included, are not re-addressed with them"
         )
     dead = _dead_letters(db_url)
     chosen = _filters(**values)

@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Awaitable, Callable
+
+from sqlalchemy.engine import Connection
 
 from .diagnosis import diagnose, refuses_writes
 from .errors import OperatorError
+from .processing import Processor
 from .redaction import printable
 from .stopping import OUTAGE_BACKOFF, StopSignal
 
@@ -40,29 +42,42 @@ log = logging.getLogger("outboxer.consumer")
 class OutageHold:
     """The outage streak of one run, shared by its workers."""
 
-    def __init__(self, name: str, stop: StopSignal, enabled: bool) -> None:
+    def __init__(self, name: str, stop: StopSignal, processor: Processor, enabled: bool) -> None:
         self._name = name
+        self._processor = processor
         self._stop = stop
         self._enabled = enabled
         self._lock = threading.Lock()
         self._tries = 0
 
-    def pause(self, error: BaseException, answers: Callable[[], bool]) -> float | None:
-        """Seconds to wait before trying the delivery again, or None: give it back.
-
-        ``answers``: whether the consumer's database takes a statement now."""
+    def pause(self, error: BaseException) -> float | None:
+        """Seconds to wait before trying the delivery again, or None: give it back (a
+        worker thread; it may ask the database)."""
         problem = self._outage(error)
-        if problem is None or (not refuses_writes(error) and answers()):
+        if problem is None or (not refuses_writes(error) and self._answers()):
             return None
         return self._count(problem, error)
 
-    async def pause_async(
-        self, error: BaseException, answers: Callable[[], Awaitable[bool]]
-    ) -> float | None:
+    async def pause_async(self, error: BaseException) -> float | None:
         problem = self._outage(error)
-        if problem is None or (not refuses_writes(error) and await answers()):
+        if problem is None or (not refuses_writes(error) and await self._answers_async()):
             return None
         return self._count(problem, error)
+
+    def _answers(self) -> bool:
+        """Whether the consumer's database takes a statement now."""
+        try:
+            self._processor.transaction_sync(_select_one)
+        except Exception:
+            return False
+        return True
+
+    async def _answers_async(self) -> bool:
+        try:
+            await self._processor.transaction_async(_select_one)
+        except Exception:
+            return False
+        return True
 
     def _outage(self, error: BaseException) -> OperatorError | None:
         if not self._enabled or self._stop.is_set() or not isinstance(error, Exception):
@@ -99,3 +114,7 @@ class OutageHold:
         if self._tries:
             with self._lock:
                 self._tries = 0
+
+
+def _select_one(connection: Connection) -> None:
+    connection.exec_driver_sql("SELECT 1")

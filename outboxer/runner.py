@@ -27,8 +27,6 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from sqlalchemy.engine import Connection
-
 from . import heartbeat
 from .batching import Batcher
 from .diagnosis import diagnose
@@ -94,7 +92,7 @@ class Runner:
         self.held: dict[Delivery, float] = {}
         """Each held delivery, and when it was received or last extended."""
         self.failures = 0
-        self.outage = OutageHold(name, stop, enabled=not options.once)
+        self.outage = OutageHold(name, stop, processor, enabled=not options.once)
         """Deliveries whose outcome the database could not take are kept, not given back."""
         self.broker_outages = 0
         self.give_back = False
@@ -279,7 +277,7 @@ class Runner:
         if done:
             self.outage.over()
         failed = [(i, o) for i, o in enumerate(outcomes) if not isinstance(o, MessageReport)]
-        pause = self.outage.pause(failed[0][1], self._answers) if failed else None
+        pause = self.outage.pause(failed[0][1]) if failed else None
         if pause is not None and self.outage.wait(pause):
             for i, _ in failed:  # kept through the outage: one at a time from here
                 outcomes[i] = self._process_sync(batch[i])
@@ -299,7 +297,7 @@ class Runner:
                     self.transport.description,
                 )
             except BaseException as exc:
-                pause = self.outage.pause(exc, self._answers)
+                pause = self.outage.pause(exc)
                 if pause is not None and self.outage.wait(pause):
                     continue
                 delivery.release()
@@ -322,7 +320,7 @@ class Runner:
                 await asyncio.shield(asyncio.to_thread(_settle, delivery.release))
                 raise
             except BaseException as exc:
-                pause = await self.outage.pause_async(exc, self._answers_async)
+                pause = await self.outage.pause_async(exc)
                 if pause is not None and await self.outage.wait_async(pause):
                     continue
                 await asyncio.to_thread(_settle, delivery.release)
@@ -330,21 +328,6 @@ class Runner:
             self.outage.over()
             await asyncio.to_thread(_settle, delivery.ack)
             return report
-
-    def _answers(self) -> bool:
-        """Whether the consumer's database takes a statement now (a worker thread)."""
-        try:
-            self.processor.transaction_sync(_select_one)
-        except Exception:
-            return False
-        return True
-
-    async def _answers_async(self) -> bool:
-        try:
-            await self.processor.transaction_async(_select_one)
-        except Exception:
-            return False
-        return True
 
     def _record(self, outcome: MessageReport | BaseException) -> None:
         if isinstance(outcome, MessageReport):
@@ -403,10 +386,6 @@ class Runner:
             return
         if inbox_rows or dead:
             log.info("pruned %d inbox rows and %d dead letters", inbox_rows, dead)
-
-
-def _select_one(connection: Connection) -> None:
-    connection.exec_driver_sql("SELECT 1")
 
 
 def _settle(settle: Callable[[], None]) -> None:

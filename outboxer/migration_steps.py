@@ -46,7 +46,7 @@ def first_revision_interrupted(connection: Connection) -> bool:
     from .schema import VERSION_TABLE, current, tables_present
 
     return (
-        inspect(connection).has_table(VERSION_TABLE)
+        _has_table(connection, VERSION_TABLE)
         and current(connection) is None
         and bool(tables_present(connection))
     )
@@ -74,7 +74,7 @@ class Steps:
     def create_table(self, name: str, *columns: sa.Column[Any], **kw: Any) -> None:
         """``op.create_table``; a table a killed run of this revision made is kept."""
         bind = self._resumable()
-        if bind is None or not inspect(bind).has_table(name):
+        if bind is None or not _has_table(bind, name):
             op.create_table(name, *columns, **kw)
             return
         wanted = sa.Table(name, sa.MetaData(), *columns, **kw)
@@ -116,7 +116,8 @@ class Steps:
         has the new type already (a killed run of this revision altered it)."""
         bind = self._resumable()
         if bind is not None:
-            columns = inspect(bind).get_columns(table)
+            inspector = inspect(bind)
+            columns = inspector.get_columns(table, schema=inspector.default_schema_name)
             found = {c["name"]: c for c in columns}.get(column)
             if (
                 found is not None
@@ -137,9 +138,9 @@ class Steps:
         refused, naming the rename that puts it back."""
         bind = self._resumable()
         copy = f"_alembic_tmp_{table}"
-        if bind is None or not inspect(bind).has_table(copy):
+        if bind is None or not _has_table(bind, copy):
             return
-        if not inspect(bind).has_table(table):
+        if not _has_table(bind, table):
             raise HalfApplied(
                 f"migration {self.revision}'s rebuild of {table} stopped after dropping it: "
                 f"its rows are in {copy}. Put it back (ALTER TABLE {copy} RENAME TO {table}), "
@@ -181,11 +182,12 @@ def _table_differences(bind: Connection, wanted: sa.Table, kw: dict[str, Any]) -
         if diff[0] not in index_kinds
     ]
     inspector = inspect(bind)
-    key = inspector.get_pk_constraint(wanted.name)["constrained_columns"]
+    own = inspector.default_schema_name
+    key = inspector.get_pk_constraint(wanted.name, schema=own)["constrained_columns"]
     if key != [c.name for c in wanted.primary_key.columns]:
         found.append(f"primary key ({', '.join(key)})")
     if bind.dialect.name in ("mysql", "mariadb"):
-        options = inspector.get_table_options(wanted.name)
+        options = inspector.get_table_options(wanted.name, schema=own)
         for option, reflected in _TABLE_OPTIONS.items():
             if option in kw and str(options.get(reflected, "")).lower() != kw[option].lower():
                 found.append(f"{reflected.removeprefix('mysql_')} {options.get(reflected)}")
@@ -195,12 +197,22 @@ def _table_differences(bind: Connection, wanted: sa.Table, kw: dict[str, Any]) -
 def _indexes(bind: Connection, table: str) -> dict[str, tuple[list[str], bool]]:
     """The indexes of ``table`` (none when it does not exist): their columns, uniqueness."""
     inspector = inspect(bind)
-    if not inspector.has_table(table):
+    own = inspector.default_schema_name
+    if not inspector.has_table(table, schema=own):
         return {}
     return {
         str(index["name"]): ([str(c) for c in index["column_names"]], bool(index["unique"]))
-        for index in inspector.get_indexes(table)
+        for index in inspector.get_indexes(table, schema=own)
     }
+
+
+def _has_table(bind: Connection, name: str) -> bool:
+    """Whether the schema the migrations create in holds ``name``. Not a bare has_table:
+    on PostgreSQL that finds a table of any schema on the search_path (another
+    application's outboxer tables), which the migration would then keep instead of
+    making its own."""
+    inspector = inspect(bind)
+    return inspector.has_table(name, schema=inspector.default_schema_name)
 
 
 def _rendered(bind: Connection, type_: Any) -> str:

@@ -155,3 +155,33 @@ def test_a_relay_stopped_during_an_alarm_stops_and_the_next_run_sends_everything
         collector.close()
         transport.close()
     assert first_deliveries(numbers(got)) == list(range(20)), "every message, in order"
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql"], indirect=True)
+def test_two_relays_through_an_alarm_longer_than_the_lease_send_nothing_twice(
+    node: PrivateRabbitMQ, Session: SessionFactory, engine: Engine
+) -> None:
+    """The blocked relay keeps the leases of its batches on the wire: the other relay does
+    not take their rows when the lease would have ended, and send them again."""
+    destination = f"alarm-{uuid.uuid4().hex[:8]}"
+    collector = Collector(node.url, destination)
+    transports = [outboxer.transport_from_url(node.url) for _ in range(2)]
+    relays = [outboxer.Relay(engine, t, poll_interval=0.05, lease=2) for t in transports]
+    running = [Running(relay) for relay in relays]
+    try:
+        node.alarm()
+        for key in ("a", "b", "c", "d"):
+            publish_numbered(Session, destination, 10, key=key)
+        time.sleep(8)  # four leases
+        node.alarm(False)
+        wait_for(lambda: collector.collected(40), 30, "the 40 messages")
+        wait_for(lambda: sum(r.stats.sent for r in relays) >= 40, 20, "the relays to settle")
+        collector.collected(41)  # anything sent twice arrives now
+    finally:
+        node.alarm(False)
+        for r in running:
+            r.stop()
+        collector.close()
+        for t in transports:
+            t.close()
+    assert len(collector.got) == 40, f"{len(collector.got) - 40} sent twice"

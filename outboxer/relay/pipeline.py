@@ -33,6 +33,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_for_futures
 from contextlib import ExitStack
@@ -110,11 +111,20 @@ class _Hold:
 class Pipeline:
     """Batches on the wire, oldest first, and the keys held back by failed rows."""
 
-    def __init__(self, transport: Transport, stop: threading.Event | None = None) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        stop: threading.Event | None = None,
+        waiting: Callable[[float], None] | None = None,
+    ) -> None:
         self.transport = transport
         self._stop = stop
+        self._waiting = waiting
+        """Called every slice of a wait for the broker, with the seconds waited so far."""
         self._stopped_at: float | None = None
         self._wire: deque[_OnWire] = deque()
+        self._landing: _OnWire | None = None
+        """The batch whose results :meth:`land` waits for (off ``_wire`` already)."""
         self._last: Future[list[SendResult]] | None = None
         self._holds: list[_Hold] = []
 
@@ -124,7 +134,8 @@ class Pipeline:
     def tokens(self) -> list[str]:
         """Lease tokens of the batches on the wire (their rows do not hold back their keys
         for this relay's next claim)."""
-        return [w.batch.token for w in self._wire]
+        landing = [] if self._landing is None else [self._landing.batch.token]
+        return landing + [w.batch.token for w in self._wire]
 
     def oldest_done(self) -> bool:
         return bool(self._wire) and self._wire[0].done()
@@ -187,7 +198,7 @@ class Pipeline:
 
     def land(self) -> Landed:
         """Wait for the oldest batch's results (in batch order)."""
-        sending = self._wire.popleft()
+        sending = self._landing = self._wire.popleft()
         rows = sending.batch.rows
         results: list[SendResult | None] = [None] * len(rows)
         try:
@@ -197,6 +208,7 @@ class Pipeline:
                 for i, result in group.held.items():
                     results[i] = result
         finally:
+            self._landing = None
             sending.spans.close()
         if not self._wire:
             self._last = None
@@ -238,12 +250,16 @@ class Pipeline:
     def _answered(self, future: Future[list[SendResult]]) -> bool:
         """Wait for ``future``; once the relay is stopping, for what is left of the grace."""
         stop = self._stop
+        began: float | None = None
         while not future.done():
             if stop is None:
                 wait_for_futures([future])
                 break
             if not stop.is_set():
                 wait_for_futures([future], timeout=_SLICE)
+                if self._waiting is not None and not future.done():
+                    began = time.monotonic() - _SLICE if began is None else began
+                    self._waiting(time.monotonic() - began)
                 continue
             if self._stopped_at is None:
                 self._stopped_at = time.monotonic()

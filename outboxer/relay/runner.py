@@ -65,7 +65,7 @@ class Run:
         self.db = DatabaseThread()
         self.liveness = relay.liveness
         """This run's liveness (an abandoned run's stays with its database thread)."""
-        self.pipeline = Pipeline(relay.transport, relay._stop)
+        self.pipeline = Pipeline(relay.transport, relay._stop, self._waiting)
         self.prefetch: deque[tuple[str, Future[Batch]]] = deque()
         """Claims submitted and not yet taken by the loop, oldest first, with their tokens."""
         self.backlog = False
@@ -74,6 +74,7 @@ class Run:
         self.totals = RelayStats()
         self.outage = Outage(relay._rand)
         self.next_check = float("-inf")
+        self.next_renewal = float("-inf")
         self.batches = 0
 
     def loop(self) -> RelayStats:
@@ -142,6 +143,26 @@ class Run:
         if now >= self.next_check:
             self.next_check = now + LIVENESS_INTERVAL
             self.db.submit(self._liveness_check)
+
+    def _waiting(self, seconds: float) -> None:
+        """While the loop waits for the broker (a resource alarm may hold the confirms for
+        hours): stay live, and keep the leases of the batches on the wire and of the claims
+        queued behind them, every third of a lease, so that no other relay takes their rows
+        and sends them again."""
+        heartbeat.beat(f"relay {self.relay.name}")
+        self._check_liveness()
+        now = self.relay._clock()
+        if seconds >= self.relay.lease / 3 and now >= self.next_renewal:
+            self.next_renewal = now + self.relay.lease / 3
+            owners = self.pipeline.tokens() + [queued for queued, _ in self.prefetch]
+            self.db.submit(partial(self._renew, owners))
+
+    def _renew(self, owners: list[str], _seq: int) -> None:
+        try:
+            with self.relay.connect() as connection:
+                settle.renew(connection, owners=owners, lease=self.relay.lease)
+        except Exception as exc:  # the next claim or settle meets the same trouble
+            log.debug("could not renew the leases of the batches on the wire", exc_info=exc)
 
     def _liveness_check(self, _seq: int) -> None:
         if self.db.abandoned:

@@ -117,6 +117,20 @@ def release(connection: Connection, *, owner: str, ids: Sequence[int]) -> None:
             )
 
 
+def renew(connection: Connection, *, owners: Sequence[str], lease: float) -> None:
+    """Extend the leases of the batches ``owners`` (tokens) by ``lease`` seconds from now:
+    batches on the wire for longer than their lease (a broker that holds its confirms,
+    blocked by a resource alarm) must not be taken and sent again by another relay."""
+    if owners:
+        name = connection.dialect.name
+        with connection.begin():
+            connection.execute(
+                update(outbox)
+                .where(outbox.c.locked_by.in_(list(owners)))
+                .values(locked_until=later(name, None, lease))
+            )
+
+
 def prune_sent(connection: Connection, *, older_than: float, limit: int = 1000) -> int:
     """Delete up to ``limit`` kept rows sent more than ``older_than`` seconds ago."""
     dialect = connection.dialect

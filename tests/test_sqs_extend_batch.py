@@ -259,6 +259,72 @@ def test_a_batch_call_that_does_not_reach_sqs_is_one_warning_and_no_call_per_mes
     assert "come back after their visibility timeout" in warnings[0]
 
 
+def throttled(code: str, status: int) -> ClientError:
+    return ClientError(
+        {
+            "Error": {"Code": code, "Message": "Rate exceeded"},
+            "ResponseMetadata": {"HTTPStatusCode": status},
+        },
+        "ChangeMessageVisibilityBatch",
+    )
+
+
+SQS_OVERLOADED = [
+    ("RequestThrottled", 400),
+    ("AWS.SimpleQueueService.RequestThrottled", 403),
+    ("ThrottlingException", 400),
+    ("Throttling", 400),
+    ("InternalError", 500),
+    ("ServiceUnavailable", 503),
+    ("SomethingNew", 502),
+]
+
+
+@pytest.mark.parametrize(("code", "status"), SQS_OVERLOADED)
+def test_a_batch_call_sqs_throttles_or_fails_on_is_one_warning_and_no_call_per_message(
+    caplog: pytest.LogCaptureFixture, code: str, status: int
+) -> None:
+    """60 calls, one per message, to a service that is throttling already (review 6:
+    6 batch calls, 60 single calls, 60 warnings in one round)."""
+    client = FakeSQS(throttled(code, status), single=throttled(code, status))
+    caplog.set_level(logging.WARNING, logger="outboxer")
+    extend_all(fake_deliveries(client, HELD), 30)
+    assert [kind for kind, _ in client.calls] == ["batch"] * (HELD // 10)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == HELD // 10 and all("extend of 10 messages" in w for w in warnings)
+    assert code.removeprefix("AWS.SimpleQueueService.") in warnings[0]
+    assert "come back after their visibility timeout" in warnings[0]
+    assert all("\n" not in w for w in warnings)
+
+
+def test_a_throttled_batch_call_on_moto_makes_no_call_per_message(
+    transport: SQSTransport, sqs: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQS (moto) answers the batch call with RequestThrottled (a botocore hook in place
+    of the request); the held deliveries are not extended one by one."""
+    from botocore.awsrequest import AWSResponse
+
+    name, _url = filled_queue(sqs, 20, visibility=30)
+    held = hold(transport, name, 20)
+    client = transport.queue_client
+    calls = Calls(client)  # counts the calls that reach moto: none may
+
+    def refuse(model: Any, **_: Any) -> Any:
+        calls.counts["throttled " + model.name] += 1
+        error = throttled("RequestThrottled", 400).response
+        return AWSResponse("http://sqs", 400, {}, None), error
+
+    client.meta.events.register("before-call.sqs.ChangeMessageVisibilityBatch", refuse)
+    caplog.set_level(logging.WARNING, logger="outboxer")
+    try:
+        extend_all(held, 30)
+    finally:
+        client.meta.events.unregister("before-call.sqs.ChangeMessageVisibilityBatch", refuse)
+    assert calls.counts == {"throttled ChangeMessageVisibilityBatch": 2}, calls.counts
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2 and all("RequestThrottled" in w for w in warnings), warnings
+
+
 def test_batches_are_per_queue_ten_at_most_and_a_lone_delivery_is_one_plain_call() -> None:
     client = FakeSQS(lambda entries: {"Successful": [{"Id": e["Id"]} for e in entries]}, None)
     first, second = fake_deliveries(client, 11, "url-1"), fake_deliveries(client, 2, "url-2")

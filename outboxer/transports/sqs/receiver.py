@@ -402,9 +402,10 @@ def _extend_batch(deliveries: list[_SQSDelivery], seconds: int) -> None:
     An entry that fails because its message is gone (deleted, or its receipt handle
     expired) is logged at debug level, as :meth:`_SQSDelivery.extend` does; one that fails
     otherwise is extended alone (which warns if that fails too). A call that SQS refuses
-    as a whole: each alone. A call that does not reach SQS (connection, timeout): one
+    as a whole (an operation it does not support...): each alone. A call that does not
+    reach SQS (connection, timeout), or that SQS throttles or fails on (5xx): one
     warning; each alone would wait for the same timeout, one after another, while the
-    others' time runs out."""
+    others' time runs out, or add to a load SQS is refusing already."""
     taken = [d for d in deliveries if d._lock.acquire(blocking=False)]
     try:
         waiting = {str(i): d for i, d in enumerate(taken) if not d._settled}
@@ -420,21 +421,14 @@ def _extend_batch(deliveries: list[_SQSDelivery], seconds: int) -> None:
                     for key, d in waiting.items()
                 ],
             )
-        except ClientError as exc:
+        except Exception as exc:
+            if not isinstance(exc, ClientError) or _overloaded(exc):
+                _extend_failed(first, len(waiting), exc)
+                return
             log.debug(
                 "ChangeMessageVisibilityBatch on %s failed (%s); one at a time", first._url, exc
             )
             alone = list(waiting.values())
-        except Exception as exc:
-            log.warning(
-                "extend of %d messages from %r failed: %s; they come back after their "
-                "visibility timeout",
-                len(waiting),
-                first.destination,
-                _one_line(exc),
-            )
-            log.debug("ChangeMessageVisibilityBatch failed", exc_info=True)
-            return
         else:
             for entry in response.get("Failed", ()):
                 delivery = waiting.get(entry.get("Id", ""))
@@ -450,6 +444,40 @@ def _extend_batch(deliveries: list[_SQSDelivery], seconds: int) -> None:
     finally:
         for delivery in taken:
             delivery._lock.release()
+
+
+def _extend_failed(first: _SQSDelivery, count: int, exc: BaseException) -> None:
+    log.warning(
+        "extend of %d messages from %r failed: %s; they come back after their visibility timeout",
+        count,
+        first.destination,
+        _one_line(exc),
+    )
+    log.debug("ChangeMessageVisibilityBatch failed", exc_info=True)
+
+
+_OVERLOADED = frozenset(
+    {
+        "RequestLimitExceeded",
+        "TooManyRequestsException",
+        "SlowDown",
+        "ServiceUnavailable",
+        "InternalError",
+        "InternalFailure",
+    }
+)
+
+
+def _overloaded(exc: ClientError) -> bool:
+    """Whether SQS refused a call for its load (throttling) or its own fault (5xx): a
+    call per message would only add to the load, or fail the same way."""
+    code = error_code(exc)
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return (
+        "Throttl" in code
+        or code in _OVERLOADED
+        or (isinstance(status, int) and (status >= 500 or status == 429))
+    )
 
 
 def _delete_batch(deliveries: list[_SQSDelivery]) -> None:

@@ -97,8 +97,18 @@ def tables_present(bind: Engine | Connection) -> list[str]:
 def current(bind: Engine | Connection) -> str | None:
     """The revision the database is at (None: outboxer's migrations never ran)."""
     with _connection(bind) as connection:
-        context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
+        context = MigrationContext.configure(connection, opts=_version_table(connection))
         return _revision(context)
+
+
+def _version_table(connection: Connection) -> dict[str, Any]:
+    """Alembic's options for outboxer's version table: on PostgreSQL in the schema the
+    migrations create in (the session's ``current_schema()``, which SQLAlchemy reads at
+    connect), since by bare name Alembic found another schema's on the ``search_path``."""
+    where = connection.dialect.default_schema_name
+    if connection.dialect.name == "postgresql" and where:
+        return {"version_table": VERSION_TABLE, "version_table_schema": where}
+    return {"version_table": VERSION_TABLE}
 
 
 def _revision(context: MigrationContext) -> str | None:
@@ -143,7 +153,7 @@ def upgrade(
         theirs = connection.in_transaction()
         context = MigrationContext.configure(
             connection,
-            opts={"version_table": VERSION_TABLE, "target_metadata": metadata, "fn": steps},
+            opts={**_version_table(connection), "target_metadata": metadata, "fn": steps},
         )
         # Alembic's own transaction rules: one transaction where DDL is transactional
         # (PostgreSQL, SQLite under Alembic's control), a commit per migration where it is
@@ -292,7 +302,7 @@ def adopt(bind: Engine | Connection) -> str:
         # An older create_all's dead-letter table, whose ids SQLite reuses (a comparison of
         # tables does not see it): recorded before 0006, whose rebuild `upgrade` then runs.
         newest = "0005"
-    context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
+    context = MigrationContext.configure(connection, opts=_version_table(connection))
     context.stamp(script_directory(), newest)
     return newest
 

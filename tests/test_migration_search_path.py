@@ -52,3 +52,26 @@ def test_a_fresh_upgrade_creates_its_tables_beside_another_schemas_on_the_search
         engine.dispose()
     assert _tables(pg_db, "public") == set(metadata.tables) | {schema.VERSION_TABLE}
     assert _tables(pg_db, "other") == theirs
+
+
+def test_another_schemas_version_table_on_the_search_path_is_not_taken_for_ours(
+    pg_db: str,
+) -> None:
+    """Another application upgraded with Alembic (its version table in ``other``): a fresh
+    ``upgrade()`` read that one, said 0006, and created nothing in its own schema."""
+    other = create_engine(pg_db, connect_args={"options": "-csearch_path=other"})
+    with other.begin() as connection:
+        connection.execute(text("CREATE SCHEMA other"))
+    schema.upgrade(other)
+    other.dispose()
+    theirs = _tables(pg_db, "other")
+
+    engine = create_engine(pg_db, connect_args={"options": "-csearch_path=public,other"})
+    try:
+        assert schema.current(engine) is None
+        schema.upgrade(engine)
+        assert schema.current(engine) == schema.head()
+    finally:
+        engine.dispose()
+    assert _tables(pg_db, "public") == set(metadata.tables) | {schema.VERSION_TABLE}
+    assert _tables(pg_db, "other") == theirs

@@ -43,15 +43,15 @@ from .. import instrumentation
 from ..instrumentation import SpanHandle
 from ..store.relay import Claimed
 from ..transports.base import Outcome, SendResult, Transport, held_back
+from .database import STOP_GRACE
 
 __all__ = ["Batch", "Landed", "Pipeline"]
 
 log = logging.getLogger("outboxer.relay")
 
-STOP_GRACE = 10.0
-"""Seconds a stopping relay waits, in all, for the broker's answers about the batches on the
-wire (a broker blocked by a resource alarm may hold them for hours); then they are handed
-back as unavailable: they may or may not have been stored."""
+# A stopping relay waits STOP_GRACE seconds in all (the database thread's grace) for the
+# broker's answers about the batches on the wire (a broker blocked by a resource alarm may
+# hold them for hours); then they are handed back as unavailable: maybe stored, maybe not.
 _SLICE = 0.1
 
 

@@ -4,13 +4,13 @@ The loop keeps a database thread busy claiming the next batch and settling the l
 while the broker works, and lands a batch whose results are in before the next one goes
 out (:mod:`outboxer.relay.pipeline` states the ordering rule this serves). It checks the
 relay's liveness every second, waits out database outages and broker outages (the circuit
-breaker), and on stop lands and settles what is on the wire.
+breaker), and on stop lands and settles what is on the wire. The database tasks it
+submits (claim, settle, hand back, renew) are :mod:`outboxer.relay.tasks`.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import replace
@@ -21,16 +21,15 @@ from .. import heartbeat, instrumentation
 from ..diagnosis import diagnose
 from ..errors import TablesMissing
 from ..redaction import one_line
-from ..store import claims, settle
 from ..store import relay as relay_store
-from ..store.leases import LeaseScope, token
+from ..store.leases import token
 from ..waiter import Waiter
 from . import idle
 from .database import STOP_GRACE, Abandoned, DatabaseThread, Outage, count
 from .decide import Decisions, decide
-from .failures import SendFailure
-from .pipeline import Batch, Landed, Pipeline
+from .pipeline import Batch, Pipeline
 from .reports import BatchReport, RelayStats
+from .tasks import Tasks
 
 if TYPE_CHECKING:
     from .relay import Relay
@@ -65,6 +64,7 @@ class Run:
         self.db = DatabaseThread()
         self.liveness = relay.liveness
         """This run's liveness (an abandoned run's stays with its database thread)."""
+        self.tasks = Tasks(relay, self.liveness, self.db)
         self.pipeline = Pipeline(relay.transport, relay._stop, self._waiting)
         self.prefetch: deque[tuple[str, Future[Batch]]] = deque()
         """Claims submitted and not yet taken by the loop, oldest first, with their tokens."""
@@ -142,7 +142,7 @@ class Run:
         now = self.relay._clock()
         if now >= self.next_check:
             self.next_check = now + LIVENESS_INTERVAL
-            self.db.submit(self._liveness_check)
+            self.db.submit(self.tasks.check_liveness)
 
     def _waiting(self, seconds: float) -> None:
         """While the loop waits for the broker (a resource alarm may hold the confirms for
@@ -155,22 +155,7 @@ class Run:
         if seconds >= self.relay.lease / 3 and now >= self.next_renewal:
             self.next_renewal = now + self.relay.lease / 3
             owners = self.pipeline.tokens() + [queued for queued, _ in self.prefetch]
-            self.db.submit(partial(self._renew, owners))
-
-    def _renew(self, owners: list[str], _seq: int) -> None:
-        try:
-            with self.relay.connect() as connection:
-                settle.renew(connection, owners=owners, lease=self.relay.lease)
-        except Exception as exc:  # the next claim or settle meets the same trouble
-            log.debug("could not renew the leases of the batches on the wire", exc_info=exc)
-
-    def _liveness_check(self, _seq: int) -> None:
-        if self.db.abandoned:
-            return  # left behind: a heartbeat would keep a stopped relay alive
-        try:
-            self.liveness.check()
-        except Exception:  # the next claim meets the same trouble and reports it
-            log.debug("the liveness check failed", exc_info=True)
+            self.db.submit(partial(self.tasks.renew, owners))
 
     def _prefetch(self, ahead: Batch | None = None) -> None:
         """Queue the next claim on the database thread, behind the batches on the wire,
@@ -188,29 +173,7 @@ class Run:
         if ahead is not None:
             tokens.append(ahead.token)
         tokens += [queued for queued, _ in self.prefetch]
-        self.prefetch.append((owner, self.db.submit(lambda seq: self._claim(owner, tokens, seq))))
-
-    def _claim(self, owner: str, in_flight: list[str], seq: int) -> Batch:
-        if self.db.abandoned:
-            raise Abandoned  # left behind: nobody would send the rows it leased
-        relay = self.relay
-        scope = LeaseScope(
-            relay=self.liveness.relay_id,
-            in_flight=in_flight,
-            dead=self.liveness.dead,
-            destinations=relay.destinations,
-            share=self.liveness.share,
-        )
-        started = time.perf_counter()
-        with relay.connect() as connection:
-            rows = claims.claim_batch(
-                connection,
-                owner=owner,
-                scope=scope,
-                limit=relay.batch_size,
-                lease_seconds=relay.lease,
-            )
-        return Batch(rows, owner, time.perf_counter() - started, started, seq)
+        self.prefetch.append((owner, self.db.submit(partial(self.tasks.claim, owner, tokens))))
 
     def _next_batch(self) -> Batch | None:
         if not self.prefetch:
@@ -230,7 +193,7 @@ class Run:
         held = self.pipeline.held_rows(batch)
         if not held:
             return batch
-        self.db.submit(partial(self._release, batch.token, held))
+        self.db.submit(partial(self.tasks.release, batch.token, held))
         ids = set(held)
         return replace(batch, rows=[row for row in batch.rows if row.id not in ids])
 
@@ -258,7 +221,7 @@ class Run:
         # row, then be held back, while a claim queued behind it, counting its rows as on
         # the wire, sent the key's later rows first.
         seq, settled = self.db.submit_seq(
-            lambda _s: self._settle(landed, decisions, report), urgent=not decisions.held_keys
+            lambda _s: self.tasks.settle(landed, decisions, report), urgent=not decisions.held_keys
         )
         self.pipeline.hold(decisions.held_keys, seq)
         self.settling.append(settled)
@@ -280,60 +243,6 @@ class Run:
                 log.info("broker is reachable again")
             relay.breaker.record_success()
 
-    def _settle(self, landed: Landed, decisions: Decisions, report: BatchReport) -> BatchReport:
-        relay = self.relay
-        started = time.perf_counter()
-        with relay.connect() as connection:
-            settle.settle(
-                connection,
-                owner=landed.batch.token,
-                sent=decisions.sent,
-                retry=decisions.retry,
-                dead=decisions.dead,
-                release_ids=decisions.release,
-                keep_sent=relay.retention is not None,
-            )
-        report.settle_seconds = time.perf_counter() - started
-        for dead in decisions.dead:
-            envelope = dead.claimed.envelope
-            log.warning(
-                "message %s (%s to %r) dead-lettered after %s: %s: %s",
-                envelope.message_id,
-                envelope.type,
-                envelope.destination,
-                count(dead.attempts, "attempt"),
-                dead.error_type,
-                dead.error,
-            )
-        relay.notify_failures(
-            [
-                SendFailure(d.claimed.envelope, d.error_type, d.error, d.attempts)
-                for d in decisions.dead
-            ]
-        )
-        if decisions.unroutable_retries:
-            log.warning(
-                "%s could not be routed (no queue is bound for it yet: start its consumer); "
-                "retrying with backoff before dead-lettering",
-                count(decisions.unroutable_retries, "message"),
-            )
-        relay.stats.add(report)
-        instrumentation.get().relay_batch(
-            sent=report.sent,
-            retried=report.retried,
-            dead_lettered=report.dead_lettered,
-            duration=report.seconds,
-        )
-        log.info("%s", report.line())
-        return report
-
-    def _release(self, owner: str, ids: list[int], _seq: int = 0) -> None:
-        try:
-            with self.relay.connect() as connection:
-                settle.release(connection, owner=owner, ids=ids)
-        except Exception:  # the rows stay leased by this relay and count as free for it
-            log.debug("could not hand back %d rows", len(ids), exc_info=True)
-
     def _discard_prefetch(self) -> None:
         """Hand back the queued claims: they will not be sent."""
         while self.prefetch:
@@ -345,7 +254,7 @@ class Run:
                 continue
             if batch.rows:
                 ids = [row.id for row in batch.rows]
-                self.db.submit(partial(self._release, batch.token, ids))
+                self.db.submit(partial(self.tasks.release, batch.token, ids))
 
     def _drain(self) -> None:
         """Land everything on the wire and hand back the claimed batch (broker down)."""

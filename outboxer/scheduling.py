@@ -58,6 +58,11 @@ __all__ = [
 
 log = logging.getLogger("outboxer.consumer")
 
+MIN_LEASE = 0.1
+"""The shortest lease of a scheduled handler's run, in seconds: the lease is renewed every
+third of itself while the run lasts, a statement each time; a shorter one would renew in a
+busy loop and expire before its renewal reached the database."""
+
 MIN_EVERY = 0.001
 """The shortest period of a scheduled handler, in seconds. Each tick is claimed in the
 database (a transaction) and numbered ``now // every`` from the epoch: a shorter one
@@ -159,8 +164,11 @@ def build_scheduled(
             f"Retry(max_attempts={retry.max_attempts}, instant={retry.max_attempts - 1})"
         )
     held = DEFAULT_LEASE if lease is None else _seconds(lease, f"{where}: lease")
-    if held <= 0:
-        raise ConfigurationError(f"{where}: lease must be more than 0 seconds, got {lease!r}")
+    if held < MIN_LEASE:
+        raise ConfigurationError(
+            f"{where}: lease must be at least {MIN_LEASE:g} seconds (it is renewed every "
+            f"third of itself while a run lasts), got {lease!r}"
+        )
     wants = _parameters(fn, where)
     return Scheduled(consumer, handler, fn, seconds, retry, held, None, wants)
 

@@ -127,6 +127,9 @@ def test_consumer_durations_past_100_years_are_refused() -> None:
         (1.0, 1e13, "lease.*100 years"),
         (1.0, timedelta.max, "lease.*100 years"),
         (1.0, math.inf, "lease must be a timedelta or seconds"),
+        # A lease far below a round trip would be renewed in a busy loop while a run lasts.
+        (1.0, 1e-9, "lease must be at least 0.1 seconds"),
+        (1.0, timedelta(microseconds=50_000), "lease must be at least 0.1 seconds"),
     ],
 )
 def test_a_schedule_out_of_bounds_is_refused_at_registration(

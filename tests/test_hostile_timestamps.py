@@ -40,6 +40,7 @@ from outboxer.testing import MemoryBroker, MemoryTransport
 from .broker_rabbitmq import RabbitMQCase
 from .models import OrderPlaced
 from .services import RABBITMQ_URL
+from .test_consumer_hostile import good_headers
 
 SessionFactory = sessionmaker[outboxer.OutboxSession]
 
@@ -74,17 +75,6 @@ def raw_publish(exchange: str, body: bytes, headers: dict[str, str]) -> None:
         connection.channel().basic_publish(exchange, properties.type, body, properties)
     finally:
         connection.close()  # synchronous: the broker has the message when it returns
-
-
-def envelope_headers(type_: str = "test.order_placed", **extra: str) -> dict[str, str]:
-    headers = {
-        wire.MESSAGE_ID: str(outboxer.uuid7()),
-        wire.TYPE: type_,
-        wire.OCCURRED_AT: datetime.now(timezone.utc).isoformat(),
-        wire.CONTENT_TYPE: "application/json",
-    }
-    headers.update(extra)
-    return headers
 
 
 def outbox_count(engine: Engine) -> int:
@@ -138,7 +128,7 @@ def test_a_failing_handlers_message_with_an_occurred_at_outside_the_calendar_wed
         raise RuntimeError("ledger down")
 
     subscribed(rabbit, consumer)
-    raw_publish(consumer.name, b'{"order_id": 1}', envelope_headers(**{wire.OCCURRED_AT: when}))
+    raw_publish(consumer.name, b'{"order_id": 1}', good_headers(**{wire.OCCURRED_AT: when}))
     stats = consumer.run(rabbit.transport, once=True, idle_timeout=1.0)
     assert (stats.messages, stats.rejected, stats.retries_scheduled) == (1, 1, 0)
     assert calls == []  # refused before any handler runs
@@ -168,10 +158,8 @@ def test_an_unknown_types_message_with_an_occurred_at_outside_the_calendar_is_li
         pass
 
     subscribed(rabbit, consumer)
-    raw_publish(consumer.name, b"{}", envelope_headers("nobody.handles"))
-    raw_publish(
-        consumer.name, b"{}", envelope_headers("nobody.handles", **{wire.OCCURRED_AT: when})
-    )
+    raw_publish(consumer.name, b"{}", good_headers("nobody.handles"))
+    raw_publish(consumer.name, b"{}", good_headers("nobody.handles", **{wire.OCCURRED_AT: when}))
     stats = consumer.run(rabbit.transport, once=True, idle_timeout=1.0)
     assert (stats.messages, stats.rejected) == (2, 2)
     letters = outboxer.DeadLetters(Session).list()
@@ -206,12 +194,12 @@ def test_a_forged_first_failed_at_outside_the_calendar_is_replaced_by_now(
     subscribed(rabbit, consumer)
     start = datetime.now(timezone.utc) - timedelta(seconds=1)
     # The first delivery fails once: a retry row, whose first-failed-at is now.
-    raw_publish(consumer.name, b'{"order_id": 1}', envelope_headers(**{FIRST_FAILED_AT: when}))
+    raw_publish(consumer.name, b'{"order_id": 1}', good_headers(**{FIRST_FAILED_AT: when}))
     # A retry's second attempt (a forged one) gives up: a dead letter.
     raw_publish(
         consumer.name,
         b'{"order_id": 2}',
-        envelope_headers(
+        good_headers(
             **{
                 FIRST_FAILED_AT: when,
                 wire.HANDLER: f"{consumer.name}:charge",
@@ -245,7 +233,7 @@ def test_a_forged_first_failed_at_outside_the_calendar_is_replaced_by_now(
 )
 def test_decode_refuses_an_occurred_at_that_not_every_time_zone_can_show(when: str) -> None:
     with pytest.raises(DecodeError, match="UTC"):
-        wire.decode(b"{}", envelope_headers(**{wire.OCCURRED_AT: when}), "orders")
+        wire.decode(b"{}", good_headers(**{wire.OCCURRED_AT: when}), "orders")
 
 
 @pytest.mark.parametrize(
@@ -253,7 +241,7 @@ def test_decode_refuses_an_occurred_at_that_not_every_time_zone_can_show(when: s
     ["0001-01-02T00:00:00+00:00", "9999-12-30T23:59:59.999999+00:00", "2026-01-01T09:00+09:00"],
 )
 def test_decode_takes_the_times_up_to_a_day_from_the_calendars_ends_in_utc(when: str) -> None:
-    envelope = wire.decode(b"{}", envelope_headers(**{wire.OCCURRED_AT: when}), "orders")
+    envelope = wire.decode(b"{}", good_headers(**{wire.OCCURRED_AT: when}), "orders")
     assert envelope.occurred_at == datetime.fromisoformat(when)
     assert envelope.occurred_at.utcoffset() == timedelta(0)
 

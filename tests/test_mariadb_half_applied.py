@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +57,9 @@ def mariadb_db() -> Iterator[str]:
 def clean_shape() -> Iterator[dict[str, str]]:
     """The outboxer tables as a clean upgrade of an empty MariaDB database makes them."""
     for url in fresh_database("mariadb"):
-        engine = create_engine(url)
-        try:
+        with engine_at(url) as engine:
             schema.upgrade(engine)
             yield shape(engine)
-        finally:
-            engine.dispose()
 
 
 def shape(engine: Engine) -> dict[str, str]:
@@ -94,6 +92,16 @@ def is_ddl(statement: str) -> bool:
     return (
         words.startswith(("CREATE", "ALTER", "DROP")) and schema.VERSION_TABLE.upper() not in words
     )
+
+
+@contextmanager
+def engine_at(url: str, **options: Any) -> Iterator[Engine]:
+    """An engine on ``url``, disposed on the way out."""
+    engine = create_engine(url, **options)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
 
 
 def run_killed(url: str, revision: str, ran: int, **engine_options: Any) -> None:
@@ -170,11 +178,8 @@ def cli(url: str, *args: str) -> tuple[int, str]:
 def assert_clean_head(url: str, clean_shape: dict[str, str]) -> None:
     assert version_rows(url) == [schema.head()]
     assert schema_differences(url) == []
-    engine = create_engine(url)
-    try:
+    with engine_at(url) as engine:
         assert shape(engine) == clean_shape
-    finally:
-        engine.dispose()
 
 
 def test_every_revision_is_counted(mariadb_db: str) -> None:
@@ -204,9 +209,8 @@ def test_an_upgrade_killed_after_some_ddl_of_a_revision_is_finished_by_the_next(
 ) -> None:
     before = previous(revision)
     if before is not None:
-        engine = create_engine(mariadb_db)
-        schema.upgrade(engine, before)
-        engine.dispose()
+        with engine_at(mariadb_db) as engine:
+            schema.upgrade(engine, before)
     run_killed(mariadb_db, revision, ran)
     assert version_rows(mariadb_db) == ([before] if before else [])
 
@@ -239,13 +243,10 @@ def test_an_interrupted_adopt_is_named_and_finished_by_adopt(
     """``outboxer db adopt`` killed between making the version table (DDL, committed) and
     recording the revision: the newest revision's tables, the version table empty. Not a
     half-made first revision: `db current` and `db upgrade` say to run adopt again."""
-    engine = create_engine(mariadb_db)
-    try:
+    with engine_at(mariadb_db) as engine:
         schema.upgrade(engine)
         with engine.begin() as connection:
             connection.execute(text(f"DELETE FROM {schema.VERSION_TABLE}"))
-    finally:
-        engine.dispose()
     code, output = cli(mariadb_db, "current")
     assert code == 0 and "outboxer db adopt` again" in output, output
     code, output = run_cli(mariadb_db, "upgrade")
@@ -260,8 +261,7 @@ def test_an_interrupted_adopt_is_named_and_finished_by_adopt(
 def test_an_interrupted_adopt_is_named_by_the_python_api_too(mariadb_db: str) -> None:
     """``outboxer.schema.upgrade(engine)`` (an application's start-up) on the same state:
     the same fix, not a table of "another shape"."""
-    engine = create_engine(mariadb_db)
-    try:
+    with engine_at(mariadb_db) as engine:
         schema.upgrade(engine)
         with engine.begin() as connection:
             connection.execute(text(f"DELETE FROM {schema.VERSION_TABLE}"))
@@ -269,8 +269,6 @@ def test_an_interrupted_adopt_is_named_by_the_python_api_too(mariadb_db: str) ->
             schema.upgrade(engine)
         assert schema.adopt(engine) == schema.head()
         assert schema.upgrade(engine) == schema.head()
-    finally:
-        engine.dispose()
 
 
 def run_cli(url: str, *args: str) -> tuple[int, str]:
@@ -307,26 +305,20 @@ def test_a_table_of_another_shape_is_named_in_one_line(mariadb_db: str, revision
     before = previous(revision)
     if before is None:  # killed once it made the version table, before any table
         run_killed(mariadb_db, revision, 0)
-    engine = create_engine(mariadb_db)
-    try:
+    with engine_at(mariadb_db) as engine:
         if before is not None:
             schema.upgrade(engine, before)
         with engine.begin() as connection:
             connection.execute(text(OTHER_SHAPES[revision]))
         made = shape(engine)
-    finally:
-        engine.dispose()
     code, output = run_cli(mariadb_db, "upgrade")
     assert code == 1, output
     error = one_error(output)
     table = OTHER_SHAPES[revision].split()[2]
     assert table in error and revision in error and f"DROP TABLE {table}" in error, output
     assert version_rows(mariadb_db) == ([before] if before else [])
-    engine = create_engine(mariadb_db)
-    try:
+    with engine_at(mariadb_db) as engine:
         assert shape(engine) == made
-    finally:
-        engine.dispose()
 
     code, output = run_cli(mariadb_db, "upgrade", "--log-level", "debug")
     assert code == 1 and "Traceback" in output, output
@@ -334,14 +326,10 @@ def test_a_table_of_another_shape_is_named_in_one_line(mariadb_db: str, revision
 
 def test_an_index_of_another_shape_is_named_in_one_line(mariadb_db: str) -> None:
     run_killed(mariadb_db, "0001", 1)  # the outbox made, its indexes not
-    engine = create_engine(mariadb_db)
-    try:
-        with engine.begin() as connection:
-            connection.execute(
-                text("CREATE INDEX ix_outboxer_outbox_pending ON outboxer_outbox (message_id)")
-            )
-    finally:
-        engine.dispose()
+    with engine_at(mariadb_db) as engine, engine.begin() as connection:
+        connection.execute(
+            text("CREATE INDEX ix_outboxer_outbox_pending ON outboxer_outbox (message_id)")
+        )
     code, output = run_cli(mariadb_db, "upgrade")
     assert code == 1, output
     error = one_error(output)
@@ -388,11 +376,8 @@ def test_db_upgrade_killed_at_random_moments_is_finished_by_the_next(
             time.sleep(chance.uniform(0.0, span * 1.2))  # the moment of the kill, not a wait
             os.kill(deploy.pid, signal.SIGKILL)
             deploy.wait(timeout=DEADLINE)
-            engine = create_engine(url)
-            try:
+            with engine_at(url) as engine:
                 left.append((version_rows(url), len(shape(engine))))
-            finally:
-                engine.dispose()
             returncode, out, err = finish(start_upgrade(url))
             assert returncode == 0, (seed, left[-1], out, err[-2000:])
             assert_clean_head(url, clean_shape)
@@ -412,8 +397,7 @@ def test_a_postgresql_autocommit_upgrade_killed_half_way_is_finished_by_the_next
     as on MariaDB. Its restart (the same engine) or a deploy's `outboxer db upgrade` (one
     transaction) finishes what the killed run began."""
     before = previous(revision)
-    engine = create_engine(pg_db, isolation_level="AUTOCOMMIT")
-    try:
+    with engine_at(pg_db, isolation_level="AUTOCOMMIT") as engine:
         if before is not None:
             schema.upgrade(engine, before)
         run_killed(pg_db, revision, ran, isolation_level="AUTOCOMMIT")
@@ -424,8 +408,6 @@ def test_a_postgresql_autocommit_upgrade_killed_half_way_is_finished_by_the_next
             code, output = cli(pg_db, "upgrade")
             assert code == 0, output
             assert f"upgraded from {before or 'empty'} to {schema.head()}" in output, output
-    finally:
-        engine.dispose()
     assert version_rows(pg_db) == [schema.head()]
     assert schema_differences(pg_db) == []
 
@@ -444,9 +426,8 @@ def test_a_sqlite_upgrade_killed_half_way_is_finished_by_the_next(
     sqlite_url = f"sqlite:///{tmp_path / 'dev.sqlite'}"
     before = previous(revision)
     if before is not None:
-        engine = create_engine(sqlite_url)
-        schema.upgrade(engine, before)
-        engine.dispose()
+        with engine_at(sqlite_url) as engine:
+            schema.upgrade(engine, before)
     run_killed(sqlite_url, revision, ran)
     assert version_rows(sqlite_url) == ([before] if before else [])
     code, output = cli(sqlite_url, "upgrade")
@@ -457,8 +438,7 @@ def test_a_sqlite_upgrade_killed_half_way_is_finished_by_the_next(
 
 def sqlite_at(tmp_path: Path, revision: str) -> str:
     url = f"sqlite:///{tmp_path / 'dev.sqlite'}"
-    engine = create_engine(url)
-    try:
+    with engine_at(url) as engine:
         schema.upgrade(engine, revision)
         with engine.begin() as connection:
             connection.execute(
@@ -469,8 +449,6 @@ def sqlite_at(tmp_path: Path, revision: str) -> str:
                     "'2026-11-30 00:00:00')"
                 )
             )
-    finally:
-        engine.dispose()
     return url
 
 
@@ -487,8 +465,7 @@ def test_a_sqlite_rebuild_killed_half_way_is_done_again_keeping_the_rows(
     assert code == 0, output
     assert version_rows(url) == [schema.head()]
     assert schema_differences(url) == []
-    engine = create_engine(url)
-    try:
+    with engine_at(url) as engine:
         with engine.connect() as connection:
             assert (
                 connection.execute(text("SELECT count(*) FROM outboxer_dead_letter")).scalar() == 1
@@ -498,8 +475,6 @@ def test_a_sqlite_rebuild_killed_half_way_is_done_again_keeping_the_rows(
             ).scalar()
             assert "AUTOINCREMENT" in str(made)
         assert not [n for n in inspect(engine).get_table_names() if n.startswith("_alembic")]
-    finally:
-        engine.dispose()
 
 
 def test_a_sqlite_rebuild_stopped_between_drop_and_rename_is_named_in_one_line(
@@ -508,14 +483,10 @@ def test_a_sqlite_rebuild_stopped_between_drop_and_rename_is_named_in_one_line(
     """Where only the copy holds the dead letters (its rename never ran), nothing may drop
     it: `db upgrade` names it and the fix in one line."""
     url = sqlite_at(tmp_path, "0005")
-    engine = create_engine(url)
-    try:
-        with engine.begin() as connection:
-            connection.execute(
-                text("ALTER TABLE outboxer_dead_letter RENAME TO _alembic_tmp_outboxer_dead_letter")
-            )
-    finally:
-        engine.dispose()
+    with engine_at(url) as engine, engine.begin() as connection:
+        connection.execute(
+            text("ALTER TABLE outboxer_dead_letter RENAME TO _alembic_tmp_outboxer_dead_letter")
+        )
     code, output = run_cli(url, "upgrade")
     assert code == 1, output
     error = one_error(output)

@@ -30,6 +30,7 @@ import click
 from rich.console import Console
 from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import NoSuchModuleError
 
 from ..checks import LIMIT_TEXT, MAX_DURATION
 from ..diagnosis import diagnose
@@ -200,14 +201,56 @@ def make_engine(url: str, factory: Callable[..., Engine] = create_engine, **kwar
         )
     # An asyncio application's URL, reused: the commands are synchronous, so they take the
     # same database through its synchronous driver.
-    parsed = sync_url(parsed)
+    try:
+        parsed = sync_url(parsed)
+    except NoSuchModuleError as exc:  # postgres://, a typo, a dialect not installed
+        raise InvalidURL(_unknown_dialect(parsed.drivername, mask_url(url))) from exc
     try:
         return factory(parsed.render_as_string(hide_password=False), **kwargs)
+    except NoSuchModuleError as exc:
+        raise InvalidURL(_unknown_dialect(parsed.drivername, mask_url(url))) from exc
     except Exception as exc:  # missing driver, bad option: say which
         reason = str(exc)
         if parsed.password:
             reason = reason.replace(str(parsed.password), "***")
-        raise InvalidURL(f"cannot use {mask_url(url)}: {reason}") from exc
+        fix = _driver_fix(exc, parsed.drivername)
+        raise InvalidURL(f"cannot use {mask_url(url)}: {reason}{fix}") from exc
+
+
+_POSTGRESQL = "postgresql+psycopg://user@host:5432/db"
+_DRIVER_FIXES = {
+    # the module a driver imports: how to get it, or the driver outboxer installs instead
+    "psycopg": "pip install 'outboxer[postgresql]'",
+    "pymysql": "pip install 'outboxer[mysql]'",
+    "psycopg2": f"pip install psycopg2, or use psycopg 3: {_POSTGRESQL} with pip install "
+    "'outboxer[postgresql]'",
+    "MySQLdb": "pip install mysqlclient, or use PyMySQL: mysql+pymysql://user@host:3306/db "
+    "with pip install 'outboxer[mysql]'",
+}
+
+
+def _unknown_dialect(drivername: str, shown: str) -> str:
+    """The one line for a URL whose ``dialect+driver`` SQLAlchemy does not know."""
+    dialect = drivername.partition("+")[0]
+    if dialect in ("postgres", "pgsql", "psql"):  # Heroku's and many PaaS' DATABASE_URL
+        use = f"write it as {_POSTGRESQL}"
+    else:
+        use = (
+            "use postgresql+psycopg://, mysql+pymysql:// or sqlite:///PATH (or install the "
+            "package of that SQLAlchemy dialect)"
+        )
+    return f"SQLAlchemy has no database dialect {drivername!r} (in {shown}): {use}"
+
+
+def _driver_fix(exc: Exception, drivername: str) -> str:
+    """``; <fix>`` when ``exc`` is a driver that is not installed, else nothing."""
+    if not isinstance(exc, ImportError):
+        return ""
+    missing = (exc.name or "").partition(".")[0]
+    fix = _DRIVER_FIXES.get(missing)
+    if fix is None:
+        return f"; install the driver of {drivername!r}"
+    return f"; {fix}"
 
 
 def safe_url(url: str) -> str:

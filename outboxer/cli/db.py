@@ -13,6 +13,7 @@ from sqlalchemy.exc import DBAPIError
 from .. import schema
 from ..errors import ConfigurationError
 from ..migration_steps import first_revision_interrupted
+from ..tables import metadata
 from .common import console, db_option, failure, make_engine, option, safe_url
 
 CREATE_ALL_FIX = (
@@ -152,6 +153,34 @@ def _check_usable(
             f"{safe_url(db_url)} is at revision {before}, newer than this outboxer knows "
             f"(its newest is {known[-1]}): run the outboxer release that upgraded it"
         )
+    dropped = _dropped(connection, before, known)
+    if dropped:
+        raise click.ClickException(f"{safe_url(db_url)}: {dropped}")
+
+
+def _dropped(bind: Connection | Engine, revision: str | None, known: list[str]) -> str | None:
+    """What to say when ``revision`` is recorded but its tables are gone: dropped outside
+    the migrations (``outboxer.drop_all``, a DBA), so that the version table says "up to
+    date" while every process says "the outboxer tables are missing"; None otherwise."""
+    if revision is None or revision not in known:
+        return None
+    present = set(schema.tables_present(bind))
+    recorded = f"revision {revision} is recorded in {schema.VERSION_TABLE}"
+    if not present:
+        return (
+            f"{recorded}, but the outboxer tables are missing (dropped outside the "
+            f"migrations, by outboxer.drop_all for instance): DROP TABLE "
+            f"{schema.VERSION_TABLE}, then run `outboxer db upgrade` to create them"
+        )
+    missing = sorted(set(metadata.tables) - present)
+    if revision != known[-1] or not missing:
+        return None  # an older revision's tables are for its migrations to judge
+    return (
+        f"{recorded}, but {', '.join(missing)} "
+        f"{'is' if len(missing) == 1 else 'are'} missing (dropped outside the migrations): "
+        "outboxer.create_all(engine) creates the missing tables of this revision; or restore "
+        "them from a backup"
+    )
 
 
 @db.command()
@@ -165,6 +194,7 @@ def current(db_url: str) -> None:
         with engine.connect() as connection:
             interrupted = bool(tables) and first_revision_interrupted(connection)
             adopting = interrupted and not schema.differences(connection)
+            dropped = _dropped(connection, revision, schema.revisions())
     except ConfigurationError as exc:
         raise click.ClickException(f"{safe_url(db_url)}: {exc}") from exc
     finally:
@@ -190,6 +220,8 @@ def current(db_url: str) -> None:
             f"{revision} - newer than this outboxer knows (its newest is {head}): upgrade the "
             "outboxer package"
         )
+    elif dropped:
+        state = dropped
     elif revision == head:
         state = f"{revision} - up to date"
     else:

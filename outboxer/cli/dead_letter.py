@@ -146,10 +146,13 @@ def show(db_url: str, dead_letter_id: int) -> None:
     ):
         if value not in (None, ""):
             fields.add_row(name, _text(str(value)))
-    console.print(Panel(fields, title=f"dead letter {letter.id}"))
-    console.print(Panel(_payload(letter.payload), title="payload"))
+    # soft_wrap=False: the console's soft wrap (one line per message, for scripts) would cut
+    # every line at the panel's edge, the traceback's file names and line numbers with it.
+    console.print(Panel(fields, title=f"dead letter {letter.id}"), soft_wrap=False)
+    console.print(Panel(_payload(letter.payload), title="payload"), soft_wrap=False)
     if letter.traceback:
-        console.print(Panel(_text(letter.traceback.rstrip(), keep_lines=True), title="traceback"))
+        traceback = _text(letter.traceback.rstrip(), keep_lines=True)
+        console.print(Panel(traceback, title="traceback"), soft_wrap=False)
 
 
 def _address(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:

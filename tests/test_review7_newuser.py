@@ -1,0 +1,123 @@
+"""Review 7, a new user's first deployment: what the commands said to the mistakes a
+newcomer makes (a Heroku-style ``postgres://`` URL, a driver not installed, tables dropped
+behind the migrations' back) and what ``dead-letter show`` printed on an 80-column pipe."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine
+from sqlalchemy.orm import sessionmaker
+
+import outboxer
+from outboxer import schema
+from outboxer.testing import drain
+
+from .test_cli_failures import one_error_line, outboxer_cli
+
+
+@pytest.mark.parametrize("command", [["status"], ["db", "upgrade"], ["dead-letter", "list"]])
+@pytest.mark.parametrize("scheme", ["postgres", "postgres+psycopg", "nosuchdb"])
+def test_an_unknown_dialect_is_one_line_naming_the_fix(command: list[str], scheme: str) -> None:
+    """``postgres://`` (Heroku's, many PaaS' DATABASE_URL) is no SQLAlchemy dialect: every
+    command printed a NoSuchModuleError traceback and exited 1."""
+    result = outboxer_cli(*command, env={"OUTBOXER_DB": f"{scheme}://app:s3cret@db/app"})
+    assert result.returncode == 3, result.stdout + result.stderr
+    line = one_error_line(result)
+    assert "s3cret" not in line
+    assert f"'{scheme}'" in line, line
+    if scheme.startswith("postgres"):
+        assert "postgresql+psycopg://" in line, line
+
+
+@pytest.mark.parametrize(
+    ("url", "module", "fix"),
+    [
+        ("postgresql+psycopg://app@db/app", "psycopg", "pip install 'outboxer[postgresql]'"),
+        ("postgresql+asyncpg://app@db/app", "psycopg", "pip install 'outboxer[postgresql]'"),
+        ("mysql+pymysql://app@db/app", "pymysql", "pip install 'outboxer[mysql]'"),
+        ("mysql://app@db/app", "MySQLdb", "mysql+pymysql://"),
+        ("postgresql+psycopg2://app@db/app", "psycopg2", "postgresql+psycopg://"),
+    ],
+)
+def test_a_driver_that_is_not_installed_names_the_extra(
+    monkeypatch: pytest.MonkeyPatch, url: str, module: str, fix: str
+) -> None:
+    """A clean ``pip install outboxer`` has no database driver: ``outboxer db upgrade``
+    said "No module named 'psycopg'" and no more (the broker's says which extra)."""
+    monkeypatch.setitem(sys.modules, module, None)  # as on an install without it
+    result = outboxer_cli("status", env={"OUTBOXER_DB": url})
+    assert result.returncode == 3, result.stdout + result.stderr
+    line = one_error_line(result)
+    assert fix in line, line
+
+
+@pytest.fixture
+def dropped_url(tmp_path: Path) -> str:
+    """A database migrated by ``outboxer db upgrade`` whose tables were then dropped by
+    ``outboxer.drop_all`` (docs/testing.md's fixture does it), its version table left."""
+    url = f"sqlite:///{tmp_path / 'app.sqlite'}"
+    engine = create_engine(url)
+    schema.upgrade(engine)
+    outboxer.drop_all(engine)
+    engine.dispose()
+    return url
+
+
+def test_tables_dropped_behind_the_migrations_are_not_up_to_date(dropped_url: str) -> None:
+    """The processes said "the outboxer tables are missing: run outboxer db upgrade",
+    `db upgrade` said "already at revision 0006" and did nothing, and `db current` said
+    "up to date": an operator going round in circles."""
+    status = outboxer_cli("status", env={"OUTBOXER_DB": dropped_url})
+    assert status.returncode == 6
+    current = outboxer_cli("db", "current", env={"OUTBOXER_DB": dropped_url})
+    assert current.returncode == 0, current.stderr
+    assert "up to date" not in current.stdout, current.stdout
+    assert "outboxer_alembic_version" in current.stdout, current.stdout
+    upgrade = outboxer_cli("db", "upgrade", env={"OUTBOXER_DB": dropped_url})
+    assert upgrade.returncode == 1, upgrade.stdout + upgrade.stderr
+    line = one_error_line(upgrade)
+    assert "missing" in line and "outboxer_alembic_version" in line, line
+
+
+def test_dead_letter_show_wraps_the_traceback_and_payload_instead_of_cutting_them(
+    tmp_path: Path,
+) -> None:
+    """Piped (or on a terminal narrower than the lines), ``dead-letter show`` cut each
+    traceback line and the payload's long strings at the panel's edge: the file names and
+    line numbers of the traceback were lost."""
+    url = f"sqlite:///{tmp_path / 'app.sqlite'}"
+    engine = create_engine(url)
+    schema.upgrade(engine)
+    Session = sessionmaker(engine, class_=outboxer.OutboxSession)
+    consumer = outboxer.Consumer(Session, name="billing", retry=outboxer.Retry(max_attempts=1))
+    deep = "a_handler_module_name_long_enough_to_pass_the_edge_of_an_eighty_column_panel"
+
+    @consumer.handler("review7.failing", destination="review7")
+    def charge(event: dict[str, str]) -> None:
+        raise ValueError(f"declined {deep}_END_OF_ERROR")
+
+    with Session.begin() as session:
+        session.publish(
+            {"note": "x" * 150 + "END_OF_PAYLOAD"}, type="review7.failing", destination="review7"
+        )
+    drain(engine, [consumer], fail_fast=False)
+    engine.dispose()
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("outboxer")), "dead-letter", "show", "1"],
+        env={**os.environ, "OUTBOXER_DB": url, "COLUMNS": "80"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    # The panels' lines joined without spaces: what was folded reads whole again.
+    shown = "".join(line.strip("│") for line in result.stdout.splitlines()).replace(" ", "")
+    assert "END_OF_PAYLOAD" in shown, result.stdout
+    assert f"{deep}_END_OF_ERROR" in shown, result.stdout
+    assert 'test_review7_newuser.py",line' in shown, result.stdout  # the frame's line number

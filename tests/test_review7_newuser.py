@@ -5,6 +5,7 @@ behind the migrations' back) and what ``dead-letter show`` printed on an 80-colu
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,8 @@ from outboxer import schema
 from outboxer.testing import drain
 
 from .test_cli_failures import one_error_line, outboxer_cli
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("command", [["status"], ["db", "upgrade"], ["dead-letter", "list"]])
@@ -121,3 +124,31 @@ def test_dead_letter_show_wraps_the_traceback_and_payload_instead_of_cutting_the
     assert "END_OF_PAYLOAD" in shown, result.stdout
     assert f"{deep}_END_OF_ERROR" in shown, result.stdout
     assert 'test_review7_newuser.py",line' in shown, result.stdout  # the frame's line number
+
+
+def test_the_testing_page_runs_as_its_reader_runs_it(tmp_path: Path) -> None:
+    """docs/testing.md's application and tests, written where the page says and run with
+    the page's own command, without the PYTHONPATH the docs' harness sets: `pytest -q
+    tests` put tests/ (the conftest's directory), not the project, on sys.path, and every
+    test failed to import myapp."""
+    page = (ROOT / "docs" / "testing.md").read_text()
+    for name, code in re.findall(r'```python title="([^"]+)"\n(.*?)```', page, re.S):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(code)
+    commands = [
+        block.strip() for block in re.findall(r"```bash\n(.*?)```", page, re.S) if "pytest" in block
+    ]
+    assert len(commands) == 1, commands
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DATABASE_URL")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    result = subprocess.run(
+        ["bash", "-c", commands[0]],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "3 passed" in result.stdout, result.stdout

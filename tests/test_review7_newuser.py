@@ -152,3 +152,54 @@ def test_the_testing_page_runs_as_its_reader_runs_it(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "3 passed" in result.stdout, result.stdout
+
+
+def test_the_shop_readme_starts_its_consumer_on_a_fresh_database(tmp_path: Path) -> None:
+    """examples/README.md "With Docker", in its order, on a database with nothing in it
+    (what the compose file starts): its first command, ``outboxer-inbox shop.app:billing``,
+    exited 6 (the outboxer tables are missing), since only ``python -m shop.place_orders``,
+    a step later, created them (and with outboxer.create_all, which ``outboxer db upgrade``
+    then refuses). Here on SQLite and the in-process broker: the steps up to the consumer's
+    start, the consumer run with --once instead of in the background."""
+    page = (ROOT / "examples" / "README.md").read_text()
+    block = re.search(r"## With Docker\n\n```sh\n(.*?)```", page, re.S)
+    assert block is not None
+    steps: list[str] = []
+    for line in block.group(1).splitlines():
+        command = line.split("#", 1)[0].strip()
+        if not command or command.startswith(("docker ", "pip ", "export OTEL")):
+            continue
+        if command.startswith("cd "):
+            continue  # the test runs in examples/ itself
+        if command.startswith("OTEL_SERVICE_NAME="):
+            command = command.partition(" ")[2]
+        if command.startswith("outboxer-inbox"):
+            steps.append(command.rstrip("& ") + " --once")
+            break
+        steps.append(command)
+    assert steps and steps[-1].startswith("outboxer-inbox"), steps
+    url = f"sqlite:///{tmp_path / 'shop.sqlite'}"
+    script = "set -e\n" + "\n".join(steps)
+    # The page's exports name the compose file's services: after each, point them here.
+    script = "\n".join(
+        f"{line}\nexport SHOP_DB={url} OUTBOXER_DB={url} OUTBOXER_BROKER=memory://"
+        if line.startswith("export")
+        else line
+        for line in script.splitlines()
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OUTBOXER_", "SHOP_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = str(ROOT / "examples")
+    env["SHOP_DB"] = env["OUTBOXER_DB"] = url
+    env["OUTBOXER_BROKER"] = "memory://"
+    result = subprocess.run(
+        ["bash", "-c", script],
+        cwd=ROOT / "examples",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, f"{script}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+    assert "consumer shop-billing started" in result.stderr, result.stderr

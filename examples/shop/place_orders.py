@@ -10,7 +10,9 @@ from .app import Base, engine, place_order
 
 
 def main(count: int) -> None:
-    outboxer.create_all(engine)  # in production: outboxer db upgrade --db URL
+    # outboxer's tables: `outboxer db upgrade` made them (examples/README.md runs it first);
+    # without it, create_all makes them for a quick try, which `db upgrade` then refuses.
+    outboxer.create_all(engine)
     Base.metadata.create_all(engine)
     for n in range(count):
         order_id = place_order(customer=f"customer-{n % 3}", amount_cents=100 + n)

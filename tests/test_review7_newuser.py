@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -203,3 +204,35 @@ def test_the_shop_readme_starts_its_consumer_on_a_fresh_database(tmp_path: Path)
     )
     assert result.returncode == 0, f"{script}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
     assert "consumer shop-billing started" in result.stderr, result.stderr
+
+
+def test_retention_is_the_tables_as_operations_md_says(tmp_path: Path) -> None:
+    """docs/operations.md said the inbox grows "until `outboxer inbox prune` removes old rows
+    (run it daily)"; a running consumer prunes by itself, and its windows apply to the whole
+    table: every consumer's inbox rows and every dead letter (docs/operations.md, Sizing, and
+    docs/consumers.md, Retention, now say so). When pruning is scoped to the consumer that
+    sets the window, this test and those two paragraphs change together."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'app.sqlite'}")
+    outboxer.create_all(engine)
+    Session = sessionmaker(engine, class_=outboxer.OutboxSession)
+    audit = outboxer.Consumer(Session, name="audit", inbox_retention=30 * 86400)
+    cache = outboxer.Consumer(Session, name="cache", inbox_retention=0.5, dead_letter_retention=0.5)
+
+    @audit.handler("review7.seen", destination="review7")
+    def seen(event: dict[str, str]) -> None: ...
+
+    @audit.handler("review7.bad", destination="review7", retry=outboxer.Retry(max_attempts=1))
+    def bad(event: dict[str, str]) -> None:
+        raise ValueError("no")
+
+    @cache.handler("review7.seen", destination="review7")
+    def cached(event: dict[str, str]) -> None: ...
+
+    with Session.begin() as session:
+        session.publish({}, type="review7.seen", destination="review7")
+        session.publish({}, type="review7.bad", destination="review7")
+    drain(engine, [audit, cache], fail_fast=False)
+    assert audit.prune() == (0, 0)  # nothing is 30 days old
+    time.sleep(1.1)
+    assert cache.prune() == (2, 1)  # audit's inbox row and dead letter went with cache's
+    engine.dispose()

@@ -9,15 +9,17 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
 
 import outboxer
 from outboxer import schema
-from outboxer.testing import drain
+from outboxer.testing import MessageRejected, drain
 
 from .test_cli_failures import one_error_line, outboxer_cli
 
@@ -236,3 +238,67 @@ def test_retention_is_the_tables_as_operations_md_says(tmp_path: Path) -> None:
     time.sleep(1.1)
     assert cache.prune() == (2, 1)  # audit's inbox row and dead letter went with cache's
     engine.dispose()
+
+
+@outboxer.message("review7.placed", destination="review7-orders")
+@dataclass
+class Placed:
+    order_id: int
+
+
+@pytest.fixture
+def drained_app(tmp_path: Path) -> tuple[Engine, sessionmaker[outboxer.OutboxSession]]:
+    engine = create_engine(f"sqlite:///{tmp_path / 'app.sqlite'}")
+    outboxer.create_all(engine)
+    return engine, sessionmaker(engine, class_=outboxer.OutboxSession)
+
+
+def test_drain_fails_the_test_on_a_message_the_consumer_cannot_read(
+    drained_app: tuple[Engine, sessionmaker[outboxer.OutboxSession]],
+) -> None:
+    """docs/testing.md: drain raises in the test "instead of a retry or a dead letter that
+    nobody looks at". A message whose payload does not match its type (the publisher and
+    the consumer disagree on the schema: what a test is for) became a dead letter, and
+    drain returned as if all was well (errors=[])."""
+    engine, Session = drained_app
+    consumer = outboxer.Consumer(Session, name="review7-billing")
+    seen: list[int] = []
+
+    @consumer.handler(Placed)
+    def charge(event: Placed) -> None:
+        seen.append(event.order_id)
+
+    with Session.begin() as session:
+        session.publish({"order_id": "seven"}, type="review7.placed", destination="review7-orders")
+    with pytest.raises(MessageRejected, match="payload_mismatch") as caught:
+        drain(engine, [consumer])
+    assert "review7-billing" in str(caught.value) and "order_id" in str(caught.value)
+    assert seen == []
+    # fail_fast=False: the dead letter, as before, for tests that look at it themselves
+    with Session.begin() as session:
+        session.publish({"order_id": "eight"}, type="review7.placed", destination="review7-orders")
+    report = drain(engine, [consumer], fail_fast=False)
+    assert report.messages == 1
+    assert [d.error_type for d in outboxer.DeadLetters(Session).list()] == [
+        "payload_mismatch",
+        "payload_mismatch",
+    ]
+
+
+def test_drain_takes_one_consumer_as_well_as_a_list(
+    drained_app: tuple[Engine, sessionmaker[outboxer.OutboxSession]],
+) -> None:
+    """``drain(engine, billing)``, the natural first try, was TypeError: 'Consumer' object
+    is not iterable."""
+    engine, Session = drained_app
+    consumer = outboxer.Consumer(Session, name="review7-single")
+    seen: list[int] = []
+
+    @consumer.handler(Placed)
+    def charge(event: Placed) -> None:
+        seen.append(event.order_id)
+
+    with Session.begin() as session:
+        session.publish(Placed(order_id=1))
+    assert drain(engine, consumer).messages == 1
+    assert seen == [1]

@@ -4,8 +4,10 @@
 what reached its queue, and repeats while anything moved (a handler may publish more).
 With ``fail_fast`` (the default) an exception raised by a handler is raised again in the
 test once the round is over, instead of turning into a retry or a dead letter unnoticed:
-dramatiq's ``join(fail_fast=True)`` is the model. The default transport is a fresh
-in-memory broker; any transport works (a real RabbitMQ, for instance).
+dramatiq's ``join(fail_fast=True)`` is the model. A message the consumer cannot read at all
+(a payload that does not match its type, an unknown type: a dead letter of origin
+``consumer``) fails the test too, as :class:`MessageRejected`. The default transport is
+a fresh in-memory broker; any transport works (a real RabbitMQ, for instance).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from .. import instrumentation
@@ -22,14 +25,24 @@ from ..consumer import Consumer
 from ..instrumentation import Instrumentation, SpanHandle, TransportDescription
 from ..message import Envelope
 from ..relay import Relay
+from ..tables import dead_letter
 from ..transports.base import Transport
 from ..transports.memory import MemoryBroker, MemoryTransport
 
-__all__ = ["DrainReport", "HandlerFailed", "drain", "drain_async"]
+__all__ = ["DrainReport", "HandlerFailed", "MessageRejected", "drain", "drain_async"]
+
+Consumers = Consumer | Sequence[Consumer]
+"""One consumer, or several."""
 
 
 class HandlerFailed(AssertionError):
     """A handler raised while draining; the handler's exception is its ``__cause__``."""
+
+
+class MessageRejected(AssertionError):
+    """A consumer could not read a message while draining (its payload does not match its
+    type, its type has no handler, its envelope is malformed): the dead letter the
+    consumer wrote, in words."""
 
 
 @dataclass
@@ -47,7 +60,7 @@ class DrainReport:
 
 def drain(
     engine: Engine,
-    consumers: Sequence[Consumer] = (),
+    consumers: Consumers = (),
     transport: Transport | None = None,
     *,
     fail_fast: bool = True,
@@ -59,10 +72,13 @@ def drain(
     Each consumer's queue is declared first, so the relay's sends reach it. Messages held
     back by a delay (delayed retries included) stay in the outbox: in tests, give
     consumers ``Retry(max_attempts=1)`` (a failure goes straight to the dead-letter
-    table), or rely on ``fail_fast``. ``idle_timeout`` is how long a consumer
+    table), or rely on ``fail_fast``, which also raises :class:`MessageRejected` for a
+    message a consumer could not read. ``consumers`` may be one consumer or several.
+    ``idle_timeout`` is how long a consumer
     waits for a message before its round ends: 0.01 s on the in-memory broker (delivery
     is immediate), 1 s on a network broker. Sync consumers only; see :func:`drain_async`.
     """
+    consumers = _listed(consumers)
     run = _Drain(engine, transport, fail_fast, max_rounds, idle_timeout)
     run.declare(consumers)
     with _capturing_errors(run.report):
@@ -71,6 +87,7 @@ def drain(
             processed = sum(
                 c.run(run.transport, once=True, idle_timeout=run.wait).messages for c in consumers
             )
+            run.check_rejected(consumers)
             if run.quiet_after(sent, processed):
                 return run.report
     raise run.still_busy()
@@ -78,7 +95,7 @@ def drain(
 
 async def drain_async(
     engine: Engine,
-    consumers: Sequence[Consumer] = (),
+    consumers: Consumers = (),
     transport: Transport | None = None,
     *,
     fail_fast: bool = True,
@@ -92,7 +109,8 @@ async def drain_async(
     """
     import asyncio
 
-    run = _Drain(engine, transport, fail_fast, max_rounds, idle_timeout)
+    consumers = _listed(consumers)
+    run = await asyncio.to_thread(_Drain, engine, transport, fail_fast, max_rounds, idle_timeout)
     await asyncio.to_thread(run.declare, consumers)
     with _capturing_errors(run.report):
         for _ in run.rounds():
@@ -108,9 +126,22 @@ async def drain_async(
                         consumer.run, run.transport, once=True, idle_timeout=run.wait
                     )
                 processed += stats.messages
+            await asyncio.to_thread(run.check_rejected, consumers)
             if run.quiet_after(sent, processed):
                 return run.report
     raise run.still_busy()
+
+
+def _listed(consumers: Consumers) -> Sequence[Consumer]:
+    if isinstance(consumers, Consumer):
+        return [consumers]
+    listed = list(consumers)
+    for consumer in listed:
+        if not isinstance(consumer, Consumer):
+            raise TypeError(
+                f"drain() takes an outboxer.Consumer or a list of them, got {consumer!r}"
+            )
+    return listed
 
 
 class _Drain:
@@ -132,6 +163,47 @@ class _Drain:
         self.report = DrainReport()
         self.fail_fast = fail_fast
         self.max_rounds = max_rounds
+        self.engine = engine
+        # Dead letters written before the drain are the test's own business.
+        self.seen_dead_letter = self._newest_dead_letter() if fail_fast else 0
+
+    def _newest_dead_letter(self) -> int:
+        with self.engine.connect() as connection:
+            newest = connection.execute(
+                select(dead_letter.c.id).order_by(dead_letter.c.id.desc()).limit(1)
+            ).scalar()
+        return int(newest or 0)
+
+    def check_rejected(self, consumers: Sequence[Consumer]) -> None:
+        """With fail_fast, raise :class:`MessageRejected` for the first dead letter one of
+        ``consumers`` wrote during the drain (a handler's give-up is raised as
+        HandlerFailed)."""
+        if not self.fail_fast or not consumers:
+            return
+        names = [consumer.name for consumer in consumers]
+        with self.engine.connect() as connection:
+            row = connection.execute(
+                select(
+                    dead_letter.c.consumer,
+                    dead_letter.c.message_type,
+                    dead_letter.c.error_type,
+                    dead_letter.c.error_message,
+                )
+                .where(
+                    dead_letter.c.id > self.seen_dead_letter,
+                    dead_letter.c.origin == "consumer",
+                    dead_letter.c.consumer.in_(names),
+                )
+                .order_by(dead_letter.c.id)
+                .limit(1)
+            ).first()
+        if row is not None:
+            raise MessageRejected(
+                f"consumer {row.consumer} could not read a message of type "
+                f"{row.message_type!r} and dead-lettered it ({row.error_type}): "
+                f"{row.error_message} (drain(..., fail_fast=False) leaves it in the "
+                "dead-letter table)"
+            )
 
     def declare(self, consumers: Sequence[Consumer]) -> None:
         """Declare each consumer's queue and bindings, so the relay's sends reach them."""

@@ -19,7 +19,7 @@ from sqlalchemy.orm import sessionmaker
 
 import outboxer
 from outboxer import schema
-from outboxer.testing import MessageRejected, drain
+from outboxer.testing import MessageRejected, Published, drain
 
 from .test_cli_failures import one_error_line, outboxer_cli
 
@@ -302,3 +302,49 @@ def test_drain_takes_one_consumer_as_well_as_a_list(
         session.publish(Placed(order_id=1))
     assert drain(engine, consumer).messages == 1
     assert seen == [1]
+
+
+@outboxer.message("review7.priced", destination="review7-orders", key="order_id")
+@dataclass
+class Priced:
+    order_id: int
+    amount: int
+
+
+def test_assert_published_says_what_was_published_and_what_was_asked(
+    drained_app: tuple[Engine, sessionmaker[outboxer.OutboxSession]],
+) -> None:
+    """A failed ``assert_published`` listed only the type names published, and left out
+    the key it was asked for: "no review7.priced was published; published:
+    ['review7.priced', 'review7.priced']" when two were, with other keys. A key given as an
+    int (the key field's type) never matched, and a field name the type lacks matched a
+    missing value instead of failing."""
+    _engine, Session = drained_app
+    with Published() as published, Session.begin() as session:
+        session.publish(Priced(order_id=1, amount=10))
+        session.publish(Priced(order_id=2, amount=20))
+    with pytest.raises(AssertionError) as caught:
+        published.assert_published(Priced, key="3")
+    assert "key='3'" in str(caught.value) and "amount=20" in str(caught.value), caught.value
+    with pytest.raises(AssertionError) as caught:
+        published.assert_published(Priced, amount=30)
+    assert "amount=10" in str(caught.value) and "amount=20" in str(caught.value), caught.value
+    assert len(published.assert_published(Priced, key=2, amount=20)) == 1  # an int key
+    with pytest.raises(AssertionError, match="no field 'amout'"):
+        published.assert_published(Priced, amout=None)  # a typo must not pass
+
+
+def test_a_published_that_never_recorded_says_so(
+    drained_app: tuple[Engine, sessionmaker[outboxer.OutboxSession]],
+) -> None:
+    """``Published()`` without ``with`` (or start()) records nothing, and its asserts said
+    "expected one Priced to be published, got 0", as if the code under test published
+    nothing."""
+    _engine, Session = drained_app
+    published = Published()
+    with Session.begin() as session:
+        session.publish(Priced(order_id=1, amount=10))
+    with pytest.raises(AssertionError, match="never recorded"):
+        published.one(Priced)
+    with pytest.raises(AssertionError, match="never recorded"):
+        published.assert_published(Priced)

@@ -10,6 +10,7 @@ once, outside any session, and is not seen.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from collections.abc import Iterator
@@ -39,6 +40,7 @@ class Published:
         """Every message committed while recording, in commit order."""
         self._lock = threading.Lock()
         self._listening = False
+        self._recorded = False  # started at least once: an empty record means something
 
     # Recording --------------------------------------------------------------------------
 
@@ -51,6 +53,7 @@ class Published:
             event.listen(Session, "after_commit", self._after_commit)
             event.listen(Session, "after_soft_rollback", self._after_soft_rollback)
             self._listening = True
+            self._recorded = True
         return self
 
     def stop(self) -> None:
@@ -126,6 +129,7 @@ class Published:
 
     def one(self, message: type[T]) -> T:
         """The single recorded message of this type; AssertionError when there are 0 or more."""
+        self._check_recorded()
         found = self.events(message)
         assert len(found) == 1, (
             f"expected one {message.__qualname__} to be published, got {len(found)}: {found}"
@@ -137,29 +141,57 @@ class Published:
         message: type[Any] | str,
         *,
         count: int | None = None,
-        key: str | None = None,
+        key: str | int | None = None,
         destination: str | None = None,
         **fields: Any,
     ) -> list[Envelope]:
         """Assert that messages of this type were published, matching the envelope's
-        ``key``/``destination`` and the payload ``fields`` given; returns the matches.
-        ``count`` asks for exactly that many (0: none)."""
+        ``key`` (a str, or an int as publish() takes it) and ``destination`` and the payload
+        ``fields`` given; returns the matches. ``count`` asks for exactly that many (0:
+        none). A field the message type does not have fails, naming the fields it has."""
+        self._check_recorded()
         name = message if isinstance(message, str) else message_type_for(message).name
+        wanted_key = None if key is None else str(key)
+        candidates = list(self._decoded(message))
+        _check_fields(message, fields, [payload for _, payload in candidates])
         matches = [
             envelope
-            for envelope, payload in self._decoded(message)
-            if (key is None or envelope.key == key)
+            for envelope, payload in candidates
+            if (wanted_key is None or envelope.key == wanted_key)
             and (destination is None or envelope.destination == destination)
             and all(_field(payload, f) == v for f, v in fields.items())
         ]
-        wanted = f"{name}" + (f" with {fields}" if fields else "")
+        asked = {"key": wanted_key, "destination": destination}
+        wanted = ", ".join(
+            [f"{k}={v!r}" for k, v in asked.items() if v is not None]
+            + [f"{k}={v!r}" for k, v in fields.items()]
+        )
+        wanted = f"{name} with {wanted}" if wanted else name
         if count is None:
-            assert matches, f"no {wanted} was published; published: {self.types}"
+            assert matches, f"no {wanted} was published; {self._shown(name, candidates)}"
         else:
             assert len(matches) == count, (
-                f"expected {count} {wanted}, got {len(matches)}; published: {self.types}"
+                f"expected {count} {wanted}, got {len(matches)}; {self._shown(name, candidates)}"
             )
         return matches
+
+    def _check_recorded(self) -> None:
+        assert self._recorded, (
+            "this Published never recorded: use `with Published() as published:` around the "
+            "code under test (or published.start()), or the outboxer_published fixture"
+        )
+
+    def _shown(self, name: str, candidates: list[tuple[Envelope, Any]], limit: int = 10) -> str:
+        """What was published, for an assertion's message: the messages of type ``name``
+        (key, destination, payload), or else the types published."""
+        if not candidates:
+            return f"no {name} at all; published: {self.types}"
+        shown = [
+            f"key={envelope.key!r} destination={envelope.destination!r} {payload!r}"
+            for envelope, payload in candidates[:limit]
+        ]
+        more = f" and {len(candidates) - limit} more" if len(candidates) > limit else ""
+        return f"published {name}: " + "; ".join(shown) + more
 
     def _decoded(self, message: type[Any] | str) -> Iterator[tuple[Envelope, Any]]:
         envelopes = self.of(message)
@@ -168,6 +200,34 @@ class Published:
         else:
             payloads = self.events(message)
         return zip(envelopes, payloads, strict=True)
+
+
+def _check_fields(message: type[Any] | str, fields: dict[str, Any], payloads: list[Any]) -> None:
+    """An AssertionError for a field name the message type lacks (a typo would otherwise
+    compare the missing value, None, and could match)."""
+    if not fields:
+        return
+    if isinstance(message, type):
+        known = _field_names(message)
+    else:  # dicts: the keys the published payloads have
+        known = sorted({k for p in payloads if isinstance(p, dict) for k in p})
+        if not payloads:
+            return  # nothing published to know the fields from: the assertion fails anyway
+    unknown = [f for f in fields if f not in known]
+    assert not unknown, (
+        f"{message if isinstance(message, str) else message.__qualname__} has no field "
+        f"{unknown[0]!r} (its fields: {', '.join(known)})"
+    )
+
+
+def _field_names(cls: type[Any]) -> list[str]:
+    """The fields of a dataclass or pydantic model (its annotations otherwise)."""
+    if dataclasses.is_dataclass(cls):
+        return [f.name for f in dataclasses.fields(cls)]
+    model_fields = getattr(cls, "model_fields", None)
+    if isinstance(model_fields, dict):
+        return list(model_fields)
+    return list(getattr(cls, "__annotations__", {}))
 
 
 def _field(payload: Any, name: str) -> Any:

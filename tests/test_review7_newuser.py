@@ -348,3 +348,16 @@ def test_a_published_that_never_recorded_says_so(
         published.one(Priced)
     with pytest.raises(AssertionError, match="never recorded"):
         published.assert_published(Priced)
+
+
+def test_every_list_of_extras_in_the_readme_is_complete() -> None:
+    """The quick start's "# extras: ..." left out asyncio, which AsyncOutboxSession and
+    async consumers need (the Installing section listed it)."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    declared = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    ) - {"test", "dev"}
+    lists = re.findall(r"# extras: ([a-z, ]+)", (ROOT / "README.md").read_text())
+    assert lists
+    for listed in lists:
+        assert {e.strip() for e in listed.split(",")} == declared, listed

@@ -130,6 +130,20 @@ def test_the_wheel_installs_with_two_extras_and_migrates_a_fresh_database(
     home.mkdir()
     assert "relay" in run(outboxer, "--help", cwd=home)
     assert "dead letter" in run(outboxer, "demo", cwd=home)
+    # A database whose driver this install lacks: one line naming the extra (review 7: it
+    # said "No module named 'pymysql'" and no more), exit 3.
+    no_driver = subprocess.run(
+        [outboxer, "status"],
+        cwd=home,
+        env={**os.environ, "OUTBOXER_DB": "mysql+pymysql://app@127.0.0.1:1/app"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert no_driver.returncode == 3, no_driver.stderr
+    assert "pip install 'outboxer[mysql]'" in no_driver.stderr, no_driver.stderr
+    assert "Traceback" not in no_driver.stderr, no_driver.stderr
 
     url = server.create_database("outboxer_wheel")
     try:

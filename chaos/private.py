@@ -1,11 +1,12 @@
-"""Private RabbitMQ and PostgreSQL instances that a scenario may stop and restart.
+"""Private RabbitMQ, PostgreSQL and MariaDB instances that a scenario may stop and restart.
 
 The machine's shared services (RabbitMQ on 5672, PostgreSQL on 5432) serve everyone's
 tests and are never touched here. A scenario that stops a broker or restarts a database
 gets its own: a second RabbitMQ node (``chaos-<pid>@localhost``, its own ports, data and
 logs in a temporary directory, no plugins) or a second PostgreSQL cluster (``initdb`` in a
-temporary directory, run as the ``postgres`` user on its own port). Both are removed when
-the scenario ends, also when it fails.
+temporary directory, run as the ``postgres`` user on its own port) or a second MariaDB
+server (``mariadb-install-db`` in a temporary directory, its own port and socket). Each is
+removed when the scenario ends, also when it fails.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from tests.faultproxy import FaultProxy
@@ -221,6 +222,135 @@ def private_postgresql() -> AbstractContextManager[PrivatePostgreSQL]:
     return _running(PrivatePostgreSQL(), "a private PostgreSQL cluster")
 
 
+MARIADB_SERVER = shutil.which("mariadbd") or "/usr/sbin/mariadbd"
+MARIADB_INSTALL = shutil.which("mariadb-install-db") or "/usr/bin/mariadb-install-db"
+
+
+class PrivateMariaDB:
+    """A second MariaDB server (``mariadb-install-db`` in a temporary directory, its own
+    port and socket, no grant checks); ``server`` is the URL of its ``test`` database.
+
+    :meth:`restart` is a clean shutdown (every connection is killed, statements in
+    progress fail) and a start on the same data; :meth:`kill` is a crash (SIGKILL), the
+    next :meth:`start_again` recovers from InnoDB's log.
+    """
+
+    def __init__(self) -> None:
+        if not (Path(MARIADB_SERVER).exists() and Path(MARIADB_INSTALL).exists()):
+            raise Unavailable("MariaDB's server programs are not installed here")
+        self.port = free_port()
+        self.directory = Path(tempfile.mkdtemp(prefix="outboxer-mariadb-"))
+        self.data = self.directory / "data"
+        self.socket = self.directory / "sock"
+        self.server = f"mysql+pymysql://root@127.0.0.1:{self.port}/test"
+        self._user = "mysql" if os.geteuid() == 0 else None
+        if self._user:
+            shutil.chown(self.directory, self._user)
+        self._process: subprocess.Popen[bytes] | None = None
+        self.databases: list[str] = []
+        """Databases made on it (to name the next one)."""
+
+    def start(self) -> None:
+        _run(
+            [
+                MARIADB_INSTALL,
+                "--no-defaults",
+                f"--datadir={self.data}",
+                "--auth-root-authentication-method=normal",
+                "--skip-test-db",
+                *([f"--user={self._user}"] if self._user else []),
+            ],
+        )
+        self.start_again()
+        # The grant tables are skipped: no user to create, every client is root.
+        with contextlib.closing(self._connect()) as conn, conn.cursor() as cursor:
+            cursor.execute("CREATE DATABASE IF NOT EXISTS test")
+
+    def _connect(self) -> Any:
+        import pymysql  # a test dependency; chaos imports this module without it
+
+        return pymysql.connect(host="127.0.0.1", port=self.port, user="root", autocommit=True)
+
+    def execute(self, statement: str) -> None:
+        """Run one statement as root (``SET GLOBAL read_only=1``, ``KILL ...``)."""
+        with contextlib.closing(self._connect()) as conn, conn.cursor() as cursor:
+            cursor.execute(statement)
+
+    def start_again(self, timeout: float = 60) -> None:
+        """Start the server on its data directory; returns once it takes connections."""
+        log = open(self.directory / "log", "ab")  # noqa: SIM115 - the server's, closed below
+        try:
+            self._process = subprocess.Popen(
+                [
+                    MARIADB_SERVER,
+                    "--no-defaults",
+                    f"--datadir={self.data}",
+                    f"--port={self.port}",
+                    "--bind-address=127.0.0.1",
+                    f"--socket={self.socket}",
+                    f"--pid-file={self.directory / 'pid'}",
+                    "--skip-grant-tables",
+                    "--skip-name-resolve",
+                    "--innodb-buffer-pool-size=32M",
+                    "--innodb-log-file-size=16M",
+                    "--innodb-flush-log-at-trx-commit=2",
+                    "--skip-log-bin",
+                    *([f"--user={self._user}"] if self._user else []),
+                ],
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            log.close()
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._process.poll() is not None:
+                raise RuntimeError(
+                    f"mariadbd exited ({self._process.returncode}): "
+                    f"{(self.directory / 'log').read_text(errors='replace')[-2000:]}"
+                )
+            try:
+                self.execute("SELECT 1")
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def stop(self, timeout: float = 60) -> None:
+        """A clean shutdown (SIGTERM): connections are killed, the data is kept."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def kill(self) -> None:
+        """A crash: SIGKILL; the next start recovers."""
+        process, self._process = self._process, None
+        if process is not None:
+            process.kill()
+            process.wait()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start_again()
+
+    def shutdown(self) -> None:
+        with contextlib.suppress(Exception):
+            self.kill()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def private_mariadb() -> AbstractContextManager[PrivateMariaDB]:
+    return _running(PrivateMariaDB(), "a private MariaDB server")
+
+
 class _Instance(Protocol):
     def start(self) -> None: ...
     def shutdown(self) -> None: ...
@@ -235,7 +365,7 @@ def _running(instance: InstanceT, what: str) -> Iterator[InstanceT]:
     try:
         try:
             instance.start()
-        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
             raise Unavailable(f"{_STARTING} {what}: {exc}") from exc
         yield instance
     finally:

@@ -26,7 +26,7 @@ from .errors import (
 from .secrets import mask_url
 from .store.schema import read_only, tables_missing
 
-__all__ = ["AWS_BAD_CREDENTIALS", "causes", "diagnose", "refuses_writes"]
+__all__ = ["AWS_BAD_CREDENTIALS", "causes", "diagnose", "refuses_writes", "try_again"]
 
 # PostgreSQL SQLSTATEs.
 _PG_AUTH = {"28P01", "28000"}  # invalid_password, invalid_authorization_specification
@@ -64,6 +64,14 @@ _NOT_NOW_WORDS = re.compile(
 _PG_READ_ONLY = "25006"
 _MY_READ_ONLY = 1792
 _READ_ONLY_WORDS = re.compile(r"--read-only option|read-only transaction", re.IGNORECASE)
+# A statement the database gave up on that succeeds when its transaction runs again, and
+# says so ("try restarting transaction"): a deadlock, a lock wait that timed out, a
+# serialization failure, a lock NOWAIT / lock_timeout did not get, a server shutting down
+# (MariaDB answers 1053 to statements that arrive then). Not a statement timeout or a query
+# killed by hand (57014, 1317, 1969, 3024): a message's own work may cause those every time.
+_PG_TRY_AGAIN = {"40001", "40P01", "55P03", "57P01", "57P02"}
+# 1020: "Record has changed since last read" (innodb_snapshot_isolation, MariaDB 11.6+).
+_MY_TRY_AGAIN = {1020, 1053, 1205, 1213}
 # PostgreSQL refusing this user or client host (at start-up, where libpq keeps no SQLSTATE).
 _REFUSED_LOGIN = re.compile(
     r"no pg_hba\.conf entry|is not permitted to log in|permission denied for database",
@@ -154,6 +162,22 @@ def refuses_writes(exc: BaseException) -> bool:
     return any(
         _from_database(error) and _refuses_writes(error, str(error)) for error in causes(exc)
     )
+
+
+def try_again(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is a database saying "try restarting
+    transaction": a deadlock, a lock-wait timeout, a serialization failure, a server
+    shutting down. The database's trouble, not the statement's: the same work succeeds
+    when run again (a handler's run is no failure of the handler, a relay's claim or
+    settle is tried again). The transaction was rolled back (a lock-wait timeout on
+    MariaDB may roll back the statement only: the caller rolls back the rest)."""
+    for error in causes(exc):
+        if not _from_database(error):
+            continue
+        code = error.args[0] if error.args and isinstance(error.args[0], int) else None
+        if code in _MY_TRY_AGAIN or getattr(error, "sqlstate", None) in _PG_TRY_AGAIN:
+            return True
+    return False
 
 
 def _refuses_writes(error: BaseException, text: str) -> bool:

@@ -361,3 +361,38 @@ def test_every_list_of_extras_in_the_readme_is_complete() -> None:
     assert lists
     for listed in lists:
         assert {e.strip() for e in listed.split(",")} == declared, listed
+
+
+@pytest.mark.parametrize(
+    ("variable", "hint"),
+    [
+        ("OUTBOXER_RELAY_HEALTHPORT", "OUTBOXER_RELAY_HEALTH_PORT"),  # a typo
+        ("OUTBOXER_BATCH_SIZE", "OUTBOXER_RELAY_BATCH_SIZE"),  # unscoped, as before review 4
+    ],
+)
+def test_a_variable_no_command_reads_is_a_warning_naming_the_right_one(
+    tmp_path: Path, variable: str, hint: str
+) -> None:
+    """A misspelt or unscoped variable was silently ignored: OUTBOXER_RELAY_HEALTHPORT=8080
+    started a relay with no health server (the probes then fail, and nothing says why);
+    OUTBOXER_BATCH_SIZE, the name releases before the scoped variables read, changed
+    nothing after an upgrade."""
+    url = f"sqlite:///{tmp_path / 'app.sqlite'}"
+    engine = create_engine(url)
+    outboxer.create_all(engine)
+    engine.dispose()
+    env = {"OUTBOXER_DB": url, variable: "500", "OUTBOXER_TRACING": "off"}
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("outboxer")), "relay", "--once"],
+        env={**os.environ, **env, "OUTBOXER_BROKER": "memory://?discard=true"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if variable in line]
+    assert len(warnings) == 1, result.stderr
+    assert "WARNING" in warnings[0] and hint in warnings[0], warnings[0]
+    # Known variables, and the library's own (OUTBOXER_TRACING), are no warning.
+    assert "OUTBOXER_TRACING" not in result.stderr and "OUTBOXER_DB" not in result.stderr

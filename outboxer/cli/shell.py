@@ -18,8 +18,10 @@ unexpected error); 2 usage error; 3 invalid URL or configuration; 4 database unr
 
 from __future__ import annotations
 
+import difflib
 import functools
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -47,6 +49,8 @@ EXIT_CODES = {
     FORCED_EXIT: "a second Ctrl-C (SIGINT) forced the exit",
 }
 _EQUIPPED = "outboxer_equipped"
+_PREFIX = "outboxer_env_prefix"
+ENV_ROOT = "OUTBOXER"
 _DEFER = "outboxer_defer_logging"
 
 log = logging.getLogger("outboxer.cli")
@@ -81,8 +85,80 @@ def configure_logging_later(command: click.Command) -> click.Command:
 
 def configure_logging() -> None:
     """Apply the current command's ``--log-level``/``--log-format`` now."""
-    settings = click.get_current_context().meta.get("outboxer.logging", (None, "text"))
-    logs.configure(*settings)
+    ctx = click.get_current_context()
+    logs.configure(*ctx.meta.get("outboxer.logging", (None, "text")))
+    warn_about_variables(ctx)
+
+
+LIBRARY_VARIABLES = frozenset({"OUTBOXER_TRACING", "OUTBOXER_MESSAGING_SYSTEM"})
+"""Variables the library reads itself (docs/tracing.md), whatever the command."""
+
+
+def _variables_of(command: click.Command) -> set[str]:
+    names: set[str] = set()
+    commands = [command]
+    while commands:
+        current = commands.pop()
+        if isinstance(current, click.Group):
+            commands.extend(current.commands.values())
+        for param in current.params:
+            envvar = getattr(param, "envvar", None)
+            if isinstance(envvar, str):
+                names.add(envvar)
+            elif envvar:
+                names.update(envvar)
+    return names
+
+
+def known_variables() -> set[str]:
+    """Every variable an outboxer command (``outboxer ...`` and ``outboxer-inbox``) or the
+    library reads."""
+    from . import main as outboxer_main
+    from .inbox import main as inbox_main
+
+    return _variables_of(outboxer_main) | _variables_of(inbox_main) | set(LIBRARY_VARIABLES)
+
+
+def warn_about_variables(ctx: click.Context) -> None:
+    """One warning per variable meant for this command that no command reads: one under
+    its prefix that names no option (a typo: OUTBOXER_RELAY_HEALTHPORT), or an option's
+    name without the command's scope (OUTBOXER_BATCH_SIZE, as releases before the scoped
+    variables read). Such a variable used to be ignored without a word."""
+    prefix = getattr(ctx.command, _PREFIX, None)
+    if prefix is None:
+        return
+    settings = {
+        f"{ENV_ROOT}_{(param.name or '').upper()}": param
+        for param in ctx.command.params
+        if isinstance(param, click.Option) and param.allow_from_autoenv and param.envvar
+    }
+    own = [p.envvar for p in settings.values() if isinstance(p.envvar, str)]
+    known: set[str] | None = None
+    for variable in sorted(os.environ):
+        scoped = variable.startswith(f"{prefix}_")
+        if not scoped and variable not in settings:
+            continue
+        if known is None:
+            known = known_variables()
+        if variable in known:
+            continue
+        param = settings.get(variable)
+        if not scoped and param is not None:
+            log.warning(
+                "%s is not read: %s takes --%s from %s",
+                variable,
+                ctx.command_path,
+                (param.name or "").replace("_", "-"),
+                param.envvar,
+            )
+            continue
+        close = difflib.get_close_matches(variable, own, n=1)
+        log.warning(
+            "%s is not read by %s: no option has that name%s (--help lists its variables)",
+            variable,
+            ctx.command_path,
+            f"; did you mean {close[0]}?" if close else "",
+        )
 
 
 def equip(command: click.Command, prefix: str = "OUTBOXER") -> None:
@@ -96,6 +172,7 @@ def equip(command: click.Command, prefix: str = "OUTBOXER") -> None:
     if getattr(command, _EQUIPPED, False) or command.callback is None:
         return
     setattr(command, _EQUIPPED, True)
+    setattr(command, _PREFIX, prefix)
     command.params.extend(_log_options())
     for param in command.params:
         # Settings (common.setting and the log options) read their command's variable;
@@ -112,6 +189,7 @@ def _wrap(callback: Callable[..., Any], *, defer: bool) -> Callable[..., Any]:
         ctx.meta["outboxer.logging"] = (log_level, log_format.lower())
         if not defer:
             logs.configure(log_level, log_format.lower())
+            warn_about_variables(ctx)
         debug = (log_level or "").upper() == "DEBUG"
         try:
             return callback(*args, **kwargs)

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
 import pytest
 from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
@@ -19,6 +20,7 @@ from sqlalchemy.orm import sessionmaker
 
 import outboxer
 from outboxer import schema
+from outboxer.cli.common import import_target
 from outboxer.testing import MessageRejected, Published, drain
 
 from .test_cli_failures import one_error_line, outboxer_cli
@@ -396,3 +398,19 @@ def test_a_variable_no_command_reads_is_a_warning_naming_the_right_one(
     assert "WARNING" in warnings[0] and hint in warnings[0], warnings[0]
     # Known variables, and the library's own (OUTBOXER_TRACING), are no warning.
     assert "OUTBOXER_TRACING" not in result.stderr and "OUTBOXER_DB" not in result.stderr
+
+
+def test_a_module_named_like_a_standard_one_is_named_as_the_cause(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``outboxer-inbox sched:reports`` with the application's ``sched.py`` in the working
+    directory imported the standard library's sched (the working directory goes last on
+    sys.path, on purpose) and said "module 'sched' has no attribute 'reports'": true, and
+    no help. The message names the file imported and the one beside it."""
+    (tmp_path / "sched.py").write_text("reports = None\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(click.BadParameter) as caught:
+        import_target("sched:reports", "CONSUMER", "myapp.consumers:billing")
+    message = caught.value.message
+    assert "sched.py" in message and "rename" in message, message
+    assert str(tmp_path / "sched.py") in message or "./sched.py" in message, message

@@ -150,7 +150,8 @@ def import_target(target: str, param_hint: str, example: str) -> Any:
         if isinstance(exc, OperatorError) or diagnose(exc) is not None:
             raise
         raise click.BadParameter(
-            f"cannot import {module_name!r} (from {target}): {failure(exc)}",
+            f"cannot import {module_name!r} (from {target}): {failure(exc)}"
+            f"{_shadowed(module_name, here)}",
             param_hint=param_hint,
         ) from exc
     found: Any = module
@@ -159,11 +160,35 @@ def import_target(target: str, param_hint: str, example: str) -> Any:
         if not hasattr(found, part):
             where = f"{module_name}:{'.'.join(walked)}" if walked else f"module {module_name!r}"
             raise click.BadParameter(
-                f"{where} has no attribute {part!r} (from {target})", param_hint=param_hint
+                f"{where} has no attribute {part!r} (from {target}){_shadowed(module_name, here)}",
+                param_hint=param_hint,
             )
         found = getattr(found, part)
         walked.append(part)
     return found
+
+
+def _shadowed(module_name: str, here: str) -> str:
+    """``; <why>`` when the top package of ``module_name`` was imported from elsewhere than
+    the working directory, which holds a module of that name (``sched.py``, ``email/``):
+    the working directory comes last on sys.path, so the standard library's or an
+    installed package of that name wins. Else nothing."""
+    top = module_name.partition(".")[0]
+    local = next(
+        (p for p in (Path(here) / f"{top}.py", Path(here) / top) if p.exists()),
+        None,
+    )
+    imported = sys.modules.get(top)
+    if local is None or imported is None:
+        return ""
+    file = getattr(imported, "__file__", None)
+    if file is not None and Path(file).resolve().is_relative_to(Path(here).resolve()):
+        return ""  # it is the working directory's own
+    origin = file or "Python's built-in module"
+    return (
+        f"; the {top!r} imported is {origin}, not {local} (the working directory comes last "
+        f"on sys.path, after the standard library and installed packages): rename your module"
+    )
 
 
 def failure(exc: BaseException) -> str:

@@ -414,3 +414,20 @@ def test_a_module_named_like_a_standard_one_is_named_as_the_cause(
     message = caught.value.message
     assert "sched.py" in message and "rename" in message, message
     assert str(tmp_path / "sched.py") in message or "./sched.py" in message, message
+
+
+def test_an_application_whose_driver_is_not_installed_names_the_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``outboxer-inbox myapp:billing`` where myapp creates its engine at import, on an
+    install without the driver: "cannot import 'myapp' ...: ModuleNotFoundError: No module
+    named 'psycopg'", without the extra that installs it (the CLI's own engines say it)."""
+    (tmp_path / "review7_driverless.py").write_text(
+        "from sqlalchemy import create_engine\n"
+        "engine = create_engine('postgresql+psycopg://app@db/app')\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "psycopg", None)
+    with pytest.raises(click.BadParameter) as caught:
+        import_target("review7_driverless:billing", "CONSUMER", "myapp.consumers:billing")
+    assert "pip install 'outboxer[postgresql]'" in caught.value.message, caught.value.message

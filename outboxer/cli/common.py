@@ -151,7 +151,7 @@ def import_target(target: str, param_hint: str, example: str) -> Any:
             raise
         raise click.BadParameter(
             f"cannot import {module_name!r} (from {target}): {failure(exc)}"
-            f"{_shadowed(module_name, here)}",
+            f"{_missing_driver(exc)}{_shadowed(module_name, here)}",
             param_hint=param_hint,
         ) from exc
     found: Any = module
@@ -252,6 +252,21 @@ _DRIVER_FIXES = {
     "MySQLdb": "pip install mysqlclient, or use PyMySQL: mysql+pymysql://user@host:3306/db "
     "with pip install 'outboxer[mysql]'",
 }
+
+
+def _missing_driver(exc: BaseException) -> str:
+    """``; <fix>`` when ``exc`` (or what caused it) is a database driver outboxer knows
+    that is not installed (the application's engine, made at import), else nothing."""
+    current: BaseException | None = exc
+    seen: set[int] = set()
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ImportError):
+            fix = _DRIVER_FIXES.get((current.name or "").partition(".")[0])
+            if fix is not None:
+                return f"; {fix}"
+        current = current.__cause__ or current.__context__
+    return ""
 
 
 def _unknown_dialect(drivername: str, shown: str) -> str:

@@ -21,7 +21,7 @@ from sqlalchemy.orm import sessionmaker
 import outboxer
 from outboxer import schema
 from outboxer.cli.common import import_target
-from outboxer.testing import MessageRejected, Published, drain
+from outboxer.testing import MessageRejected, Published, drain, drain_async
 
 from .test_cli_failures import one_error_line, outboxer_cli
 
@@ -431,3 +431,20 @@ def test_an_application_whose_driver_is_not_installed_names_the_extra(
     with pytest.raises(click.BadParameter) as caught:
         import_target("review7_driverless:billing", "CONSUMER", "myapp.consumers:billing")
     assert "pip install 'outboxer[postgresql]'" in caught.value.message, caught.value.message
+
+
+async def test_drain_async_given_the_async_engine_says_which_engine_to_pass(
+    tmp_path: Path,
+) -> None:
+    """``drain_async(async_engine, ...)``, the engine an async application has at hand,
+    said "Relay needs a SQLAlchemy Engine (outboxer.relay_engine(url)), got AsyncEngine",
+    which names neither drain nor the fix."""
+    pytest.importorskip("aiosqlite")
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    async_engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'app.sqlite'}")
+    try:
+        with pytest.raises(TypeError, match=r"create_engine\(url\)"):
+            await drain_async(async_engine, [])  # type: ignore[arg-type]
+    finally:
+        await async_engine.dispose()

@@ -155,6 +155,13 @@ class _Drain:
         max_rounds: int,
         idle_timeout: float | None,
     ) -> None:
+        if not isinstance(engine, Engine):
+            raise TypeError(
+                f"drain() and drain_async() take a sync Engine on your database (the relay is "
+                f"synchronous), got {type(engine).__name__}: pass create_engine(url) with the "
+                "URL of your create_async_engine(url) (its sync driver: postgresql+psycopg, "
+                "sqlite, mysql+pymysql)"
+            )
         self.transport = transport if transport is not None else MemoryTransport(MemoryBroker())
         if idle_timeout is None:
             idle_timeout = 0.01 if isinstance(self.transport, MemoryTransport) else 1.0

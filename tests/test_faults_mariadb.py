@@ -570,3 +570,58 @@ def test_relay_connections_cut_at_random_bytes_lose_nothing_and_keep_key_order(
     assert cuts >= 4, "the relay drained before the faults could be injected"
     assert_sent_in_key_order([e.payload for e in broker.published], total, keys)
     assert not outboxer.DeadLetters(db.Session).list()
+
+
+def test_consumer_connections_cut_at_random_bytes_apply_each_effect_once(
+    db: Database, line: Line
+) -> None:
+    """The batching consumer's MariaDB connections cut at random byte offsets either way:
+    inside the multi-row inbox insert and its RETURNING rows, a handler's write, a COMMIT."""
+    total = 300
+    rng = random.Random(5)
+    with FaultProxy.to(db.url, 3306) as proxy:
+        engine = create_engine(proxy.url(db.url), pool_pre_ping=True)
+        sessions = sessionmaker(engine, class_=outboxer.OutboxSession)
+        line.consumer = outboxer.Consumer(sessions, name=line.name, retry=outboxer.Retry(1))
+
+        @line.handler()
+        def reserve(event: OrderPlaced, session: Session) -> None:
+            session.add(Effect(handler="reserve", message_key=str(event.order_id)))
+
+        line.subscribe()
+        line.publish(*[OrderPlaced(order_id=i) for i in range(total)])
+        assert line.send() == total
+        cuts = 0
+        errors: list[BaseException] = []
+
+        def consume() -> None:
+            try:
+                line.consumer.run(line.case.transport, concurrency=2)
+            except BaseException as exc:
+                errors.append(exc)
+
+        worker = threading.Thread(target=consume, daemon=True)
+        worker.start()
+        deadline = time.monotonic() + 15
+        try:
+            while reserved(line) + len(line.dead()) < total or line.pending():
+                assert time.monotonic() < deadline, f"{reserved(line)}/{total} handled in time"
+                fired = proxy.after(
+                    bytes=rng.randrange(500, 20_000),
+                    direction=rng.choice([UP, DOWN]),
+                    action=proxy.cut,
+                )
+                if fired.wait(1):
+                    cuts += 1
+                else:
+                    proxy.heal()  # disarm
+                line.send()  # retries scheduled through the outbox, if any
+        finally:
+            line.consumer.stop()
+            worker.join(30)
+        assert not errors, f"the consumer died: {errors[0]!r}"
+        engine.dispose()
+    assert cuts >= 3, "the consumer finished before the faults could be injected"
+    print(f"\nconsumer: {cuts} cuts, {total} orders, each reserved once")
+    assert_each_order_reserved_once(line, total)
+    assert not line.dead(), "a cut connection must not make dead letters"

@@ -448,3 +448,23 @@ async def test_drain_async_given_the_async_engine_says_which_engine_to_pass(
             await drain_async(async_engine, [])  # type: ignore[arg-type]
     finally:
         await async_engine.dispose()
+
+
+def test_an_on_failure_function_of_the_wrong_shape_is_a_usage_error_naming_the_flag(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``outboxer relay --on-failure myapp.alerts:page`` with a function outboxer cannot call
+    exited 3 saying "Relay(on_failure=...) is called as ...; 'page' cannot be": the
+    Python API's words, after the database engine was made; the flag is what to fix."""
+    (tmp_path / "review7_alerts.py").write_text("def page() -> None: ...\n")
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tmp_path / 'app.sqlite'}"
+    result = outboxer_cli(
+        "relay",
+        "--once",
+        "--on-failure",
+        "review7_alerts:page",
+        env={"OUTBOXER_DB": url, "OUTBOXER_BROKER": "memory://?discard=true"},
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "--on-failure" in result.stderr and "on_failure(failure)" in result.stderr

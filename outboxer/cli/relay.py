@@ -12,6 +12,7 @@ from .. import heartbeat
 from ..errors import BrokerUnavailable, ConfigurationError
 from ..plan import plural
 from ..relay import Relay, relay_engine
+from ..relay.failures import check_callback
 from ..retry import Backoff
 from ..secrets import mask_url
 from ..transports import transport_from_url
@@ -116,6 +117,10 @@ def relay(
                 f"{on_failure} is {type(callback).__name__}, not a function",
                 param_hint="--on-failure",
             )
+        try:  # before any connection: the flag is what to fix
+            check_callback(callback)
+        except ConfigurationError as exc:
+            raise click.BadParameter(f"{on_failure}: {exc}", param_hint="--on-failure") from exc
     engine = make_engine(db_url, factory=relay_engine)
     if in_process_broker(broker_url) and running_as_command():
         engine.dispose()

@@ -625,3 +625,60 @@ def test_consumer_connections_cut_at_random_bytes_apply_each_effect_once(
     print(f"\nconsumer: {cuts} cuts, {total} orders, each reserved once")
     assert_each_order_reserved_once(line, total)
     assert not line.dead(), "a cut connection must not make dead letters"
+
+
+@CONSUMER_DEFECT
+def test_a_real_lock_wait_timeout_between_two_consumers_dead_letters_nothing(
+    db: Database, line: Line
+) -> None:
+    """Not injected: one message delivered twice (a relay that died before its settle),
+    to two consumers at once. The first holds its inbox row while its handler runs; the
+    second's insert of the same row waits for it and times out (innodb_lock_wait_timeout,
+    1 s here; 50 s by default, against a handler that runs longer). The first commits: the
+    message was handled once, and nothing is wrong with it."""
+    engine = create_engine(db.url, pool_pre_ping=True)
+
+    @event.listens_for(engine, "connect")
+    def short_lock_waits(dbapi_connection: Any, _: Any) -> None:
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute("SET SESSION innodb_lock_wait_timeout = 1")
+
+    sessions = sessionmaker(engine, class_=outboxer.OutboxSession)
+    inside = threading.Event()
+
+    def consumer() -> outboxer.Consumer:
+        made = outboxer.Consumer(sessions, name=line.name, retry=outboxer.Retry(1), prefetch=1)
+
+        @made.handler(OrderPlaced, destination=line.destination)
+        def reserve(event: OrderPlaced, session: Session) -> None:
+            session.add(Effect(handler="reserve", message_key=str(event.order_id)))
+            session.flush()
+            inside.set()
+            time.sleep(2.5)  # the slow handler holding its inbox row
+
+        return made
+
+    first, second = consumer(), consumer()
+    line.consumer = first
+    line.subscribe()
+    line.publish(OrderPlaced(order_id=1))
+    line.send_twice()
+    errors: list[BaseException] = []
+
+    def run(which: outboxer.Consumer) -> None:
+        try:
+            which.run(line.case.transport, once=True, idle_timeout=4.0)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(c,), daemon=True) for c in (first, second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    engine.dispose()
+    assert not errors, f"a consumer died: {errors[0]!r}"
+    assert inside.is_set()
+    assert_each_order_reserved_once(line, 1)
+    dead = line.dead()
+    assert not dead, f"dead-lettered although handled once: {dead[0].error_message!r}"

@@ -313,9 +313,9 @@ class PrivateMariaDB:
             try:
                 self.execute("SELECT 1")
                 return
-            except Exception:
+            except Exception as exc:
                 if time.monotonic() > deadline:
-                    raise
+                    raise RuntimeError(f"mariadbd takes no connection after {timeout} s") from exc
                 time.sleep(0.1)
 
     def stop(self, timeout: float = 60) -> None:

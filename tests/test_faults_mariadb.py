@@ -667,7 +667,7 @@ def test_a_real_lock_wait_timeout_between_two_consumers_dead_letters_nothing(
 
     def run(which: outboxer.Consumer) -> None:
         try:
-            which.run(line.case.transport, once=True, idle_timeout=4.0)
+            which.run(line.case.transport, once=True, idle_timeout=1.0)
         except BaseException as exc:
             errors.append(exc)
 

@@ -29,7 +29,13 @@ from .errors import (
     UnknownMessageType,
 )
 from .ids import uuid7
-from .message import Envelope, describe_unserializable, message_type_for, wildcard_in
+from .message import (
+    Envelope,
+    describe_unserializable,
+    message_type_for,
+    registered_type,
+    wildcard_in,
+)
 from .store import NewMessage
 from .wire import control_at, surrogate_at
 
@@ -136,6 +142,20 @@ def build_message(
         payload = mt.serialize(event)
 
     target = destination or default_destination
+    if not target and isinstance(event, Mapping):
+        registered = registered_type(type_name)
+        declared = registered.destination if registered is not None else None
+        raise MissingDestination(
+            f"a dict published as {type_name!r} has no destination: pass destination=... to "
+            "publish()"
+            + (
+                f" (a dict does not take the destination {declared!r} declared for "
+                f"{registered.cls.__qualname__}: publish a {registered.cls.__qualname__} "
+                "instead, or pass destination=" + repr(declared) + ")"
+                if registered is not None and declared
+                else ""
+            )
+        )
     if not target:
         raise MissingDestination(
             f"message {type_name!r} has no destination: pass destination=... to publish(), "

@@ -33,6 +33,7 @@ from sqlalchemy.engine import Engine
 import outboxer
 from outboxer.errors import ConfigurationError, InvalidHeaders, UnknownMessageType
 from outboxer.message import registered_type
+from outboxer.publishing import build_message
 
 from .models import Order
 from .relaying import SessionFactory, Target, outbox_count, payloads, sqs_target
@@ -216,3 +217,22 @@ def test_a_handler_for_a_type_with_a_topic_wildcard_is_refused(
             pass
 
     assert repr(name) in str(caught.value) and "wildcard" in str(caught.value)
+
+
+def test_a_dict_of_a_registered_type_without_a_destination_says_what_to_pass() -> None:
+    """The message used to say "declare it with @outboxer.message(..., destination=...)",
+    which the type already was: a dict does not take its class's destination."""
+    from .models import OrderPlaced
+
+    with pytest.raises(outboxer.MissingDestination) as raised:
+        build_message({"order_id": 1}, type="test.order_placed")
+    text = str(raised.value)
+    assert "declare it with" not in text
+    assert "destination 'orders' declared for OrderPlaced" in text
+    assert "destination='orders'" in text
+    assert OrderPlaced.__name__ in text
+
+
+def test_a_dict_of_an_unregistered_type_without_a_destination_names_publish() -> None:
+    with pytest.raises(outboxer.MissingDestination, match=r"pass destination=\.\.\. to publish"):
+        build_message({"x": 1}, type="test.nobody_declared_this")

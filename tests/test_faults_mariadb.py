@@ -10,6 +10,7 @@ programs, and fail under CI=true.
 
 from __future__ import annotations
 
+import gc
 import json
 import random
 import threading
@@ -127,7 +128,7 @@ def no_traceback(log: str, who: str) -> None:
 def test_mariadb_restarted_under_two_relays_loses_nothing_and_keeps_key_order(
     server: PrivateMariaDB, db: Database, rabbit: Target
 ) -> None:
-    total = 4000
+    total = 3000
     expected = publish_sequence(db.Session, rabbit.destination, total=total, keys=20)
     relays = [
         start_relay(db.url, RABBITMQ_URL, "--batch-size", "100", "--lease", "5", "--name", f"r{i}")
@@ -187,7 +188,7 @@ def assert_each_order_reserved_once(line: Line, total: int) -> None:
 def test_mariadb_restarted_under_a_batching_consumer_applies_each_effect_once(
     server: PrivateMariaDB, db: Database, line: Line
 ) -> None:
-    total = 2000
+    total = 1500
     command, env = line.inbox_process(db.url, RABBITMQ_URL)
     line.publish(*[OrderPlaced(order_id=i) for i in range(total)])
     assert line.send() == total
@@ -196,7 +197,7 @@ def test_mariadb_restarted_under_a_batching_consumer_applies_each_effect_once(
     consumer = spawn(command, env=env)
     handled = False
     try:
-        for crash, at in enumerate((200, 900)):
+        for crash, at in enumerate((200, 700)):
             wait_for(lambda: reserved(line) > at, 30, f"{at} orders handled")  # noqa: B023
             crash_or_restart(server, crash=bool(crash))
         wait_for(lambda: reserved(line) >= total, 60, "every message to be handled")
@@ -682,3 +683,32 @@ def test_a_real_lock_wait_timeout_between_two_consumers_dead_letters_nothing(
     assert_each_order_reserved_once(line, 1)
     dead = line.dead()
     assert not dead, f"dead-lettered although handled once: {dead[0].error_message!r}"
+
+
+RELAY_CONNECT_DEFECT = pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "open defect (outboxer/relay/relay.py, not ours to edit): Relay.connect() leaves the "
+        "connection it checked out unclosed when setting READ COMMITTED on it fails (a "
+        "pooled connection the restart killed); garbage-collected later, SQLAlchemy's pool "
+        "logs 'Exception during reset or similar' at ERROR, with a traceback (see the report)"
+    ),
+)
+
+
+@RELAY_CONNECT_DEFECT
+def test_an_idle_relay_across_mariadb_restarts_logs_no_pool_error(
+    server: PrivateMariaDB, db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = outboxer.relay_engine(db.url, network_timeout=5)
+    relay = outboxer.Relay(engine, MemoryTransport(MemoryBroker()), poll_interval=0.2)
+    with running(relay):
+        for _ in range(3):
+            time.sleep(0.5)  # the fault's shape: the relay idles on pooled connections first
+            server.restart()
+        publish_keyed(db.Session, 1, 1)
+        wait_for(lambda: count(db.engine, "outboxer_outbox") == 0, 15, "the relay to carry on")
+    engine.dispose()
+    gc.collect()  # a connection left unclosed is reset (and fails) when it is collected
+    errors = [r for r in caplog.records if r.name.startswith("sqlalchemy") and r.levelno >= 40]
+    assert not errors, f"{len(errors)} pool errors: {errors[0].getMessage()}"

@@ -30,7 +30,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from .errors import ConfigurationError
 from .migration_steps import refuse_interrupted_adopt
-from .tables import OUTBOX_AUTOVACUUM, OUTBOX_FILLFACTOR, metadata
+from .tables import OUTBOX_AUTOVACUUM, OUTBOX_FILLFACTOR, VERSION_TABLE, metadata
 
 __all__ = [
     "VERSION_TABLE",
@@ -46,8 +46,6 @@ __all__ = [
     "upgrade_from_env",
 ]
 
-VERSION_TABLE = "outboxer_alembic_version"
-"""Where outboxer records its migration revision (never the application's table)."""
 
 MIGRATION_LOCK = 0x6F7574626F786572  # "outboxer": PostgreSQL's advisory lock key, per database
 """Deploys that upgrade one database at the same moment take turns on this lock: the

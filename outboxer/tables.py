@@ -369,6 +369,18 @@ def create_all(bind: Engine | Connection) -> None:
     metadata.create_all(bind)
 
 
+VERSION_TABLE = "outboxer_alembic_version"
+"""Where outboxer's migrations record their revision (never the application's table)."""
+
+
 def drop_all(bind: Engine | Connection) -> None:
-    """Drop the outboxer tables."""
+    """Drop the outboxer tables and the record of outboxer's migrations, so that
+    ``outboxer db upgrade`` makes them again (with the record left behind, it said "up to
+    date" about tables that were gone)."""
     metadata.drop_all(bind)
+    dialect = bind.dialect
+    # PostgreSQL: in the schema the migrations create in, never another schema's on the path.
+    where = dialect.default_schema_name if dialect.name == "postgresql" else None
+    Table(VERSION_TABLE, MetaData(), Column("version_num", String(32)), schema=where).drop(
+        bind, checkfirst=True
+    )

@@ -66,14 +66,33 @@ def test_a_driver_that_is_not_installed_names_the_extra(
 
 @pytest.fixture
 def dropped_url(tmp_path: Path) -> str:
-    """A database migrated by ``outboxer db upgrade`` whose tables were then dropped by
-    ``outboxer.drop_all`` (docs/testing.md's fixture does it), its version table left."""
+    """A database migrated by ``outboxer db upgrade`` whose tables were then dropped behind
+    the migrations' back (a DBA, a script dropping ``outboxer.metadata``), the version table
+    left."""
     url = f"sqlite:///{tmp_path / 'app.sqlite'}"
     engine = create_engine(url)
     schema.upgrade(engine)
-    outboxer.drop_all(engine)
+    outboxer.metadata.drop_all(engine)
     engine.dispose()
     return url
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql", "mariadb", "sqlite"], indirect=True)
+def test_drop_all_drops_the_record_of_the_migrations_too(empty_db_url: str) -> None:
+    """``outboxer.drop_all`` (docs/testing.md's fixture calls it) left
+    ``outboxer_alembic_version`` behind: the next ``outboxer db upgrade`` said the
+    database was at the latest revision and made no table."""
+    engine = create_engine(empty_db_url)
+    try:
+        schema.upgrade(engine)
+        outboxer.drop_all(engine)
+        assert schema.current(engine) is None
+        upgrade = outboxer_cli("db", "upgrade", env={"OUTBOXER_DB": empty_db_url})
+        assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr
+        assert schema.current(engine) == schema.head()
+        assert schema.tables_present(engine)
+    finally:
+        engine.dispose()
 
 
 def test_tables_dropped_behind_the_migrations_are_not_up_to_date(dropped_url: str) -> None:

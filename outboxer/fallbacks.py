@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
-from .diagnosis import refuses_writes
+from .diagnosis import refuses_writes, try_again
 from .redaction import error_text, printable
 from .store import dead_letters as dead_letter_store
 from .store.dead_letters import NewDeadLetter
@@ -89,19 +89,24 @@ def first_written(*jobs: Job) -> Generator[Write, Any, int]:
 
     A job the database refuses falls back to the next. A lost connection is tried
     once more first (a database restart passes; a message that breaks the connection,
-    one larger than the server's packet limit, breaks it again). A database that
-    cannot be connected to refused nothing: its error is raised at once, and the
+    one larger than the server's packet limit, breaks it again), and so is a write the
+    database asks to try again (a deadlock, a lock-wait timeout); twice, it is raised. A
+    database that cannot be connected to refused nothing: its error is raised at once, the
     delivery goes back (falling back then would dead-letter the message for an outage
     once the server is back). When the last job fails too, that error is raised.
     """
     for index, job in enumerate(jobs):
         error: Exception | None = yield Write(job)
-        if error is not None and lost_database(error) and not no_connection(error):
+        if error is not None and (
+            (lost_database(error) and not no_connection(error)) or try_again(error)
+        ):
             error = yield Write(job)
         if error is None:
             return index
-        if no_connection(error):
-            raise error  # the database is down, not refusing this row: give it back
+        if no_connection(error) or try_again(error):
+            # The database is down, or asks to try again (a deadlock, a lock-wait timeout,
+            # a shutdown): it did not refuse this row. Give the delivery back.
+            raise error
         if index == len(jobs) - 1:
             raise error
         _log_fallback(error)

@@ -409,14 +409,6 @@ CONSUMER_DEFECT = pytest.mark.xfail(
         "diagnosis.try_again(exc) or diagnosis.refuses_writes(exc) (see the report)"
     ),
 )
-FALLBACK_DEFECT = pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "open defect (outboxer/fallbacks.py, not ours to edit): a dead letter whose write "
-        "deadlocks is replaced by a quarantine row; fix: first_written raises when "
-        "diagnosis.try_again(error) (see the report)"
-    ),
-)
 
 
 @pytest.mark.parametrize(
@@ -473,7 +465,6 @@ def test_a_consumer_on_a_database_gone_read_only_for_a_while_dead_letters_nothin
     assert not line.dead()
 
 
-@FALLBACK_DEFECT
 def test_a_dead_letter_whose_write_deadlocks_is_written_whole_not_quarantined(
     db: Database, line: Line
 ) -> None:
@@ -685,18 +676,6 @@ def test_a_real_lock_wait_timeout_between_two_consumers_dead_letters_nothing(
     assert not dead, f"dead-lettered although handled once: {dead[0].error_message!r}"
 
 
-RELAY_CONNECT_DEFECT = pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "open defect (outboxer/relay/relay.py, not ours to edit): Relay.connect() leaves the "
-        "connection it checked out unclosed when setting READ COMMITTED on it fails (a "
-        "pooled connection the restart killed); garbage-collected later, SQLAlchemy's pool "
-        "logs 'Exception during reset or similar' at ERROR, with a traceback (see the report)"
-    ),
-)
-
-
-@RELAY_CONNECT_DEFECT
 def test_an_idle_relay_across_mariadb_restarts_logs_no_pool_error(
     server: PrivateMariaDB, db: Database, caplog: pytest.LogCaptureFixture
 ) -> None:

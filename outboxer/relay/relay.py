@@ -193,7 +193,14 @@ class Relay:
         connection = self.engine.connect()
         if connection.dialect.name in ("mysql", "mariadb"):
             # Fewer gap locks between concurrent claims and producers' inserts.
-            connection = connection.execution_options(isolation_level="READ COMMITTED")
+            try:
+                connection = connection.execution_options(isolation_level="READ COMMITTED")
+            except BaseException:
+                # A pooled connection a restart killed fails here: close it now (left to
+                # the garbage collector, the pool logged its reset failure at ERROR).
+                connection.invalidate()
+                connection.close()
+                raise
         return connection
 
     def _observe_backlog(self) -> None:

@@ -260,7 +260,12 @@ class Consumer(Registration):
     # Retention (outboxer.retention) ----------------------------------------------------
 
     def _retention(self) -> Retention:
-        return Retention(self.inbox_retention, self.dead_letter_retention, self.stop_signal.is_set)
+        return Retention(
+            self.inbox_retention,
+            self.dead_letter_retention,
+            self.stop_signal.is_set,
+            consumer=self.name,
+        )
 
     def prune(self) -> tuple[int, int]:
         """Delete old inbox rows (and old dead letters if a retention is set), in small

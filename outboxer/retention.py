@@ -23,26 +23,34 @@ Job = Callable[[Connection], int]
 
 
 class Retention:
-    """Deletes inbox rows older than ``inbox`` seconds, and dead letters older than
-    ``dead_letters`` seconds when that is set, until ``stopped()`` says to stop."""
+    """Deletes ``consumer``'s inbox rows older than ``inbox`` seconds, and its dead letters
+    older than ``dead_letters`` seconds when that is set, until ``stopped()`` says to stop.
+    Another consumer's rows on the same database keep their own consumer's windows."""
 
     def __init__(
-        self, inbox: float, dead_letters: float | None, stopped: Callable[[], bool]
+        self,
+        inbox: float,
+        dead_letters: float | None,
+        stopped: Callable[[], bool],
+        consumer: str | None = None,
     ) -> None:
         self.inbox = inbox
         self.dead_letters = dead_letters
         self.stopped = stopped
+        self.consumer = consumer
 
     def jobs(self) -> list[Job]:
         """One statement per table, each deleting at most :data:`PRUNE_BATCH` rows."""
         jobs: list[Job] = [
-            lambda c: inbox_store.prune_inbox(c, older_than=self.inbox, limit=PRUNE_BATCH)
+            lambda c: inbox_store.prune_inbox(
+                c, older_than=self.inbox, limit=PRUNE_BATCH, consumer=self.consumer
+            )
         ]
         retention = self.dead_letters
         if retention is not None:
             jobs.append(
                 lambda c: dead_letter_store.prune_dead_letters(
-                    c, older_than=retention, limit=PRUNE_BATCH
+                    c, older_than=retention, limit=PRUNE_BATCH, consumer=self.consumer
                 )
             )
         return jobs

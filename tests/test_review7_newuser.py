@@ -231,10 +231,9 @@ def test_the_shop_readme_starts_its_consumer_on_a_fresh_database(tmp_path: Path)
 
 def test_retention_is_the_tables_as_operations_md_says(tmp_path: Path) -> None:
     """docs/operations.md said the inbox grows "until `outboxer inbox prune` removes old rows
-    (run it daily)"; a running consumer prunes by itself, and its windows apply to the whole
-    table: every consumer's inbox rows and every dead letter (docs/operations.md, Sizing, and
-    docs/consumers.md, Retention, now say so). When pruning is scoped to the consumer that
-    sets the window, this test and those two paragraphs change together."""
+    (run it daily)"; a running consumer prunes by itself, and its windows apply to its own
+    rows (docs/operations.md, Sizing, and docs/consumers.md, Retention;
+    tests/test_retention_scope.py on the three databases)."""
     engine = create_engine(f"sqlite:///{tmp_path / 'app.sqlite'}")
     outboxer.create_all(engine)
     Session = sessionmaker(engine, class_=outboxer.OutboxSession)
@@ -257,7 +256,8 @@ def test_retention_is_the_tables_as_operations_md_says(tmp_path: Path) -> None:
     drain(engine, [audit, cache], fail_fast=False)
     assert audit.prune() == (0, 0)  # nothing is 30 days old
     time.sleep(1.1)
-    assert cache.prune() == (2, 1)  # audit's inbox row and dead letter went with cache's
+    assert cache.prune() == (1, 0)  # its own inbox row; audit's row and dead letter stay
+    assert audit.prune() == (0, 0)
     engine.dispose()
 
 

@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import bindparam, delete, func, insert, select
+from sqlalchemy import and_, bindparam, delete, func, insert, select
 from sqlalchemy.engine import Connection, RowMapping
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -365,16 +365,19 @@ def delete_dead_letters(connection: Connection, ids: Sequence[int]) -> int:
     return result.rowcount or 0
 
 
-def prune_dead_letters(connection: Connection, *, older_than: float, limit: int = 1000) -> int:
-    """Delete up to ``limit`` dead letters last failed more than ``older_than`` seconds ago
-    (in the caller's transaction; loop for more)."""
+def prune_dead_letters(
+    connection: Connection, *, older_than: float, limit: int = 1000, consumer: str | None = None
+) -> int:
+    """Delete up to ``limit`` dead letters last failed more than ``older_than`` seconds ago:
+    ``consumer``'s (None: all, the relay's included), in the caller's transaction; loop
+    for more."""
     cutoff = db_now_plus(connection.dialect, -older_than)
+    old = dead_letter.c.last_failed_at < cutoff
+    if consumer is not None:
+        old = and_(old, dead_letter.c.consumer == consumer)
     ids = list(
         connection.execute(
-            select(dead_letter.c.id)
-            .where(dead_letter.c.last_failed_at < cutoff)
-            .order_by(dead_letter.c.id)
-            .limit(limit)
+            select(dead_letter.c.id).where(old).order_by(dead_letter.c.id).limit(limit)
         ).scalars()
     )
     return delete_dead_letters(connection, ids)

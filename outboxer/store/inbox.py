@@ -12,7 +12,7 @@ from functools import cache
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import bindparam, delete, func, select, tuple_
+from sqlalchemy import and_, bindparam, delete, func, select, tuple_
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection, Dialect
 
@@ -278,14 +278,19 @@ def _insert_if_absent(dialect: Dialect) -> Compiled:
     return Compiled.of(stmt, dialect)
 
 
-def prune_inbox(connection: Connection, *, older_than: float, limit: int = 1000) -> int:
-    """Delete up to ``limit`` inbox rows older than ``older_than`` seconds.
+def prune_inbox(
+    connection: Connection, *, older_than: float, limit: int = 1000, consumer: str | None = None
+) -> int:
+    """Delete up to ``limit`` inbox rows older than ``older_than`` seconds: the rows of
+    ``consumer``'s handlers (None: every consumer's).
 
     Runs in the caller's transaction: call it in a loop, one short transaction per batch,
     so pruning never holds long locks.
     """
     cutoff = db_now_plus(connection.dialect, -older_than)
     old = inbox.c.processed_at < cutoff
+    if consumer is not None:  # handler ids are "consumer:handler"
+        old = and_(old, inbox.c.handler.startswith(f"{consumer}:", autoescape=True))
     if connection.dialect.name in ("mysql", "mariadb"):
         stmt = delete(inbox).where(old).with_dialect_options(mysql_limit=limit)
     else:

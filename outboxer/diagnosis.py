@@ -26,7 +26,14 @@ from .errors import (
 from .secrets import mask_url
 from .store.schema import read_only, tables_missing
 
-__all__ = ["AWS_BAD_CREDENTIALS", "causes", "diagnose", "refuses_writes", "try_again"]
+__all__ = [
+    "AWS_BAD_CREDENTIALS",
+    "causes",
+    "database_setting",
+    "diagnose",
+    "refuses_writes",
+    "try_again",
+]
 
 # PostgreSQL SQLSTATEs.
 _PG_AUTH = {"28P01", "28000"}  # invalid_password, invalid_authorization_specification
@@ -139,6 +146,18 @@ def causes(exc: BaseException) -> Iterator[BaseException]:
         )
 
 
+_DB_SETTING = ["--db / OUTBOXER_DB"]
+"""Where this process's database URL comes from, as an operator error names it."""
+
+
+def database_setting(where: str) -> str:
+    """Name where this process's database URL comes from, for its operator errors
+    (``outboxer-inbox`` has no ``--db``: its URL is the application's engine's); returns
+    the name it replaces."""
+    previous, _DB_SETTING[0] = _DB_SETTING[0], where
+    return previous
+
+
 def diagnose(
     exc: BaseException, *, db_url: str | None = None, broker_url: str | None = None
 ) -> OperatorError | None:
@@ -219,7 +238,7 @@ def _database(error: BaseException, url: str | None) -> OperatorError | None:
         return InvalidURL(f"not a database URL: {where}; use dialect+driver://user@host/db")
     if sqlstate == _PG_NO_DATABASE or code == _MY_NO_DATABASE or _NO_DATABASE.search(text):
         return DatabaseUnavailable(
-            f"the database in {where} does not exist: create it, or fix --db / OUTBOXER_DB"
+            f"the database in {where} does not exist: create it, or fix {_DB_SETTING[0]}"
         )
     if sqlstate == _PG_UNDEFINED_TABLE or code == _MY_NO_TABLE or _NO_TABLE.search(text):
         if "outboxer_" not in text:
@@ -233,18 +252,18 @@ def _database(error: BaseException, url: str | None) -> OperatorError | None:
     if _BAD_OPTION.search(text):
         return InvalidURL(
             f"cannot connect with the options of {where} ({_detail(text)}): fix the URL's "
-            "query (?sslmode=..., ?connect_timeout=...) in --db / OUTBOXER_DB"
+            f"query (?sslmode=..., ?connect_timeout=...) in {_DB_SETTING[0]}"
         )
     if _OTHER_PROTOCOL.search(text):
         return DatabaseUnavailable(
             f"what answers at {where} is not that database ({_detail(text)}): is the port "
-            "in --db / OUTBOXER_DB the database's?"
+            f"in {_DB_SETTING[0]} the database's?"
         )
     if _REFUSED_LOGIN.search(text):
         return DatabaseAccessDenied(
             f"the database at {where} refuses this user or client host ({_detail(text)}): "
-            "allow them (pg_hba.conf, LOGIN, GRANT CONNECT), or use another user in --db / "
-            "OUTBOXER_DB"
+            "allow them (pg_hba.conf, LOGIN, GRANT CONNECT), or use another user in "
+            f"{_DB_SETTING[0]}"
         )
     if _refuses_writes(error, text):
         # Waitable: a relay left on a failed-over primary, or on an endpoint that moves
@@ -258,7 +277,7 @@ def _database(error: BaseException, url: str | None) -> OperatorError | None:
     if sqlstate in _PG_AUTH or code in _MY_AUTH or _AUTH_WORDS.search(text):
         return DatabaseAccessDenied(
             f"the database refused the credentials for {where}: check the user and password "
-            "in --db / OUTBOXER_DB"
+            f"in {_DB_SETTING[0]}"
         )
     if "unable to open database file" in text:
         return DatabaseUnavailable(
@@ -268,7 +287,7 @@ def _database(error: BaseException, url: str | None) -> OperatorError | None:
     if sqlstate in _PG_CANNOT_CONNECT or code in _MY_CANNOT_CONNECT or _CONNECT_WORDS.search(text):
         return DatabaseUnavailable(
             f"cannot reach the database at {where}: is it running, and are the host and port "
-            "in --db / OUTBOXER_DB right?"
+            f"in {_DB_SETTING[0]} right?"
         )
     return None
 
@@ -302,8 +321,8 @@ def _rejected_options(error: BaseException, url: str | None) -> OperatorError | 
         return None
     return InvalidURL(
         f"the database driver cannot use the connection options of {_shown(url)} "
-        f"({type(error).__name__}: {_detail(str(error))}): fix the URL's query in --db / "
-        "OUTBOXER_DB"
+        f"({type(error).__name__}: {_detail(str(error))}): fix the URL's query in "
+        f"{_DB_SETTING[0]}"
     )
 
 

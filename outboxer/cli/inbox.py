@@ -14,7 +14,7 @@ from sqlalchemy.orm import sessionmaker
 
 from .. import heartbeat
 from ..consumer import Consumer, ConsumerStats
-from ..diagnosis import diagnose
+from ..diagnosis import database_setting, diagnose
 from ..errors import BrokerAccessDenied, BrokerUnavailable, OperatorError, TransportError
 from ..plan import plural
 from ..relay.embedded import OwnRelay, consumer_engine
@@ -120,6 +120,11 @@ def main(
     (its delayed retries and dead-letter replays), and nothing else. SIGTERM or SIGINT
     stops receiving and finishes the messages in progress; a second one exits at once.
     """
+    # No --db here: the database is the application's, through CONSUMER's session factory.
+    previous = database_setting(
+        f"the URL of the engine {target} uses (the application's own setting)"
+    )
+    click.get_current_context().call_on_close(lambda: database_setting(previous))
     consumer = load_consumer(target)
     if batch_size is not None:
         consumer.batch_size = batch_size

@@ -58,6 +58,8 @@ from .conftest import clean
 KEYS = ["a", "b", "c", None]
 LATER = 600.0  # a delay or backoff: not due until time moves past it
 LEASE = 3600.0  # leases never expire by themselves here
+SIZES = [2, 400, 1000]  # payload bytes
+MAX_BYTES = [None, 500, 1500]  # a claim's bytes: a row of 1000 goes alone past 500
 WINDOW = 6  # a small window: blocked rows can fill it, as thousands do in production
 
 PROFILE = "chaos" if os.environ.get("HYPOTHESIS_PROFILE") == "chaos" else "ci"
@@ -104,13 +106,22 @@ class ClaimModel(RuleBasedStateMachine):
 
     # Producers -----------------------------------------------------------------------
 
-    @rule(key=st.sampled_from(KEYS), count=st.integers(1, 4), delayed=st.booleans())
-    def publish(self, key: str | None, count: int, delayed: bool) -> None:
+    @rule(
+        key=st.sampled_from(KEYS),
+        count=st.integers(1, 4),
+        delayed=st.booleans(),
+        size=st.sampled_from(SIZES),
+    )
+    def publish(self, key: str | None, count: int, delayed: bool, size: int = 2) -> None:
         with self.engine.begin() as conn:
             for _ in range(count):
                 store.insert_messages(
                     conn,
-                    [store.NewMessage(_envelope(key), LATER if delayed and count == 1 else 0)],
+                    [
+                        store.NewMessage(
+                            _envelope(key, size), LATER if delayed and count == 1 else 0
+                        )
+                    ],
                 )
         with self.engine.connect() as conn:
             ids = conn.execute(
@@ -131,11 +142,13 @@ class ClaimModel(RuleBasedStateMachine):
 
     # Relays ------------------------------------------------------------------------------
 
-    @rule(r=st.integers(0, 2), limit=st.integers(1, 6))
-    def claim(self, r: int, limit: int) -> None:
+    @rule(r=st.integers(0, 2), limit=st.integers(1, 6), max_bytes=st.sampled_from(MAX_BYTES))
+    def claim(self, r: int, limit: int, max_bytes: int | None = None) -> None:
         relay = self.relays[r]
         owner = relay.next_token()
-        got = self._claim(relay, owner, limit)
+        got = self._claim(relay, owner, limit, max_bytes=max_bytes)
+        if max_bytes is not None and len(got) > 1:
+            assert sum(len(row.envelope.payload) for row in got) <= max_bytes
         relay.tasks += 1
         if got:
             relay.batches.append((owner, got, relay.tasks))
@@ -286,7 +299,11 @@ class ClaimModel(RuleBasedStateMachine):
             for _, rows, _ in relay.batches:
                 for row in rows:
                     key = row.envelope.key
-                    if key is not None:
+                    # A row whose outcome is known (sent, or given up) and claimed again
+                    # is a duplicate, which may go anywhere: a relay whose settle failed
+                    # keeps its lease and claims the row again, and a claim handed back
+                    # frees it for every relay. The order of first deliveries is _sent's.
+                    if key is not None and self.rows[row.id].pending:
                         assert owners.setdefault(key, n) == n, f"key {key} split between relays"
 
     @invariant()
@@ -306,7 +323,12 @@ class ClaimModel(RuleBasedStateMachine):
     # Helpers --------------------------------------------------------------------------------
 
     def _claim(
-        self, relay: Relay, owner: str, limit: int, ahead: tuple[str, ...] | list[str] = ()
+        self,
+        relay: Relay,
+        owner: str,
+        limit: int,
+        ahead: tuple[str, ...] | list[str] = (),
+        max_bytes: int | None = None,
     ) -> list[Claimed]:
         # Relays 0 and 1 share the keys between two; relay 2 does not know of sharing (as
         # while relays start and stop, when they disagree on how many run).
@@ -319,7 +341,13 @@ class ClaimModel(RuleBasedStateMachine):
         )
         with self.engine.connect() as conn:
             return claims.claim_batch(
-                conn, owner=owner, scope=scope, limit=limit, lease_seconds=LEASE, window=WINDOW
+                conn,
+                owner=owner,
+                scope=scope,
+                limit=limit,
+                lease_seconds=LEASE,
+                window=WINDOW,
+                max_bytes=max_bytes,
             )
 
     def _sent(self, row_id: int) -> None:
@@ -358,7 +386,7 @@ class ClaimModel(RuleBasedStateMachine):
         return any(key is None or earliest[key] == row_id for _, row_id, key in due_free)
 
 
-def _envelope(key: str | None) -> Envelope:
+def _envelope(key: str | None, size: int = 2) -> Envelope:
     import uuid
     from datetime import datetime, timezone
 
@@ -366,7 +394,7 @@ def _envelope(key: str | None) -> Envelope:
         message_id=uuid.uuid4(),
         type="test.model",
         destination="orders",
-        payload=b"{}",
+        payload=b'"' + b"x" * (size - 2) + b'"',
         occurred_at=datetime.now(timezone.utc) - timedelta(seconds=1),
         key=key,
     )

@@ -13,6 +13,7 @@ from ..errors import BrokerUnavailable, ConfigurationError
 from ..plan import plural
 from ..relay import Relay, relay_engine
 from ..relay.failures import check_callback
+from ..relay.relay import DEFAULT_BATCH_BYTES
 from ..retry import Backoff
 from ..secrets import mask_url
 from ..transports import transport_from_url
@@ -41,6 +42,13 @@ log = logging.getLogger("outboxer.relay")
     "in one program: tests, outboxer demo)"
 )
 @setting("--batch-size", default=1000, type=click.IntRange(1, 10_000), help="Rows per claim.")
+@setting(
+    "--batch-bytes",
+    default=DEFAULT_BATCH_BYTES,
+    type=click.IntRange(1024, 1024**3),
+    help="Payload bytes per claim at most (a larger message goes alone): bounds the relay's "
+    "memory whatever the message sizes.",
+)
 @setting(
     "--max-attempts",
     default=10,
@@ -86,6 +94,7 @@ def relay(
     db_url: str,
     broker_url: str,
     batch_size: int,
+    batch_bytes: int,
     max_attempts: int,
     poll_interval: float,
     lease: float,
@@ -136,6 +145,7 @@ def relay(
         engine,
         transport,
         batch_size=batch_size,
+        batch_bytes=batch_bytes,
         max_attempts=max_attempts,
         backoff=Backoff(retry_delay, 2.0, max_retry_delay, 0.2),
         lease=lease,

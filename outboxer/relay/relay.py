@@ -39,15 +39,20 @@ from .liveness import Liveness
 from .reports import RelayStats
 from .runner import Run
 
-__all__ = ["Relay", "relay_engine"]
+__all__ = ["DEFAULT_BATCH_BYTES", "Relay", "relay_engine"]
 
 log = logging.getLogger("outboxer.relay")
+
+DEFAULT_BATCH_BYTES = 4 * 1024 * 1024
+"""A claim's payload bytes at most, by default: with the batches on the wire and the claims
+queued ahead, a relay holds a few tens of MiB of messages, whatever their size."""
 
 
 class Relay:
     """Publishes outbox rows through ``transport``.
 
-    ``batch_size`` rows per claim; ``max_attempts`` sends before a row is dead-lettered (a
+    ``batch_size`` rows per claim, and ``batch_bytes`` bytes of payload at most (a larger
+    message goes alone); ``max_attempts`` sends before a row is dead-lettered (a
     broker outage does not count; an unroutable message gets ``unroutable_attempts``);
     ``backoff`` spaces retries; ``lease`` is how long a claim stays exclusive while this
     relay lives (a relay that dies frees its rows at once, see docs/relay.md);
@@ -65,6 +70,7 @@ class Relay:
         transport: Transport,
         *,
         batch_size: int = 1000,
+        batch_bytes: int = DEFAULT_BATCH_BYTES,
         max_attempts: int = 10,
         backoff: Backoff = DEFAULT_BACKOFF,
         lease: float = 60.0,
@@ -89,6 +95,7 @@ class Relay:
             f"got {transport!r}",
         )
         check_number("batch_size", batch_size, whole=True, minimum=1)
+        check_number("batch_bytes", batch_bytes, whole=True, minimum=1)
         check_number("max_attempts", max_attempts, whole=True, minimum=1)
         check_number("unroutable_attempts", unroutable_attempts, whole=True, minimum=1)
         for setting, seconds in (
@@ -113,6 +120,7 @@ class Relay:
         self.engine = engine
         self.transport = transport
         self.batch_size = batch_size
+        self.batch_bytes = batch_bytes
         self.policy = SendPolicy(max_attempts, backoff, unroutable_attempts)
         self.lease = lease
         self.poll_interval = poll_interval

@@ -186,7 +186,9 @@ class Run:
             self._database_trouble(exc)
             return None
         self.outage.recovered()
-        self.backlog = len(batch.rows) >= self.relay.batch_size
+        self.backlog = len(batch.rows) >= self.relay.batch_size or (
+            sum(len(row.envelope.payload) for row in batch.rows) > self.relay.batch_bytes // 2
+        )
         return batch
 
     def _hold_back(self, batch: Batch) -> Batch:

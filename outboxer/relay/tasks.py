@@ -61,6 +61,7 @@ class Tasks:
                 scope=scope,
                 limit=relay.batch_size,
                 lease_seconds=relay.lease,
+                max_bytes=relay.batch_bytes,
             )
         return Batch(rows, owner, time.perf_counter() - started, started, seq)
 

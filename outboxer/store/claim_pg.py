@@ -14,7 +14,9 @@ candidate rows in Python.
 * ``followers``: of these, each key's rows after its head (rows before it are this relay's
   own rows on the wire, skipped) for as long as every row after the head is due and free,
   the first of them in id order up to the batch's room;
-* the ``UPDATE`` leases the heads and followers and returns what a claim reads.
+* ``taken``, ``sized``: heads and followers in id order, as far as their payloads add up
+  to ``max_bytes`` (a first row larger than that alone, when ``alone``);
+* the ``UPDATE`` leases them and returns what a claim reads.
 
 Everything is one statement: its reads share one snapshot and its locks are taken before
 the lease is written, so nothing between the steps can change what they saw (the
@@ -27,7 +29,19 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from sqlalchemy import BigInteger, any_, bindparam, func, or_, select, true, union_all, update
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    and_,
+    any_,
+    bindparam,
+    func,
+    or_,
+    select,
+    true,
+    union_all,
+    update,
+)
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.sql.elements import ColumnElement
@@ -69,7 +83,8 @@ def run_raw(connection: Connection, statement: Any, params: dict[str, Any]) -> l
 
 
 def claim_statement(ready: ColumnElement[bool], heads: Any | None) -> Any:
-    """Lock, follow and lease in one statement, up to the parameter ``limit`` rows.
+    """Lock, follow and lease in one statement, up to the parameter ``limit`` rows and
+    ``max_bytes`` bytes of payload (but one row larger than that if ``alone``).
 
     ``heads``: the heads query (a SELECT of ``id``, ``message_key``), run inside the
     statement; None: the heads are the parameter ``ids``.
@@ -79,8 +94,9 @@ def claim_statement(ready: ColumnElement[bool], heads: Any | None) -> Any:
     else:
         found = heads.cte("heads")
         wanted = outbox.c.id.in_(select(found.c.id))
+    size = func.octet_length(outbox.c.payload).label("size")  # without reading TOASTed data
     locked = (
-        select(outbox.c.id, outbox.c.message_key)
+        select(outbox.c.id, outbox.c.message_key, size)
         .where(wanted, ready)
         .with_for_update(skip_locked=True)
         .cte("locked")
@@ -93,6 +109,7 @@ def claim_statement(ready: ColumnElement[bool], heads: Any | None) -> Any:
         select(
             outbox.c.id,
             outbox.c.message_key,
+            size,
             ready.label("ready"),
             outbox.c.id.in_(select(locked.c.id)).label("head"),
         )
@@ -118,6 +135,7 @@ def claim_statement(ready: ColumnElement[bool], heads: Any | None) -> Any:
     ).subquery("marked")
     runs = select(
         marked.c.id,
+        marked.c.size,
         marked.c.head,
         marked.c.reached,
         func.bool_and(or_(marked.c.ready, ~marked.c.reached, marked.c.head))
@@ -126,15 +144,28 @@ def claim_statement(ready: ColumnElement[bool], heads: Any | None) -> Any:
     ).cte("runs")
     room = func.greatest(limit - select(func.count()).select_from(locked).scalar_subquery(), 0)
     followers = (
-        select(runs.c.id)
+        select(runs.c.id, runs.c.size)
         .where(runs.c.reached, ~runs.c.head, runs.c.free_run)
         .order_by(runs.c.id)
         .limit(room)
     )
-    taken = union_all(select(locked.c.id), followers.subquery("f").select())
+    taken = union_all(
+        select(locked.c.id, locked.c.size), followers.subquery("f").select()
+    ).subquery("taken")
+    # The bytes bound: the taken rows in id order while their payloads add up to at most
+    # ``max_bytes``, the first one in any case if ``alone``. A prefix in id order of heads and their
+    # runs is a prefix of every key's run: the rows left stay behind the ones taken.
+    sized = select(
+        taken.c.id,
+        taken.c.size,
+        func.sum(taken.c.size).over(order_by=taken.c.id).label("upto"),
+    ).subquery("sized")
+    max_bytes = bindparam("max_bytes", type_=BigInteger())
+    first = and_(sized.c.upto == sized.c.size, bindparam("alone", type_=Boolean()))
+    kept = select(sized.c.id).where(or_(sized.c.upto <= max_bytes, first))
     return (
         update(outbox)
-        .where(outbox.c.id.in_(taken))
+        .where(outbox.c.id.in_(kept))
         .values(locked_by=bindparam("owner"), locked_until=later("postgresql", "lease"))
         .returning(*SENT_COLUMNS)
     )

@@ -57,8 +57,13 @@ def claim_batch(
     limit: int,
     lease_seconds: float,
     window: int | None = None,
+    max_bytes: int | None = None,
 ) -> list[Claimed]:
     """Lease up to ``limit`` due rows under the token ``owner``; returns them in id order.
+
+    ``max_bytes`` bounds the payload bytes of the batch (None: no bound): the rows taken
+    stop before the one that would pass it, in id order (a prefix of every key's run, so
+    the rows left stay behind the ones taken), the first row in any case.
 
     Heads are looked for among the first ``window`` due rows (default: 4 x ``limit``, at
     least 1,000). ``connection`` must not be in a transaction: the claim commits its own
@@ -68,10 +73,12 @@ def claim_batch(
     if scope.share is not None and name != "sqlite":
         # Several relays: take the keys of this relay's share first, so that a key does
         # not stick to the relay that happened to take it first. Nothing there: any key.
-        shared = _claim(connection, name, scope, True, limit, lease_seconds, owner, window)
+        shared = _claim(
+            connection, name, scope, True, limit, lease_seconds, owner, window, max_bytes
+        )
         if shared:
             return shared
-    return _claim(connection, name, scope, False, limit, lease_seconds, owner, window)
+    return _claim(connection, name, scope, False, limit, lease_seconds, owner, window, max_bytes)
 
 
 def _claim(
@@ -83,6 +90,7 @@ def _claim(
     lease_seconds: float,
     owner: str,
     window: int | None,
+    max_bytes: int | None,
 ) -> list[Claimed]:
     sql = _statements(name, scope.destinations is not None, shared)
     params = {**scope.params(), **clock_params(name, lease=lease_seconds)}
@@ -90,26 +98,35 @@ def _claim(
     params["window"] = params["scan"] = window or max(4 * limit, 1000)
     params["excluded"] = []
     params["heads"] = params["limit"] = limit
+    params["max_bytes"] = NO_BOUND if max_bytes is None else max_bytes
+    params["alone"] = True  # a row larger than max_bytes goes alone
     with autocommit(connection) if name == "postgresql" else connection.begin():
         if sql.claim is not None:  # PostgreSQL: heads, lock, followers, lease: one statement
             rows = run_raw(connection, sql.claim, params)
         else:
             heads = [_Head(r.id, r.message_key) for r in connection.execute(sql.heads, params)]
             rows = _take(connection, sql, params, heads, limit) if heads else []
-        if len(rows) < limit:
+        left = params["max_bytes"] - sum(len(row[_PAYLOAD]) for row in rows)
+        if len(rows) < limit and left > params["max_bytes"] // 2:
+            # Room to spare (a claim stopped by its bytes has none: more than half of them
+            # taken, or the next row would not fit).
             mine = None if scope.destinations is None else set(scope.destinations)
-            rows += _second_look(connection, sql, params, rows, limit - len(rows), mine)
+            looked = {**params, "max_bytes": left, "alone": False}
+            rows += _second_look(connection, sql, looked, rows, limit - len(rows), mine)
     seen: dict[str, Any] = {}
     claimed = [claimed_from_row(row, seen) for row in rows]
     claimed.sort(key=lambda c: c.id)
     return claimed
 
 
-_ID, _KEY = (
+_ID, _KEY, _PAYLOAD = (
     next(i for i, column in enumerate(SENT_COLUMNS) if column is wanted)
-    for wanted in (outbox.c.id, outbox.c.message_key)
+    for wanted in (outbox.c.id, outbox.c.message_key, outbox.c.payload)
 )
-"""Where a claimed row (:data:`~.relay.SENT_COLUMNS`) has its id and its key."""
+"""Where a claimed row (:data:`~.relay.SENT_COLUMNS`) has its id, key and payload."""
+
+NO_BOUND = 2**62
+"""``max_bytes`` of a claim without a bound on its bytes."""
 
 SECOND_LOOK_SCAN = 10
 """The second look at the due rows reaches this many windows deep."""
@@ -199,6 +216,7 @@ def _take(
     room = budget - len(ids)
     if head_of and room > 0:
         ids.extend(_followers(connection, sql, params, head_of, room))
+    ids = _within_bytes(connection, sql, ids, params["max_bytes"], params["alone"])
     connection.execute(sql.lease, {**params, "ids": ids})
     return list(connection.execute(sql.read, {"ids": ids}).all())
 
@@ -235,6 +253,23 @@ def _followers(
     return taken
 
 
+def _within_bytes(
+    connection: Connection, sql: _Statements, ids: list[int], limit: int, alone: bool
+) -> list[int]:
+    """The first of ``ids`` in id order whose payloads add up to at most ``limit`` bytes
+    (a first one larger than that alone, when ``alone``), as the PostgreSQL claim cuts."""
+    if limit >= NO_BOUND:
+        return ids
+    kept: list[int] = []
+    total = 0
+    for row_id, size in connection.execute(sql.sizes, {"ids": ids}).all():
+        total += size or 0
+        if total > limit and (kept or not alone):
+            break
+        kept.append(row_id)
+    return kept
+
+
 @contextlib.contextmanager
 def autocommit(connection: Connection) -> Iterator[None]:
     """Run single-statement steps without a transaction, then put the connection back."""
@@ -267,6 +302,8 @@ class _Statements:
     followers: Any
     lease: Any
     read: Any
+    sizes: Any
+    """MariaDB and SQLite: the payload bytes of the rows ``ids``, in id order."""
 
 
 @cache
@@ -324,6 +361,9 @@ def _statements(name: str, filtered: bool, shared: bool = False) -> _Statements:
         .limit(bindparam("limit", type_=BigInteger())),
         lease=lease,
         read=select(*SENT_COLUMNS).where(outbox.c.id.in_(bindparam("ids", expanding=True))),
+        sizes=select(outbox.c.id, func.length(outbox.c.payload))
+        .where(outbox.c.id.in_(bindparam("ids", expanding=True)))
+        .order_by(outbox.c.id),
     )
 
 

@@ -73,6 +73,18 @@ SCENARIOS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
         "PostgreSQL (a private cluster) restarted mid-drain",
         {"messages": 20_000},
     ),
+    "mariadb-restart": (
+        "chaos.scenarios",
+        "mariadb_restart",
+        "MariaDB (a private server) restarted mid-drain",
+        {"messages": 10_000},
+    ),
+    "mariadb-crash": (
+        "chaos.scenarios",
+        "mariadb_crash",
+        "MariaDB (a private server) SIGKILLed mid-drain, then recovered",
+        {"messages": 10_000},
+    ),
     "load": (
         "chaos.load",
         "load",

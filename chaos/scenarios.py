@@ -14,13 +14,15 @@ import threading
 import time
 from urllib.parse import urlsplit
 
+from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 
+import outboxer
 from tests.faultproxy import DOWN, UP, FaultProxy
 
 from .drain import Drain, cut_loop, kill_loop, rabbitmq_drain, sqs_drain
 from .ledger import Figures
-from .private import private_rabbitmq, stoppable_postgresql, stoppable_rabbitmq
+from .private import private_mariadb, private_rabbitmq, stoppable_postgresql, stoppable_rabbitmq
 from .world import PG_SERVER, RABBITMQ_URL, RelayProcess, fresh_database
 
 RECOVER_TIMEOUT = 120.0  # longer than the relay's 60 s lease: a stall shows as its length
@@ -197,3 +199,33 @@ def postgresql_restart(messages: int = 100_000, keys: int = 100, seed: int = 0) 
             drain.recovered(back, drain.pending(), RECOVER_TIMEOUT)
             drain.notes.append(f"PostgreSQL: {server.kind}")
             return drain.finish()
+
+
+def mariadb_restart(
+    messages: int = 100_000, keys: int = 100, seed: int = 0, crash: bool = False
+) -> Figures:
+    """MariaDB (a private server) restarted mid-drain: a clean shutdown, every connection
+    killed and statements in progress failed, then a start on the same data; with
+    ``crash``, SIGKILL and InnoDB's recovery instead."""
+    with private_mariadb() as server:
+        engine = create_engine(server.server)
+        outboxer.create_all(engine)
+        engine.dispose()
+        name = "mariadb-crash" if crash else "mariadb-restart"
+        with rabbitmq_drain(name, server.server, RABBITMQ_URL, messages, keys) as drain:
+            relay(drain, server.server, RABBITMQ_URL)
+            drain.wait_started(0.2)
+            if crash:
+                server.kill()
+                server.start_again()
+            else:
+                server.restart()
+            back = time.monotonic()
+            drain.recovered(back, drain.pending(), RECOVER_TIMEOUT)
+            drain.notes.append("MariaDB: a private server, " + ("SIGKILL" if crash else "restart"))
+            return drain.finish()
+
+
+def mariadb_crash(messages: int = 100_000, keys: int = 100, seed: int = 0) -> Figures:
+    """MariaDB (a private server) SIGKILLed mid-drain, then started on its data again."""
+    return mariadb_restart(messages, keys, seed, crash=True)

@@ -23,7 +23,13 @@ SEED = int(os.environ.get("OUTBOXER_CHAOS_SEED", "8"))
 pytestmark = pytest.mark.slow
 
 
-GUARDED = ["cut-rabbitmq", "cut-postgresql", "postgresql-restart", "rabbitmq-stop"]
+GUARDED = [
+    "cut-rabbitmq",
+    "cut-postgresql",
+    "postgresql-restart",
+    "mariadb-restart",
+    "rabbitmq-stop",
+]
 
 
 @pytest.mark.parametrize("name", GUARDED)

@@ -44,6 +44,9 @@ typecheck: $(STAMP)
 	$(BIN)/mypy outboxer
 	$(BIN)/mypy --strict chaos tests/faultproxy.py tests/refusing_server.py
 
+# The slowest tests are listed at the end, so that CI's log shows where its time goes.
+PYTEST_ARGS ?= --durations=30
+
 pytest: $(STAMP) services
 	$(BIN)/pytest $(PYTEST_ARGS)
 

@@ -35,9 +35,21 @@ def redact(error: BaseException) -> BaseException:
     return error
 
 
+_TEXT_LIMIT = 64 * 1024
+"""Error text is cut here: a handler's exception may say 10 MB, a dead letter keeps 64 KB."""
+
+
 def error_text(error: BaseException) -> str:
-    """``str(error)`` with its parameters hidden and PostgreSQL's row details left out."""
-    return _DETAIL.sub("", str(redact(error))).strip()
+    """``str(error)`` with its parameters hidden and PostgreSQL's row details left out, at
+    most 64 KB. An exception whose ``__str__`` raises is named by its type: its text is
+    read where a failure is logged and dead-lettered, which must not fail in turn."""
+    try:
+        text = str(redact(error))
+    except Exception as exc:
+        return f"<{type(error).__name__}: its text could not be read ({type(exc).__name__})>"
+    if len(text) > _TEXT_LIMIT:
+        text = text[:_TEXT_LIMIT] + "…"
+    return _DETAIL.sub("", text).strip()
 
 
 def one_line(error: BaseException) -> str:

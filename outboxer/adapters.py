@@ -30,6 +30,7 @@ import dataclasses
 import json
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
+from functools import partial
 from typing import Any
 from uuid import UUID, uuid5
 
@@ -163,7 +164,7 @@ def take_in(
         return reject("payload_mismatch", str(exc), envelope)
     except Exception as exc:  # not JSON, nested too deep, not UTF-8...
         return reject("payload_mismatch", f"the body is not JSON: {one_line(exc)}", envelope)
-    return Prepared(envelope, [spec], {spec.id: event})
+    return Prepared(envelope, [spec], {spec.id: event}, decoders={spec.id: partial(decode, body)})
 
 
 def _source_id(inbound: Inbound, body: bytes, headers: Mapping[str, str]) -> str | None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -181,6 +181,7 @@ class Batcher:
                         span.set_attribute("outboxer.batch.size", len(items))
                         if new:
                             current = item
+                            shared.next_handler()
                             failure = self._run_handler(item, session)
                         else:
                             item.outcome = HandlerOutcome.DUPLICATE
@@ -193,7 +194,7 @@ class Batcher:
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as exc:
-            if isinstance(exc, SQLAlchemyError) or lost_database(exc) or shared.flush_failed:
+            if isinstance(exc, SQLAlchemyError) or lost_database(exc) or shared.from_flush(exc):
                 # A database error may come from an earlier handler's writes (flushed
                 # late, or a session it broke), or from an outage; an error raised by a
                 # flush may be an earlier handler's write: nobody to blame.
@@ -209,7 +210,7 @@ class Batcher:
         spans, so that a batch's rolled-back run does not read as a failed message)."""
         spec, prepared = item.spec, item.prepared
         envelope = prepared.envelope
-        event = prepared.events[spec.id]
+        event = prepared.event_for(spec.id)
         context = spec.context(
             envelope, self.processor.name, prepared.first_attempt, item.delivery.redelivered
         )
@@ -257,13 +258,37 @@ class _SharedSession:
 
     A flush that fails (a constraint, a mapper event that raises) may fail on an earlier
     handler's write, so its error blames nobody: the group goes one message at a time,
-    where the failing write is its own message's (``flush_failed``).
+    where the failing write is its own message's (:meth:`from_flush`). A flush error that
+    the handler handled (an insert in a savepoint, its IntegrityError caught) blames
+    nobody else either: it is not what the handler raised.
+
+    A handler may also throw away what the session holds: ``expunge_all()``,
+    ``expire_all()``, or ``expunge()``, ``expire()``, ``refresh()`` of an object an earlier
+    handler changed. One at a time that loses nothing (the earlier message committed); in
+    a batch it would drop the earlier messages' pending writes while their inbox rows
+    commit. So those calls first flush, when earlier handlers left writes pending (the
+    handler's own writes so far go with them: one at a time, the call would have thrown
+    them away; SQLAlchemy has no flush of some objects only).
     """
+
+    _DISCARDING = ("expunge_all", "expire_all", "expunge", "expire", "refresh")
 
     def __init__(self, session: Any) -> None:
         self.session = session
-        self.flush_failed = False
+        self.flush_errors: list[BaseException] = []
+        """What failed flushes raised."""
         self.connection: Any = None
+        self.earlier = False
+        """Earlier handlers left writes pending when the running handler began."""
+
+    def next_handler(self) -> None:
+        """A handler is about to run: what is pending now is the earlier handlers'."""
+        session = self.session
+        is_clean = getattr(session, "_is_clean", None)  # O(1), where session.new copies
+        if callable(is_clean):
+            self.earlier = not is_clean()
+        else:  # pragma: no cover - a SQLAlchemy without it
+            self.earlier = bool(session.new or session.dirty or session.deleted)
 
     def __enter__(self) -> _SharedSession:
         session = self.session
@@ -272,17 +297,43 @@ class _SharedSession:
         def flush(objects: Any = None) -> None:
             try:
                 original(objects)
-            except BaseException:
-                self.flush_failed = True
+            except BaseException as exc:
+                self.flush_errors.append(exc)
                 raise
 
         setattr(session, "flush", flush)  # noqa: B010 - this session only
+        for name in self._DISCARDING:
+            setattr(session, name, self._flushing_first(getattr(session, name)))
         self.connection = session.connection()
         event.listen(self.connection, "before_execute", self._before_execute)
         return self
 
+    def from_flush(self, error: BaseException) -> bool:
+        """Whether ``error`` is, or comes from, what a failed flush raised."""
+        seen: set[int] = set()
+        pending: list[BaseException | None] = [error]
+        while pending:
+            current = pending.pop()
+            if current is None or id(current) in seen:
+                continue
+            if any(current is failed for failed in self.flush_errors):
+                return True
+            seen.add(id(current))
+            pending.extend((current.__cause__, current.__context__))
+        return False
+
+    def _flushing_first(self, discard: Callable[..., Any]) -> Callable[..., Any]:
+        def flushed_first(*args: Any, **kwargs: Any) -> Any:
+            earlier, self.earlier = self.earlier, False
+            if earlier:
+                self.session.flush()
+            return discard(*args, **kwargs)
+
+        return flushed_first
+
     def __exit__(self, *exc: object) -> None:
-        vars(self.session).pop("flush", None)
+        for name in ("flush", *self._DISCARDING):
+            vars(self.session).pop(name, None)
         if self.connection is not None and event.contains(
             self.connection, "before_execute", self._before_execute
         ):

@@ -11,8 +11,9 @@ often: ``outboxer-handler`` selects only a handler of the message's own type, an
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from . import wire
@@ -33,8 +34,25 @@ class Prepared:
     envelope: Envelope
     handlers: list[HandlerSpec]
     events: dict[str, Any] = field(default_factory=dict)
-    """The decoded payload per handler id."""
+    """The decoded payload per handler id (handlers of one type share it: see
+    :meth:`event_for`)."""
     first_attempt: int = 1
+    decoders: dict[str, Callable[[], Any]] = field(default_factory=dict)
+    """How to decode the payload again, per handler id."""
+    handed_out: set[int] = field(default_factory=set)
+    """The ids of the events already given to a run."""
+
+    def event_for(self, handler_id: str) -> Any:
+        """The decoded payload for one run of a handler (or its error channel): an object
+        that no other handler of the message and no earlier run has been given, so that
+        what a handler changes in its event (and then fails, or not) stays its own. The
+        first run gets the one decoded at intake; later ones decode again."""
+        event = self.events[handler_id]
+        decode = self.decoders.get(handler_id)
+        if decode is None or id(event) not in self.handed_out:
+            self.handed_out.add(id(event))
+            return event
+        return decode()
 
 
 @dataclass
@@ -131,6 +149,7 @@ def prepare(
         )
     events: dict[str, Any] = {}
     decoded: dict[int, Any] = {}
+    decoders: dict[str, Callable[[], Any]] = {}
     # A retry or replay that cannot be decoded stays addressed to its one handler.
     addressed = targets[0].name if envelope.handler is not None else None
     for handler in targets:
@@ -147,11 +166,13 @@ def prepare(
             problem = f"payload is not JSON: {one_line(exc)}"
             return reject("payload_mismatch", problem, envelope, addressed)
         events[handler.id] = decoded[key]
+        decode = json.loads if handler.message_type is None else handler.message_type.decode
+        decoders[handler.id] = partial(decode, envelope.payload)
     first = 1
     if envelope.handler is not None:
         # A retry says which run it is; an outside sender must not skip or repeat retries.
         first = max(1, min(envelope.attempt, targets[0].retry.max_attempts))
-    return Prepared(envelope, targets, events, first)
+    return Prepared(envelope, targets, events, first, decoders)
 
 
 def _readdress(registry: HandlerRegistry, message_type: str) -> str:

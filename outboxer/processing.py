@@ -136,10 +136,10 @@ class Processor:
 
     def _run_sync(self, run: Run) -> RunResult:
         envelope, spec = run.prepared.envelope, run.spec
-        event = run.prepared.events[spec.id]
         context = spec.context(envelope, self.name, run.attempt, run.redelivered)
         connected = False
         try:
+            event = run.prepared.event_for(spec.id)
             if not spec.transactional:
                 return run_untransacted_sync(
                     self.session_factory, spec, event, context, envelope, run.inbox_row(event)
@@ -162,11 +162,11 @@ class Processor:
 
     async def _run_async(self, run: Run) -> RunResult:
         envelope, spec = run.prepared.envelope, run.spec
-        event = run.prepared.events[spec.id]
         context = spec.context(envelope, self.name, run.attempt, run.redelivered)
-        row = run.inbox_row(event)
         connected = False
         try:
+            event = run.prepared.event_for(spec.id)
+            row = run.inbox_row(event)
             if not spec.transactional:
                 return await run_untransacted_async(
                     self.session_factory, spec, event, context, envelope, row

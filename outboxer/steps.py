@@ -188,7 +188,10 @@ def _give_up(
         channel = spec.error_channel or default_channel()
         if channel is not None:
             span.set_attribute("outboxer.error_channel", channel.name)
-            event = prepared.events[spec.id]
+            try:
+                event = prepared.event_for(spec.id)  # not the one its runs may have changed
+            except Exception:
+                event = prepared.events[spec.id]
             failure = Failure(
                 event, envelope, step.error, step.attempt, consumer, spec.name, step.reason
             )

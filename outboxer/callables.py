@@ -83,6 +83,13 @@ def call_sync(fn: Callable[..., Any], what: str, *args: Any, **kwargs: Any) -> A
             "was not done. Declare it async def (with an async session factory), or make "
             "it a plain function that does the work itself"
         )
+    if inspect.isgenerator(result) or inspect.isasyncgen(result):
+        # A function with ``yield`` in it runs nothing until iterated, which nobody does.
+        raise HandlerMisuse(
+            f"{what} returned a {type(result).__name__} object instead of running (it has "
+            "a yield in it): its work was not done. Make it a plain function that does "
+            "the work itself"
+        )
     return result
 
 

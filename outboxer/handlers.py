@@ -261,6 +261,11 @@ def build_spec(
         raise ConfigurationError(
             f"handler {handler_name!r}: a message type name is at most 255 characters"
         )
+    if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+        raise ConfigurationError(
+            f"handler {handler_name!r} is a generator function (it has a yield in it): "
+            "calling it would run nothing; make it a function that does the work itself"
+        )
     if not fits(fn, consumer_is_async):
         is_async = not consumer_is_async
         kind = "an async def" if is_async else "a plain def"

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from sqlalchemy.engine import Connection
 
 from .callables import being_cancelled, call_async, call_sync
+from .diagnosis import refuses_writes, try_again
 from .failures import RunChannel
 from .fallbacks import Job, lost_database, no_connection
 from .guard import guarded
@@ -155,8 +156,12 @@ class Processor:
         except (KeyboardInterrupt, SystemExit):
             raise  # a shutdown signal: the runner stops and gives the delivery back
         except BaseException as exc:
-            if lost_database(exc) or (not connected and no_connection(exc)):
-                raise  # not the handler's fault: give the delivery back, spend no attempt
+            if lost_database(exc) or try_again(exc) or refuses_writes(exc):
+                # Not the handler's fault (a lost connection, a deadlock, a lock-wait
+                # timeout, a read-only server): give the delivery back, spend no attempt.
+                raise
+            if not connected and no_connection(exc):
+                raise
             return RunResult(HandlerOutcome.FAILED, redact(exc))
         return RunResult(HandlerOutcome.PROCESSED)
 
@@ -188,7 +193,9 @@ class Processor:
                 raise  # the task is cancelled (shutdown), not failed
             return RunResult(HandlerOutcome.FAILED, exc)
         except BaseException as exc:
-            if lost_database(exc) or (not connected and no_connection(exc)):
+            if lost_database(exc) or try_again(exc) or refuses_writes(exc):
+                raise
+            if not connected and no_connection(exc):
                 raise
             return RunResult(HandlerOutcome.FAILED, redact(exc))
         return RunResult(HandlerOutcome.PROCESSED)

@@ -400,24 +400,13 @@ def consume_all(line: Line, total: int) -> None:
         line.consume()
 
 
-CONSUMER_DEFECT = pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "open defect (outboxer/processing.py, not ours to edit): a handler run that the "
-        "database refuses with a deadlock, a lock-wait timeout, a shutdown or a read-only "
-        "server counts as the handler's failure; fix: give the delivery back when "
-        "diagnosis.try_again(exc) or diagnosis.refuses_writes(exc) (see the report)"
-    ),
-)
-
-
 @pytest.mark.parametrize(
     ("error", "where"),
     [
-        pytest.param(DEADLOCK, "INSERT IGNORE INTO outboxer_inbox", marks=CONSUMER_DEFECT),
-        pytest.param(LOCK_WAIT, "INSERT IGNORE INTO outboxer_inbox", marks=CONSUMER_DEFECT),
-        pytest.param(DEADLOCK, "INSERT INTO test_effects", marks=CONSUMER_DEFECT),
-        pytest.param(SHUTDOWN, "INSERT IGNORE INTO outboxer_inbox", marks=CONSUMER_DEFECT),
+        pytest.param(DEADLOCK, "INSERT IGNORE INTO outboxer_inbox"),
+        pytest.param(LOCK_WAIT, "INSERT IGNORE INTO outboxer_inbox"),
+        pytest.param(DEADLOCK, "INSERT INTO test_effects"),
+        pytest.param(SHUTDOWN, "INSERT IGNORE INTO outboxer_inbox"),
         (GONE_AWAY, "INSERT IGNORE INTO outboxer_inbox"),
         (LOST, "INSERT INTO test_effects"),
     ],
@@ -448,7 +437,6 @@ def test_a_transient_mariadb_error_is_no_handler_failure_and_dead_letters_nothin
     assert not dead, f"{len(dead)} dead-lettered for {error[1]!r}: {dead[0].error_message!r}"
 
 
-@CONSUMER_DEFECT
 def test_a_consumer_on_a_database_gone_read_only_for_a_while_dead_letters_nothing(
     db: Database, line: Line
 ) -> None:
@@ -619,7 +607,6 @@ def test_consumer_connections_cut_at_random_bytes_apply_each_effect_once(
     assert not line.dead(), "a cut connection must not make dead letters"
 
 
-@CONSUMER_DEFECT
 def test_a_real_lock_wait_timeout_between_two_consumers_dead_letters_nothing(
     db: Database, line: Line
 ) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from outboxer.relay import pipeline, runner
+from outboxer.relay import pipeline, runner, tasks
 
 from .common import Figure, median
 from .relay import publish_rows, relay_to_rabbitmq
@@ -26,8 +26,8 @@ STEPS: tuple[tuple[Any, str, str], ...] = (
     (runner.Run, "_next_batch", "loop thread: waiting for the next claim"),
     (pipeline.Pipeline, "send", "loop thread: encoding and sending a batch"),
     (pipeline.Pipeline, "land", "loop thread: waiting for a batch's confirms"),
-    (runner.Run, "_claim", "database thread: claiming (statement and rows)"),
-    (runner.Run, "_settle", "database thread: settling (DELETE)"),
+    (tasks.Tasks, "claim", "database thread: claiming (statement and rows)"),
+    (tasks.Tasks, "settle", "database thread: settling (DELETE)"),
 )
 
 

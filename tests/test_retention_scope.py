@@ -32,7 +32,7 @@ def inbox_of(engine: Engine) -> dict[str, int]:
         rows = connection.execute(
             select(outboxer.inbox.c.handler, func.count()).group_by(outboxer.inbox.c.handler)
         ).all()
-    return {handler: count for handler, count in rows}
+    return {str(handler): int(count) for handler, count in rows}
 
 
 def dead_letters_of(engine: Engine) -> dict[str | None, int]:
@@ -42,7 +42,7 @@ def dead_letters_of(engine: Engine) -> dict[str | None, int]:
                 outboxer.dead_letter.c.consumer
             )
         ).all()
-    return {consumer: count for consumer, count in rows}
+    return {consumer: int(count) for consumer, count in rows}
 
 
 @pytest.mark.parametrize("db_kind", ["postgresql", "mariadb", "sqlite"], indirect=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import random
 import threading
 import time
@@ -292,6 +293,25 @@ READ_ONLY = (
     ],
 )
 def test_relay_on_mariadb_waits_out_each_database_error_and_keeps_key_order(
+    db: Database,
+    error: tuple[int, str],
+    where: str,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Read the relay's own logger whatever earlier tests in this process did to logging
+    # (a command run with CliRunner configures it; a dictConfig disables loggers).
+    relay_log = logging.getLogger("outboxer.relay")
+    monkeypatch.setattr(relay_log, "disabled", False)
+    monkeypatch.setattr(relay_log, "level", logging.WARNING)
+    relay_log.addHandler(caplog.handler)
+    try:
+        _drain_with_faults(db, error, where, caplog)
+    finally:
+        relay_log.removeHandler(caplog.handler)
+
+
+def _drain_with_faults(
     db: Database, error: tuple[int, str], where: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     total, keys = 300, 5

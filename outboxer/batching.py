@@ -43,7 +43,7 @@ from .intake import Prepared
 from .plan import RunResult
 from .processing import Processor
 from .publishing import handling
-from .redaction import redact
+from .redaction import chain, redact
 from .reports import MessageReport
 from .store import inbox as inbox_store
 from .transports.base import Delivery
@@ -310,17 +310,7 @@ class _SharedSession:
 
     def from_flush(self, error: BaseException) -> bool:
         """Whether ``error`` is, or comes from, what a failed flush raised."""
-        seen: set[int] = set()
-        pending: list[BaseException | None] = [error]
-        while pending:
-            current = pending.pop()
-            if current is None or id(current) in seen:
-                continue
-            if any(current is failed for failed in self.flush_errors):
-                return True
-            seen.add(id(current))
-            pending.extend((current.__cause__, current.__context__))
-        return False
+        return any(current is failed for current in chain(error) for failed in self.flush_errors)
 
     def _flushing_first(self, discard: Callable[..., Any]) -> Callable[..., Any]:
         def flushed_first(*args: Any, **kwargs: Any) -> Any:

@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import re
 import traceback
+from collections.abc import Iterator
 
 from sqlalchemy.exc import StatementError
 
-__all__ = ["error_text", "one_line", "printable", "redact", "traceback_text"]
+__all__ = ["chain", "error_text", "one_line", "printable", "redact", "traceback_text"]
 
 _DETAIL = re.compile(r"^\s*(DETAIL|HINT|CONTEXT):.*$", re.MULTILINE)
 
 
-def redact(error: BaseException) -> BaseException:
-    """Hide the bound parameters of ``error`` and of every exception in its chain."""
+def chain(error: BaseException) -> Iterator[BaseException]:
+    """``error`` and every exception it came from, through both ``__cause__`` and
+    ``__context__``, each once: a cycle in the chain does not loop."""
     seen: set[int] = set()
     pending: list[BaseException | None] = [error]
     while pending:
@@ -29,9 +31,15 @@ def redact(error: BaseException) -> BaseException:
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
+        yield current
+        pending.extend((current.__cause__, current.__context__))
+
+
+def redact(error: BaseException) -> BaseException:
+    """Hide the bound parameters of ``error`` and of every exception in its chain."""
+    for current in chain(error):
         if isinstance(current, StatementError):
             current.hide_parameters = True
-        pending.extend((current.__cause__, current.__context__))
     return error
 
 

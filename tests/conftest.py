@@ -23,6 +23,7 @@ pytest_plugins = [
     "tests.broker_sqs",
     "tests.relaying",
     "outboxer.testing",
+    "tests.consumer_line",
 ]
 
 DATABASES = ["postgresql", "mariadb", "sqlite"]

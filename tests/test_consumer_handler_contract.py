@@ -20,19 +20,10 @@ from sqlalchemy.orm import Mapper, Session, sessionmaker
 import outboxer
 from outboxer.errors import ConfigurationError
 
+from .consumer_line import POISON, Line, envelope_of
 from .models import Effect, OrderPlaced
-from .test_consumer_batch import POISON, Line, envelope_of
 
 ONCE = outboxer.Retry(max_attempts=1)
-
-
-@pytest.fixture(params=[1, 20], ids=["one-at-a-time", "batched"])
-def line(
-    request: pytest.FixtureRequest,
-    engine: Engine,
-    Session: sessionmaker[outboxer.OutboxSession],
-) -> Line:
-    return Line(engine, Session, request.param)
 
 
 # A sync handler that returns a coroutine ---------------------------------------------------

@@ -48,8 +48,8 @@ from outboxer.message import Envelope
 from outboxer.testing import MemoryBroker, MemoryTransport
 
 from .conftest import clean
+from .consumer_line import envelope_of
 from .models import Effect, Order, OrderPlaced
-from .test_consumer_batch import envelope_of
 
 PROFILE = "chaos" if os.environ.get("HYPOTHESIS_PROFILE") == "chaos" else "ci"
 BUDGET = {"ci": (8, 20), "chaos": (100, 40)}[PROFILE]

@@ -27,22 +27,13 @@ from outboxer.message import Envelope
 from outboxer.transports.base import Delivery
 
 from .broker_rabbitmq import RabbitMQCase
+from .consumer_line import POISON, Line, envelope_of
 from .models import Effect, Order, OrderPlaced
 from .services import async_url
 from .test_consumer import RefundRequested
-from .test_consumer_batch import POISON, Line, envelope_of
 from .test_consumer_hostile import Running, dead, effects, subscribed, wait_until
 
 ONCE = outboxer.Retry(max_attempts=1)
-
-
-@pytest.fixture(params=[1, 20], ids=["one-at-a-time", "batched"])
-def line(
-    request: pytest.FixtureRequest,
-    engine: Engine,
-    Session: sessionmaker[outboxer.OutboxSession],
-) -> Line:
-    return Line(engine, Session, request.param)
 
 
 def run_until(line: Line, until: Callable[[], bool], timeout: float = 10.0) -> None:

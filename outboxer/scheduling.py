@@ -27,17 +27,19 @@ import time
 import uuid
 from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy.engine import Connection, Engine
 
+from . import instrumentation
 from .callables import call_sync, is_async_callable
 from .checks import MAX_DURATION, too_long
 from .errors import ConfigurationError
 from .failures import ErrorChannel, Failure, RunChannel, default_channel
 from .ids import uuid7
+from .instrumentation import HandlerOutcome, SpanHandle
 from .message import Envelope
 from .plan import plural
 from .redaction import error_text, printable, redact
@@ -317,35 +319,63 @@ class Scheduler:
             return self._engine
 
     def _run(self, spec: Scheduled, number: int) -> None:
+        """Run the tick, with its instant retries. Each run is a handler span (a trace of
+        its own) and an ``outboxer.handler.duration`` point, as a message handler's run is;
+        the error channel of a run that gives up works inside its span."""
         due_at = datetime.fromtimestamp(number * spec.every, timezone.utc)
+        envelope = Envelope(
+            message_id=uuid7(),
+            type=SCHEDULED_TYPE,
+            destination=spec.consumer,
+            payload=b"{}",
+            occurred_at=due_at,
+            handler=spec.id,
+        )
+        tracer = instrumentation.get()
         attempt = 1
         while True:
             tick = Tick(spec.consumer, spec.name, number, due_at, attempt)
-            try:
-                with self.session_factory() as session, session.begin():
-                    arguments = {"session": session, "context": tick}
-                    wanted = {k: v for k, v in arguments.items() if k in spec.wants}
-                    call_sync(spec.fn, f"scheduled handler {spec.name!r}", **wanted)
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except BaseException as exc:
-                decision = spec.retry.decide(attempt, exc)
-                if decision.verdict is Verdict.RETRY_NOW:
-                    log.warning(
-                        "scheduled handler %s failed on tick %d (attempt %d): %s; again now",
-                        spec.id,
-                        number,
-                        attempt,
-                        printable(error_text(exc)),
-                    )
-                    attempt += 1
-                    continue
-                self._give_up(spec, tick, redact(exc), decision.reason or "exhausted")
+            started = time.perf_counter()
+            with tracer.handler(envelope, spec.id, attempt) as span:
+                span.set_attribute("outboxer.scheduled.tick", number)
+                outcome, again = self._run_once(spec, tick, envelope, span)
+                span.set_attribute("outboxer.handler.outcome", outcome)
+            tracer.handler_done(spec.id, outcome, time.perf_counter() - started)
+            if not again:
                 return
-            log.debug("scheduled handler %s ran tick %d", spec.id, number)
-            return
+            attempt += 1
 
-    def _give_up(self, spec: Scheduled, tick: Tick, error: BaseException, reason: str) -> None:
+    def _run_once(
+        self, spec: Scheduled, tick: Tick, envelope: Envelope, span: SpanHandle
+    ) -> tuple[str, bool]:
+        """One run: its outcome, and whether to run the tick again now."""
+        try:
+            with self.session_factory() as session, session.begin():
+                arguments = {"session": session, "context": tick}
+                wanted = {k: v for k, v in arguments.items() if k in spec.wants}
+                call_sync(spec.fn, f"scheduled handler {spec.name!r}", **wanted)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:
+            span.record_error(redact(exc))
+            decision = spec.retry.decide(tick.attempt, exc)
+            if decision.verdict is Verdict.RETRY_NOW:
+                log.warning(
+                    "scheduled handler %s failed on tick %d (attempt %d): %s; again now",
+                    spec.id,
+                    tick.number,
+                    tick.attempt,
+                    printable(error_text(exc)),
+                )
+                return HandlerOutcome.FAILED, True
+            return self._give_up(spec, tick, envelope, exc, decision.reason or "exhausted"), False
+        log.debug("scheduled handler %s ran tick %d", spec.id, tick.number)
+        return HandlerOutcome.PROCESSED, False
+
+    def _give_up(
+        self, spec: Scheduled, tick: Tick, envelope: Envelope, error: BaseException, reason: str
+    ) -> str:
+        """Log the give-up and run the error channel; the run's outcome."""
         log.error(
             "scheduled handler %s gave up on tick %d after %s (%s): %s: %s",
             spec.id,
@@ -357,16 +387,8 @@ class Scheduler:
         )
         channel = spec.channel or default_channel()
         if channel is None:
-            return
-        envelope = Envelope(
-            message_id=uuid7(),
-            type=SCHEDULED_TYPE,
-            destination=spec.consumer,
-            payload=b"{}",
-            occurred_at=tick.due_at,
-            handler=spec.id,
-            attempt=tick.attempt,
-        )
+            return HandlerOutcome.FAILED
+        envelope = replace(envelope, attempt=tick.attempt)
         failure = Failure(tick, envelope, error, tick.attempt, spec.consumer, spec.name, reason)
         result = RunChannel(channel, failure, lambda _connection: None).run_sync(
             self.session_factory
@@ -378,3 +400,4 @@ class Scheduler:
                 spec.id,
                 printable(error_text(result.error)),
             )
+        return HandlerOutcome.ERROR_CHANNEL

@@ -17,7 +17,8 @@ being their positions); this module decides what goes together and in which orde
 reads the answers the same way for both services: a failed entry with ``SenderFault`` is
 REJECTED, any other failed entry RETRY; a whole call that raises gets ``call_failed``'s
 result for each of its messages, except that a call refused as invalid (REJECTED, but not
-``unroutable``) is made again one entry per call, so only the bad message is REJECTED.
+``unroutable``) is made again one entry per call, so only the bad message is REJECTED
+(a keyed message that fails there holds back its key's later ones, as between calls).
 """
 
 from __future__ import annotations
@@ -194,9 +195,22 @@ class _Sender(Generic[E]):
                 and result.error_type != UNROUTABLE
                 and len(chunk) > 1
             ):
-                # The call was refused as invalid: find the message it was about.
+                # The call was refused as invalid: find the message it was about. A key
+                # whose message fails here holds its later ones back, as between calls.
+                stopped: dict[object, SendResult] = {}
                 for item in chunk:
+                    cause = stopped.get(item.group)
+                    if cause is not None:
+                        results[item.index] = held_back(item.key, cause)
+                        continue
                     self.batch([item])
+                    alone = results[item.index]
+                    if (
+                        item.key is not None
+                        and alone is not None
+                        and alone.outcome in (Outcome.RETRY, Outcome.UNAVAILABLE)
+                    ):
+                        stopped[item.group] = alone
                 return
             for item in chunk:
                 results[item.index] = result

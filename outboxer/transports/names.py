@@ -48,6 +48,9 @@ def name_problem(broker: str, name: str) -> str | None:
     if broker in ("sqs", "sns") and (
         len(name) > SQS_MAX_CHARACTERS or not _SQS_NAME.fullmatch(name)
     ):
+        pasted = _aws_address(broker, name)
+        if pasted is not None:
+            return pasted
         suggestion = re.sub(r"[^A-Za-z0-9_-]", "-", name.removesuffix(".fifo"))
         suggestion = suggestion[: SQS_MAX_CHARACTERS - 5 * name.endswith(".fifo")]
         suggestion += ".fifo" if name.endswith(".fifo") else ""
@@ -57,6 +60,34 @@ def name_problem(broker: str, name: str) -> str | None:
             f"{_shown(name)} is not one: use {suggestion!r}"
         )
     return None
+
+
+_ARN = re.compile(r"arn:aws[a-z-]*:(?P<service>[a-z0-9-]+):[^:]*:[^:]*:(?P<name>[^:/]+)")
+_QUEUE_URL = re.compile(r"https?://[^/]+/[^/]+/(?P<name>[^/?#]+)/?")
+
+
+def _aws_address(broker: str, name: str) -> str | None:
+    """What to use instead when ``name`` is an SQS queue URL or an SQS or SNS ARN (what
+    the AWS console shows) rather than a name; None when it is neither."""
+    found = _ARN.fullmatch(name)
+    if found is not None:
+        service, address = found.group("service"), "ARN"
+    else:
+        found = _QUEUE_URL.fullmatch(name)
+        if found is None:
+            return None
+        service, address = "sqs", "URL"
+    kind = {"sqs": "queue", "sns": "topic"}.get(service)
+    if kind is None:
+        return None
+    short = found.group("name")
+    given = f"{_shown(name)} is the {address} of an {service.upper()} {kind}"
+    if service == broker:
+        return f"{given}: give its name alone, {short!r}"
+    return (
+        f"{given}, and this broker is {broker.upper()}: to send to that {kind}, use an "
+        f"{service}:// broker URL and the destination {short!r}"
+    )
 
 
 def require_valid_name(broker: str, name: str, what: str) -> None:

@@ -137,7 +137,9 @@ def allow_topics(current: str | None, queue_arn: str, topic_arns: Iterable[str])
     """The queue policy ``current`` with outboxer's statement allowing ``topic_arns`` (and
     those it allowed already) to send to the queue; None when nothing changes."""
     policy: dict[str, Any] = json.loads(current) if current else {}
-    statements: list[dict[str, Any]] = list(policy.get("Statement", []))
+    found = policy.get("Statement", [])
+    # IAM's grammar takes one statement object as well as a list of them.
+    statements: list[dict[str, Any]] = [found] if isinstance(found, dict) else list(found)
     ours = next((s for s in statements if s.get("Sid") == POLICY_SID), None)
     before: set[str] = set()
     if ours is not None:
@@ -222,7 +224,9 @@ def subscribed_types(sns: Any, topic_arn: str) -> frozenset[str] | None:
         taken = policy.get(wire.TYPE) if isinstance(policy, dict) else None
         if set(policy) != {wire.TYPE} or not isinstance(taken, list):
             return None
-        types.update(t for t in taken if isinstance(t, str))
+        if not all(isinstance(t, str) for t in taken):
+            return None  # a prefix, anything-but...: types outboxer cannot list
+        types.update(taken)
     return frozenset(types)
 
 

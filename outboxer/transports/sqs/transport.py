@@ -48,7 +48,7 @@ class SQSTransport(BatchTransport):
     ``concurrency`` calls are in flight at once. ``max_message_bytes`` is the size limit
     of one message, body plus attributes (256 KiB, SQS's historical limit; raise it to
     1 MiB where supported).
-    ``visibility_timeout`` overrides the queue's for received messages.
+    ``visibility_timeout`` (1 s to 12 h) overrides the queue's for received messages.
     """
 
     service = "SQS"
@@ -78,7 +78,8 @@ class SQSTransport(BatchTransport):
         self.visibility_timeout = (
             None
             if visibility_timeout is None
-            else _positive_int("visibility_timeout", visibility_timeout, 0, MAX_VISIBILITY_SECONDS)
+            # 0 would hand each message out again to the next poll while its handler runs.
+            else _positive_int("visibility_timeout", visibility_timeout, 1, MAX_VISIBILITY_SECONDS)
         )
         connect_timeout = _positive_float("connect_timeout", connect_timeout)
         read_timeout = _positive_float("read_timeout", read_timeout)

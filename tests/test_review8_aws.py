@@ -1,0 +1,291 @@
+"""Review 8, the AWS path (SQS, SNS): hostile but legal inputs and faults.
+
+Every test here was written first and seen failing on the code before its fix; the
+failure each showed is in its docstring. Tests that need AWS behaviour moto does not
+have use a small fake client and say so; the rest run against moto's server
+(tests/broker_sqs.py) with fresh, small queues.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from types import SimpleNamespace
+from typing import Any
+
+import boto3
+import pytest
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from outboxer.errors import ConfigurationError, InvalidName
+from outboxer.ids import uuid7
+from outboxer.message import Envelope
+from outboxer.transports import Outcome, Subscription
+from outboxer.transports.names import name_problem
+from outboxer.transports.sns import SNSTransport
+from outboxer.transports.sqs import SQSTransport
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def envelope(destination: str, n: int = 0, **fields: Any) -> Envelope:
+    return Envelope(
+        message_id=uuid7(),
+        type=fields.pop("type", "shop.order_placed"),
+        destination=destination,
+        payload=b'{"n": %d}' % n,
+        occurred_at=datetime.now(timezone.utc),
+        **fields,
+    )
+
+
+def client_error(code: str, operation: str = "SendMessageBatch") -> ClientError:
+    return ClientError(
+        {"Error": {"Code": code, "Message": f"it said {code}"}, "ResponseMetadata": {}},
+        operation,
+    )
+
+
+@pytest.fixture
+def aws(moto_endpoint: str) -> Iterator[tuple[Any, Any]]:
+    """Plain boto3 clients (SNS, SQS) on moto, to set things up behind outboxer's back."""
+    sns = boto3.client("sns", endpoint_url=moto_endpoint, region_name="us-east-1")
+    sqs = boto3.client("sqs", endpoint_url=moto_endpoint, region_name="us-east-1")
+    yield sns, sqs
+    sns.close()
+    sqs.close()
+
+
+@pytest.fixture
+def sns_transport(moto_endpoint: str) -> Iterator[SNSTransport]:
+    made = SNSTransport(endpoint_url=moto_endpoint, region="us-east-1")
+    yield made
+    made.close()
+
+
+class ScriptedSQS:
+    """Just enough of a boto3 SQS client for sending: each SendMessageBatch call takes the
+    next answer of ``script`` (an exception to raise, or None: every entry succeeds)."""
+
+    def __init__(self, script: list[BaseException | None]) -> None:
+        self.meta = SimpleNamespace(
+            region_name="us-east-1",
+            endpoint_url="http://fake.invalid",
+            config=Config(read_timeout=30),
+        )
+        self.script = list(script)
+        self.sent: list[int] = []
+        self.calls: list[list[int]] = []
+        self._lock = threading.Lock()
+
+    def get_queue_url(self, QueueName: str) -> dict[str, Any]:
+        return {"QueueUrl": f"http://fake.invalid/1/{QueueName}"}
+
+    def send_message_batch(self, QueueUrl: str, Entries: list[dict[str, Any]]) -> dict[str, Any]:
+        with self._lock:
+            numbers = [json.loads(e["MessageBody"])["n"] for e in Entries]
+            self.calls.append(numbers)
+            answer = self.script.pop(0) if self.script else None
+            if answer is not None:
+                raise answer
+            self.sent.extend(numbers)
+        ok = [{"Id": e["Id"], "MessageId": f"m{e['Id']}"} for e in Entries]
+        return {"Successful": ok, "Failed": []}
+
+    def close(self) -> None:
+        pass
+
+
+# Defect: the one-by-one resend of a batch refused as invalid let a key's later message
+# overtake an earlier one that failed on its resend ------------------------------------------
+
+
+def test_a_keys_later_message_waits_when_its_earlier_one_fails_on_the_one_by_one_resend() -> None:
+    """A call refused as invalid is sent again one entry per call, to find the bad entry.
+    Before: when the resend of key k's first message failed (throttled), the resend of k's
+    second message went anyway and was SENT: k's messages reached the queue out of order
+    (the first one is retried later, after the second)."""
+    fake = ScriptedSQS(
+        [
+            client_error("InvalidParameterValue"),  # the whole call, about entry 1
+            client_error("ThrottlingException"),  # k's first message, alone
+            client_error("InvalidParameterValue"),  # the bad one, alone
+            None,  # k's second message, alone: must not be sent before k's first
+        ]
+    )
+    transport = SQSTransport(fake, concurrency=1)  # type: ignore[arg-type]
+    try:
+        batch = [
+            envelope("orders.fifo", 0, key="k"),
+            envelope("orders.fifo", 1),
+            envelope("orders.fifo", 2, key="k"),
+            envelope("orders.fifo", 3, key="other"),
+        ]
+        results = transport.send(batch)
+    finally:
+        transport.close()
+    assert [r.outcome for r in results] == [
+        Outcome.RETRY,
+        Outcome.REJECTED,
+        Outcome.RETRY,
+        Outcome.SENT,
+    ], results
+    assert results[2].error_type == "held_back"
+    assert 2 not in fake.sent
+    assert fake.sent == [3]
+
+
+# Defect: visibility_timeout=0 on the transport hands every message out again at once --------
+
+
+def test_a_visibility_timeout_of_zero_on_the_transport_is_refused_naming_the_fix(
+    moto_endpoint: str,
+) -> None:
+    """Before: ``SQSTransport(visibility_timeout=0)`` (or ``sqs://?visibility_timeout=0``)
+    was accepted, and every receive asked SQS for a visibility timeout of 0: a message
+    came back to the next poll while its handler ran (moto: the same message received
+    twice in a row). The queue's own 0 is already worked around (HELD_FOR_ZERO); the
+    transport's is an operator's setting, refused in one line."""
+    with pytest.raises(ConfigurationError, match=r"visibility_timeout .*1 to 43200"):
+        SQSTransport(endpoint_url=moto_endpoint, region="us-east-1", visibility_timeout=0)
+    with pytest.raises(ConfigurationError, match=r"visibility_timeout .*1 to 43200"):
+        SQSTransport.from_url(
+            f"sqs://?region=us-east-1&endpoint_url={moto_endpoint}&visibility_timeout=0"
+        )
+    with pytest.raises(ConfigurationError, match=r"visibility_timeout .*1 to 43200"):
+        SNSTransport(endpoint_url=moto_endpoint, region="us-east-1", visibility_timeout=0)
+
+
+# Defect: a queue URL or an ARN given as a destination got a garbled name as the fix --------------
+
+
+@pytest.mark.parametrize(
+    ("broker", "given", "fix"),
+    [
+        ("sqs", "https://sqs.eu-west-1.amazonaws.com/123456789012/orders", "'orders'"),
+        ("sqs", "arn:aws:sqs:eu-west-1:123456789012:orders.fifo", "'orders.fifo'"),
+        ("sqs", "arn:aws:sns:eu-west-1:123456789012:orders", "sns://"),
+        ("sns", "arn:aws:sns:eu-west-1:123456789012:orders", "'orders'"),
+        ("sns", "arn:aws:sqs:eu-west-1:123456789012:orders", "sqs://"),
+        ("sns", "https://sqs.eu-west-1.amazonaws.com/123456789012/orders", "sqs://"),
+    ],
+)
+def test_a_queue_url_or_arn_as_a_destination_is_told_to_use_the_name(
+    broker: str, given: str, fix: str
+) -> None:
+    """An operator who pastes a queue URL or an ARN as a destination (what the AWS console
+    shows) was told to use e.g. 'https---sqs-eu-west-1-amazonaws-com-123456789012-orders'
+    (every refused character made a '-'), a queue that does not exist. Now the message
+    says it is a URL or an ARN and names the queue or topic name to use, or the other
+    broker URL when the ARN is of the other service."""
+    problem = name_problem(broker, given)
+    assert problem is not None
+    assert fix in problem
+    assert "---" not in problem and "arn-aws" not in problem
+    assert "\n" not in problem
+
+
+def test_an_arn_destination_is_a_dead_letter_reason_naming_the_fix_not_a_garbled_name() -> None:
+    """The same through the relay's send: one REJECTED result whose reason names the
+    topic's name and the sns:// broker (before: 'use arn-aws-sns-eu-west-1-...')."""
+    fake = ScriptedSQS([])
+    transport = SQSTransport(fake)  # type: ignore[arg-type]
+    try:
+        [result] = transport.send([envelope("arn:aws:sns:us-east-1:123456789012:orders")])
+    finally:
+        transport.close()
+    assert (result.outcome, result.error_type) == (Outcome.REJECTED, "invalid_name")
+    assert "sns://" in (result.error or "") and "'orders'" in (result.error or "")
+    assert fake.calls == []
+    with pytest.raises(InvalidName, match="sns://"):
+        transport.validate_name("arn:aws:sns:us-east-1:123456789012:orders", "destination")
+
+
+# Defect: a subscription with a prefix (or anything-but) filter made every message unroutable ----
+
+
+def test_a_subscription_filtering_types_by_prefix_does_not_make_its_types_unroutable(
+    sns_transport: SNSTransport, aws: tuple[Any, Any]
+) -> None:
+    """A subscription another team set up on an outboxer topic may filter types by prefix,
+    ``{"outboxer-type": [{"prefix": "shop."}]}``, which SNS delivers. Before: reading the
+    topic's subscriptions kept only the plain strings of the filter, found no type, and
+    every message to the topic was REJECTED as 'has no subscription, so SNS would drop
+    the message' (dead-lettered), while SNS would have delivered it."""
+    sns, sqs = aws
+    topic = unique("orders")
+    arn = sns.create_topic(Name=topic)["TopicArn"]
+    queue = unique("analytics")
+    url = sqs.create_queue(QueueName=queue)["QueueUrl"]
+    queue_arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"][
+        "QueueArn"
+    ]
+    sns.subscribe(
+        TopicArn=arn,
+        Protocol="sqs",
+        Endpoint=queue_arn,
+        Attributes={
+            "RawMessageDelivery": "true",
+            "FilterPolicy": json.dumps({"outboxer-type": [{"prefix": "shop."}]}),
+        },
+    )
+    [result] = sns_transport.send([envelope(topic, 1)])
+    assert result.outcome is Outcome.SENT, result
+    deadline = time.monotonic() + 10
+    got: list[dict[str, Any]] = []
+    while not got and time.monotonic() < deadline:
+        got = sqs.receive_message(QueueUrl=url, WaitTimeSeconds=1).get("Messages", [])
+    assert [json.loads(m["Body"])["n"] for m in got] == [1]
+
+
+# Defect: a consumer queue whose policy has one Statement object (not a list) crashed start-up ---
+
+
+def test_a_queue_policy_with_a_single_statement_object_is_kept_and_extended(
+    sns_transport: SNSTransport, aws: tuple[Any, Any]
+) -> None:
+    """IAM's grammar lets ``Statement`` be one object instead of a list, and such a policy
+    on the consumer's queue (written by hand, or by another tool) is legal. Before: the
+    consumer's start-up read it as a list of its keys and failed with AttributeError
+    ('str' object has no attribute 'get'), a traceback, not a line. Now the statement is
+    kept and outboxer's is added beside it."""
+    _, sqs = aws
+    consumer = unique("billing")
+    topic = unique("orders")
+    url = sqs.create_queue(QueueName=consumer)["QueueUrl"]
+    theirs = {
+        "Sid": "their-own",
+        "Effect": "Allow",
+        "Principal": {"AWS": "arn:aws:iam::123456789012:root"},
+        "Action": "sqs:SendMessage",
+        "Resource": "*",
+    }
+    sqs.set_queue_attributes(
+        QueueUrl=url,
+        Attributes={"Policy": json.dumps({"Version": "2012-10-17", "Statement": theirs})},
+    )
+    receiver = sns_transport.receiver(Subscription(consumer, [(topic, "shop.order_placed")]))
+    try:
+        policy = json.loads(
+            sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["Policy"])["Attributes"][
+                "Policy"
+            ]
+        )
+        sids = [statement.get("Sid") for statement in policy["Statement"]]
+        assert sids == ["their-own", "outboxer-sns"]
+        assert sns_transport.send([envelope(topic, 7)])[0].outcome is Outcome.SENT
+        deadline = time.monotonic() + 10
+        got: list[Any] = []
+        while not got and time.monotonic() < deadline:
+            got = receiver.receive(max_messages=1, timeout=1.0)
+        assert [json.loads(d.body)["n"] for d in got] == [7]
+        got[0].ack()
+    finally:
+        receiver.close()

@@ -359,6 +359,16 @@ def _broker(error: BaseException, url: str | None) -> OperatorError | None:
         "ConnectTimeoutError",
         "ConnectionClosedError",
     ) or isinstance(error, (ConnectionError, TimeoutError)):
+        kwargs = getattr(error, "kwargs", None)
+        endpoint = kwargs.get("endpoint_url") if isinstance(kwargs, dict) else None
+        if endpoint or type(error).__module__.startswith("botocore"):
+            # An sqs:// or sns:// URL names no host or port: the region (or endpoint_url)
+            # chooses the endpoint.
+            return BrokerUnavailable(
+                f"cannot reach the broker at {where} (endpoint {endpoint or 'unknown'}): are "
+                "?region= (an AWS region, e.g. eu-west-1) and ?endpoint_url= in --broker / "
+                "OUTBOXER_BROKER right, and is the endpoint reachable from here?"
+            )
         return BrokerUnavailable(
             f"cannot reach the broker at {where}: is it running, and are the host and port "
             "in --broker / OUTBOXER_BROKER right?"

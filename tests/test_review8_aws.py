@@ -20,15 +20,21 @@ from typing import Any
 import boto3
 import pytest
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, EndpointConnectionError
+from sqlalchemy import create_engine
 
-from outboxer.errors import ConfigurationError, InvalidName
+import outboxer
+from outboxer.diagnosis import diagnose
+from outboxer.errors import BrokerUnavailable, ConfigurationError, InvalidName, TransportError
 from outboxer.ids import uuid7
 from outboxer.message import Envelope
 from outboxer.transports import Outcome, Subscription
 from outboxer.transports.names import name_problem
 from outboxer.transports.sns import SNSTransport
 from outboxer.transports.sqs import SQSTransport
+
+from .cli_apps import closed_port
+from .test_cli_failures import one_error_line, outboxer_cli
 
 
 def unique(prefix: str) -> str:
@@ -289,3 +295,40 @@ def test_a_queue_policy_with_a_single_statement_object_is_kept_and_extended(
         got[0].ack()
     finally:
         receiver.close()
+
+
+# Defect: an unreachable AWS endpoint was told to check "the host and port" of a URL that has none
+
+
+def test_an_unreachable_aws_endpoint_names_the_region_and_endpoint_not_a_host_and_port() -> None:
+    """``sqs://?region=eu-west-l`` (a typo: SQS has no such endpoint) could not be reached,
+    and the one line said 'is it running, and are the host and port in --broker right?':
+    an sqs:// URL names no host or port, the endpoint comes from the region. Now the line
+    names the endpoint that was tried and the URL options that choose it."""
+    error = EndpointConnectionError(endpoint_url="https://sqs.eu-west-l.amazonaws.com/")
+    found = diagnose(TransportError("cannot reach SQS"), broker_url="sqs://?region=eu-west-l")
+    assert found is None  # nothing to go on without the cause
+    try:
+        raise TransportError("cannot reach SQS: EndpointConnectionError") from error
+    except TransportError as exc:
+        found = diagnose(exc, broker_url="sqs://?region=eu-west-l")
+    assert isinstance(found, BrokerUnavailable)
+    line = str(found)
+    assert "host and port" not in line
+    assert "https://sqs.eu-west-l.amazonaws.com/" in line
+    assert "?region=" in line and "?endpoint_url=" in line
+
+
+def test_relay_once_on_an_unreachable_sqs_endpoint_is_one_line_naming_the_endpoint(
+    sqlite_url: str, aws_credentials: None
+) -> None:
+    """The same through ``outboxer relay --once`` (exit 7, one line, no traceback)."""
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    broker = f"sqs://?region=us-east-1&endpoint_url={endpoint}&connect_timeout=1"
+    outboxer.create_all(create_engine(sqlite_url))
+    result = outboxer_cli(
+        "relay", "--once", env={"OUTBOXER_DB": sqlite_url, "OUTBOXER_BROKER": broker}
+    )
+    assert result.returncode == 7, result.stderr
+    line = one_error_line(result)
+    assert endpoint in line and "host and port" not in line, line

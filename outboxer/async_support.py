@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigurationError
 
-__all__ = ["AVAILABLE", "AsyncConnection", "AsyncSession"]
+__all__ = ["AVAILABLE", "AsyncConnection", "AsyncSession", "async_scoped_session"]
 
 MISSING_HINT = (
     "outboxer's asyncio support needs SQLAlchemy's asyncio extension (greenlet): "
@@ -25,12 +25,12 @@ MISSING_HINT = (
 )
 
 if TYPE_CHECKING:
-    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_scoped_session
 
     AVAILABLE: bool
 else:
     try:
-        from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+        from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_scoped_session
     except ImportError as exc:
         AVAILABLE = False
         _reason = exc
@@ -43,6 +43,12 @@ else:
 
         class AsyncConnection:
             """Stands in for SQLAlchemy's AsyncConnection when greenlet is not installed."""
+
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                raise ConfigurationError(MISSING_HINT) from _reason
+
+        class async_scoped_session:
+            """Stands in for SQLAlchemy's async_scoped_session without greenlet."""
 
             def __init__(self, *args: Any, **kwargs: Any) -> None:
                 raise ConfigurationError(MISSING_HINT) from _reason

@@ -2,7 +2,8 @@
 hooks that write them into that transaction or drop them with it.
 
 ``session.publish(event)`` does no I/O: it serializes the event and keeps it in the
-session (``session.info``), with the innermost transaction open at that moment. Session
+session (an attribute of the session object, not ``session.info``, which ``Session(info=...)``
+copies into other sessions), with the innermost transaction open at that moment. Session
 events then decide its fate. The hooks' contract:
 
 * **Write when the outermost transaction commits, and only then**, after the session is
@@ -45,11 +46,13 @@ the external transaction's commit or rollback decides, as it does for the domain
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import UnboundExecutionError
 from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.orm.session import SessionTransactionState
 
 from . import store
 from .errors import ConfigurationError
@@ -71,6 +74,24 @@ class Pending:
 
 
 # Session hooks ---------------------------------------------------------------------------
+_STATE = "_outboxer_state"
+
+
+def _state(session: Session) -> dict[str, Any]:
+    """The collector's state of ``session``: its own dict, kept on the session object.
+
+    Not ``session.info``: ``Session(info=other.info)`` (passing a request's context on
+    to a second session) copies that dict's entries, so the second session shared the
+    first one's list of kept messages, and its commit stored them (a rolled-back
+    transaction's messages committed, and each stored by the wrong session's commit).
+    """
+    try:
+        state: dict[str, Any] = session.__dict__[_STATE]
+    except KeyError:
+        state = session.__dict__[_STATE] = {}
+    return state
+
+
 _BEFORE_COMMITS = "outboxer.before_commits"
 """SAVEPOINT -> how many ``before_commit`` events fired while it was the innermost one."""
 _WRITE_AT_END = "outboxer.write_at_end"
@@ -108,7 +129,7 @@ def _before_commit(session: Session) -> None:
         return
     # This SAVEPOINT is being released, or an enclosing transaction commits and will
     # release it first (this event then fires again for it): count, decide at release.
-    counts: dict[SessionTransaction, int] = session.info.setdefault(_BEFORE_COMMITS, {})
+    counts: dict[SessionTransaction, int] = _state(session).setdefault(_BEFORE_COMMITS, {})
     counts[savepoint] = counts.get(savepoint, 0) + 1
 
 
@@ -116,7 +137,7 @@ def _after_commit(session: Session) -> None:
     savepoint = session.get_nested_transaction()  # still set while its release completes
     if savepoint is None:
         return  # the outermost COMMIT is done
-    counts: dict[SessionTransaction, int] | None = session.info.get(_BEFORE_COMMITS)
+    counts: dict[SessionTransaction, int] | None = _state(session).get(_BEFORE_COMMITS)
     if not counts or counts.pop(savepoint, 0) < 2:
         return  # it was released by itself (or by the commit of this very savepoint)
     # Released by an enclosing transaction's commit: pass that commit's count outwards.
@@ -124,14 +145,14 @@ def _after_commit(session: Session) -> None:
     if parent is not None and parent.nested:
         counts[parent] = counts.get(parent, 0) + 1
     else:
-        session.info[_WRITE_AT_END] = savepoint  # the outermost transaction commits next
+        _state(session)[_WRITE_AT_END] = savepoint  # the outermost transaction commits next
 
 
 def _write_pending(session: Session) -> None:
     # Messages published by listeners during this flush (before_flush) join this INSERT;
     # those published after it, during the rest of the commit, are written through.
     _insert_pending(session, flush=True)
-    session.info[_WRITTEN] = True
+    _state(session)[_WRITTEN] = True
 
 
 def _insert_pending(
@@ -151,17 +172,19 @@ def _insert_pending(
     waits until ``within`` ends. Kept messages are in publish order, so the first one
     decides: every later one was published in ``within`` or inside it, or earlier.
     """
-    kept: list[Pending] | None = session.info.get(_PENDING)
+    state = _state(session)
+    kept: list[Pending] | None = state.get(_PENDING)
     if kept and within is not None and not inside(kept[0].transaction, within):
-        session.info[_HELD] = within
+        state[_HELD] = within
         return
     if flush and not _flushing(session):
         session.flush()
-    pending: list[Pending] | None = session.info.get(_PENDING)
-    session.info.pop(_PENDING_BYTES, None)
+    pending: list[Pending] | None = state.get(_PENDING)
+    state.pop(_PENDING_BYTES, None)
     if not pending:
         return
     connection = session.connection(bind_arguments=_BIND_ARGUMENTS)
+    _check_writing(connection, session.get_nested_transaction() or session.get_transaction())
     notify = getattr(session, "outboxer_notify", True)
     recorded: list[Pending] | None = session.info.get(RECORDED)
 
@@ -184,12 +207,12 @@ def _flushing(session: Session) -> bool:
 def _after_soft_rollback(session: Session, previous_transaction: SessionTransaction) -> None:
     if previous_transaction.nested or previous_transaction.parent is None:
         _forget_commit(session)  # a rollback ends any commit in progress
-    pending: list[Pending] | None = session.info.get(_PENDING)
+    pending: list[Pending] | None = _state(session).get(_PENDING)
     if not pending:
         return
     if previous_transaction.nested:
         pending[:] = [p for p in pending if not inside(p.transaction, previous_transaction)]
-        session.info[_PENDING_BYTES] = sum(len(p.message.envelope.payload) for p in pending)
+        _state(session)[_PENDING_BYTES] = sum(len(p.message.envelope.payload) for p in pending)
     elif previous_transaction.parent is None:
         pending.clear()
     # else: an internal flush subtransaction; the SAVEPOINT or outermost transaction it
@@ -198,20 +221,20 @@ def _after_soft_rollback(session: Session, previous_transaction: SessionTransact
 
 def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
     if transaction.nested:
-        if session.info.get(_WRITE_AT_END) is transaction:
-            del session.info[_WRITE_AT_END]
+        if _state(session).get(_WRITE_AT_END) is transaction:
+            del _state(session)[_WRITE_AT_END]
             _write_pending(session)  # the outermost transaction, now innermost, commits
     elif transaction.parent is None:
         _forget_commit(session)
         session.info.pop(RECORDED, None)
-        pending = session.info.get(_PENDING)
+        pending = _state(session).get(_PENDING)
         if pending:
             pending.clear()
 
 
 def _forget_commit(session: Session) -> None:
     for name in (_BEFORE_COMMITS, _WRITE_AT_END, _WRITTEN, _PENDING_BYTES, _HELD):
-        session.info.pop(name, None)
+        _state(session).pop(name, None)
 
 
 def inside(transaction: SessionTransaction | None, ancestor: SessionTransaction) -> bool:
@@ -221,6 +244,78 @@ def inside(transaction: SessionTransaction | None, ancestor: SessionTransaction)
             return True
         transaction = transaction.parent
     return False
+
+
+_ENDED = {
+    SessionTransactionState.COMMITTED: (
+        "publish() after this session's transaction committed (from an after_commit "
+        "listener?): the message could no longer be stored with it. Publish before the "
+        "commit (in a before_commit listener, say), or once commit() has returned, in the "
+        "session's next transaction"
+    ),
+    SessionTransactionState.DEACTIVE: (
+        "publish() in a transaction that has been rolled back (from an after_rollback "
+        "listener, or after a failed flush): the message could never be stored. Call "
+        "session.rollback() (or the SAVEPOINT's rollback()) first, then publish in the "
+        "next transaction"
+    ),
+}
+"""Why publish() is refused in a transaction in this state: the message used to be kept
+and silently dropped (after_rollback), or failed with SQLAlchemy's generic error."""
+
+_AUTOCOMMIT = (
+    "runs in AUTOCOMMIT isolation (isolation_level='AUTOCOMMIT' on its engine or "
+    "connection, or in the session's execution_options): every statement commits on its "
+    "own, so there is no transaction for the messages to join, and a rollback would keep "
+    "the rows flushed so far and drop their messages. Publish through a session whose "
+    "engine has a transactional isolation level (e.g. engine.execution_options("
+    "isolation_level='READ COMMITTED'))"
+)
+_FOREIGN_SAVEPOINT = (
+    "publish() inside a SAVEPOINT begun on the session's connection "
+    "(session.connection().begin_nested()): the session does not see it end, so its "
+    "rollback would not drop the message (nor would its release keep the outbox order). "
+    "Begin the SAVEPOINT with session.begin_nested() instead"
+)
+
+
+def _check_connections(transaction: SessionTransaction) -> None:
+    """At publish(): refuse what the session cannot see through, a connection in
+    AUTOCOMMIT or a SAVEPOINT begun on the connection inside the session's innermost
+    transaction. No I/O: it reads what SQLAlchemy knows of the connections checked out."""
+    for conn, trans, *_ in transaction._connections.values():
+        nested = conn._nested_transaction
+        if nested is not None and nested is not trans:
+            raise ConfigurationError(_FOREIGN_SAVEPOINT)
+        if conn._is_autocommit_isolation():
+            raise ConfigurationError(f"this session's connection {_AUTOCOMMIT}")
+
+
+def _check_writing(conn: Connection, transaction: SessionTransaction | None) -> None:
+    """Before the INSERT: the same, and pysqlite's own autocommit mode."""
+    if transaction is not None and transaction._connections:
+        _check_connections(transaction)
+    if _autocommit(conn):
+        raise ConfigurationError(f"this session's connection {_AUTOCOMMIT}")
+
+
+def _autocommit(bind: Connection | Engine) -> bool:
+    if isinstance(bind, Connection):
+        if bind._is_autocommit_isolation():  # SQLAlchemy's own test
+            return True
+        if bind.dialect.name == "sqlite" and not bind.closed:
+            # pysqlite in its own autocommit mode (connect_args={"isolation_level": None}
+            # or autocommit=True) without the BEGIN recipe: no transaction is open.
+            dbapi = bind.connection.dbapi_connection
+            autocommit = getattr(dbapi, "isolation_level", "") is None or (
+                getattr(dbapi, "autocommit", False) is True
+            )
+            return autocommit and getattr(dbapi, "in_transaction", True) is False
+        return False
+    level = bind._execution_options.get("isolation_level")
+    if level is None:
+        level = bind.dialect._on_connect_isolation_level
+    return bool(level == "AUTOCOMMIT")
 
 
 def _check_size(session: Session, message: store.NewMessage) -> None:
@@ -237,7 +332,14 @@ def _check_size(session: Session, message: store.NewMessage) -> None:
                 "{Base: engine, **dict.fromkeys(outboxer.metadata.sorted_tables, engine)})"
             ) from None
         return  # no database yet: the commit will say so, as for Session.add()
-    store.check_size(message, bind.engine if isinstance(bind, Connection) else bind)
+    if isinstance(bind, Connection):
+        store.check_size(message, bind.engine)
+        if bind._is_autocommit_isolation():
+            raise ConfigurationError(f"this session's connection {_AUTOCOMMIT}")
+    else:
+        store.check_size(message, bind)
+        if _autocommit(bind):
+            raise ConfigurationError(f"this session's database {_AUTOCOMMIT}")
 
 
 def keep(session: Session, message: store.NewMessage, *, collector: bool, chunk_size: int) -> None:
@@ -249,17 +351,22 @@ def keep(session: Session, message: store.NewMessage, *, collector: bool, chunk_
     """
     _check_size(session, message)
     transaction = session.get_nested_transaction() or session._autobegin_t()
-    pending = session.info.setdefault(_PENDING, [])
+    if transaction._state in _ENDED:
+        raise ConfigurationError(_ENDED[transaction._state])
+    if transaction._connections:
+        _check_connections(transaction)
+    state = _state(session)
+    pending = state.setdefault(_PENDING, [])
     pending.append(Pending(message, transaction))
-    if session.info.get(_WRITTEN):
+    if state.get(_WRITTEN):
         # Published during the commit, after its write (a before_commit listener that
         # runs after outboxer's): the transaction is still open, write it through.
         _insert_pending(session, flush=False)
     elif not collector:
-        size = session.info.get(_PENDING_BYTES, 0) + len(message.envelope.payload)
-        session.info[_PENDING_BYTES] = size
+        size = state.get(_PENDING_BYTES, 0) + len(message.envelope.payload)
+        state[_PENDING_BYTES] = size
         full = len(pending) >= chunk_size or size >= _CHUNK_BYTES
-        if full and session.info.get(_HELD) is not transaction:
+        if full and state.get(_HELD) is not transaction:
             # Into the innermost transaction, when they all belong to it (a SAVEPOINT's
             # begin writes those of the transaction around it first).
             _insert_pending(session, flush=True, within=transaction)
@@ -274,4 +381,4 @@ def write_before_savepoint(session: Session) -> None:
 
 def kept(session: Session) -> list[store.NewMessage]:
     """The messages ``session`` keeps for its next commit."""
-    return [p.message for p in session.info.get(_PENDING, ())]
+    return [p.message for p in _state(session).get(_PENDING, ())]

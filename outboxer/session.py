@@ -15,10 +15,14 @@ from typing import Any, ClassVar
 from uuid import UUID
 
 from sqlalchemy.engine import Connection
-from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.orm import Session, SessionTransaction, scoped_session
 
 from . import collector, store
-from .async_support import AsyncConnection, AsyncSession  # stand-ins without greenlet
+from .async_support import (  # stand-ins without greenlet
+    AsyncConnection,
+    AsyncSession,
+    async_scoped_session,
+)
 from .errors import ConfigurationError, NotAnOutboxSession
 from .publishing import Key, build_message
 
@@ -164,7 +168,12 @@ class AsyncOutboxSession(AsyncSession):
 
 
 def publish(
-    target: Connection | Session | AsyncSession | AsyncConnection,
+    target: Connection
+    | Session
+    | AsyncSession
+    | AsyncConnection
+    | scoped_session[Any]
+    | async_scoped_session[Any],
     event: Any,
     *,
     type: str | None = None,
@@ -180,7 +189,9 @@ def publish(
 
     With a Core :class:`~sqlalchemy.engine.Connection`, the row is inserted now, in the
     connection's current transaction (commit it as usual; a rolled-back SAVEPOINT drops
-    it). With an outbox session, this is ``session.publish(...)``. For an
+    it). With an outbox session, this is ``session.publish(...)``; with a
+    ``scoped_session`` (or ``async_scoped_session``) of outbox sessions, its current
+    session's. For an
     ``AsyncConnection``, call ``await conn.run_sync(outboxer.publish, event, ...)``.
     """
     options: dict[str, Any] = {
@@ -192,6 +203,10 @@ def publish(
         "message_id": message_id,
         "correlation_id": correlation_id,
     }
+    if isinstance(target, (scoped_session, async_scoped_session)):
+        # The registry of a scoped_session: publish through its current session (a
+        # scoped_session proxies Session's own methods only, not publish()).
+        target = target()
     if isinstance(target, (OutboxMixin, AsyncOutboxSession)):
         return target.publish(event, **options)
     if isinstance(target, (Session, AsyncSession)):

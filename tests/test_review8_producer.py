@@ -1,0 +1,363 @@
+"""Review 8, the producer: unusual but legal SQLAlchemy use against the promise that a
+message is stored if and only if the transaction that published it commits, once, in
+publish order. Each defect found has a test here that failed before its fix; the
+attacks that held keep a test too."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, event, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError, InvalidRequestError
+from sqlalchemy.ext.asyncio import async_scoped_session, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import scoped_session, sessionmaker
+
+import outboxer
+
+from .models import Order, OrderPlaced
+from .services import async_url
+from .test_publish import stored, stored_ids
+
+SessionFactory = sessionmaker[outboxer.OutboxSession]
+
+
+def order_ids(engine: Engine) -> list[int]:
+    with engine.connect() as conn:
+        return list(conn.scalars(select(Order.id).order_by(Order.id)))
+
+
+# Session(info=other.info) --------------------------------------------------------------
+
+
+def test_a_session_created_with_another_sessions_info_keeps_its_own_messages(
+    engine: Engine, Session: SessionFactory
+) -> None:
+    """``Session(info=...)`` copies the dict's entries: the kept messages lived there, so
+    the second session's commit stored the first one's (which then rolled back)."""
+    with Session() as request_session:
+        request_session.info["tenant"] = "acme"
+        request_session.add(Order(id=1))
+        mine = request_session.publish(OrderPlaced(order_id=1))
+        with Session(info=request_session.info) as audit:  # the request's context passed on
+            audit.add(Order(id=2))
+            theirs = audit.publish(OrderPlaced(order_id=2))
+            audit.commit()
+        assert stored_ids(engine) == [theirs]
+        assert [m.envelope.message_id for m in request_session.pending_messages()] == [mine]
+        request_session.rollback()
+    assert order_ids(engine) == [2]
+    assert stored_ids(engine) == [theirs]
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql", "mariadb"])  # SQLite: one writer
+def test_a_session_created_with_another_sessions_info_in_its_commit_stores_each_once(
+    engine: Engine,
+) -> None:
+    """A second session opened from a before_commit listener, after the first wrote."""
+
+    class AuditingSession(outboxer.OutboxSession):
+        pass
+
+    def audit(session: Any) -> None:
+        if session.info.get("audited"):
+            return
+        with AuditingSession(engine, info={**session.info, "audited": True}) as other:
+            other.add(Order(id=100))
+            other.publish(OrderPlaced(order_id=100))
+            other.commit()
+
+    event.listen(AuditingSession, "before_commit", audit)
+    with AuditingSession(engine) as session:
+        session.add(Order(id=1))
+        session.publish(OrderPlaced(order_id=1))
+        session.commit()
+    assert sorted(json.loads(row["payload"])["order_id"] for row in stored(engine)) == [1, 100]
+    assert order_ids(engine) == [1, 100]
+
+
+# A SAVEPOINT begun on the session's connection ---------------------------------------------
+
+
+def test_publish_inside_a_savepoint_of_the_sessions_connection_is_refused(
+    engine: Engine, Session: SessionFactory
+) -> None:
+    """Before: the message was kept by the session, which never saw the connection's
+    SAVEPOINT roll back, and stored at commit without its row."""
+    with Session() as session:
+        session.add(Order(id=1))
+        kept = session.publish(OrderPlaced(order_id=1))
+        session.flush()
+        savepoint = session.connection().begin_nested()
+        session.add(Order(id=2))
+        with pytest.raises(outboxer.ConfigurationError, match=r"session\.begin_nested\(\)"):
+            session.publish(OrderPlaced(order_id=2))
+        session.flush()
+        savepoint.rollback()
+        session.expunge_all()
+        with session.begin_nested():  # the session's own SAVEPOINT is fine
+            inner = session.publish(OrderPlaced(order_id=3))
+        session.commit()
+    assert order_ids(engine) == [1]
+    assert stored_ids(engine) == [kept, inner]
+
+
+# AUTOCOMMIT ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["rollback", "close"])
+def test_an_autocommit_engine_is_refused_at_publish(engine: Engine, db_url: str, how: str) -> None:
+    """Before: the rows autocommitted at the flush, the rollback (or close) dropped the
+    messages: rows stored, their messages lost, no error."""
+    auto = create_engine(db_url, isolation_level="AUTOCOMMIT")
+    try:
+        with outboxer.OutboxSession(auto) as session:
+            session.add(Order(id=1))
+            with pytest.raises(outboxer.ConfigurationError, match="AUTOCOMMIT"):
+                session.publish(OrderPlaced(order_id=1))
+            getattr(session, how)()
+    finally:
+        auto.dispose()
+    assert stored_ids(engine) == []
+
+
+def test_an_autocommit_execution_option_is_refused(engine: Engine) -> None:
+    auto = engine.execution_options(isolation_level="AUTOCOMMIT")
+    with (
+        outboxer.OutboxSession(auto) as s,
+        pytest.raises(outboxer.ConfigurationError, match="AUTOCOMMIT"),
+    ):
+        s.publish(OrderPlaced(order_id=1))
+    with outboxer.OutboxSession(engine) as session:
+        session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+        with pytest.raises(outboxer.ConfigurationError, match="AUTOCOMMIT"):
+            session.publish(OrderPlaced(order_id=2))
+    with outboxer.OutboxSession(engine) as session:
+        session.publish(OrderPlaced(order_id=3))  # no connection yet: known at commit
+        session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+        with pytest.raises(outboxer.ConfigurationError, match="AUTOCOMMIT"):
+            session.commit()
+        session.rollback()
+    assert stored_ids(engine) == []
+
+
+@pytest.mark.parametrize("db_kind", ["sqlite"])
+@pytest.mark.parametrize("recipe", [True, False])
+def test_pysqlite_in_its_own_autocommit_mode_needs_the_begin_recipe(
+    engine: Engine, db_url: str, recipe: bool
+) -> None:
+    """``connect_args={"isolation_level": None}`` without SQLAlchemy's BEGIN recipe: no
+    transaction at all; the commit says so instead of storing the messages on their own."""
+    bare = create_engine(db_url, connect_args={"isolation_level": None})
+    if recipe:
+        event.listen(bare, "begin", lambda conn: conn.exec_driver_sql("BEGIN"))
+    try:
+        with outboxer.OutboxSession(bare) as session:
+            session.publish(OrderPlaced(order_id=1))
+            if recipe:
+                session.commit()
+            else:
+                with pytest.raises(outboxer.ConfigurationError, match="AUTOCOMMIT"):
+                    session.commit()
+    finally:
+        bare.dispose()
+    assert len(stored_ids(engine)) == (1 if recipe else 0)
+
+
+# Publishing from the session's own events ---------------------------------------------
+
+
+def hooked(hook: str) -> tuple[type[outboxer.OutboxSession], list[Any]]:
+    class HookSession(outboxer.OutboxSession):
+        pass
+
+    seen: list[Any] = []
+
+    def late(session: Any, *args: Any) -> None:
+        if session.info.pop("armed", False):
+            try:
+                seen.append(session.publish(OrderPlaced(order_id=9)))
+            except outboxer.ConfigurationError as exc:
+                seen.append(exc)
+
+    event.listen(HookSession, hook, late)
+    return HookSession, seen
+
+
+def test_publish_from_an_after_rollback_listener_is_refused_not_dropped(engine: Engine) -> None:
+    """Before: publish() returned an id and the message was dropped with the rollback
+    in progress, silently (the next transaction committed without it)."""
+    HookSession, seen = hooked("after_rollback")
+    with HookSession(engine) as session:
+        session.add(Order(id=1))
+        session.info["armed"] = True
+        session.rollback()
+        session.add(Order(id=2))
+        session.commit()
+    assert [type(x) for x in seen] == [outboxer.ConfigurationError]
+    assert "rolled back" in str(seen[0])
+    assert stored_ids(engine) == []
+
+
+def test_publish_from_an_after_commit_listener_says_what_to_do(engine: Engine) -> None:
+    HookSession, seen = hooked("after_commit")
+    with HookSession(engine) as session:
+        session.add(Order(id=1))
+        session.info["armed"] = True
+        session.commit()
+    assert [type(x) for x in seen] == [outboxer.ConfigurationError]
+    assert "before_commit" in str(seen[0])
+    assert stored_ids(engine) == []
+
+
+@pytest.mark.parametrize("hook", ["after_soft_rollback", "after_transaction_end"])
+def test_publish_after_a_transaction_ended_goes_to_the_next_one_as_session_add_does(
+    engine: Engine, hook: str
+) -> None:
+    HookSession, seen = hooked(hook)
+    with HookSession(engine) as session:
+        session.info["armed"] = True
+        session.rollback()  # an empty transaction ends
+        assert [m.envelope.message_id for m in session.pending_messages()] == seen
+        session.add(Order(id=2))
+        session.commit()
+    assert stored_ids(engine) == seen
+
+
+def test_a_failed_flush_then_publish_is_refused_until_the_rollback(
+    engine: Engine, Session: SessionFactory
+) -> None:
+    with Session.begin() as session:
+        session.add(Order(id=1))
+    with Session() as session:
+        session.add(Order(id=1))
+        with pytest.raises(IntegrityError):
+            session.flush()
+        with pytest.raises(outboxer.ConfigurationError, match="rollback"):
+            session.publish(OrderPlaced(order_id=1))
+        session.rollback()
+        after = session.publish(OrderPlaced(order_id=2))
+        session.commit()
+    assert stored_ids(engine) == [after]
+
+
+# Attacks that held ------------------------------------------------------------------------
+
+
+def test_publish_after_commit_on_the_same_session_then_commit_again(
+    engine: Engine, Session: SessionFactory
+) -> None:
+    with Session() as session:
+        a = session.publish(OrderPlaced(order_id=1))
+        session.commit()
+        b = session.publish(OrderPlaced(order_id=2))
+        session.commit()
+        session.publish(OrderPlaced(order_id=3))
+        session.rollback()
+        c = session.publish(OrderPlaced(order_id=4))
+        session.commit()
+    assert stored_ids(engine) == [a, b, c]
+
+
+def test_a_commit_failing_at_its_own_flush_then_retried_stores_only_the_retry(
+    engine: Engine, Session: SessionFactory
+) -> None:
+    with Session.begin() as session:
+        session.add(Order(id=1))
+    with Session() as session:
+        session.publish(OrderPlaced(order_id=1))
+        session.add(Order(id=1))
+        with pytest.raises(IntegrityError):
+            session.commit()
+        session.rollback()
+        session.add(Order(id=2))
+        second = session.publish(OrderPlaced(order_id=2))
+        session.commit()
+    assert order_ids(engine) == [1, 2]
+    assert stored_ids(engine) == [second]
+
+
+# scoped_session ------------------------------------------------------------------------
+
+
+def test_outboxer_publish_takes_a_scoped_session(engine: Engine) -> None:
+    """A scoped_session proxies Session's own methods, not publish(): before,
+    ``outboxer.publish(registry, ...)`` refused it too, saying only what it got."""
+    registry = scoped_session(sessionmaker(engine, class_=outboxer.OutboxSession))
+    try:
+        registry.add(Order(id=1))
+        published = outboxer.publish(registry, OrderPlaced(order_id=1))
+        registry.commit()
+        outboxer.publish(registry, OrderPlaced(order_id=2))
+        registry.rollback()
+    finally:
+        registry.remove()
+    assert stored_ids(engine) == [published]
+
+
+async def test_outboxer_publish_takes_an_async_scoped_session(engine: Engine, db_url: str) -> None:
+    async_engine = create_async_engine(async_url(db_url))
+    registry = async_scoped_session(
+        async_sessionmaker(async_engine, class_=outboxer.AsyncOutboxSession),
+        scopefunc=asyncio.current_task,
+    )
+    try:
+        published = outboxer.publish(registry, OrderPlaced(order_id=1))
+        await registry.commit()
+    finally:
+        await registry.remove()
+        await async_engine.dispose()
+    assert stored_ids(engine) == [published]
+
+
+# Two-phase commit and several engines ----------------------------------------------------
+
+
+@pytest.mark.parametrize("db_kind", ["mariadb"])  # PostgreSQL here: max_prepared_transactions 0
+def test_a_two_phase_session_stores_its_messages_with_its_rows(engine: Engine) -> None:
+    with outboxer.OutboxSession(engine, twophase=True) as session:
+        session.add(Order(id=1))
+        first = session.publish(OrderPlaced(order_id=1))
+        with session.begin_nested():
+            second = session.publish(OrderPlaced(order_id=2))
+        savepoint = session.begin_nested()
+        session.publish(OrderPlaced(order_id=3))
+        savepoint.rollback()
+        session.prepare()  # the XA PREPARE: outboxer wrote before it
+        with pytest.raises(InvalidRequestError, match="prepared"):
+            session.publish(OrderPlaced(order_id=4))  # too late for this transaction
+        session.commit()
+    with outboxer.OutboxSession(engine, twophase=True) as session:
+        session.add(Order(id=5))
+        session.publish(OrderPlaced(order_id=5))
+        session.flush()
+        session.rollback()
+    assert order_ids(engine) == [1]
+    assert stored_ids(engine) == [first, second]
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql", "mariadb"])  # SQLite: one writer
+def test_a_session_over_two_engines_stores_the_messages_in_the_outbox_engines_transaction(
+    engine: Engine, db_url: str
+) -> None:
+    other = create_engine(db_url)
+    binds: dict[Any, Engine] = {
+        Order: engine,
+        **dict.fromkeys(outboxer.metadata.sorted_tables, other),
+    }
+    try:
+        with outboxer.OutboxSession(binds=binds) as session:
+            session.add(Order(id=1))
+            kept = session.publish(OrderPlaced(order_id=1))
+            session.commit()
+            session.add(Order(id=2))
+            session.publish(OrderPlaced(order_id=2))
+            session.flush()
+            session.rollback()
+    finally:
+        other.dispose()
+    assert order_ids(engine) == [1]
+    assert stored_ids(engine) == [kept]

@@ -48,14 +48,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, select
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import UnboundExecutionError
+from sqlalchemy.exc import DBAPIError, UnboundExecutionError
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.session import SessionTransactionState
 
 from . import store
 from .errors import ConfigurationError
+from .store.outbox import _MAX_ROWS_PER_STATEMENT
 from .tables import outbox
 
 __all__ = ["RECORDED", "Pending", "install_hooks", "keep", "kept", "write_before_savepoint"]
@@ -103,6 +104,9 @@ _WRITTEN = "outboxer.written"
 _HELD = "outboxer.held"
 """The innermost transaction in which the kept messages cannot be written (the first of
 them belongs to a transaction around it): chunks wait until it ends."""
+_UNSURE = "outboxer.unsure"
+"""Set when an outbox INSERT raised after it may have run: the next write first looks
+which kept messages the transaction holds already. Cleared by the outermost end."""
 RECORDED = "outboxer.recorded"
 """While ``outboxer.testing`` records, a list in ``session.info``: every INSERT of kept
 messages appends them (their ``Pending``); the outermost transaction's end removes it."""
@@ -194,8 +198,44 @@ def _insert_pending(
             recorded.extend(pending[:stored])
         del pending[:stored]
 
+    if state.pop(_UNSURE, False):
+        forget(_already_inserted(connection, pending))
+        if not pending:
+            return
     messages = [p.message for p in pending]
-    store.insert_messages(connection, messages, notify=notify, inserted=forget)
+    try:
+        store.insert_messages(connection, messages, notify=notify, inserted=forget)
+    except DBAPIError:
+        raise  # the database refused the statement: it stored none of its rows
+    except BaseException:
+        # Raised after the statement may have run (an after_cursor_execute listener, an
+        # error reading its result): the rows may be in the transaction while the session
+        # still keeps them. A commit tried again looks first, instead of inserting twice.
+        state[_UNSURE] = True
+        raise
+
+
+def _already_inserted(connection: Connection, pending: list[Pending]) -> int:
+    """How many of the first kept messages this transaction has inserted already: those
+    of the statement whose outcome was unknown, the first of the unwritten ones (a
+    statement holds at most 500 rows). A message is matched by its id and its publish
+    time, so a committed row of another transaction with the same explicit message_id
+    does not count. One SELECT, on a commit tried again after such an error only."""
+    head = pending[:_MAX_ROWS_PER_STATEMENT]
+    found = {
+        (row.message_id, row.occurred_at)
+        for row in connection.execute(
+            select(outbox.c.message_id, outbox.c.occurred_at).where(
+                outbox.c.message_id.in_([p.message.envelope.message_id for p in head])
+            )
+        )
+    }
+    count = 0
+    for p in head:
+        if (p.message.envelope.message_id, p.message.envelope.occurred_at) not in found:
+            break
+        count += 1
+    return count
 
 
 def _flushing(session: Session) -> bool:
@@ -207,6 +247,8 @@ def _flushing(session: Session) -> bool:
 def _after_soft_rollback(session: Session, previous_transaction: SessionTransaction) -> None:
     if previous_transaction.nested or previous_transaction.parent is None:
         _forget_commit(session)  # a rollback ends any commit in progress
+    if previous_transaction.parent is None:
+        _state(session).pop(_UNSURE, None)  # (a SAVEPOINT's rollback leaves the others)
     pending: list[Pending] | None = _state(session).get(_PENDING)
     if not pending:
         return
@@ -226,6 +268,7 @@ def _after_transaction_end(session: Session, transaction: SessionTransaction) ->
             _write_pending(session)  # the outermost transaction, now innermost, commits
     elif transaction.parent is None:
         _forget_commit(session)
+        _state(session).pop(_UNSURE, None)
         session.info.pop(RECORDED, None)
         pending = _state(session).get(_PENDING)
         if pending:

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, event, select
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError, InvalidRequestError
+from sqlalchemy.exc import IntegrityError, InvalidRequestError, PendingRollbackError
 from sqlalchemy.ext.asyncio import async_scoped_session, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import scoped_session, sessionmaker
 
@@ -361,3 +362,121 @@ def test_a_session_over_two_engines_stores_the_messages_in_the_outbox_engines_tr
         other.dispose()
     assert order_ids(engine) == [1]
     assert stored_ids(engine) == [kept]
+
+
+# A commit interrupted after the outbox INSERT ran ------------------------------------------
+
+
+class Interrupted(BaseException):
+    """Stands for a KeyboardInterrupt, or an asyncio cancellation of the task awaiting the
+    driver (asyncio throws it in at the await even when the statement has completed)."""
+
+
+@pytest.mark.parametrize("rows", [3, 700])  # 700: two INSERT statements, the second one hit
+def test_a_commit_failing_after_the_outbox_insert_ran_then_retried_stores_each_once(
+    engine: Engine, Session: SessionFactory, rows: int
+) -> None:
+    """Before: an error raised after the INSERT had run (here an after_cursor_execute
+    listener's: an APM hook, a query counter) left the session keeping the messages it
+    had just inserted, so the commit tried again inserted them a second time and
+    committed every message of that statement twice (3 of 3, 200 of 700)."""
+    seen = [0]
+
+    def fail_after(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.startswith("INSERT INTO outboxer_outbox"):
+            seen[0] += 1
+            if seen[0] == (2 if rows > 500 else 1):
+                raise RuntimeError("a listener failed after the INSERT")
+
+    event.listen(engine, "after_cursor_execute", fail_after)
+    try:
+        with Session() as session:
+            session.add(Order(id=1))
+            published = [session.publish(OrderPlaced(order_id=i)) for i in range(rows)]
+            with pytest.raises(RuntimeError, match="after the INSERT"):
+                session.commit()
+            session.commit()  # the caller caught it and commits again
+    finally:
+        event.remove(engine, "after_cursor_execute", fail_after)
+    assert order_ids(engine) == [1]
+    assert stored_ids(engine) == published
+
+
+def test_a_retried_commit_does_not_mistake_another_transactions_row_for_its_own(
+    engine: Engine, Session: SessionFactory
+) -> None:
+    """The look before the retry matches a message by its id and its publish time: a row
+    committed earlier with the same explicit message_id is not this transaction's."""
+    shared = uuid.uuid4()
+    with Session.begin() as session:
+        session.publish(OrderPlaced(order_id=1), message_id=shared)
+    armed = [True]
+
+    def fail_before(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if armed[0] and statement.startswith("INSERT INTO outboxer_outbox"):
+            armed[0] = False
+            raise RuntimeError("a listener failed before the INSERT")
+
+    event.listen(engine, "before_cursor_execute", fail_before)
+    try:
+        with Session() as session:
+            session.publish(OrderPlaced(order_id=2), message_id=shared)
+            with pytest.raises(RuntimeError):
+                session.commit()
+            session.commit()
+    finally:
+        event.remove(engine, "before_cursor_execute", fail_before)
+    assert stored_ids(engine) == [shared, shared]
+
+
+def test_a_commit_interrupted_after_the_outbox_insert_ran_cannot_be_retried(
+    engine: Engine, Session: SessionFactory
+) -> None:
+    """A BaseException (KeyboardInterrupt, a task's cancellation) inside the statement's
+    execution: SQLAlchemy invalidates the connection, so the retry fails and the rollback
+    drops rows and messages together (this held before)."""
+
+    def interrupt_after(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.startswith("INSERT INTO outboxer_outbox"):
+            raise Interrupted
+
+    event.listen(engine, "after_cursor_execute", interrupt_after)
+    try:
+        with Session() as session:
+            session.add(Order(id=1))
+            session.publish(OrderPlaced(order_id=1))
+            with pytest.raises(Interrupted):
+                session.commit()
+            with pytest.raises(PendingRollbackError):
+                session.commit()
+            session.rollback()
+    finally:
+        event.remove(engine, "after_cursor_execute", interrupt_after)
+    assert order_ids(engine) == []
+    assert stored_ids(engine) == []
+
+
+def test_collector_off_a_chunk_failing_after_it_ran_is_not_written_twice(engine: Engine) -> None:
+    class Chunking(outboxer.OutboxSession):
+        outboxer_collector = False
+        outboxer_chunk_size = 4
+
+    armed = [True]
+
+    def fail_after(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if armed[0] and statement.startswith("INSERT INTO outboxer_outbox"):
+            armed[0] = False
+            raise RuntimeError("a listener failed after the INSERT")
+
+    event.listen(engine, "after_cursor_execute", fail_after)
+    try:
+        with Chunking(engine) as session:
+            published = [session.publish(OrderPlaced(order_id=i)) for i in range(3)]
+            with pytest.raises(RuntimeError):
+                published.append(session.publish(OrderPlaced(order_id=3)))  # the chunk
+            published.append(session.pending_messages()[-1].envelope.message_id)
+            published += [session.publish(OrderPlaced(order_id=i)) for i in range(4, 10)]
+            session.commit()
+    finally:
+        event.remove(engine, "after_cursor_execute", fail_after)
+    assert stored_ids(engine) == published

@@ -332,3 +332,49 @@ def test_relay_once_on_an_unreachable_sqs_endpoint_is_one_line_naming_the_endpoi
     assert result.returncode == 7, result.stderr
     line = one_error_line(result)
     assert endpoint in line and "host and port" not in line, line
+
+
+# Defect: what a receiver's polls brought while the consumer was full waited unextended ---------
+
+
+def test_a_delivery_that_waited_in_the_receiver_past_its_visibility_is_not_handed_out(
+    moto_endpoint: str, aws: tuple[Any, Any]
+) -> None:
+    """A receiver of several queues keeps one poll in flight per queue, and what a poll
+    brings after ``receive`` returned waits in the receiver for the next ``receive``. A
+    consumer whose workers are all busy does not call ``receive``: those messages wait
+    there, unextended (the consumer extends only what it was handed), their visibility
+    runs out and SQS gives them to another consumer. Before: the next ``receive`` handed
+    them out all the same, so two consumers processed the same message at once (here:
+    the one the first receiver's second poll brought). Now a delivery that waited past a
+    quarter of its visibility timeout is given back instead of handed out."""
+    _, sqs = aws
+    names = [unique("busy-a"), unique("busy-b")]
+    for name in names:
+        url = sqs.create_queue(QueueName=name, Attributes={"VisibilityTimeout": "2"})["QueueUrl"]
+        for n in range(3):
+            sqs.send_message(QueueUrl=url, MessageBody=json.dumps({"n": n, "queue": name}))
+    busy = SQSTransport(endpoint_url=moto_endpoint, region="us-east-1")
+    other = SQSTransport(endpoint_url=moto_endpoint, region="us-east-1", visibility_timeout=60)
+    first = busy.receive_from(names)
+    second = other.receive_from(names)
+    try:
+        assert first.visibility_timeout == 2.0
+        handed = first.receive(max_messages=1, timeout=1.0)
+        assert len(handed) == 1
+        # The consumer is full now. The other consumer gets what the first one's polls
+        # brought, once their visibility ran out.
+        held: dict[str, Any] = {}
+        deadline = time.monotonic() + 20
+        while len(held) < 6 and time.monotonic() < deadline:
+            for delivery in second.receive(max_messages=10, timeout=1.0):
+                held[delivery.message_id] = delivery  # type: ignore[attr-defined]
+        assert len(held) == 6, "the other consumer did not get the expired messages"
+        again = first.receive(max_messages=10, timeout=1.0)
+        twice = {d.message_id for d in again} & set(held)  # type: ignore[attr-defined]
+        assert not twice, f"{len(twice)} messages handed to both consumers at once"
+    finally:
+        first.close()
+        second.close()
+        busy.close()
+        other.close()

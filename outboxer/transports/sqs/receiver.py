@@ -47,6 +47,8 @@ class _SQSDelivery(Delivery):
         self.destination = queue
         count = message.get("Attributes", {}).get("ApproximateReceiveCount", "1")
         self.redelivered = count.isdigit() and int(count) > 1
+        self.received_at = time.monotonic()
+        """When SQS handed it out: its visibility timeout runs from about then."""
 
     def __repr__(self) -> str:
         return f"<SQS delivery {self.message_id} from {self.destination!r}>"
@@ -120,6 +122,10 @@ HELD_FOR_ZERO = 30
 """Seconds a receive from a queue whose own visibility timeout is 0 asks for (SQS's
 default timeout); the consumer extends it while a handler runs."""
 
+STALE_FRACTION = 0.25
+"""A delivery that waited in its receiver longer than this part of its visibility timeout
+is given back, not handed out (see :meth:`_SQSReceiver._take`)."""
+
 _REPORT_EVERY = 60.0
 """Seconds between warnings about one queue's failed polls that were not raised."""
 
@@ -166,12 +172,15 @@ class _SQSReceiver(Receiver):
         self.visibility_timeout = (
             float(visibility_timeout) if visibility_timeout is not None else self._shortest()
         )
+        self._stale_after = (
+            None if self.visibility_timeout is None else self.visibility_timeout * STALE_FRACTION
+        )
         read_timeout = getattr(client.meta.config, "read_timeout", None) or 60
         self._max_wait = max(0, min(MAX_WAIT_SECONDS, int(read_timeout) - 2))
         self._lock = threading.Lock()
         self._closed = False
-        self._buffer: deque[Delivery] = deque()
-        self._polls: dict[int, concurrent.futures.Future[list[Delivery]]] = {}
+        self._buffer: deque[_SQSDelivery] = deque()
+        self._polls: dict[int, concurrent.futures.Future[list[_SQSDelivery]]] = {}
         self._turn = itertools.count()
         self._reported: dict[str, float] = {}
         """When a failed poll of each queue was last logged as a warning."""
@@ -228,7 +237,7 @@ class _SQSReceiver(Receiver):
             found.append(seconds)
         return min(found, default=None)
 
-    def _poll(self, index: int, max_messages: int, wait: int) -> list[Delivery]:
+    def _poll(self, index: int, max_messages: int, wait: int) -> list[_SQSDelivery]:
         name, url = self._queues[index]
         request: dict[str, Any] = {
             "QueueUrl": url,
@@ -261,11 +270,12 @@ class _SQSReceiver(Receiver):
             return []
         wait = min(self._max_wait, max(0, int(timeout)))
         if self._pool is None:
-            return [] if self._closed else self._poll(0, max_messages, wait)
+            return [] if self._closed else list(self._poll(0, max_messages, wait))
         with self._lock:
             if self._closed:
                 return []
             earlier = self._harvest()
+            stale = self._take(0)[1]
             if not self._buffer:
                 now = time.monotonic()
                 start = next(self._turn) % len(self._queues)
@@ -287,7 +297,8 @@ class _SQSReceiver(Receiver):
             )
         with self._lock:
             error = self._harvest() or earlier
-            taken = [self._buffer.popleft() for _ in range(min(max_messages, len(self._buffer)))]
+            taken, later = self._take(max_messages)
+        _give_back([*stale, *later])
         if error is not None:
             if not taken and not self._any_healthy():
                 raise error
@@ -296,6 +307,33 @@ class _SQSReceiver(Receiver):
             # never be heard of).
             self._report(error)
         return taken
+
+    def _take(self, count: int) -> tuple[list[Delivery], list[_SQSDelivery]]:
+        """Up to ``count`` buffered deliveries to hand out (lock held), and the stale ones
+        met on the way (all of them with ``count`` 0).
+
+        What a poll brought after ``receive`` returned waits here for the next
+        ``receive``, which a consumer whose workers are all busy does not make: meanwhile
+        nothing extends it (the consumer extends what it was handed), and once its
+        visibility timeout runs out SQS hands it to another consumer too. So a delivery
+        that waited more than :data:`STALE_FRACTION` of the timeout is not handed out,
+        but given back (the consumer, counting from the hand-out, extends it in time
+        only if little of its timeout is gone)."""
+        taken: list[Delivery] = []
+        stale: list[_SQSDelivery] = []
+        limit = self._stale_after
+        now = time.monotonic()
+        kept: deque[_SQSDelivery] = deque()
+        while self._buffer and (count == 0 or len(taken) < count):
+            delivery = self._buffer.popleft()
+            if limit is not None and now - delivery.received_at > limit:
+                stale.append(delivery)
+            elif count:
+                taken.append(delivery)
+            else:
+                kept.append(delivery)
+        self._buffer.extendleft(reversed(kept))
+        return taken, stale
 
     def _rests_until(self, index: int) -> float:
         resting = self._resting.get(index)
@@ -504,7 +542,25 @@ def _delete_batch(deliveries: list[_SQSDelivery]) -> None:
             delivery._settled = delivery._call("delete", delivery._delete)
 
 
-def _release_all(future: concurrent.futures.Future[list[Delivery]]) -> None:
+def _give_back(deliveries: list[_SQSDelivery]) -> None:
+    """Make ``deliveries`` visible again at once (stale, see :meth:`_SQSReceiver._take`):
+    one ``ChangeMessageVisibilityBatch`` per ten of a queue; one whose receipt handle
+    expired (SQS gave it to someone else) is gone, logged at debug level."""
+    if not deliveries:
+        return
+    log.debug("giving back %d deliveries that waited too long to be handed out", len(deliveries))
+    for group in _by_queue(deliveries):
+        for start in range(0, len(group), MAX_BATCH_ENTRIES):
+            chunk = group[start : start + MAX_BATCH_ENTRIES]
+            if len(chunk) == 1:
+                chunk[0].release()
+            else:
+                _extend_batch(chunk, 0)
+            for delivery in chunk:
+                delivery._settled = True
+
+
+def _release_all(future: concurrent.futures.Future[list[_SQSDelivery]]) -> None:
     """Give back what a poll brought after its receiver closed."""
     if future.cancelled() or future.exception() is not None:
         return

@@ -378,3 +378,31 @@ def test_a_delivery_that_waited_in_the_receiver_past_its_visibility_is_not_hande
         second.close()
         busy.close()
         other.close()
+
+
+# Defect: a topic's subscriptions were read once: messages no subscription took any more were
+# sent, and SNS dropped them -------------------------------------------------------------------
+
+
+def test_a_type_whose_last_subscription_went_away_becomes_unroutable_again(
+    sns_transport: SNSTransport, aws: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SNS drops a message no subscription takes, so the relay reads a topic's
+    subscriptions and calls such a message unroutable (retried, then dead-lettered). It
+    read them once per topic for the life of the transport: after the only consumer of a
+    type was retired (its subscription deleted, or its filter no longer naming the type),
+    a long-running relay kept sending that type as SENT, and SNS dropped every message.
+    Now the subscriptions are read again after ``SUBSCRIPTIONS_TTL`` seconds (0 here)."""
+    from outboxer.transports.sns import transport as sns_module
+
+    sns, _ = aws
+    topic = unique("orders")
+    receiver = sns_transport.receiver(Subscription(unique("billing"), [(topic, "#")]))
+    receiver.close()
+    assert sns_transport.send([envelope(topic, 1)])[0].outcome is Outcome.SENT
+    arn = sns.create_topic(Name=topic)["TopicArn"]
+    for found in sns.list_subscriptions_by_topic(TopicArn=arn)["Subscriptions"]:
+        sns.unsubscribe(SubscriptionArn=found["SubscriptionArn"])
+    monkeypatch.setattr(sns_module, "SUBSCRIPTIONS_TTL", 0.0)
+    [result] = sns_transport.send([envelope(topic, 2)])
+    assert (result.outcome, result.error_type) == (Outcome.REJECTED, "unroutable"), result

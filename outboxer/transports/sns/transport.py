@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,7 +27,12 @@ from .topology import (
     topic_arn,
 )
 
-__all__ = ["SNSTransport"]
+__all__ = ["SUBSCRIPTIONS_TTL", "SNSTransport"]
+
+SUBSCRIPTIONS_TTL = 60.0
+"""Seconds a topic's subscriptions (the types they take) are trusted before they are read
+again: SNS drops a message no subscription takes, and a consumer may have been retired
+or have stopped handling a type since."""
 
 
 class SNSTransport(BatchTransport):
@@ -93,6 +99,8 @@ class SNSTransport(BatchTransport):
         self.endpoint_url = endpoint_url
         self.description = describe("aws_sns", "sns", self.region, endpoint_url)
         self._arns: dict[str, str] = {}
+        self._read_at: dict[str, float] = {}
+        """When each topic's subscriptions were last read (time.monotonic())."""
         self._types: dict[str, frozenset[str] | None] = {}
         """The types each resolved topic's subscriptions take (None: every type)."""
 
@@ -115,7 +123,7 @@ class SNSTransport(BatchTransport):
         """The ARN of topic ``name`` once it has a subscriber, or the result of every
         message for it. The types its subscriptions take are read at the same time."""
         arn = self._arns.get(name)
-        if arn is not None:
+        if arn is not None and time.monotonic() - self._read_at[name] < SUBSCRIPTIONS_TTL:
             return arn
         problem = name_problem("sns", name)
         if problem is not None:
@@ -133,6 +141,7 @@ class SNSTransport(BatchTransport):
             )
         with self._lock:
             self._arns[name] = arn
+            self._read_at[name] = time.monotonic()
             self._types[arn] = types
         return arn
 

@@ -451,3 +451,61 @@ def test_a_keys_entries_after_one_sqs_failed_inside_the_same_call_are_not_sent()
         transport.close()
     assert results[3].outcome is Outcome.RETRY
     assert fake.sent == [0, 1, 2], "later messages of key k reached the queue before n=3"
+
+
+# Defect: a subscription deleted while the relay read the topic's subscriptions made the topic
+# "not exist" -----------------------------------------------------------------------------------
+
+
+class SubscriptionGoneSNS:
+    """An SNS client whose topic lists two subscriptions, the first deleted before its
+    attributes are read (GetSubscriptionAttributes: NotFound); the second takes the type."""
+
+    def __init__(self) -> None:
+        self.meta = SimpleNamespace(region_name="us-east-1", endpoint_url="http://fake.invalid")
+        self.published: list[int] = []
+
+    def create_topic(self, Name: str, Attributes: dict[str, str]) -> dict[str, str]:
+        return {"TopicArn": f"arn:aws:sns:us-east-1:123456789012:{Name}"}
+
+    def list_subscriptions_by_topic(self, TopicArn: str) -> dict[str, Any]:
+        return {
+            "Subscriptions": [
+                {"SubscriptionArn": TopicArn + ":gone", "Protocol": "sqs"},
+                {"SubscriptionArn": TopicArn + ":billing", "Protocol": "sqs"},
+            ]
+        }
+
+    def get_subscription_attributes(self, SubscriptionArn: str) -> dict[str, Any]:
+        if SubscriptionArn.endswith(":gone"):
+            raise client_error("NotFound", "GetSubscriptionAttributes")
+        return {
+            "Attributes": {"FilterPolicy": json.dumps({"outboxer-type": ["shop.order_placed"]})}
+        }
+
+    def publish_batch(self, TopicArn: str, PublishBatchRequestEntries: list[Any]) -> Any:
+        for entry in PublishBatchRequestEntries:
+            self.published.append(json.loads(entry["Message"])["n"])
+        return {"Successful": [{"Id": e["Id"]} for e in PublishBatchRequestEntries]}
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_subscription_deleted_while_it_is_read_leaves_the_topic_routable(
+    moto_endpoint: str,
+) -> None:
+    """Reading a topic's subscriptions lists them, then reads each one's filter; one
+    deleted in between (a consumer retired, or re-subscribing) answers NotFound. Before:
+    that NotFound was taken for the topic's, and every message of the batch was REJECTED
+    as 'SNS topic ... does not exist' while the topic and another subscription taking the
+    type were there (the subscriptions are read again every minute now, so the race comes
+    more often). Now the deleted subscription is skipped."""
+    fake = SubscriptionGoneSNS()
+    transport = SNSTransport(fake, endpoint_url=moto_endpoint, region="us-east-1")
+    try:
+        [result] = transport.send([envelope("orders", 5)])
+    finally:
+        transport.close()
+    assert result.outcome is Outcome.SENT, result
+    assert fake.published == [5]

@@ -216,7 +216,12 @@ def subscribed_types(sns: Any, topic_arn: str) -> frozenset[str] | None:
         arn = subscription.get("SubscriptionArn", "")
         if subscription.get("Protocol") != "sqs" or not arn.startswith("arn:"):
             return None  # pending confirmation, or not a queue: assume it takes everything
-        attributes = sns.get_subscription_attributes(SubscriptionArn=arn)["Attributes"]
+        try:
+            attributes = sns.get_subscription_attributes(SubscriptionArn=arn)["Attributes"]
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "NotFound":
+                continue  # deleted since it was listed: it takes nothing now
+            raise
         try:
             policy = json.loads(attributes.get("FilterPolicy") or NO_FILTER)
         except ValueError:

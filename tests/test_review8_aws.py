@@ -509,3 +509,47 @@ def test_a_subscription_deleted_while_it_is_read_leaves_the_topic_routable(
         transport.close()
     assert result.outcome is Outcome.SENT, result
     assert fake.published == [5]
+
+
+# Defect: an entry SQS throttled, blamed on the sender, was dead-lettered at once ----------------
+
+
+class ThrottlesEntries(ScriptedSQS):
+    """SendMessageBatch answers every entry of its first call with ``code`` and
+    ``SenderFault`` true (throttling is the caller's doing, as SQS sees it); later calls
+    succeed. AWS documents no list of per-entry codes, and moto never throttles: a fake."""
+
+    def __init__(self, code: str) -> None:
+        super().__init__([])
+        self.code = code
+
+    def send_message_batch(self, QueueUrl: str, Entries: list[dict[str, Any]]) -> dict[str, Any]:
+        with self._lock:
+            first = not self.calls
+            self.calls.append([json.loads(e["MessageBody"])["n"] for e in Entries])
+        if first:
+            failed = [{"Id": e["Id"], "SenderFault": True, "Code": self.code} for e in Entries]
+            return {"Successful": [], "Failed": failed}
+        return super().send_message_batch(QueueUrl, Entries)
+
+
+@pytest.mark.parametrize(
+    "code", ["RequestThrottled", "ThrottlingException", "KMS.ThrottlingException", "KmsThrottled"]
+)
+def test_an_entry_throttled_with_sender_fault_is_retried_not_dead_lettered(code: str) -> None:
+    """A failed entry with ``SenderFault`` true was REJECTED, and the relay dead-letters a
+    REJECTED message at its first attempt: a burst SQS (or KMS, for an encrypted queue)
+    throttled entry by entry became a row of dead letters, though the same messages go
+    through a moment later. A throttling code is RETRY whoever SQS blames; a malformed
+    entry stays REJECTED."""
+    fake = ThrottlesEntries(code)
+    transport = SQSTransport(fake, concurrency=1)  # type: ignore[arg-type]
+    try:
+        results = transport.send([envelope("orders", n) for n in range(3)])
+        assert [(r.outcome, r.error_type) for r in results] == [(Outcome.RETRY, code)] * 3
+        fake.code = "InvalidMessageContents"
+        fake.calls.clear()
+        [bad] = transport.send([envelope("orders", 9)])
+        assert bad.outcome is Outcome.REJECTED
+    finally:
+        transport.close()

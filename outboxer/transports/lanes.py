@@ -15,7 +15,8 @@ not tried), has the transport prepare the :class:`Item` of each message, and sen
 in lanes. The transport makes one batch call for a list of items (``call``, entry ids
 being their positions); this module decides what goes together and in which order, and
 reads the answers the same way for both services: a failed entry with ``SenderFault`` is
-REJECTED, any other failed entry RETRY; a whole call that raises gets ``call_failed``'s
+REJECTED (unless its code is throttling or the service's own error), any other failed
+entry RETRY; a whole call that raises gets ``call_failed``'s
 result for each of its messages, except that a call refused as invalid (REJECTED, but not
 ``unroutable``) is made again one entry per call, so only the bad message is REJECTED
 (a keyed message that fails there holds back its key's later ones, as between calls).
@@ -221,10 +222,20 @@ class _Sender(Generic[E]):
             code = failed.get("Code") or "error"
             message = failed.get("Message") or code
             index = chunk[int(failed["Id"])].index
-            if failed.get("SenderFault"):
+            if failed.get("SenderFault") and not _passing(code):
                 results[index] = SendResult.rejected(code, message)
             else:
                 results[index] = SendResult.retry(code, message)
+
+
+_PASSING = frozenset({"InternalError", "InternalFailure", "ServiceUnavailable"})
+
+
+def _passing(code: str) -> bool:
+    """Whether a failed entry's ``code`` is trouble that passes (throttling by the service
+    or by KMS, its own errors), which a later send gets through, whatever ``SenderFault``
+    says: AWS may blame a throttled entry on the sender, who sent too fast."""
+    return "Throttl" in code or code in _PASSING
 
 
 def plan_lanes(items: list[Item[E]], lanes: int) -> list[list[Item[E]]]:

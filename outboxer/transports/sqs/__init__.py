@@ -27,7 +27,8 @@ so that calls carry ten entries whenever possible. A call carries at most 10 ent
 or outage), later messages with its key in the same lane are held back (same outcome), so
 no later message overtakes it.
 
-Outcomes. A failed entry with ``SenderFault`` is REJECTED, any other failed entry RETRY. A
+Outcomes. A failed entry with ``SenderFault`` is REJECTED, unless its code is throttling
+(SQS's or KMS's) or SQS's own error, and any other failed entry RETRY. A
 whole call that cannot connect (refused, timed out) is UNAVAILABLE, as are bad credentials;
 throttling and server errors are RETRY; a call refused as invalid is re-sent one entry per
 call so only the bad message is REJECTED. A queue that does not exist is REJECTED as

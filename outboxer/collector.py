@@ -107,6 +107,8 @@ them belongs to a transaction around it): chunks wait until it ends."""
 _UNSURE = "outboxer.unsure"
 """Set when an outbox INSERT raised after it may have run: the next write first looks
 which kept messages the transaction holds already. Cleared by the outermost end."""
+_NO_TRANSACTION = "outboxer.no_transaction"
+"""Set by ``after_begin`` when a connection of this transaction is in AUTOCOMMIT."""
 RECORDED = "outboxer.recorded"
 """While ``outboxer.testing`` records, a list in ``session.info``: every INSERT of kept
 messages appends them (their ``Pending``); the outermost transaction's end removes it."""
@@ -124,6 +126,10 @@ def _after_begin(session: Session, transaction: SessionTransaction, connection: 
     # MariaDB: learn max_allowed_packet (once per engine), so publish() can refuse a
     # message that cannot fit before it is kept.
     store.learn_statement_limit(connection)
+    # Known once per connection (its isolation level cannot change inside a transaction),
+    # so that publish() need not ask again.
+    if _autocommit(connection):
+        _state(session)[_NO_TRANSACTION] = True
 
 
 def _before_commit(session: Session) -> None:
@@ -248,7 +254,9 @@ def _after_soft_rollback(session: Session, previous_transaction: SessionTransact
     if previous_transaction.nested or previous_transaction.parent is None:
         _forget_commit(session)  # a rollback ends any commit in progress
     if previous_transaction.parent is None:
-        _state(session).pop(_UNSURE, None)  # (a SAVEPOINT's rollback leaves the others)
+        # (a SAVEPOINT's rollback leaves these)
+        for name in (_UNSURE, _NO_TRANSACTION):
+            _state(session).pop(name, None)
     pending: list[Pending] | None = _state(session).get(_PENDING)
     if not pending:
         return
@@ -268,7 +276,8 @@ def _after_transaction_end(session: Session, transaction: SessionTransaction) ->
             _write_pending(session)  # the outermost transaction, now innermost, commits
     elif transaction.parent is None:
         _forget_commit(session)
-        _state(session).pop(_UNSURE, None)
+        for name in (_UNSURE, _NO_TRANSACTION):
+            _state(session).pop(name, None)
         session.info.pop(RECORDED, None)
         pending = _state(session).get(_PENDING)
         if pending:
@@ -289,6 +298,7 @@ def inside(transaction: SessionTransaction | None, ancestor: SessionTransaction)
     return False
 
 
+_ACTIVE = SessionTransactionState.ACTIVE
 _ENDED = {
     SessionTransactionState.COMMITTED: (
         "publish() after this session's transaction committed (from an after_commit "
@@ -361,7 +371,8 @@ def _autocommit(bind: Connection | Engine) -> bool:
     return bool(level == "AUTOCOMMIT")
 
 
-def _check_size(session: Session, message: store.NewMessage) -> None:
+def _check_size(session: Session, message: store.NewMessage) -> Engine | Connection | None:
+    """Raise MessageTooLarge when ``message`` cannot be stored; the bind of the outbox."""
     try:
         bind = session.get_bind(clause=_BIND_ARGUMENTS["clause"])
     except UnboundExecutionError:
@@ -374,15 +385,9 @@ def _check_size(session: Session, message: store.NewMessage) -> None:
                 "binds= cover other tables only; add outboxer's, e.g. sessionmaker(binds="
                 "{Base: engine, **dict.fromkeys(outboxer.metadata.sorted_tables, engine)})"
             ) from None
-        return  # no database yet: the commit will say so, as for Session.add()
-    if isinstance(bind, Connection):
-        store.check_size(message, bind.engine)
-        if bind._is_autocommit_isolation():
-            raise ConfigurationError(f"this session's connection {_AUTOCOMMIT}")
-    else:
-        store.check_size(message, bind)
-        if _autocommit(bind):
-            raise ConfigurationError(f"this session's database {_AUTOCOMMIT}")
+        return None  # no database yet: the commit will say so, as for Session.add()
+    store.check_size(message, bind.engine if isinstance(bind, Connection) else bind)
+    return bind
 
 
 def keep(session: Session, message: store.NewMessage, *, collector: bool, chunk_size: int) -> None:
@@ -392,13 +397,21 @@ def keep(session: Session, message: store.NewMessage, *, collector: bool, chunk_
     a rollback() right after publish() drops the message the same way it drops adds.
     ``collector`` False: write the kept messages every ``chunk_size`` of them.
     """
-    _check_size(session, message)
+    bind = _check_size(session, message)
     transaction = session.get_nested_transaction() or session._autobegin_t()
-    if transaction._state in _ENDED:
+    if transaction._state is not _ACTIVE and transaction._state in _ENDED:
         raise ConfigurationError(_ENDED[transaction._state])
-    if transaction._connections:
-        _check_connections(transaction)
     state = _state(session)
+    connections = transaction._connections
+    if connections:
+        if _NO_TRANSACTION in state:  # seen by _after_begin
+            raise ConfigurationError(f"this session's connection {_AUTOCOMMIT}")
+        for entry in connections.values():  # (connection, its transaction, ...)
+            nested = entry[0]._nested_transaction
+            if nested is not None and nested is not entry[1]:
+                raise ConfigurationError(_FOREIGN_SAVEPOINT)
+    elif bind is not None and _autocommit(bind):  # no connection yet: the bind's setting
+        raise ConfigurationError(f"this session's database {_AUTOCOMMIT}")
     pending = state.setdefault(_PENDING, [])
     pending.append(Pending(message, transaction))
     if state.get(_WRITTEN):

@@ -11,7 +11,7 @@ import uuid
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, event, select
+from sqlalchemy import create_engine, event, insert, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, InvalidRequestError, PendingRollbackError
 from sqlalchemy.ext.asyncio import async_scoped_session, async_sessionmaker, create_async_engine
@@ -480,3 +480,75 @@ def test_collector_off_a_chunk_failing_after_it_ran_is_not_written_twice(engine:
     finally:
         event.remove(engine, "after_cursor_execute", fail_after)
     assert stored_ids(engine) == published
+
+
+# asyncio: a commit cancelled while the outbox INSERT waits --------------------------------
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql"])
+async def test_a_commit_cancelled_while_its_outbox_insert_waits_stores_nothing(
+    engine: Engine, db_url: str
+) -> None:
+    """The task's cancellation reaches the driver inside the INSERT (another transaction
+    holds the outbox table locked): SQLAlchemy invalidates the connection, the rows and the
+    messages go together, and the next transaction stores its own once."""
+    async_engine = create_async_engine(async_url(db_url))
+    Session = async_sessionmaker(async_engine, class_=outboxer.AsyncOutboxSession)
+    try:
+        with engine.connect() as locker:
+            locker.begin()
+            locker.exec_driver_sql("LOCK TABLE outboxer_outbox IN EXCLUSIVE MODE")
+
+            async def place() -> None:
+                async with Session() as session:
+                    session.add(Order(id=1))
+                    session.publish(OrderPlaced(order_id=1))
+                    await session.commit()
+
+            task = asyncio.create_task(place())
+            deadline = asyncio.get_running_loop().time() + 20
+            while not waiting_on_a_lock(engine):  # the INSERT has reached the lock
+                assert asyncio.get_running_loop().time() < deadline, "the INSERT never waited"
+                assert not task.done(), task
+                await asyncio.sleep(0.02)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            locker.rollback()
+        assert order_ids(engine) == []
+        assert stored_ids(engine) == []
+        async with Session.begin() as session:
+            session.add(Order(id=1))
+            again = session.publish(OrderPlaced(order_id=1))
+        assert order_ids(engine) == [1]
+        assert stored_ids(engine) == [again]
+    finally:
+        await async_engine.dispose()
+
+
+def waiting_on_a_lock(engine: Engine) -> bool:
+    with engine.connect() as conn:
+        return bool(
+            conn.exec_driver_sql(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock' AND starts_with(query, 'INSERT INTO outboxer_outbox')"
+            ).scalar_one()
+        )
+
+
+def test_bulk_statements_and_publish_share_the_transaction(
+    engine: Engine, Session: SessionFactory
+) -> None:
+    with Session() as session:
+        session.execute(insert(Order), [{"id": i} for i in range(1, 50)])
+        session.publish(OrderPlaced(order_id=1))
+        session.bulk_save_objects([Order(id=100), Order(id=101)])
+        session.rollback()
+        session.execute(insert(Order), [{"id": i} for i in range(1, 5)])
+        kept = session.publish(OrderPlaced(order_id=2))
+        with session.begin_nested():
+            session.bulk_save_objects([Order(id=200)])
+            inner = session.publish(OrderPlaced(order_id=3))
+        session.commit()
+    assert order_ids(engine) == [1, 2, 3, 4, 200]
+    assert stored_ids(engine) == [kept, inner]

@@ -346,8 +346,9 @@ def test_a_delivery_that_waited_in_the_receiver_past_its_visibility_is_not_hande
     there, unextended (the consumer extends only what it was handed), their visibility
     runs out and SQS gives them to another consumer. Before: the next ``receive`` handed
     them out all the same, so two consumers processed the same message at once (here:
-    the one the first receiver's second poll brought). Now a delivery that waited past a
-    quarter of its visibility timeout is given back instead of handed out."""
+    the one the first receiver's second poll brought). Now a delivery that waited its
+    whole visibility timeout is dropped, not handed out (it comes back as any message
+    does), and one that waited a quarter of it is renewed first (the next test)."""
     _, sqs = aws
     names = [unique("busy-a"), unique("busy-b")]
     for name in names:
@@ -553,3 +554,43 @@ def test_an_entry_throttled_with_sender_fault_is_retried_not_dead_lettered(code:
         assert bad.outcome is Outcome.REJECTED
     finally:
         transport.close()
+
+
+def test_a_delivery_that_waited_part_of_its_visibility_is_renewed_and_handed_out(
+    moto_endpoint: str, aws: tuple[Any, Any]
+) -> None:
+    """The other half of the test above: a delivery that waited in the receiver more than
+    a quarter of its visibility timeout, but not all of it, is handed out with its
+    timeout renewed (ChangeMessageVisibilityBatch), so the consumer's extensions, which
+    count from the hand-out, come in time, and no other consumer gets it meanwhile;
+    it is not given back, which would spend one of the receives a queue's redrive policy
+    allows."""
+    _, sqs = aws
+    names = [unique("wait-a"), unique("wait-b")]
+    for name in names:
+        url = sqs.create_queue(QueueName=name, Attributes={"VisibilityTimeout": "4"})["QueueUrl"]
+        sqs.send_message(QueueUrl=url, MessageBody=json.dumps({"n": 1, "queue": name}))
+    busy = SQSTransport(endpoint_url=moto_endpoint, region="us-east-1")
+    other = SQSTransport(endpoint_url=moto_endpoint, region="us-east-1", visibility_timeout=60)
+    first = busy.receive_from(names)
+    second = other.receive_from(names)
+    try:
+        started = time.monotonic()
+        [handed] = first.receive(max_messages=1, timeout=1.0)
+        seen: set[str] = set()
+        while time.monotonic() - started < 1.5:  # the consumer is busy for 1.5 s
+            seen.update(d.message_id for d in second.receive(10, timeout=0.5))  # type: ignore[attr-defined]
+        assert not seen
+        late = first.receive(max_messages=10, timeout=1.0)
+        assert len(late) == 1, "the delivery that waited was not handed out"
+        renewed_at = time.monotonic()
+        # Its first timeout ends 4 s after the first receive; renewed, 4 s after the hand-out.
+        while time.monotonic() - renewed_at < 3.0:
+            seen.update(d.message_id for d in second.receive(10, timeout=0.5))  # type: ignore[attr-defined]
+        assert late[0].message_id not in seen  # type: ignore[attr-defined]
+        assert handed.message_id in seen  # type: ignore[attr-defined]  (not extended: back)
+    finally:
+        first.close()
+        second.close()
+        busy.close()
+        other.close()

@@ -38,10 +38,11 @@ Receiving. A receiver long-polls its queues (the consumer's own queue, created i
 missing, and every bound destination, also created if missing); SQS does not route by
 type, so everything in those queues is delivered. With several queues, one poll per queue
 is kept in flight, so none starves and a receive waits about ``timeout`` in all; messages
-a poll brings after ``receive`` returned are handed out by the next ``receive``, unless
-they waited there more than a quarter of their visibility timeout (a consumer too busy
-to ask): those are made visible again, not handed out, as SQS would soon give them to
-another consumer too. A queue
+a poll brings after ``receive`` returned are handed out by the next ``receive`` (a
+consumer too busy to ask leaves them waiting there, unextended: one that waited more than
+a quarter of its visibility timeout has it renewed first, one call per ten of a queue;
+one that waited all of it is dropped, as SQS may have given it to another consumer). A
+queue
 whose poll fails rests (1 s, doubling to 30 s) before it is polled again, and is logged as
 a warning (once a minute) while the other queues are read as usual; ``receive`` raises
 only when every queue is failing (an outage). A message without envelope attributes

@@ -124,7 +124,7 @@ default timeout); the consumer extends it while a handler runs."""
 
 STALE_FRACTION = 0.25
 """A delivery that waited in its receiver longer than this part of its visibility timeout
-is given back, not handed out (see :meth:`_SQSReceiver._take`)."""
+has its visibility renewed before it is handed out (see :meth:`_SQSReceiver._take`)."""
 
 _REPORT_EVERY = 60.0
 """Seconds between warnings about one queue's failed polls that were not raised."""
@@ -275,7 +275,7 @@ class _SQSReceiver(Receiver):
             if self._closed:
                 return []
             earlier = self._harvest()
-            stale = self._take(0)[1]
+            self._take(0)  # drop the expired ones, so that the queues are polled again
             if not self._buffer:
                 now = time.monotonic()
                 start = next(self._turn) % len(self._queues)
@@ -297,8 +297,9 @@ class _SQSReceiver(Receiver):
             )
         with self._lock:
             error = self._harvest() or earlier
-            taken, later = self._take(max_messages)
-        _give_back([*stale, *later])
+            taken, stale = self._take(max_messages)
+        if stale:
+            taken.extend(_renewed(stale, _visibility_seconds(self.visibility_timeout or 0)))
         if error is not None:
             if not taken and not self._any_healthy():
                 raise error
@@ -309,29 +310,35 @@ class _SQSReceiver(Receiver):
         return taken
 
     def _take(self, count: int) -> tuple[list[Delivery], list[_SQSDelivery]]:
-        """Up to ``count`` buffered deliveries to hand out (lock held), and the stale ones
-        met on the way (all of them with ``count`` 0).
+        """Up to ``count`` buffered deliveries to hand out (lock held): the fresh ones,
+        and the stale ones, whose visibility the caller renews first. Expired ones met on
+        the way (all of them with ``count`` 0) are dropped.
 
         What a poll brought after ``receive`` returned waits here for the next
         ``receive``, which a consumer whose workers are all busy does not make: meanwhile
-        nothing extends it (the consumer extends what it was handed), and once its
-        visibility timeout runs out SQS hands it to another consumer too. So a delivery
-        that waited more than :data:`STALE_FRACTION` of the timeout is not handed out,
-        but given back (the consumer, counting from the hand-out, extends it in time
-        only if little of its timeout is gone)."""
+        nothing extends it (the consumer extends what it was handed, counting from the
+        hand-out), and once its visibility timeout runs out SQS hands it to another
+        consumer too. So a delivery that waited more than :data:`STALE_FRACTION` of the
+        timeout has it renewed before it is handed out (one call per ten of a queue), and
+        one that waited the whole timeout is not handed out at all: it is visible again,
+        or another consumer has it, and it comes back as any message does."""
         taken: list[Delivery] = []
         stale: list[_SQSDelivery] = []
         limit = self._stale_after
         now = time.monotonic()
         kept: deque[_SQSDelivery] = deque()
-        while self._buffer and (count == 0 or len(taken) < count):
+        while self._buffer and (count == 0 or len(taken) + len(stale) < count):
             delivery = self._buffer.popleft()
-            if limit is not None and now - delivery.received_at > limit:
-                stale.append(delivery)
-            elif count:
-                taken.append(delivery)
-            else:
+            age = now - delivery.received_at
+            if limit is not None and age >= limit / STALE_FRACTION:
+                delivery._settled = True  # its receipt handle is no longer ours to use
+                log.debug("%r waited past its visibility timeout: dropped", delivery)
+            elif not count:
                 kept.append(delivery)
+            elif limit is not None and age > limit:
+                stale.append(delivery)
+            else:
+                taken.append(delivery)
         self._buffer.extendleft(reversed(kept))
         return taken, stale
 
@@ -542,22 +549,39 @@ def _delete_batch(deliveries: list[_SQSDelivery]) -> None:
             delivery._settled = delivery._call("delete", delivery._delete)
 
 
-def _give_back(deliveries: list[_SQSDelivery]) -> None:
-    """Make ``deliveries`` visible again at once (stale, see :meth:`_SQSReceiver._take`):
-    one ``ChangeMessageVisibilityBatch`` per ten of a queue; one whose receipt handle
-    expired (SQS gave it to someone else) is gone, logged at debug level."""
-    if not deliveries:
-        return
-    log.debug("giving back %d deliveries that waited too long to be handed out", len(deliveries))
+def _renewed(deliveries: list[_SQSDelivery], seconds: int) -> list[_SQSDelivery]:
+    """``deliveries`` whose visibility timeout was set to ``seconds`` from now (one
+    ``ChangeMessageVisibilityBatch`` per ten of a queue), without those SQS says are no
+    longer held (received by another consumer meanwhile, or visible again). A call that
+    fails as a whole hands them all out as they are (a warning)."""
+    kept: list[_SQSDelivery] = []
     for group in _by_queue(deliveries):
         for start in range(0, len(group), MAX_BATCH_ENTRIES):
             chunk = group[start : start + MAX_BATCH_ENTRIES]
-            if len(chunk) == 1:
-                chunk[0].release()
-            else:
-                _extend_batch(chunk, 0)
-            for delivery in chunk:
-                delivery._settled = True
+            first = chunk[0]
+            try:
+                response = first._client.change_message_visibility_batch(
+                    QueueUrl=first._url,
+                    Entries=[
+                        {"Id": str(i), "ReceiptHandle": d._receipt, "VisibilityTimeout": seconds}
+                        for i, d in enumerate(chunk)
+                    ],
+                )
+            except Exception as exc:
+                _extend_failed(first, len(chunk), exc)
+                kept.extend(chunk)
+                continue
+            gone: set[str] = set()
+            for entry in response.get("Failed", ()):
+                if _gone(entry.get("Code", ""), entry.get("Message", "")):
+                    gone.add(entry.get("Id", ""))
+            for i, delivery in enumerate(chunk):
+                if str(i) in gone:
+                    delivery._settled = True
+                    log.debug("%r waited too long to be handed out: gone", delivery)
+                else:
+                    kept.append(delivery)
+    return kept
 
 
 def _release_all(future: concurrent.futures.Future[list[_SQSDelivery]]) -> None:

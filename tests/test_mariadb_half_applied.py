@@ -337,7 +337,10 @@ def test_an_index_of_another_shape_is_named_in_one_line(mariadb_db: str) -> None
     assert "DROP INDEX ix_outboxer_outbox_pending ON outboxer_outbox" in error, output
 
 
-ATTEMPTS = 10
+LONG = os.environ.get("HYPOTHESIS_PROFILE") == "chaos"
+ATTEMPTS = 20 if LONG else 4
+"""Random kills per run: 4 in ``make test`` (about 15 s), 20 in ``make chaos`` (the tests
+marked ``long_profile``), each with a fresh seed, printed."""
 
 
 def migrating(url: str) -> tuple[subprocess.Popen[str], float]:
@@ -351,6 +354,7 @@ def migrating(url: str) -> tuple[subprocess.Popen[str], float]:
     pytest.fail(f"outboxer db upgrade never migrated: {finish(deploy)}")
 
 
+@pytest.mark.long_profile
 def test_db_upgrade_killed_at_random_moments_is_finished_by_the_next(
     clean_shape: dict[str, str],
 ) -> None:
@@ -381,7 +385,7 @@ def test_db_upgrade_killed_at_random_moments_is_finished_by_the_next(
             returncode, out, err = finish(start_upgrade(url))
             assert returncode == 0, (seed, left[-1], out, err[-2000:])
             assert_clean_head(url, clean_shape)
-    assert time.monotonic() - started < 60, f"{ATTEMPTS} attempts took too long"
+    assert time.monotonic() - started < 6 * ATTEMPTS, f"{ATTEMPTS} attempts took too long"
     print(f"the DDL took {span:.2f} s; the kills left (revision, tables):", left)
 
 

@@ -162,3 +162,17 @@ def test_the_wheel_installs_with_two_extras_and_migrates_a_fresh_database(
         assert {"outboxer_outbox", "outboxer_inbox", "outboxer_dead_letter"} <= tables
     finally:
         server.drop_database(url)
+
+
+def test_the_long_running_commands_start_without_importing_alembic(tmp_path: Path) -> None:
+    """Before (2026-11-30): every ``outboxer`` and ``outboxer-inbox`` process imported
+    Alembic (and Mako, Pygments) at start-up, for the revision list in ``db upgrade
+    --help``: about 0.2 s of each start, and of each relay or consumer a test, a deploy or
+    a restart loop spawns. Only the ``db`` commands need it."""
+    script = (
+        "import sys\n"
+        "from outboxer.cli import main\n"
+        "from outboxer.cli.inbox import main as inbox_main\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('alembic', 'mako')))\n"
+    )
+    assert run(sys.executable, "-c", script, cwd=tmp_path).strip() == "[]"

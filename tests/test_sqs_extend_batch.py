@@ -206,7 +206,7 @@ class FakeSQS:
 
 
 def fake_deliveries(client: FakeSQS, count: int, url: str = "q-url") -> list[Delivery]:
-    from outboxer.transports.sqs.receiver import _SQSDelivery
+    from outboxer.transports.sqs.deliveries import _SQSDelivery
 
     return [
         _SQSDelivery(client, "q", url, {"MessageId": f"m{i}", "ReceiptHandle": f"r{i}"})  # type: ignore[arg-type]

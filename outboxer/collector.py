@@ -45,6 +45,7 @@ the external transaction's commit or rollback decides, as it does for the domain
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,7 +56,7 @@ from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.session import SessionTransactionState
 
 from . import store
-from .errors import ConfigurationError
+from .errors import ConfigurationError, OutboxerError
 from .store.outbox import _MAX_ROWS_PER_STATEMENT
 from .tables import outbox
 
@@ -130,6 +131,51 @@ def _after_begin(session: Session, transaction: SessionTransaction, connection: 
     # so that publish() need not ask again.
     if _autocommit(connection):
         _state(session)[_NO_TRANSACTION] = True
+    if connection.dialect.name in _MYSQL:
+        _watch_for_lost_transactions(connection, transaction)
+
+
+_MYSQL = frozenset({"mysql", "mariadb"})
+_LOST = "outboxer.transaction_lost"
+"""In ``connection.info`` (MariaDB/MySQL): the database rolled the whole transaction back."""
+_watched: weakref.WeakSet[Engine] = weakref.WeakSet()
+_LOST_MESSAGE = (
+    "the database rolled this transaction back (on MariaDB/MySQL a deadlock ends the "
+    "whole transaction, not only the statement or the SAVEPOINT that hit it, and the next "
+    "statement begins a new one): the rows written before it are gone, so the messages "
+    "published with them cannot be stored. Roll back (session.rollback()) and run the "
+    "whole transaction again"
+)
+
+
+def _watch_for_lost_transactions(connection: Connection, transaction: SessionTransaction) -> None:
+    """MariaDB/MySQL: note on the connection when an error ended its whole transaction.
+
+    InnoDB rolls the whole transaction back on a deadlock (1213), inside a SAVEPOINT too,
+    whose ROLLBACK TO SAVEPOINT then fails (1305). A caller that catches the error and
+    goes on writes into a new transaction that the server began by itself: its COMMIT
+    stored the messages published before the deadlock while their rows were gone. The
+    write at commit now refuses (``_check_writing``). One ``handle_error`` listener per
+    engine, called on errors only; the mark is cleared when a session transaction begins.
+    """
+    engine = connection.engine
+    if engine not in _watched:
+        event.listen(engine, "handle_error", _note_lost_transaction)
+        _watched.add(engine)
+    if transaction.parent is None:
+        connection.info.pop(_LOST, None)
+
+
+def _note_lost_transaction(context: Any) -> None:
+    error = context.original_exception
+    args = getattr(error, "args", None)
+    code = args[0] if isinstance(args, tuple) and args else None
+    if code == 1213 or (
+        code == 1305 and "ROLLBACK TO SAVEPOINT" in str(context.statement or "").upper()
+    ):
+        connection = context.connection
+        if connection is not None and not connection.closed:
+            connection.info[_LOST] = True
 
 
 def _before_commit(session: Session) -> None:
@@ -345,7 +391,10 @@ def _check_connections(transaction: SessionTransaction) -> None:
 
 
 def _check_writing(conn: Connection, transaction: SessionTransaction | None) -> None:
-    """Before the INSERT: the same, and pysqlite's own autocommit mode."""
+    """Before the INSERT: the same, pysqlite's own autocommit mode, and a transaction
+    the database rolled back by itself (MariaDB/MySQL)."""
+    if conn.dialect.name in _MYSQL and conn.info.get(_LOST):
+        raise OutboxerError(_LOST_MESSAGE)
     if transaction is not None and transaction._connections:
         _check_connections(transaction)
     if _autocommit(conn):

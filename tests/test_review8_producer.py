@@ -7,13 +7,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
 import uuid
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, event, insert, select
+from sqlalchemy import create_engine, event, insert, select, update
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError, InvalidRequestError, PendingRollbackError
+from sqlalchemy.exc import (
+    IntegrityError,
+    InvalidRequestError,
+    OperationalError,
+    PendingRollbackError,
+)
 from sqlalchemy.ext.asyncio import async_scoped_session, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import scoped_session, sessionmaker
 
@@ -552,3 +559,86 @@ def test_bulk_statements_and_publish_share_the_transaction(
         session.commit()
     assert order_ids(engine) == [1, 2, 3, 4, 200]
     assert stored_ids(engine) == [kept, inner]
+
+
+# MariaDB: a deadlock ends the whole transaction ---------------------------------------------
+
+
+def lose_a_deadlock(engine: Engine, session: outboxer.OutboxSession, *, savepoint: bool) -> Any:
+    """Make ``session`` the victim of a real deadlock (its transaction is the lighter one,
+    so InnoDB rolls it back); returns the error its caller caught, and the other
+    transaction's connection, still open."""
+    other = engine.connect()
+    other.begin()
+    other.execute(update(Order).where(Order.id >= 100).values(customer="heavy"))
+    other.execute(update(Order).where(Order.id == 1).values(customer="other"))
+    caught: list[BaseException] = []
+    waiting = threading.Event()
+
+    def victim() -> None:
+        try:
+            if savepoint:
+                with session.begin_nested():
+                    session.execute(update(Order).where(Order.id == 2).values(customer="s"))
+                    waiting.set()
+                    session.execute(update(Order).where(Order.id == 1).values(customer="s"))
+            else:
+                session.execute(update(Order).where(Order.id == 2).values(customer="s"))
+                waiting.set()
+                session.execute(update(Order).where(Order.id == 1).values(customer="s"))
+        except OperationalError as exc:  # what the application catches, and goes on
+            caught.append(exc)
+
+    thread = threading.Thread(target=victim)
+    thread.start()
+    assert waiting.wait(10)
+    deadline = time.monotonic() + 10
+    while not lock_waits(engine):  # the victim waits for row 1
+        assert time.monotonic() < deadline, "the session never waited for the lock"
+    other.execute(update(Order).where(Order.id == 2).values(customer="other"))  # deadlock
+    thread.join(20)
+    assert not thread.is_alive()
+    assert caught, "the session was not the deadlock's victim"
+    return other
+
+
+def lock_waits(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(
+            conn.exec_driver_sql(
+                "SELECT count(*) FROM information_schema.innodb_trx WHERE trx_state = 'LOCK WAIT'"
+            ).scalar_one()
+        )
+
+
+@pytest.mark.parametrize("db_kind", ["mariadb"])
+@pytest.mark.parametrize("savepoint", [True, False])
+def test_a_deadlock_the_application_caught_makes_the_commit_refuse_not_store_lost_rows_messages(
+    engine: Engine, Session: SessionFactory, savepoint: bool
+) -> None:
+    """Before: InnoDB rolled the whole transaction back (the row of order 3 with it), the
+    application caught the error (from the SAVEPOINT's ROLLBACK TO, 1305, or from the
+    statement, 1213) and went on, and the commit stored order 3's message in the new
+    transaction the server had begun: a message without its row."""
+    with engine.begin() as conn:
+        conn.execute(insert(Order), [{"id": 1}, {"id": 2}] + [{"id": 100 + i} for i in range(50)])
+    with Session() as session:
+        session.add(Order(id=3))
+        session.publish(OrderPlaced(order_id=3))
+        session.flush()
+        other = lose_a_deadlock(engine, session, savepoint=savepoint)
+        try:
+            session.add(Order(id=4))
+            session.publish(OrderPlaced(order_id=4))
+            with pytest.raises(outboxer.OutboxerError, match="rolled this transaction back"):
+                session.commit()
+            session.rollback()
+        finally:
+            other.commit()
+            other.close()
+        assert stored_ids(engine) == []
+        session.add(Order(id=3))  # the whole transaction again: stored
+        again = session.publish(OrderPlaced(order_id=3))
+        session.commit()
+    assert [i for i in order_ids(engine) if i < 100] == [1, 2, 3]
+    assert stored_ids(engine) == [again]

@@ -240,7 +240,7 @@ def _insert_pending(
     if not pending:
         return
     connection = session.connection(bind_arguments=_BIND_ARGUMENTS)
-    _check_writing(connection, session.get_nested_transaction() or session.get_transaction())
+    _check_writing(connection, session)
     notify = getattr(session, "outboxer_notify", True)
     recorded: list[Pending] | None = session.info.get(RECORDED)
 
@@ -378,27 +378,35 @@ _FOREIGN_SAVEPOINT = (
 )
 
 
-def _check_connections(transaction: SessionTransaction) -> None:
-    """At publish(): refuse what the session cannot see through, a connection in
-    AUTOCOMMIT or a SAVEPOINT begun on the connection inside the session's innermost
-    transaction. No I/O: it reads what SQLAlchemy knows of the connections checked out."""
-    for conn, trans, *_ in transaction._connections.values():
-        nested = conn._nested_transaction
-        if nested is not None and nested is not trans:
-            raise ConfigurationError(_FOREIGN_SAVEPOINT)
-        if conn._is_autocommit_isolation():
-            raise ConfigurationError(f"this session's connection {_AUTOCOMMIT}")
-
-
-def _check_writing(conn: Connection, transaction: SessionTransaction | None) -> None:
-    """Before the INSERT: the same, pysqlite's own autocommit mode, and a transaction
-    the database rolled back by itself (MariaDB/MySQL)."""
+def _check_writing(conn: Connection, session: Session) -> None:
+    """Before an outbox INSERT: refuse a connection in AUTOCOMMIT (pysqlite's own mode
+    included), a transaction the database rolled back by itself (MariaDB/MySQL), and a
+    SAVEPOINT begun on the connection and still open when the session writes but does not
+    commit the connection (``join_transaction_mode="rollback_only"``): the messages would
+    go inside it, and its rollback by the code around the session would drop them while
+    the rows flushed before it stayed. (A session that commits releases it with its
+    COMMIT or its own RELEASE.)"""
     if conn.dialect.name in _MYSQL and conn.info.get(_LOST):
         raise OutboxerError(_LOST_MESSAGE)
-    if transaction is not None and transaction._connections:
-        _check_connections(transaction)
     if _autocommit(conn):
         raise ConfigurationError(f"this session's connection {_AUTOCOMMIT}")
+    nested = conn._nested_transaction
+    if nested is None:
+        return
+    innermost = session.get_nested_transaction() or session.get_transaction()
+    own = innermost._connections.get(conn) if innermost is not None else None
+    if own is None or nested is own[1]:
+        return
+    root = session.get_transaction()
+    entry = root._connections.get(conn) if root is not None else None
+    if entry is None or not entry[2]:  # should_commit
+        raise ConfigurationError(
+            "the session writes its messages while a SAVEPOINT begun on its connection "
+            "(connection.begin_nested()) is still open, and does not commit that connection "
+            "itself (join_transaction_mode='rollback_only'): the messages would go inside "
+            "that SAVEPOINT, and its rollback would drop them but not the rows flushed "
+            "before it. Release or roll back that SAVEPOINT before session.commit()"
+        )
 
 
 def _autocommit(bind: Connection | Engine) -> bool:

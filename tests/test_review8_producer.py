@@ -113,6 +113,43 @@ def test_publish_inside_a_savepoint_of_the_sessions_connection_is_refused(
     assert stored_ids(engine) == [kept, inner]
 
 
+def test_a_savepoint_of_the_connection_left_open_at_commit_is_released_by_it(
+    engine: Engine, Session: SessionFactory
+) -> None:
+    with Session() as session:
+        session.add(Order(id=1))
+        kept = session.publish(OrderPlaced(order_id=1))
+        session.flush()
+        session.connection().begin_nested()  # left open: the COMMIT releases it
+        session.add(Order(id=2))
+        session.commit()
+    assert order_ids(engine) == [1, 2]
+    assert stored_ids(engine) == [kept]
+
+
+def test_a_rollback_only_session_refuses_to_write_inside_a_savepoint_it_does_not_own(
+    engine: Engine,
+) -> None:
+    """The code around a joined session opens a SAVEPOINT after the session's rows were
+    flushed, and the session commits (writes) inside it: rolling it back would drop the
+    messages and keep the rows flushed before it."""
+    with engine.connect() as conn:
+        conn.begin()
+        session = outboxer.OutboxSession(bind=conn, join_transaction_mode="rollback_only")
+        session.add(Order(id=1))
+        session.publish(OrderPlaced(order_id=1))
+        session.flush()
+        savepoint = conn.begin_nested()
+        with pytest.raises(outboxer.ConfigurationError, match="Release or roll back"):
+            session.commit()
+        savepoint.rollback()
+        session.commit()  # now outside it: written with the rows
+        session.close()
+        conn.commit()
+    assert order_ids(engine) == [1]
+    assert len(stored_ids(engine)) == 1
+
+
 # AUTOCOMMIT ---------------------------------------------------------------------------
 
 
@@ -642,3 +679,34 @@ def test_a_deadlock_the_application_caught_makes_the_commit_refuse_not_store_los
         session.commit()
     assert [i for i in order_ids(engine) if i < 100] == [1, 2, 3]
     assert stored_ids(engine) == [again]
+
+
+@pytest.mark.parametrize("how", ["close", "reset", "invalidate"])
+def test_ending_the_session_before_commit_drops_its_messages(
+    engine: Engine, Session: SessionFactory, how: str
+) -> None:
+    with Session() as session:
+        session.add(Order(id=1))
+        session.publish(OrderPlaced(order_id=1))
+        session.flush()
+        getattr(session, how)()
+        after = session.publish(OrderPlaced(order_id=2))  # the session's next transaction
+        session.commit()
+    assert order_ids(engine) == []
+    assert stored_ids(engine) == [after]
+
+
+@pytest.mark.parametrize("how", ["expunge_all", "expire_all"])
+def test_messages_are_not_orm_objects_expunge_and_expire_keep_them(
+    engine: Engine, Session: SessionFactory, how: str
+) -> None:
+    """The message belongs to the transaction, not to the identity map: clearing the
+    session's objects does not unpublish it (as it does not undo session.execute())."""
+    with Session() as session:
+        session.add(Order(id=1))
+        session.flush()
+        published = session.publish(OrderPlaced(order_id=1))
+        getattr(session, how)()
+        session.commit()
+    assert order_ids(engine) == [1]
+    assert stored_ids(engine) == [published]

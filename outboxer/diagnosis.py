@@ -15,6 +15,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+
 from .errors import (
     BrokerAccessDenied,
     BrokerUnavailable,
@@ -100,6 +102,8 @@ AWS_BAD_CREDENTIALS = frozenset(
 )
 """AWS error codes that mean the credentials were refused (the SQS transport uses them too)."""
 _AWS_REFUSED = AWS_BAD_CREDENTIALS | {"AccessDenied", "AccessDeniedException"}
+_BACKGROUND = re.compile(r"\s*\(Background on this error at: [^)]*\)")
+"""The link SQLAlchemy adds to its errors' text."""
 _CONNECT_WORDS = re.compile(
     r"connection refused|could not connect|can't connect|could not translate host name|"
     r"name or service not known|temporary failure in name resolution|timeout expired|"
@@ -234,6 +238,13 @@ def _database(error: BaseException, url: str | None) -> OperatorError | None:
     # may show row values): only the driver's own message says what the database meant.
     orig = getattr(error, "orig", None)
     text = str(orig if isinstance(orig, BaseException) else error)
+    if isinstance(error, PoolTimeout):
+        limit = _BACKGROUND.sub("", text)
+        return DatabaseUnavailable(
+            f"every connection of the engine's pool is in use ({_detail(limit)}), so the "
+            "database was not asked: raise the engine's pool_size or max_overflow (a "
+            "consumer takes one per worker), or give outboxer an engine of its own"
+        )
     if type(error).__name__ == "ArgumentError" and "URL" in text:
         return InvalidURL(f"not a database URL: {where}; use dialect+driver://user@host/db")
     if sqlstate == _PG_NO_DATABASE or code == _MY_NO_DATABASE or _NO_DATABASE.search(text):

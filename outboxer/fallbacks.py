@@ -18,6 +18,7 @@ from typing import Any
 
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from .diagnosis import refuses_writes, try_again
 from .redaction import error_text, printable
@@ -42,9 +43,12 @@ def lost_database(error: BaseException) -> bool:
 
 def no_connection(error: BaseException) -> bool:
     """No connection could be opened (refused, "the database system is starting up", too
-    many clients), or the database takes no write at all (a replica, a failed-over
+    many clients), none could be had from the engine's pool within its ``pool_timeout``
+    (every one in use), or the database takes no write at all (a replica, a failed-over
     primary): the database is unusable, not refusing this row. SQLAlchemy raises the first
     kind with no statement."""
+    if isinstance(error, PoolTimeout):
+        return True
     return isinstance(error, DBAPIError) and (error.statement is None or refuses_writes(error))
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from sqlalchemy import create_engine
 from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.pool import QueuePool
 
 from .. import instrumentation
 from ..checks import check_number
@@ -117,6 +118,7 @@ class Relay:
         )
         self._failure_session = check_callback(on_failure)
         self.on_failure = on_failure
+        _require_pool_room(engine)
         self.engine = engine
         self.transport = transport
         self.batch_size = batch_size
@@ -216,6 +218,28 @@ class Relay:
         if not self._observing:
             self._observing = True
             instrumentation.get().observe_outbox(self.figures)
+
+
+CONNECTIONS = 2
+"""Connections a relay holds of its engine's pool at once: one keeps its liveness lock for
+as long as it runs, one claims and settles (PostgreSQL's LISTEN has one of its own)."""
+
+
+def _require_pool_room(engine: Engine) -> None:
+    """Refuse an engine whose pool cannot lend :data:`CONNECTIONS` at once: every claim
+    would wait for the pool's timeout and fail, over and over, with the database fine."""
+    pool = engine.pool
+    if not isinstance(pool, QueuePool) or pool._max_overflow < 0:
+        return  # no limit (NullPool, overflow -1), or one shared connection (StaticPool)
+    room = pool.size() + pool._max_overflow
+    _require(
+        room >= CONNECTIONS,
+        f"an outboxer.Relay holds {CONNECTIONS} connections of its engine at once (one "
+        f"keeps its liveness lock while it runs, one claims and settles), and this engine's "
+        f"pool lends {room} (pool_size={pool.size()}, max_overflow={pool._max_overflow}): "
+        f"create the engine with pool_size={CONNECTIONS} or more (or a max_overflow), or "
+        "give the relay an engine of its own",
+    )
 
 
 def _require(condition: bool, message: str) -> None:

@@ -45,6 +45,7 @@ the external transaction's commit or rollback decides, as it does for the domain
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -151,9 +152,9 @@ _LOST_MESSAGE = (
 def _watch_for_lost_transactions(connection: Connection, transaction: SessionTransaction) -> None:
     """MariaDB/MySQL: note on the connection when an error ended its whole transaction.
 
-    InnoDB rolls the whole transaction back on a deadlock (1213), inside a SAVEPOINT too,
-    whose ROLLBACK TO SAVEPOINT then fails (1305). A caller that catches the error and
-    goes on writes into a new transaction that the server began by itself: its COMMIT
+    InnoDB rolls the whole transaction back on a deadlock (1213), inside a SAVEPOINT
+    too, whose ROLLBACK TO (or RELEASE) SAVEPOINT then fails (1305). A caller that
+    catches the error and goes on writes into a new transaction the server began: its COMMIT
     stored the messages published before the deadlock while their rows were gone. The
     write at commit now refuses (``_check_writing``). One ``handle_error`` listener per
     engine, called on errors only; the mark is cleared when a session transaction begins.
@@ -171,11 +172,13 @@ def _note_lost_transaction(context: Any) -> None:
     args = getattr(error, "args", None)
     code = args[0] if isinstance(args, tuple) and args else None
     if code == 1213 or (
-        code == 1305 and "ROLLBACK TO SAVEPOINT" in str(context.statement or "").upper()
+        # 1305 is also "FUNCTION ... does not exist": only a SAVEPOINT statement's counts
+        code == 1305 and "SAVEPOINT" in str(context.statement or "").upper()
     ):
         connection = context.connection
-        if connection is not None and not connection.closed:
-            connection.info[_LOST] = True
+        if connection is not None and not (connection.closed or connection.invalidated):
+            with contextlib.suppress(Exception):  # never replace the application's error
+                connection.info[_LOST] = True
 
 
 def _before_commit(session: Session) -> None:

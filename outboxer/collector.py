@@ -211,7 +211,14 @@ def _write_pending(session: Session) -> None:
     # Messages published by listeners during this flush (before_flush) join this INSERT;
     # those published after it, during the rest of the commit, are written through.
     _insert_pending(session, flush=True)
-    _state(session)[_WRITTEN] = True
+    state = _state(session)
+    while state.get(_PENDING):
+        # Published while the INSERT awaited the database, by another task sharing an
+        # AsyncOutboxSession (publish() does no I/O, so SQLAlchemy's guard against
+        # concurrent tasks does not stop it): write them too, before the COMMIT. They
+        # used to stay kept, and the end of the transaction dropped them.
+        _insert_pending(session, flush=False)
+    state[_WRITTEN] = True
 
 
 def _insert_pending(

@@ -710,3 +710,36 @@ def test_messages_are_not_orm_objects_expunge_and_expire_keep_them(
         session.commit()
     assert order_ids(engine) == [1]
     assert stored_ids(engine) == [published]
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql"])
+async def test_a_message_published_while_the_commit_awaits_its_outbox_insert_is_stored(
+    engine: Engine, db_url: str
+) -> None:
+    """publish() does no I/O, so another task can call it on an AsyncOutboxSession while
+    that session's commit awaits the outbox INSERT (SQLAlchemy guards only I/O against
+    concurrent tasks). Before: the message joined the kept list after the INSERT's rows
+    were chosen, and the end of the transaction dropped it; publish() had returned its
+    id and no error came."""
+    async_engine = create_async_engine(async_url(db_url))
+    try:
+        with engine.connect() as locker:
+            locker.begin()
+            locker.exec_driver_sql("LOCK TABLE outboxer_outbox IN EXCLUSIVE MODE")
+            session = outboxer.AsyncOutboxSession(async_engine)
+            session.add(Order(id=1))
+            first = session.publish(OrderPlaced(order_id=1))
+            committing = asyncio.create_task(session.commit())
+            deadline = asyncio.get_running_loop().time() + 20
+            while not waiting_on_a_lock(engine):
+                assert asyncio.get_running_loop().time() < deadline, "the INSERT never waited"
+                assert not committing.done(), committing
+                await asyncio.sleep(0.02)
+            second = session.publish(OrderPlaced(order_id=2))  # another task's publish
+            locker.rollback()
+        await committing
+        await session.close()
+    finally:
+        await async_engine.dispose()
+    assert order_ids(engine) == [1]
+    assert stored_ids(engine) == [first, second]

@@ -137,6 +137,7 @@ class Relay:
         self._clock = clock
         self._rand = rand
         self._stop = threading.Event()
+        self._running = threading.Lock()
         self._waiter: Waiter | None = None
         self._last_prune = float("-inf")
         self._observing = False
@@ -164,16 +165,25 @@ class Relay:
         waiting for the broker to come back, and a database error is raised. Missing
         outboxer tables raise :class:`~outboxer.errors.OutboxerError` in both modes.
         """
-        self._stop.clear()
-        self._observe_backlog()
-        waiter = None if once else make_waiter(self.engine, listen=self.listen)
-        self._waiter = waiter
+        if not self._running.acquire(blocking=False):
+            raise ConfigurationError(
+                f"relay {self.name} is already running (run() was called in another thread "
+                "and has not returned): one Relay runs one loop; for a second loop make a "
+                "second outboxer.Relay (they share the work and keep each key's order)"
+            )
         try:
-            return Run(self, once, waiter).loop()
+            self._stop.clear()
+            self._observe_backlog()
+            waiter = None if once else make_waiter(self.engine, listen=self.listen)
+            self._waiter = waiter
+            try:
+                return Run(self, once, waiter).loop()
+            finally:
+                self._waiter = None
+                if waiter is not None:
+                    waiter.close()
         finally:
-            self._waiter = None
-            if waiter is not None:
-                waiter.close()
+            self._running.release()
 
     def stop(self) -> None:
         """Finish the batches in flight, then make :meth:`run` return. Thread- and signal-safe."""

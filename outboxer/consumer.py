@@ -61,7 +61,9 @@ class Consumer(Registration):
     progress or waiting for a worker); by default 50, or two batches per worker when that
     is more (``2 * concurrency * batch_size``). Inbox rows older than ``inbox_retention`` seconds
     (default 7 days) are pruned by the running consumer, and dead letters older than
-    ``dead_letter_retention`` when it is set.
+    ``dead_letter_retention`` when it is set. A handler run (or a batch's) that lasts
+    longer than ``slow_handler_warning`` seconds (default 60; None: never) is logged as a
+    WARNING, again each time it has run twice as long (:mod:`outboxer.watchdog`).
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class Consumer(Registration):
         inbox_retention: float = 7 * 24 * 3600,
         dead_letter_retention: float | None = None,
         on_failure: OnFailure = None,
+        slow_handler_warning: float | None = 60.0,
     ) -> None:
         if not isinstance(name, str) or not name or len(name) > 200:
             raise ConfigurationError(f"a consumer needs a name of 1-200 characters, got {name!r}")
@@ -86,6 +89,8 @@ class Consumer(Registration):
         check_number("inbox_retention", inbox_retention, positive=True)
         if dead_letter_retention is not None:
             check_number("dead_letter_retention", dead_letter_retention, positive=True)
+        if slow_handler_warning is not None:
+            check_number("slow_handler_warning", slow_handler_warning, positive=True)
         self.name = name
         self.session_factory = session_factory
         self.retry = retry or Retry()
@@ -93,6 +98,8 @@ class Consumer(Registration):
         self.batch_size = batch_size
         self.inbox_retention = inbox_retention
         self.dead_letter_retention = dead_letter_retention
+        self.slow_handler_warning = slow_handler_warning
+        """Seconds a handler run lasts before it is logged (None: never)."""
         self.is_async = factory_is_async(session_factory, name)
         self.registry = HandlerRegistry(name)
         self.error_channels: dict[str, ErrorChannel] = {}
@@ -216,6 +223,7 @@ class Consumer(Registration):
             extend_after,
             extend_by,
             self.batch_size,
+            self.slow_handler_warning,
         )
         self._start(options)
         return run_blocking(self, lambda: consume(self, transport, options))
@@ -243,12 +251,15 @@ class Consumer(Registration):
             extend_after,
             extend_by,
             self.batch_size,
+            self.slow_handler_warning,
         )
         self._start(options)
         return await consume(self, transport, options)
 
     def _start(self, options: RunOptions) -> None:
         check_runnable(self, options)
+        if options.slow_handler_warning is not None:  # it may be set after construction
+            check_number("slow_handler_warning", options.slow_handler_warning, positive=True)
         self.stop_signal.clear()
 
     def stop(self) -> None:

@@ -6,16 +6,25 @@ each), with ``KEY`` ``f"relay {relay.name}"`` or ``f"consumer {consumer.name}"``
 probe from :func:`seconds_since`. A loop that waits (idle, or backing off from an outage)
 still turns at least every 30 seconds or so, so a beat older than the liveness timeout
 means the loop is stuck, not merely idle.
+
+A consumer's loop turns even when every worker is held by a handler that never returns;
+its run registers what :func:`stalled` answers then (:mod:`outboxer.watchdog`): how long
+every worker has been in one handler run, if every one is.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
-__all__ = ["beat", "seconds_since"]
+__all__ = ["Stalled", "beat", "seconds_since", "stalled", "watch"]
+
+Stalled = Callable[[], tuple[float, int, str] | None]
+"""``(seconds, workers, what)`` while every worker is in a handler run, else None."""
 
 _beats: dict[str, float] = {}
+_watches: dict[str, Stalled] = {}
 _lock = threading.Lock()
 
 
@@ -31,3 +40,22 @@ def seconds_since(key: str) -> float | None:
     with _lock:
         last = _beats.get(key)
     return None if last is None else time.monotonic() - last
+
+
+def watch(key: str, workers: Stalled | None) -> None:
+    """While a consumer runs, what :func:`stalled` asks about its workers (None: the run
+    is over)."""
+    with _lock:
+        if workers is None:
+            _watches.pop(key, None)
+        else:
+            _watches[key] = workers
+
+
+def stalled(key: str) -> tuple[float, int, str] | None:
+    """``(seconds, workers, what)`` while every worker of the consumer ``key`` is in a
+    handler run: how long the youngest of those runs has lasted, how many workers, which
+    handlers and messages. None otherwise (a free worker, no run)."""
+    with _lock:
+        workers = _watches.get(key)
+    return None if workers is None else workers()

@@ -10,7 +10,9 @@ blocking broker calls (receive, acknowledge, extend) go to threads.
 Side by side with receiving, one task keeps every held delivery visible
 (:mod:`outboxer.visibility`): any delivery held longer than ``extend_after`` (in progress,
 or still waiting for a worker) has its visibility extended by ``extend_by`` (SQS), also
-while the runner drains on shutdown. Pauses after a broker or database outage end at once
+while the runner drains on shutdown. Another watches the runs in progress
+(:mod:`outboxer.watchdog`): a long one is logged, and ``/live`` fails while every worker
+is held by one. Pauses after a broker or database outage end at once
 on :meth:`~outboxer.stopping.StopSignal.set`, from any thread (:mod:`outboxer.stopping`;
 ``StopSignal`` and ``OUTAGE_BACKOFF`` are importable from here too).
 """
@@ -39,10 +41,14 @@ from .stopping import OUTAGE_BACKOFF, StopSignal
 from .transports.base import Delivery, Receiver, Subscription, Transport, acknowledge
 from .visibility import extend_all as _extend_all  # noqa: F401 - its name before the split
 from .visibility import keep_visible
+from .watchdog import Run, Watch
 
 __all__ = ["OUTAGE_BACKOFF", "RunOptions", "Runner", "StopSignal"]
 
 log = logging.getLogger("outboxer.consumer")
+
+Outcome = MessageReport | BaseException
+"""A delivery's report (acknowledged), or why it could not be processed (given back)."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,8 @@ class RunOptions:
     extend_by: float = 60.0
     batch_size: int = 1
     """Deliveries a sync worker takes at once (see :mod:`outboxer.batching`)."""
+    slow_handler_warning: float | None = 60.0
+    """Seconds a handler run lasts before it is logged (:mod:`outboxer.watchdog`)."""
 
 
 class Runner:
@@ -88,7 +96,6 @@ class Runner:
         self.batcher = Batcher(processor, transport.description)
         self.pending: deque[Delivery] = deque()
         """Received deliveries no sync worker has taken yet."""
-        """Deliveries held at once: in progress, or waiting for a worker."""
         self.held: dict[Delivery, float] = {}
         """Each held delivery, and when it was received or last extended."""
         self.failures = 0
@@ -109,6 +116,7 @@ class Runner:
         """The loop waits for room: finished workers wake it, once ``wake_after`` are back."""
         self.wake_after = max(1, self.window // 4)
         self.loop = asyncio.get_running_loop()
+        self.watch = Watch(name, processor.registry, options)
 
     async def run(self) -> ConsumerStats:
         """Consume until stopped (or, with ``once``, until the queue is empty)."""
@@ -127,6 +135,7 @@ class Runner:
                 self.options.extend_by,
             )
         )
+        watcher = self.watch.start(f"consumer {self.name}")
         try:
             await self._receive_loop(receiver)
         except BaseException:
@@ -147,9 +156,10 @@ class Runner:
                 with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
                     await asyncio.wait_for(self.room.wait(), 1.0)
                 self._collect()
-            extender.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await extender
+            for task in (extender, watcher):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await asyncio.to_thread(receiver.close)
             if self.pool is not None:
                 self.pool.shutdown(wait=True)
@@ -210,7 +220,11 @@ class Runner:
                 if self.give_back:
                     await asyncio.to_thread(_settle, delivery.release)  # never started
                     return
-                self._record(await self._process_async(delivery))
+                run = self.watch.started((delivery,), time.monotonic())
+                try:
+                    self._record(await self._process_async(delivery, run))
+                finally:
+                    self.watch.ended(run)
         finally:
             self.held.pop(delivery, None)
             self.room.set()
@@ -236,10 +250,15 @@ class Runner:
             for delivery in batch:
                 _settle(delivery.release)  # never started
             outcomes = [None] * len(batch)
-        elif len(batch) == 1:
-            outcomes = [self._process_sync(batch[0])]
         else:
-            outcomes = list(self._process_batch(batch))
+            run = self.watch.started(batch, time.monotonic())
+            try:
+                if len(batch) == 1:
+                    outcomes = [self._process_sync(batch[0], run)]
+                else:
+                    outcomes = list(self._process_batch(batch, run))
+            finally:
+                self.watch.ended(run)
         self.completed.extend(zip(batch, outcomes, strict=True))
         if not self.waiting or len(self.completed) < self.wake_after:
             return
@@ -262,8 +281,8 @@ class Runner:
                 self._record(outcome)
         self.room.set()
 
-    def _process_batch(self, batch: list[Delivery]) -> list[MessageReport | BaseException]:
-        outcomes: list[MessageReport | BaseException]
+    def _process_batch(self, batch: list[Delivery], run: Run) -> list[Outcome]:
+        outcomes: list[Outcome]
         try:
             outcomes = self.batcher.process(batch)
         except BaseException as exc:
@@ -278,15 +297,15 @@ class Runner:
             self.outage.over()
         failed = [(i, o) for i, o in enumerate(outcomes) if not isinstance(o, MessageReport)]
         pause = self.outage.pause(failed[0][1]) if failed else None
-        if pause is not None and self.outage.wait(pause):
+        if pause is not None and run.wait_out(self.outage, pause):
             for i, _ in failed:  # kept through the outage: one at a time from here
-                outcomes[i] = self._process_sync(batch[i])
+                outcomes[i] = self._process_sync(batch[i], run)
             return outcomes
         for i, _ in failed:
             _settle(batch[i].release)
         return outcomes
 
-    def _process_sync(self, delivery: Delivery) -> MessageReport | BaseException:
+    def _process_sync(self, delivery: Delivery, run: Run) -> Outcome:
         while True:
             try:
                 report = self.processor.process(
@@ -298,7 +317,7 @@ class Runner:
                 )
             except BaseException as exc:
                 pause = self.outage.pause(exc)
-                if pause is not None and self.outage.wait(pause):
+                if pause is not None and run.wait_out(self.outage, pause):
                     continue
                 delivery.release()
                 return exc
@@ -306,7 +325,7 @@ class Runner:
             delivery.ack()
             return report
 
-    async def _process_async(self, delivery: Delivery) -> MessageReport | BaseException:
+    async def _process_async(self, delivery: Delivery, run: Run) -> Outcome:
         while True:
             try:
                 report = await self.processor.process_async(
@@ -321,7 +340,7 @@ class Runner:
                 raise
             except BaseException as exc:
                 pause = await self.outage.pause_async(exc)
-                if pause is not None and await self.outage.wait_async(pause):
+                if pause is not None and await run.wait_out_async(self.outage, pause):
                     continue
                 await asyncio.to_thread(_settle, delivery.release)
                 return exc

@@ -5,7 +5,9 @@ Health, over plain HTTP (for Kubernetes probes, systemd, load balancers):
 * ``GET /live``: 200 while the loop turns (its last :mod:`~outboxer.heartbeat` beat is
   younger than ``--liveness-timeout``), 503 when it is stuck. Waiting for a database or
   broker that is down counts as turning: restarting the process would not help, so a
-  liveness probe must not fail then.
+  liveness probe must not fail then. A consumer is stuck too when every worker has been
+  in one handler run for longer than ``--liveness-timeout`` (:mod:`outboxer.watchdog`):
+  a handler that never returns holds its thread for ever, and only a restart frees it.
 * ``GET /ready``: 200 when the database (with outboxer's tables) and the broker answer,
   503 with the one-line problem otherwise (the start-up checks of :mod:`.readiness`,
   run at most every few seconds however often the probe asks).
@@ -30,6 +32,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from ..errors import ConfigurationError, OperatorError
+from ..heartbeat import Stalled
 from ..tracing import configure_from_env
 from .common import Seconds, setting
 from .readiness import Check
@@ -86,9 +89,12 @@ class HealthServer:
         liveness: Callable[[], float | None],
         liveness_timeout: float,
         checks: list[Check],
+        stalled: Stalled | None = None,
     ) -> None:
         self.liveness = liveness
         self.liveness_timeout = liveness_timeout
+        self.stalled = stalled
+        """A consumer's workers: every one of them in a handler run, for how long."""
         self.checks = checks
         self._ready: tuple[float, str | None] | None = None
         self._checking: tuple[float, threading.Event] | None = None
@@ -118,7 +124,18 @@ class HealthServer:
     def live(self) -> tuple[int, dict[str, Any]]:
         age = self.liveness()
         if age is not None and age <= self.liveness_timeout:
-            return 200, {"status": "alive", "last_turn_seconds_ago": round(age, 3)}
+            held = self.stalled() if self.stalled is not None else None
+            if held is None or held[0] <= self.liveness_timeout:
+                return 200, {"status": "alive", "last_turn_seconds_ago": round(age, 3)}
+            seconds, workers, what = held
+            return 503, {
+                "status": "stuck",
+                "problem": f"every worker ({workers}) has been in one handler run for over "
+                f"{self.liveness_timeout:g} s: {what}",
+                "last_turn_seconds_ago": round(age, 3),
+                "busy_seconds": round(seconds, 3),
+                "liveness_timeout": self.liveness_timeout,
+            }
         return 503, {
             "status": "stuck",
             "last_turn_seconds_ago": None if age is None else round(age, 3),
@@ -260,7 +277,8 @@ def service_options(fn: F) -> F:
             type=Seconds(5),
             default=60.0,
             metavar="SECONDS",
-            help="/live fails when the loop has not turned for this long.",
+            help="/live fails when the loop has not turned for this long (outboxer-inbox: "
+            "or when every worker has been in one handler run for this long).",
         ),
     ]
     for add in reversed(options):
@@ -277,6 +295,7 @@ def observability(
     liveness: Callable[[], float | None],
     liveness_timeout: float,
     checks: list[Check],
+    stalled: Stalled | None = None,
 ) -> Iterator[None]:
     """Telemetry from ``OTEL_*`` (plus the Prometheus endpoint), and the health endpoint,
     for the life of a long-running command."""
@@ -290,7 +309,11 @@ def observability(
         stops.append(configure_from_env(service, metric_readers=readers))
         if health_port is not None:
             server = HealthServer(
-                health_port, liveness=liveness, liveness_timeout=liveness_timeout, checks=checks
+                health_port,
+                liveness=liveness,
+                liveness_timeout=liveness_timeout,
+                checks=checks,
+                stalled=stalled,
             ).start()
             stops.append(server.close)
         yield

@@ -27,6 +27,7 @@ from . import heap
 from .common import (
     INBOX_ENV_PREFIX,
     Duration,
+    Seconds,
     broker_option,
     console,
     db_option,
@@ -91,6 +92,14 @@ def load_consumer(target: str) -> Consumer:
     help="Deliveries a worker runs in one transaction per handler (1: no batching); "
     "default: the consumer's batch_size (20).",
 )
+@setting(
+    "--slow-handler-warning",
+    default=None,
+    type=Seconds(1),
+    metavar="SECONDS",
+    help="Log a warning when a handler run has lasted this long (again each time it has run "
+    "twice as long); default: the consumer's slow_handler_warning (60).",
+)
 @setting("--once", is_flag=True, default=False, help="Process what is queued, then exit.")
 @setting(
     "--relay/--no-relay",
@@ -104,6 +113,7 @@ def main(
     broker_url: str,
     concurrency: int,
     batch_size: int | None,
+    slow_handler_warning: float | None,
     once: bool,
     relay: bool,
     health_port: tuple[str, int] | None,
@@ -128,6 +138,8 @@ def main(
     consumer = load_consumer(target)
     if batch_size is not None:
         consumer.batch_size = batch_size
+    if slow_handler_warning is not None:
+        consumer.slow_handler_warning = slow_handler_warning
     configure_logging()
     transport = transport_from_url(broker_url)
     validate_names(consumer, transport)
@@ -166,6 +178,7 @@ def main(
                 health_port=health_port,
                 metrics_port=metrics_port,
                 liveness=lambda: _oldest_beat(consumer, own),
+                stalled=lambda: heartbeat.stalled(loop_key(consumer)),
                 liveness_timeout=liveness_timeout,
                 checks=checks,
             ),

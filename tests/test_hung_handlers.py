@@ -235,7 +235,7 @@ def test_one_hung_worker_of_two_stays_alive_and_the_other_keeps_working(
 
         # The hung run is logged all the same.
         seen = warnings(log)
-        assert len(seen) == 1 and len(next(iter(seen.values()))) >= 2, log.read_text()
+        assert max(map(len, seen.values())) >= 2, log.read_text()  # job 1's: 1 s, 2 s...
         assert "(concurrency 2, 1 busy)" in log.read_text()
 
         release(tmp_path, 1)

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import math
 
+from sqlalchemy.engine import Engine
+from sqlalchemy.pool import QueuePool
+
 from .errors import ConfigurationError
 
-__all__ = ["LIMIT_TEXT", "MAX_DURATION", "check_number", "too_long"]
+__all__ = ["LIMIT_TEXT", "MAX_DURATION", "check_number", "pool_room", "too_long"]
 
 MAX_DURATION = 36500 * 86400.0
 """100 years: the longest duration outboxer takes (a command line option, ``publish(delay=)``).
@@ -60,3 +63,16 @@ def check_number(
         )
     if (positive or duration) and number > MAX_DURATION:
         raise ConfigurationError(too_long(name, value))
+
+
+def pool_room(engine: Engine) -> tuple[int, str] | None:
+    """How many connections ``engine``'s pool lends at once, and its settings as text
+    (``pool_size=1, max_overflow=0``); None when it sets no limit (``NullPool``, an
+    overflow of -1) or shares one connection (``StaticPool``)."""
+    pool = engine.pool
+    if not isinstance(pool, QueuePool) or pool._max_overflow < 0:
+        return None
+    return (
+        pool.size() + pool._max_overflow,
+        f"pool_size={pool.size()}, max_overflow={pool._max_overflow}",
+    )

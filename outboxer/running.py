@@ -8,12 +8,16 @@ with the consumer's scheduled handlers (:mod:`outboxer.scheduling`) ticking besi
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .checks import check_number
+from sqlalchemy.engine import Connection, Engine
+
+from .checks import check_number, pool_room
 from .errors import ConfigurationError
+from .plan import plural
 from .reports import ConsumerStats
 from .runner import Runner, RunOptions
 from .scheduling import Scheduler
@@ -25,6 +29,8 @@ if TYPE_CHECKING:
 __all__ = ["check_runnable", "consume", "run_blocking"]
 
 T = TypeVar("T")
+
+log = logging.getLogger("outboxer.consumer")
 
 
 def check_runnable(consumer: Consumer, options: RunOptions) -> None:
@@ -42,6 +48,7 @@ def check_runnable(consumer: Consumer, options: RunOptions) -> None:
 async def consume(consumer: Consumer, transport: Transport, options: RunOptions) -> ConsumerStats:
     """One run: the delivery loop, and the scheduled handlers beside it."""
     consumer.check_names(transport)
+    _warn_if_pool_too_small(consumer, options.concurrency)
     runner = Runner(
         consumer.name,
         consumer.processor(),
@@ -61,6 +68,27 @@ async def consume(consumer: Consumer, transport: Transport, options: RunOptions)
         return await runner.run()
     finally:
         await ticking  # a run in progress finishes; the stop ends the loop
+
+
+def _warn_if_pool_too_small(consumer: Consumer, concurrency: int) -> None:
+    """One warning when the workers outnumber the connections the consumer's engine lends:
+    they queue for each other's, and past ``pool_timeout`` a delivery goes back."""
+    bind = getattr(consumer.session_factory, "kw", {}).get("bind")
+    engine = getattr(bind, "sync_engine", bind)  # an AsyncEngine's
+    if isinstance(engine, Connection):
+        return  # one connection, shared on purpose
+    room = pool_room(engine) if isinstance(engine, Engine) else None
+    if room is not None and room[0] < concurrency:
+        log.warning(
+            "consumer %s runs %d workers and its engine's pool lends %s (%s): the workers "
+            "queue for connections, and one that waits past pool_timeout gives its delivery "
+            "back; create the engine with pool_size=%d or more",
+            consumer.name,
+            concurrency,
+            plural(room[0], "connection"),
+            room[1],
+            concurrency,
+        )
 
 
 def run_blocking(consumer: Consumer, main: Callable[[], Coroutine[Any, Any, T]]) -> T:

@@ -10,6 +10,7 @@ while the database was fine. ``run(once=True)`` raised SQLAlchemy's bare Timeout
 
 from __future__ import annotations
 
+import logging
 import time
 
 import pytest
@@ -126,3 +127,24 @@ def test_a_consumer_whose_pool_runs_dry_gives_deliveries_back_and_dead_letters_n
         assert sorted(handled) == list(range(6))  # each once
     finally:
         engine.dispose()
+
+
+def test_a_consumer_with_more_workers_than_its_pool_lends_warns_at_start(
+    tmp_path: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: nothing said that four workers would queue for one connection; the first
+    sign was deliveries given back after pool_timeout under load."""
+    engine = create_engine(f"sqlite:///{tmp_path}/pool.sqlite", pool_size=1, max_overflow=0)
+    outboxer.create_all(engine)
+    Session = sessionmaker(engine, class_=outboxer.OutboxSession)
+    consumer = outboxer.Consumer(Session, name="narrow")
+    consumer.handler(OrderPlaced)(lambda event: None)
+    transport = MemoryTransport(MemoryBroker())
+    with caplog.at_level(logging.WARNING, logger="outboxer.consumer"):
+        consumer.run(transport, once=True, concurrency=4, idle_timeout=0.01)
+        consumer.run(transport, once=True, concurrency=1, idle_timeout=0.01)
+    lines = [r.getMessage() for r in caplog.records if "pool" in r.getMessage()]
+    assert len(lines) == 1, lines  # the run of one worker fits
+    assert "4 workers" in lines[0] and "lends 1 connection" in lines[0]
+    assert "pool_size=4" in lines[0]
+    engine.dispose()

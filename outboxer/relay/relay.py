@@ -24,10 +24,9 @@ from typing import Any
 
 from sqlalchemy import create_engine
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.pool import QueuePool
 
 from .. import instrumentation
-from ..checks import check_number
+from ..checks import check_number, pool_room
 from ..errors import ConfigurationError
 from ..retry import Backoff, CircuitBreaker
 from ..store import relay as relay_store
@@ -238,17 +237,14 @@ as long as it runs, one claims and settles (PostgreSQL's LISTEN has one of its o
 def _require_pool_room(engine: Engine) -> None:
     """Refuse an engine whose pool cannot lend :data:`CONNECTIONS` at once: every claim
     would wait for the pool's timeout and fail, over and over, with the database fine."""
-    pool = engine.pool
-    if not isinstance(pool, QueuePool) or pool._max_overflow < 0:
-        return  # no limit (NullPool, overflow -1), or one shared connection (StaticPool)
-    room = pool.size() + pool._max_overflow
+    room = pool_room(engine)
     _require(
-        room >= CONNECTIONS,
+        room is None or room[0] >= CONNECTIONS,
         f"an outboxer.Relay holds {CONNECTIONS} connections of its engine at once (one "
         f"keeps its liveness lock while it runs, one claims and settles), and this engine's "
-        f"pool lends {room} (pool_size={pool.size()}, max_overflow={pool._max_overflow}): "
-        f"create the engine with pool_size={CONNECTIONS} or more (or a max_overflow), or "
-        "give the relay an engine of its own",
+        f"pool lends {room[0] if room else 0} ({room[1] if room else ''}): create the "
+        f"engine with pool_size={CONNECTIONS} or more (or a max_overflow), or give the relay "
+        "an engine of its own",
     )
 
 

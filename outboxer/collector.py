@@ -61,7 +61,15 @@ from .errors import ConfigurationError, OutboxerError
 from .store.outbox import _MAX_ROWS_PER_STATEMENT
 from .tables import outbox
 
-__all__ = ["RECORDED", "Pending", "install_hooks", "keep", "kept", "write_before_savepoint"]
+__all__ = [
+    "RECORDED",
+    "Pending",
+    "committing",
+    "install_hooks",
+    "keep",
+    "kept",
+    "write_before_savepoint",
+]
 
 _PENDING = "outboxer.pending"
 # Lets a Session with several binds pick the engine that holds the outbox table.
@@ -500,6 +508,12 @@ def write_before_savepoint(session: Session) -> None:
     so far, which belong to the transaction around it."""
     innermost = session.get_nested_transaction() or session.get_transaction()
     _insert_pending(session, flush=True, within=innermost)
+
+
+def committing(session: Session) -> bool:
+    """Whether ``session``'s commit has written its messages and is finishing (its
+    COMMIT under way): a publish() now must be written at once, with I/O."""
+    return bool(_state(session).get(_WRITTEN))
 
 
 def kept(session: Session) -> list[store.NewMessage]:

@@ -155,6 +155,16 @@ class AsyncOutboxSession(AsyncSession):
                 "await session.run_sync(fn), where fn(sync_session) calls "
                 "sync_session.publish(...)"
             )
+        if collector.committing(session):
+            # Another task's publish() while this session's commit awaits its COMMIT
+            # (a listener inside the commit gets the sync session, not this one): the
+            # message could only be written with I/O outside the commit's greenlet.
+            raise ConfigurationError(
+                "publish() on an AsyncOutboxSession whose commit is under way (from another "
+                "task?): its messages are written and its COMMIT is running. Publish before "
+                "awaiting commit(), or after it returns (the session's next transaction); "
+                "give each task its own session"
+            )
         return session.publish(
             event,
             type=type,

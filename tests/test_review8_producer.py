@@ -570,12 +570,13 @@ async def test_a_commit_cancelled_while_its_outbox_insert_waits_stores_nothing(
         await async_engine.dispose()
 
 
-def waiting_on_a_lock(engine: Engine) -> bool:
+def waiting_on_a_lock(engine: Engine, statement: str = "INSERT INTO outboxer_outbox") -> bool:
     with engine.connect() as conn:
         return bool(
             conn.exec_driver_sql(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                "AND wait_event_type = 'Lock' AND starts_with(query, 'INSERT INTO outboxer_outbox')"
+                "AND wait_event_type = 'Lock' AND starts_with(query, %(statement)s)",
+                {"statement": statement},
             ).scalar_one()
         )
 
@@ -743,3 +744,50 @@ async def test_a_message_published_while_the_commit_awaits_its_outbox_insert_is_
         await async_engine.dispose()
     assert order_ids(engine) == [1]
     assert stored_ids(engine) == [first, second]
+
+
+@pytest.mark.timeout(60)  # before the fix the publish() blocked the event loop for good
+@pytest.mark.parametrize("db_kind", ["postgresql"])
+async def test_a_publish_while_the_commit_awaits_its_commit_says_what_happened(
+    engine: Engine, db_url: str
+) -> None:
+    """Another task's publish() while the COMMIT runs (held here by a deferred trigger
+    waiting on an advisory lock): the message cannot join that transaction any more.
+    Before, publish() wrote through at once, with I/O from outside the commit's greenlet
+    on the connection the COMMIT was using: it never returned, and the event loop (the
+    COMMIT's task with it) hung."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE FUNCTION r8_hold_commit() RETURNS trigger AS $$ BEGIN "
+            "PERFORM pg_advisory_xact_lock(808); RETURN NULL; END $$ LANGUAGE plpgsql"
+        )
+        conn.exec_driver_sql(
+            "CREATE CONSTRAINT TRIGGER r8_hold_commit AFTER INSERT ON test_orders "
+            "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION r8_hold_commit()"
+        )
+    async_engine = create_async_engine(async_url(db_url))
+    try:
+        with engine.connect() as locker:
+            locker.exec_driver_sql("SELECT pg_advisory_lock(808)")
+            session = outboxer.AsyncOutboxSession(async_engine)
+            session.add(Order(id=1))
+            first = session.publish(OrderPlaced(order_id=1))
+            committing = asyncio.create_task(session.commit())
+            deadline = asyncio.get_running_loop().time() + 20
+            while not waiting_on_a_lock(engine, "COMMIT"):
+                assert asyncio.get_running_loop().time() < deadline, "the COMMIT never waited"
+                assert not committing.done(), committing
+                await asyncio.sleep(0.02)
+            with pytest.raises(outboxer.ConfigurationError, match="commit is under way"):
+                session.publish(OrderPlaced(order_id=2))
+            locker.exec_driver_sql("SELECT pg_advisory_unlock(808)")
+            locker.commit()
+        await committing
+        await session.close()
+    finally:
+        await async_engine.dispose()
+        with engine.begin() as conn:
+            conn.exec_driver_sql("DROP TRIGGER r8_hold_commit ON test_orders")
+            conn.exec_driver_sql("DROP FUNCTION r8_hold_commit()")
+    assert order_ids(engine) == [1]
+    assert stored_ids(engine) == [first]

@@ -95,7 +95,7 @@ class Pending:
 _STATE = "_outboxer_state"
 
 
-def _state(session: Session) -> dict[str, Any]:
+def session_state(session: Session) -> dict[str, Any]:
     """The collector's state of ``session``: its own dict, kept on the session object.
 
     Not ``session.info``: ``Session(info=other.info)`` (passing a request's context on
@@ -127,8 +127,9 @@ which kept messages the transaction holds already. Cleared by the outermost end.
 _NO_TRANSACTION = "outboxer.no_transaction"
 """Set by ``after_begin`` when a connection of this transaction is in AUTOCOMMIT."""
 RECORDED = "outboxer.recorded"
-"""While ``outboxer.testing`` records, a list in ``session.info``: every INSERT of kept
-messages appends them (their ``Pending``); the outermost transaction's end removes it."""
+"""While ``outboxer.testing`` records, a list in the session's :func:`session_state`:
+every INSERT of kept messages appends them (their ``Pending``); the outermost
+transaction's end removes it."""
 
 
 def install_hooks(session_class: type[Session]) -> None:
@@ -146,7 +147,7 @@ def _after_begin(session: Session, transaction: SessionTransaction, connection: 
     # Known once per connection (its isolation level cannot change inside a transaction),
     # so that publish() need not ask again.
     if autocommit(connection):
-        _state(session)[_NO_TRANSACTION] = True
+        session_state(session)[_NO_TRANSACTION] = True
     if connection.dialect.name in MYSQL:
         watch_for_lost_transactions(connection, transaction)
 
@@ -158,7 +159,7 @@ def _before_commit(session: Session) -> None:
         return
     # This SAVEPOINT is being released, or an enclosing transaction commits and will
     # release it first (this event then fires again for it): count, decide at release.
-    counts: dict[SessionTransaction, int] = _state(session).setdefault(_BEFORE_COMMITS, {})
+    counts: dict[SessionTransaction, int] = session_state(session).setdefault(_BEFORE_COMMITS, {})
     counts[savepoint] = counts.get(savepoint, 0) + 1
 
 
@@ -166,7 +167,7 @@ def _after_commit(session: Session) -> None:
     savepoint = session.get_nested_transaction()  # still set while its release completes
     if savepoint is None:
         return  # the outermost COMMIT is done
-    counts: dict[SessionTransaction, int] | None = _state(session).get(_BEFORE_COMMITS)
+    counts: dict[SessionTransaction, int] | None = session_state(session).get(_BEFORE_COMMITS)
     if not counts or counts.pop(savepoint, 0) < 2:
         return  # it was released by itself (or by the commit of this very savepoint)
     # Released by an enclosing transaction's commit: pass that commit's count outwards.
@@ -174,14 +175,14 @@ def _after_commit(session: Session) -> None:
     if parent is not None and parent.nested:
         counts[parent] = counts.get(parent, 0) + 1
     else:
-        _state(session)[_WRITE_AT_END] = savepoint  # the outermost transaction commits next
+        session_state(session)[_WRITE_AT_END] = savepoint  # the outermost transaction commits next
 
 
 def _write_pending(session: Session) -> None:
     # Messages published by listeners during this flush (before_flush) join this INSERT;
     # those published after it, during the rest of the commit, are written through.
     _insert_pending(session, flush=True)
-    state = _state(session)
+    state = session_state(session)
     while state.get(_PENDING):
         # Published while the INSERT awaited the database, by another task sharing an
         # AsyncOutboxSession (publish() does no I/O, so SQLAlchemy's guard against
@@ -208,7 +209,7 @@ def _insert_pending(
     waits until ``within`` ends. Kept messages are in publish order, so the first one
     decides: every later one was published in ``within`` or inside it, or earlier.
     """
-    state = _state(session)
+    state = session_state(session)
     kept: list[Pending] | None = state.get(_PENDING)
     if kept and within is not None and not inside(kept[0].transaction, within):
         state[_HELD] = within
@@ -222,7 +223,7 @@ def _insert_pending(
     connection = session.connection(bind_arguments=_BIND_ARGUMENTS)
     check_writing(connection, session)
     notify = getattr(session, "outboxer_notify", True)
-    recorded: list[Pending] | None = session.info.get(RECORDED)
+    recorded: list[Pending] | None = session_state(session).get(RECORDED)
 
     def forget(stored: int) -> None:
         # Only once stored: a failed INSERT keeps them for a retry.
@@ -282,13 +283,15 @@ def _after_soft_rollback(session: Session, previous_transaction: SessionTransact
     if previous_transaction.parent is None:
         # (a SAVEPOINT's rollback leaves these)
         for name in (_UNSURE, _NO_TRANSACTION):
-            _state(session).pop(name, None)
-    pending: list[Pending] | None = _state(session).get(_PENDING)
+            session_state(session).pop(name, None)
+    pending: list[Pending] | None = session_state(session).get(_PENDING)
     if not pending:
         return
     if previous_transaction.nested:
         pending[:] = [p for p in pending if not inside(p.transaction, previous_transaction)]
-        _state(session)[_PENDING_BYTES] = sum(len(p.message.envelope.payload) for p in pending)
+        session_state(session)[_PENDING_BYTES] = sum(
+            len(p.message.envelope.payload) for p in pending
+        )
     elif previous_transaction.parent is None:
         pending.clear()
     # else: an internal flush subtransaction; the SAVEPOINT or outermost transaction it
@@ -297,22 +300,22 @@ def _after_soft_rollback(session: Session, previous_transaction: SessionTransact
 
 def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
     if transaction.nested:
-        if _state(session).get(_WRITE_AT_END) is transaction:
-            del _state(session)[_WRITE_AT_END]
+        if session_state(session).get(_WRITE_AT_END) is transaction:
+            del session_state(session)[_WRITE_AT_END]
             _write_pending(session)  # the outermost transaction, now innermost, commits
     elif transaction.parent is None:
         _forget_commit(session)
         for name in (_UNSURE, _NO_TRANSACTION):
-            _state(session).pop(name, None)
-        session.info.pop(RECORDED, None)
-        pending = _state(session).get(_PENDING)
+            session_state(session).pop(name, None)
+        session_state(session).pop(RECORDED, None)
+        pending = session_state(session).get(_PENDING)
         if pending:
             pending.clear()
 
 
 def _forget_commit(session: Session) -> None:
     for name in (_BEFORE_COMMITS, _WRITE_AT_END, _WRITTEN, _PENDING_BYTES, _HELD):
-        _state(session).pop(name, None)
+        session_state(session).pop(name, None)
 
 
 def inside(transaction: SessionTransaction | None, ancestor: SessionTransaction) -> bool:
@@ -354,7 +357,7 @@ def keep(session: Session, message: store.NewMessage, *, collector: bool, chunk_
     transaction = session.get_nested_transaction() or session._autobegin_t()
     if transaction._state is not ACTIVE and transaction._state in ENDED:
         raise ConfigurationError(ENDED[transaction._state])
-    state = _state(session)
+    state = session_state(session)
     connections = transaction._connections
     if connections:
         if _NO_TRANSACTION in state:  # seen by _after_begin
@@ -391,9 +394,9 @@ def write_before_savepoint(session: Session) -> None:
 def committing(session: Session) -> bool:
     """Whether ``session``'s commit has written its messages and is finishing (its
     COMMIT under way): a publish() now must be written at once, with I/O."""
-    return bool(_state(session).get(_WRITTEN))
+    return bool(session_state(session).get(_WRITTEN))
 
 
 def kept(session: Session) -> list[store.NewMessage]:
     """The messages ``session`` keeps for its next commit."""
-    return [p.message for p in _state(session).get(_PENDING, ())]
+    return [p.message for p in session_state(session).get(_PENDING, ())]

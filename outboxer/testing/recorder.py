@@ -19,7 +19,7 @@ from typing import Any, TypeVar, overload
 from sqlalchemy import event
 from sqlalchemy.orm import Session, SessionTransaction
 
-from ..collector import RECORDED, Pending, inside
+from ..collector import RECORDED, Pending, inside, session_state
 from ..message import Envelope, message_type_for
 from ..session import OutboxMixin
 
@@ -78,23 +78,23 @@ class Published:
     def _after_begin(self, session: Session, *_: object) -> None:
         # Before the transaction's first write: every write needs a connection.
         if isinstance(session, OutboxMixin):
-            session.info.setdefault(RECORDED, [])
+            session_state(session).setdefault(RECORDED, [])
 
     def _before_commit(self, session: Session) -> None:
         # A transaction begun before recording started: at least its commit's write.
         if isinstance(session, OutboxMixin) and session.get_nested_transaction() is None:
-            session.info.setdefault(RECORDED, [])
+            session_state(session).setdefault(RECORDED, [])
 
     def _after_soft_rollback(self, session: Session, rolled_back: SessionTransaction) -> None:
         # A SAVEPOINT or the whole transaction: the rows it wrote are gone.
-        written: list[Pending] | None = session.info.get(RECORDED)
+        written: list[Pending] | None = session_state(session).get(RECORDED)
         if written and (rolled_back.nested or rolled_back.parent is None):
             written[:] = [p for p in written if not inside(p.transaction, rolled_back)]
 
     def _after_commit(self, session: Session) -> None:
         if not isinstance(session, OutboxMixin) or session.get_nested_transaction() is not None:
             return  # a SAVEPOINT released: its messages are stored only if the commit is
-        stored = [p.message.envelope for p in session.info.get(RECORDED, ())]
+        stored = [p.message.envelope for p in session_state(session).get(RECORDED, ())]
         if stored:
             with self._lock:
                 self.envelopes.extend(stored)

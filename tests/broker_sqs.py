@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -127,6 +128,19 @@ class SQSCase(BrokerCase):
     def unreachable_transport(self) -> Transport:
         endpoint = f"http://127.0.0.1:{free_port()}"
         return self.make(endpoint, connect_timeout=1.0, read_timeout=2.0)
+
+
+@pytest.fixture
+def aws(moto_endpoint: str) -> Iterator[tuple[Any, Any]]:
+    """Plain boto3 clients (SNS, SQS) on moto, to set up or look at things behind
+    outboxer's back."""
+    import boto3
+
+    sns = boto3.client("sns", endpoint_url=moto_endpoint, region_name="us-east-1")
+    sqs = boto3.client("sqs", endpoint_url=moto_endpoint, region_name="us-east-1")
+    yield sns, sqs
+    sns.close()
+    sqs.close()
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ from datetime import datetime, timezone
 from types import SimpleNamespace
 from typing import Any
 
-import boto3
 import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError, EndpointConnectionError
@@ -57,16 +56,6 @@ def client_error(code: str, operation: str = "SendMessageBatch") -> ClientError:
         {"Error": {"Code": code, "Message": f"it said {code}"}, "ResponseMetadata": {}},
         operation,
     )
-
-
-@pytest.fixture
-def aws(moto_endpoint: str) -> Iterator[tuple[Any, Any]]:
-    """Plain boto3 clients (SNS, SQS) on moto, to set things up behind outboxer's back."""
-    sns = boto3.client("sns", endpoint_url=moto_endpoint, region_name="us-east-1")
-    sqs = boto3.client("sqs", endpoint_url=moto_endpoint, region_name="us-east-1")
-    yield sns, sqs
-    sns.close()
-    sqs.close()
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
 
-import boto3
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 
@@ -35,16 +34,6 @@ def transport(moto_endpoint: str) -> Iterator[SNSTransport]:
     made = SNSTransport(endpoint_url=moto_endpoint, region="us-east-1")
     yield made
     made.close()
-
-
-@pytest.fixture
-def aws(moto_endpoint: str) -> Iterator[tuple[Any, Any]]:
-    """Plain boto3 clients (SNS, SQS) to look at what the transport set up."""
-    sns = boto3.client("sns", endpoint_url=moto_endpoint, region_name="us-east-1")
-    sqs = boto3.client("sqs", endpoint_url=moto_endpoint, region_name="us-east-1")
-    yield sns, sqs
-    sns.close()
-    sqs.close()
 
 
 def envelope(destination: str, n: int = 0, **fields: Any) -> Envelope:

@@ -48,14 +48,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import event, select
+from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, UnboundExecutionError
 from sqlalchemy.orm import Session, SessionTransaction
 
 from . import store
 from .errors import ConfigurationError
-from .store.outbox import _MAX_ROWS_PER_STATEMENT
+from .store.outbox import inserted_prefix
 from .tables import outbox
 from .write_checks import (
     ACTIVE,
@@ -232,7 +232,8 @@ def _insert_pending(
         del pending[:stored]
 
     if state.pop(_UNSURE, False):
-        forget(_already_inserted(connection, pending))
+        # One SELECT, on a commit tried again after such an error only.
+        forget(inserted_prefix(connection, [p.message for p in pending]))
         if not pending:
             return
     messages = [p.message for p in pending]
@@ -246,29 +247,6 @@ def _insert_pending(
         # still keeps them. A commit tried again looks first, instead of inserting twice.
         state[_UNSURE] = True
         raise
-
-
-def _already_inserted(connection: Connection, pending: list[Pending]) -> int:
-    """How many of the first kept messages this transaction has inserted already: those
-    of the statement whose outcome was unknown, the first of the unwritten ones (a
-    statement holds at most 500 rows). A message is matched by its id and its publish
-    time, so a committed row of another transaction with the same explicit message_id
-    does not count. One SELECT, on a commit tried again after such an error only."""
-    head = pending[:_MAX_ROWS_PER_STATEMENT]
-    found = {
-        (row.message_id, row.occurred_at)
-        for row in connection.execute(
-            select(outbox.c.message_id, outbox.c.occurred_at).where(
-                outbox.c.message_id.in_([p.message.envelope.message_id for p in head])
-            )
-        )
-    }
-    count = 0
-    for p in head:
-        if (p.message.envelope.message_id, p.message.envelope.occurred_at) not in found:
-            break
-        count += 1
-    return count
 
 
 def _flushing(session: Session) -> bool:

@@ -9,7 +9,7 @@ from functools import lru_cache
 from typing import Any
 from weakref import WeakKeyDictionary
 
-from sqlalchemy import bindparam, func, insert, literal_column, text
+from sqlalchemy import bindparam, func, insert, literal_column, select, text
 from sqlalchemy.engine import Connection, Dialect, Engine
 
 from ..errors import MessageTooLarge
@@ -23,6 +23,7 @@ __all__ = [
     "NewMessage",
     "check_size",
     "insert_messages",
+    "inserted_prefix",
     "learn_statement_limit",
 ]
 
@@ -102,6 +103,29 @@ def insert_messages(
         connection.exec_driver_sql(plan.sql, plan.parameters(values))
         if inserted is not None:
             inserted(len(chunk))
+
+
+def inserted_prefix(connection: Connection, messages: Sequence[NewMessage]) -> int:
+    """How many of the first ``messages`` the connection's transaction holds already: after
+    an INSERT whose outcome is unknown (one statement holds at most 500 rows, so the first
+    500 are asked about). A message is matched by its id and its publish time, so a
+    committed row of another transaction with the same explicit message_id does not count.
+    One SELECT."""
+    head = messages[:_MAX_ROWS_PER_STATEMENT]
+    found = {
+        (row.message_id, row.occurred_at)
+        for row in connection.execute(
+            select(outbox.c.message_id, outbox.c.occurred_at).where(
+                outbox.c.message_id.in_([m.envelope.message_id for m in head])
+            )
+        )
+    }
+    count = 0
+    for message in head:
+        if (message.envelope.message_id, message.envelope.occurred_at) not in found:
+            break
+        count += 1
+    return count
 
 
 def learn_statement_limit(connection: Connection) -> int | None:
